@@ -1,0 +1,1 @@
+"""Callbacks: answer files, pruning-ratio sweeps (accuracy vs FLOPs), timing."""

@@ -1,0 +1,1 @@
+"""LightningDataModules: the synthetic benchmark (embedded default) and LLaVA-format data."""

@@ -1,0 +1,165 @@
+"""LightningDataModule for the synthetic VQA benchmark (the embedded default)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.synthetic_vqa import (
+    CONTEXT_PREFIX,
+    DESCRIBE_PREFIX,
+    FAMILIES,
+    SyntheticVQAConfig,
+    VQASample,
+    generate_samples,
+    render,
+    vocabulary,
+)
+from lvlm_prune.data import VQACollator, VQAExample
+from lvlm_prune.modeling.loading import load_processor
+from lvlm_prune.modeling.prompt import get_template
+from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
+
+EVAL_CONTEXTS = ("none", "relevant", "scene")
+
+
+class _ExampleDataset(Dataset):
+    def __init__(self, samples: list[VQASample], examples: list[VQAExample] | None, make):
+        self.samples, self._make = samples, make
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> VQAExample:
+        return self._make(self.samples[index], index)
+
+
+class SyntheticVQADataModule(L.LightningDataModule):
+    """Seeded scenes of coloured shapes and questions about them, rendered on the fly.
+
+    Args:
+        num_train: training samples.
+        num_val: validation samples.
+        num_test: test samples.
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size.
+        grid: cells per image side.
+        cell_size: pixels per cell (image side = grid * cell_size).
+        min_objects: fewest objects per scene.
+        max_objects: most objects per scene.
+        families: question families.
+        seed: fixes every sample of every split.
+        processor_path: directory with a saved LlavaProcessor (a trained base model's export). None builds
+            the word-level tokenizer from the benchmark vocabulary (only for training the base from scratch).
+        template: conversation template name ('tiny': LLaVA-1.5 layout without the system message).
+        context_fraction: fraction of training examples whose prompt carries a textual description
+            (of the objects that matter, or of the whole scene) with most or all visual tokens hidden; it
+            teaches the base to answer from text, which caption compensation (ACCM) relies on.
+        describe_fraction: fraction of training examples that ask for a description of the objects that
+            matter for a question; the frozen base later writes ACCM's warm-start captions this way.
+        eval_context: 'none' (image only), 'relevant' or 'scene' (a description in the prompt) for val/test.
+        eval_hidden_visual_fraction: fraction of visual tokens hidden in val/test prompts (1.0 = text only).
+        max_length: longest teacher-forced sequence accepted.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        num_train: int = 20000,
+        num_val: int = 512,
+        num_test: int = 1024,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        grid: int = 8,
+        cell_size: int = 8,
+        min_objects: int = 4,
+        max_objects: int = 7,
+        families: tuple[str, ...] = FAMILIES,
+        seed: int = 0,
+        processor_path: str | None = None,
+        template: str = "tiny",
+        context_fraction: float = 0.0,
+        describe_fraction: float = 0.0,
+        eval_context: str = "none",
+        eval_hidden_visual_fraction: float = 0.0,
+        max_length: int = 512,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        for name, value in (("context_fraction", context_fraction), ("describe_fraction", describe_fraction),
+                            ("eval_hidden_visual_fraction", eval_hidden_visual_fraction)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.{name}={value} must be in [0, 1]")
+        if context_fraction + describe_fraction > 1.0:
+            raise ValueError("data.context_fraction + data.describe_fraction must not exceed 1")
+        if eval_context not in EVAL_CONTEXTS:
+            raise ValueError(f"data.eval_context={eval_context!r}; choose one of {EVAL_CONTEXTS}")
+        self.save_hyperparameters()
+        self.config = SyntheticVQAConfig(grid=grid, cell_size=cell_size, min_objects=min_objects,
+                                         max_objects=max_objects, families=tuple(families), seed=seed)
+        self.template = get_template(template)
+        if processor_path is not None:
+            self.processor = load_processor(processor_path)
+        else:
+            tokenizer = build_word_tokenizer(vocabulary(self.config))
+            self.processor = build_processor(tokenizer, self.config.image_size, patch_size=cell_size)
+        self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        self.collator = VQACollator(self.processor, self.template, self.image_token_id, max_length, seed)
+        self.categories = list(families)
+        self._splits: dict[str, list[VQASample]] = {}
+
+    def samples(self, split: str) -> list[VQASample]:
+        if split not in self._splits:
+            count = {"train": self.hparams.num_train, "val": self.hparams.num_val, "test": self.hparams.num_test}[split]
+            self._splits[split] = generate_samples(self.config, split, count)
+        return self._splits[split]
+
+    def _train_example(self, sample: VQASample, index: int) -> VQAExample:
+        # Fixed per sample index (not per epoch): resumed runs see exactly the same examples.
+        rng = random.Random(f"{self.hparams.seed}/view/{sample.question_id}")
+        draw = rng.random()
+        image = render(sample.scene, self.config.cell_size)
+        if draw < self.hparams.describe_fraction:
+            return VQAExample(sample.question_id, image, f"{DESCRIBE_PREFIX} {sample.question}",
+                              sample.relevant_description, "describe")
+        if draw < self.hparams.describe_fraction + self.hparams.context_fraction:
+            text = sample.relevant_description if rng.random() < 0.7 else sample.scene.description()
+            hidden = 1.0 if rng.random() < 0.5 else rng.uniform(0.5, 1.0)
+            return VQAExample(sample.question_id, image, sample.question, sample.answer, sample.family,
+                              context=f"{CONTEXT_PREFIX} {text}", hidden_visual_fraction=hidden)
+        return VQAExample(sample.question_id, image, sample.question, sample.answer, sample.family)
+
+    def _eval_example(self, sample: VQASample, index: int) -> VQAExample:
+        mode = self.hparams.eval_context
+        context = None
+        if mode != "none":
+            text = sample.relevant_description if mode == "relevant" else sample.scene.description()
+            context = f"{CONTEXT_PREFIX} {text}"
+        return VQAExample(sample.question_id, render(sample.scene, self.config.cell_size), sample.question,
+                          sample.answer, sample.family, context=context,
+                          hidden_visual_fraction=self.hparams.eval_hidden_visual_fraction)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        make = self._train_example if split == "train" else self._eval_example
+        batch_size = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
+        return DataLoader(_ExampleDataset(self.samples(split), None, make), batch_size=batch_size, shuffle=shuffle,
+                          collate_fn=self.collator, num_workers=self.hparams.num_workers,
+                          persistent_workers=self.hparams.num_workers > 0, drop_last=split == "train")
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def export_llava_format(self, split: str, out_dir: str | Path) -> Path:
+        """Write the split as LLaVA files: PNG images, instruction JSON (train) and question `.jsonl` (all)."""
+        from datamodules.llava_export import export_split
+
+        return export_split(self, split, Path(out_dir))

@@ -1,0 +1,138 @@
+"""Training the embedded default's base LVLM from scratch (all parameters train)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_modules.common import (
+    decode_answers,
+    exact_match,
+    log_accuracy,
+    prediction_records,
+    score,
+    warmup_cosine,
+)
+from lvlm_prune.data import answer_cross_entropy
+from lvlm_prune.generation import stock_greedy_generate
+from lvlm_prune.modeling.tiny import TinyLlavaSpec, build_tiny_llava
+
+
+class BaseLVLMModule(L.LightningModule):
+    """A tiny `LlavaForConditionalGeneration` trained on the synthetic benchmark.
+
+    Args:
+        processor: the data's LlavaProcessor (linked from the datamodule by the CLI).
+        categories: question families for per-family accuracy (linked from the datamodule).
+        spec: shape of the tiny model.
+        learning_rate: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        max_new_tokens: longest generated answer at evaluation.
+        attn_implementation: sdpa | eager.
+        export_dir: where the trained model + processor are saved (`save_pretrained`) at the end of fit.
+        seed: initialisation seed of the model weights.
+    """
+
+    def __init__(
+        self,
+        processor: Any = None,
+        categories: list[str] | None = None,
+        spec: TinyLlavaSpec = TinyLlavaSpec(),
+        learning_rate: float = 2e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        max_new_tokens: int = 24,
+        attn_implementation: str = "sdpa",
+        export_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if processor is None:
+            raise ValueError("model.processor is missing: it is linked from the datamodule (data.processor)")
+        self.save_hyperparameters(ignore=["processor"])
+        self.processor = processor
+        tokenizer = processor.tokenizer
+        self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+        crop = processor.image_processor.crop_size["height"]
+        if crop != spec.image_size:
+            raise ValueError(f"model.spec.image_size={spec.image_size} but the processor crops images to {crop}")
+        self.model = build_tiny_llava(
+            spec, vocab_size=len(tokenizer), image_token_id=self.image_token_id,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, attn_implementation=attn_implementation, seed=seed,
+        )
+        self.categories = list(categories or [])
+        self.val_accuracy = exact_match(self.categories)
+        self.test_accuracy = exact_match(self.categories)
+        self.test_predictions: list[dict[str, Any]] = []
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
+        ).logits
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = answer_cross_entropy(self(batch), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def generate(self, batch: dict[str, Any]) -> list[str]:
+        tokenizer = self.processor.tokenizer
+        tokens = stock_greedy_generate(
+            self.model, batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
+            position_ids=batch["prompt_position_ids"], max_new_tokens=self.hparams.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        return decode_answers(tokenizer, tokens)
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> list[str]:
+        size = batch["pixel_values"].shape[0]
+        if "labels" in batch:
+            self.log(f"{stage}/loss", answer_cross_entropy(self(batch), batch["labels"]), batch_size=size, sync_dist=True)
+        predictions = self.generate(batch)
+        metric = self.val_accuracy if stage == "val" else self.test_accuracy
+        score(metric, predictions, batch)
+        return predictions
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy(self.val_accuracy, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_predictions = []
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        predictions = self._evaluate(batch, "test")
+        self.test_predictions.extend(prediction_records(batch, predictions, model_id="tiny-llava"))
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy(self.test_accuracy, "test")
+
+    def _log_accuracy(self, metric, stage: str) -> None:
+        log_accuracy(self, metric, stage)
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.learning_rate, betas=(0.9, 0.98),
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(self.trainer.estimated_stepping_batches, self.hparams.warmup_steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            export_dir = Path(self.hparams.export_dir)
+            export_dir.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(export_dir)
+            self.processor.save_pretrained(export_dir)

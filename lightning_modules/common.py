@@ -1,0 +1,56 @@
+"""Pieces every LightningModule of the project shares: answer decoding, scoring, prediction records."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lvlm_prune.evaluation.metrics import ExactMatchAccuracy
+from lvlm_prune.evaluation.normalize import normalize_answer
+
+
+def decode_answers(tokenizer: Any, tokens: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens.tolist()]
+
+
+def prediction_records(batch: dict[str, Any], predictions: list[str], model_id: str) -> list[dict[str, Any]]:
+    """LLaVA answer-file records (`question_id`, `prompt`, `text`, `model_id`) + the reference answer."""
+    return [
+        {"question_id": qid, "prompt": question, "text": pred, "model_id": model_id, "answer": answer,
+         "category": category}
+        for qid, question, pred, answer, category in zip(
+            batch["question_ids"], batch["questions"], predictions, batch["answers"], batch["categories"]
+        )
+    ]
+
+
+def exact_match(categories: list[str]) -> ExactMatchAccuracy:
+    return ExactMatchAccuracy(categories=list(categories))
+
+
+def score(metric: ExactMatchAccuracy, predictions: list[str], batch: dict[str, Any]) -> None:
+    metric.update([normalize_answer(p) for p in predictions], [normalize_answer(a) for a in batch["answers"]],
+                  batch["categories"])
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, final_ratio: float = 0.1):
+    """LambdaLR factor: linear warm-up, then cosine from 1 to `final_ratio`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def log_accuracy(module: Any, metric: ExactMatchAccuracy, stage: str) -> dict[str, float]:
+    """Log `{stage}/acc` (progress bar) and `{stage}/acc/<category>`; categories never seen are skipped."""
+    values = {k: float(v) for k, v in metric.compute().items() if not math.isnan(float(v))}
+    metric.reset()
+    module.log(f"{stage}/acc", values["acc"], prog_bar=True)
+    module.log_dict({f"{stage}/{k}": v for k, v in values.items() if k != "acc"})
+    return values

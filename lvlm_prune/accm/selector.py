@@ -1,0 +1,168 @@
+"""ACCM's candidate selector.
+
+Each candidate caption is encoded as `"Question: <q> Supplemental information: <caption>"` by a
+frozen text encoder (mean of its last hidden states over the real tokens); a small transformer over
+the M candidate features of a sample scores them, and the argmax is spliced into the LVLM prompt.
+The transformer has no position embedding: the candidates are a set, and the scores permute with
+them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class CandidateSelector(nn.Module):
+    """Scores the M candidates of each sample from their text features.
+
+    Args:
+        text_dim: width of the frozen text encoder's features.
+        hidden: width of the selector transformer.
+        num_layers: transformer layers over the candidates.
+        num_heads: attention heads.
+        dropout: dropout inside the transformer.
+    """
+
+    def __init__(
+        self,
+        text_dim: int,
+        hidden: int = 128,
+        num_layers: int = 1,
+        num_heads: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if hidden % num_heads:
+            raise ValueError(f"hidden={hidden} is not divisible by num_heads={num_heads}")
+        self.input_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, hidden))
+        layer = nn.TransformerEncoderLayer(
+            hidden, num_heads, dim_feedforward=4 * hidden, dropout=dropout, activation="gelu",
+            batch_first=True, norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.score_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 1))
+
+    def forward(self, features: torch.Tensor, candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Args:
+            features: (B, M, text_dim) candidate features.
+            candidate_mask: (B, M) True for real candidates; None = all real.
+
+        Returns:
+            (B, M) scores; -inf for masked candidates (a row with no real candidate is all -inf,
+            never NaN).
+        """
+        batch, num_candidates, _ = features.shape
+        if candidate_mask is None:
+            candidate_mask = torch.ones(batch, num_candidates, dtype=torch.bool, device=features.device)
+        candidate_mask = candidate_mask.bool()
+        if candidate_mask.shape != (batch, num_candidates):
+            raise ValueError(
+                f"candidate_mask shape {tuple(candidate_mask.shape)} does not match features {(batch, num_candidates)}"
+            )
+        # A row with every key masked would give NaN attention; let it attend normally (its scores
+        # are set to -inf below anyway).
+        key_padding = ~candidate_mask & candidate_mask.any(1, keepdim=True)
+        x = self.input_proj(features.to(self.input_proj[1].weight.dtype))
+        x = self.encoder(x, src_key_padding_mask=key_padding)
+        scores = self.score_head(x).squeeze(-1)
+        return scores.masked_fill(~candidate_mask, float("-inf"))
+
+
+class MeanPooledTextEncoder:
+    """A frozen text encoder: mean of the last hidden states over the real tokens, without grad.
+
+    It holds a reference to the model and is not an `nn.Module`, so the encoder's weights never
+    become selector parameters (nor enter its optimiser or exported weights).
+
+    Args:
+        model: a transformers encoder or decoder (e.g. the LVLM's own `language_model`, or a
+            `*ForCausalLM`), or an `nn.Embedding` for the cheapest bag-of-embeddings encoder.
+        batch_size: encode at most this many sequences per call of the model; None = all at once.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int | None = None) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+        self.model = model
+        self.batch_size = batch_size
+
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.model, nn.Embedding):
+            return self.model(input_ids)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                         output_hidden_states=True)
+        hidden = getattr(out, "last_hidden_state", None)
+        return hidden if hidden is not None else out.hidden_states[-1]
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Args:
+            input_ids: (N, L) token ids.
+            attention_mask: (N, L) 1 for real tokens.
+
+        Returns:
+            (N, dim) float32 features.
+        """
+        step = self.batch_size or max(len(input_ids), 1)
+        pooled = []
+        for start in range(0, len(input_ids), step):
+            ids = input_ids[start:start + step]
+            mask = attention_mask[start:start + step]
+            hidden = self._hidden(ids, mask).float()
+            weights = mask.to(hidden.dtype)[..., None]
+            pooled.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0))
+        return torch.cat(pooled, 0)
+
+
+def build_selector_inputs(
+    question_ids: Sequence[torch.Tensor],
+    candidate_ids: torch.Tensor,
+    question_prefix_ids: Sequence[int] | torch.Tensor,
+    supplement_prefix_ids: Sequence[int] | torch.Tensor,
+    pad_token_id: int,
+    eos_token_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of `"Question: <q> Supplemental information: <candidate>"` for every candidate.
+
+    Candidate padding (and EOS, when given) are stripped. The rows are right-padded, so a causal
+    encoder's real tokens never see padding.
+
+    Args:
+        question_ids: B 1-D tensors, the question tokens of each sample (no padding).
+        candidate_ids: (B, M, T) candidate captions as returned by the caption model.
+        question_prefix_ids: ids of "Question:" (prepend BOS here if the encoder wants one).
+        supplement_prefix_ids: ids of "Supplemental information:".
+        pad_token_id: pad id of the candidates and of the output.
+        eos_token_id: EOS id to strip from the candidates; None keeps EOS.
+
+    Returns:
+        ids (B * M, L) and mask (B * M, L), sample-major (row b * M + m).
+    """
+    if candidate_ids.dim() != 3:
+        raise ValueError(f"candidate_ids must be (B, M, T), got {tuple(candidate_ids.shape)}")
+    batch, num_candidates, _ = candidate_ids.shape
+    if len(question_ids) != batch:
+        raise ValueError(f"question_ids has {len(question_ids)} entries for a batch of {batch}")
+    device = candidate_ids.device
+    question_prefix = torch.as_tensor(question_prefix_ids, dtype=torch.long, device=device).reshape(-1)
+    supplement_prefix = torch.as_tensor(supplement_prefix_ids, dtype=torch.long, device=device).reshape(-1)
+    rows = []
+    for b in range(batch):
+        head = torch.cat([question_prefix, question_ids[b].to(device=device, dtype=torch.long).reshape(-1),
+                          supplement_prefix])
+        for m in range(num_candidates):
+            caption = candidate_ids[b, m]
+            keep = caption != pad_token_id
+            if eos_token_id is not None:
+                keep &= caption != eos_token_id
+            rows.append(torch.cat([head, caption[keep]]))
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask

@@ -1,0 +1,129 @@
+"""Turning VQA examples into model batches (plain PyTorch; used by every datamodule)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lvlm_prune.modeling.prompt import ConversationTemplate
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VQAExample:
+    """One image + question (+ answer for training), in a format-neutral form.
+
+    Args:
+        question_id: unique id (kept through to the answer file).
+        image: RGB image.
+        question: the question text (the user's instruction).
+        answer: the target answer (None at pure inference).
+        category: question family / benchmark category for per-category metrics.
+        context: optional text placed after the image and before the question.
+        hidden_visual_fraction: fraction of visual tokens hidden from the LLM in this example
+            (training-time augmentation; 1.0 = the LLM sees no visual token).
+    """
+
+    question_id: str
+    image: Image.Image
+    question: str
+    answer: str | None = None
+    category: str = ""
+    context: str | None = None
+    hidden_visual_fraction: float = 0.0
+
+
+class VQACollator:
+    """Builds two layouts per batch from a `LlavaProcessor`:
+
+    - teacher-forced (`input_ids`, `attention_mask`, `position_ids`, `labels`), right-padded, labels on the
+      answer tokens + EOS only;
+    - generation prompts (`prompt_input_ids`, `prompt_attention_mask`), left-padded, ending at `ASSISTANT:`.
+
+    `attention_mask` of the teacher-forced layout also hides the visual tokens an example asks to hide;
+    `position_ids` are computed before hiding, so hidden tokens keep the positions they would have had.
+    """
+
+    def __init__(self, processor: Any, template: ConversationTemplate, image_token_id: int, max_length: int = 512, seed: int = 0):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.template = template
+        self.image_token_id = image_token_id
+        self.max_length = max_length
+        self.seed = seed
+
+    def _encode(self, images: list[Image.Image], texts: list[str], side: str) -> dict[str, torch.Tensor]:
+        self.tokenizer.padding_side = side
+        return self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+
+    def __call__(self, examples: list[VQAExample]) -> dict[str, Any]:
+        if not examples:
+            raise ValueError("empty batch")
+        images = [e.image for e in examples]
+        prompts = [self.template.prompt(e.question, e.context) for e in examples]
+        batch: dict[str, Any] = {
+            "question_ids": [e.question_id for e in examples],
+            "questions": [e.question for e in examples],
+            "answers": [e.answer for e in examples],
+            "categories": [e.category for e in examples],
+            "contexts": [e.context for e in examples],
+        }
+        generation = self._encode(images, prompts, side="left")
+        batch["pixel_values"] = generation["pixel_values"]
+        batch["prompt_input_ids"] = generation["input_ids"]
+        batch["prompt_position_ids"] = (generation["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        batch["prompt_attention_mask"] = self._hide_visual(generation["input_ids"], generation["attention_mask"], examples)
+        if any(e.answer is None for e in examples):
+            return batch
+
+        full = [p + self.template.target(e.answer) for p, e in zip(prompts, examples)]
+        teacher = self._encode(images, full, side="right")
+        input_ids, attention_mask = teacher["input_ids"], teacher["attention_mask"]
+        if input_ids.shape[1] > self.max_length:
+            raise ValueError(
+                f"a sequence of {input_ids.shape[1]} tokens exceeds max_length={self.max_length} "
+                f"(question ids {batch['question_ids']}); raise data.max_length or shorten the prompt"
+            )
+        prompt_lengths = generation["attention_mask"].sum(1)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for i, n_prompt in enumerate(prompt_lengths.tolist()):
+            n_real = int(attention_mask[i].sum())
+            labels[i, n_prompt:n_real] = input_ids[i, n_prompt:n_real]
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        attention_mask = self._hide_visual(input_ids, attention_mask, examples)
+        batch.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+        return batch
+
+    def _hide_visual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, examples: list[VQAExample]) -> torch.Tensor:
+        """Zero the mask at a seeded subset of each example's visual positions (same subset in both layouts)."""
+        attention_mask = attention_mask.clone()
+        for i, e in enumerate(examples):
+            if e.hidden_visual_fraction > 0:
+                image_positions = (input_ids[i] == self.image_token_id).nonzero().squeeze(1).tolist()
+                n_hide = round(e.hidden_visual_fraction * len(image_positions))
+                order = random.Random(f"{self.seed}/{e.question_id}").sample(range(len(image_positions)), n_hide)
+                attention_mask[i, [image_positions[j] for j in order]] = 0
+        return attention_mask
+
+
+def answer_generation_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: positions whose next-token prediction is an answer token (the last prompt token
+    and every answer token except the final EOS)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM cross entropy over answer tokens (+ EOS), token mean; 0 (with grad) when none."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    valid = shift_labels != IGNORE_INDEX
+    if not valid.any():
+        return shift_logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(shift_logits[valid], shift_labels[valid])

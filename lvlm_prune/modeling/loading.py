@@ -1,0 +1,80 @@
+"""Loading base models and processors from local directories (Hugging Face layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _require_dir(path: str | Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} directory {str(path)!r} does not exist")
+    return path
+
+
+def load_processor(path: str | Path) -> Any:
+    """`AutoProcessor.from_pretrained` from a local directory, with a clear error when it has none."""
+    from transformers import AutoProcessor
+
+    path = _require_dir(path, "processor")
+    if not any((path / name).exists() for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")):
+        raise FileNotFoundError(
+            f"{str(path)!r} holds no processor (no processor_config.json / preprocessor_config.json / "
+            "tokenizer_config.json); save one with processor.save_pretrained(dir) next to the model"
+        )
+    return AutoProcessor.from_pretrained(str(path))
+
+
+def load_base_model(
+    path: str | Path,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    quantization: str | None = None,
+) -> torch.nn.Module:
+    """A LLaVA-family model from a local Hugging Face directory.
+
+    Args:
+        path: directory with config.json and weights (e.g. llava-hf/llava-1.5-7b-hf downloaded beforehand).
+        dtype: float32 | bfloat16 | float16.
+        attn_implementation: sdpa | eager | flash_attention_2.
+        quantization: None | '8bit' | '4bit' (NF4, bitsandbytes; needs accelerate).
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    path = _require_dir(path, "base model")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"base model directory {str(path)!r} has no config.json")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}")
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "attn_implementation": attn_implementation}
+    if quantization is not None:
+        kwargs.update(quantization_kwargs(quantization, DTYPES[dtype]))
+    config = AutoConfig.from_pretrained(str(path))
+    model = AutoModelForImageTextToText.from_pretrained(str(path), config=config, **kwargs)
+    return model
+
+
+def quantization_kwargs(quantization: str, compute_dtype: torch.dtype) -> dict[str, Any]:
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    elif quantization == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True)
+    else:
+        raise ValueError(f"quantization={quantization!r}; choose None, '8bit' or '4bit'")
+    return {"quantization_config": config, "device_map": "cpu" if not torch.cuda.is_available() else None}
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """No gradients and eval mode (dropout off) for a frozen base."""
+    model.requires_grad_(False)
+    model.eval()
+    return model

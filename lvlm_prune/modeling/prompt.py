@@ -1,0 +1,56 @@
+"""Conversation templates: how a question (and optional context) becomes the LVLM's prompt text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGE_PLACEHOLDER = "<image>"
+
+LLAVA15_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """LLaVA-1.5's `vicuna_v1` layout: `{system} USER: <image>\\n{context}{question} ASSISTANT: {answer}</s>`.
+
+    Args:
+        system: system message ('' drops it; the tiny default does, to save ~30 tokens per sample).
+        user_role: role name of the human turn.
+        assistant_role: role name of the model turn.
+        separator: between the system message and the first turn, and between turns.
+        end_of_answer: appended to every answer in training targets (the tokenizer's EOS).
+    """
+
+    system: str = LLAVA15_SYSTEM
+    user_role: str = "USER"
+    assistant_role: str = "ASSISTANT"
+    separator: str = " "
+    end_of_answer: str = "</s>"
+
+    def prompt(self, question: str, context: str | None = None, with_image: bool = True) -> str:
+        """The text up to and including `ASSISTANT:`; generation continues from there."""
+        if not question or not question.strip():
+            raise ValueError("empty question: every sample needs a non-empty question text")
+        image = f"{IMAGE_PLACEHOLDER}\n" if with_image else ""
+        context_text = f"{context}\n" if context else ""
+        head = f"{self.system}{self.separator}" if self.system else ""
+        return f"{head}{self.user_role}: {image}{context_text}{question.strip()}{self.separator}{self.assistant_role}:"
+
+    def target(self, answer: str) -> str:
+        """The text the model must produce after the prompt (leading space as LLaVA's separator)."""
+        return f" {answer.strip()}{self.end_of_answer}"
+
+
+VICUNA_V1 = ConversationTemplate()
+TINY_DEFAULT = ConversationTemplate(system="")
+
+TEMPLATES = {"vicuna_v1": VICUNA_V1, "tiny": TINY_DEFAULT}
+
+
+def get_template(name: str) -> ConversationTemplate:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown conversation template {name!r}; known: {sorted(TEMPLATES)}")
+    return TEMPLATES[name]

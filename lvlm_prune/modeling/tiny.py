@@ -1,0 +1,124 @@
+"""A small LLaVA-architecture model built from config (no download).
+
+It is the same class as LLaVA-1.5 (`LlavaForConditionalGeneration`: CLIP vision tower, two-layer
+GELU projector, Llama decoder), only smaller, so every code path that runs on it runs on the real
+checkpoint too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+
+@dataclass
+class TinyLlavaSpec:
+    """Shape of a tiny LLaVA model.
+
+    Args:
+        image_size: input resolution in pixels (square).
+        patch_size: ViT patch size; visual tokens = (image_size / patch_size) ** 2.
+        vision_hidden_size: CLIP width.
+        vision_layers: CLIP depth.
+        vision_heads: CLIP attention heads.
+        hidden_size: Llama width.
+        intermediate_size: Llama SwiGLU width.
+        num_layers: Llama depth. Layer-averaged budgets need depth: with the first pruning layer
+            at index k, at most a fraction 1 - k / num_layers of visual tokens can be removed.
+        num_heads: Llama query heads.
+        num_kv_heads: Llama key/value heads (fewer than num_heads = grouped-query attention).
+        max_position_embeddings: longest sequence.
+        vision_feature_layer: which CLIP layer LLaVA reads (-2 in LLaVA-1.5).
+    """
+
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden_size: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 4
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 12
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 512
+    vision_feature_layer: int = -1
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_tiny_llava_config(
+    spec: TinyLlavaSpec,
+    vocab_size: int,
+    image_token_id: int,
+    pad_token_id: int = 0,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
+) -> LlavaConfig:
+    if spec.image_size % spec.patch_size:
+        raise ValueError(
+            f"image_size={spec.image_size} is not a multiple of patch_size={spec.patch_size}"
+        )
+    if not 0 <= image_token_id < vocab_size:
+        raise ValueError(f"image_token_id={image_token_id} outside vocab_size={vocab_size}")
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=4 * spec.vision_hidden_size,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        vision_feature_layer=spec.vision_feature_layer,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=spec.num_visual_tokens,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_llava(
+    spec: TinyLlavaSpec,
+    vocab_size: int,
+    image_token_id: int,
+    pad_token_id: int = 0,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
+    attn_implementation: str = "sdpa",
+    seed: int | None = None,
+) -> LlavaForConditionalGeneration:
+    """A randomly initialised tiny LLaVA (fp32). A fresh config each call: `_from_config` writes
+    the attention implementation into the config object it is given."""
+    import torch
+
+    config = build_tiny_llava_config(
+        spec, vocab_size, image_token_id, pad_token_id, bos_token_id, eos_token_id
+    )
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    return model.float()

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from conftest import make_batch, make_tiny_llava
+from lvlm_prune.accm import (
+    cls_attention_from_vision_tower,
+    prumerge_plus_select,
+    text_relevance_scores,
+)
+
+
+def _check_rows(indices, keep, num_tokens):
+    assert indices.shape[1] == keep and indices.dtype == torch.long
+    for row in indices:
+        assert len(set(row.tolist())) == keep
+        assert torch.equal(row, row.sort().values)
+        assert 0 <= row.min() and row.max() < num_tokens
+
+
+def test_prumerge_selection_keeps_outliers_text_patches_and_fills_evenly():
+    torch.manual_seed(0)
+    attention = torch.rand(2, 64) * 0.01
+    attention[0, [5, 40, 41]] = 1.0
+    attention[1, [0, 63]] = 0.5
+    relevance = torch.zeros(2, 64)
+    relevance[0, [20, 21]] = 1.0
+    relevance[1, [33]] = 1.0
+    kept = prumerge_plus_select(attention, relevance, keep=10, grid_side=8, text_fraction=0.3)
+    _check_rows(kept, 10, 64)
+    assert {5, 40, 41, 20, 21} <= set(kept[0].tolist())
+    assert {0, 63, 33} <= set(kept[1].tolist())
+    # Without text guidance the rest is spread over the grid, not bunched.
+    plain = prumerge_plus_select(attention, None, keep=16)
+    _check_rows(plain, 16, 64)
+    fill = sorted(set(plain[0].tolist()) - {5, 40, 41})
+    assert max(b - a for a, b in zip(fill, fill[1:])) <= 8
+
+
+def test_prumerge_caps_outliers_at_keep_and_covers_edge_budgets():
+    attention = torch.zeros(1, 32)
+    attention[0, [1, 3, 5, 7, 9]] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    kept = prumerge_plus_select(attention, torch.rand(1, 32), keep=3)
+    assert kept[0].tolist() == [1, 3, 5]
+    _check_rows(prumerge_plus_select(torch.rand(3, 16), torch.rand(3, 16), keep=16), 16, 16)
+    _check_rows(prumerge_plus_select(torch.rand(3, 16), None, keep=1), 1, 16)
+    with pytest.raises(ValueError, match="keep"):
+        prumerge_plus_select(attention, None, keep=33)
+    with pytest.raises(ValueError, match="grid_side"):
+        prumerge_plus_select(attention, None, keep=4, grid_side=5)
+
+
+def test_text_relevance_prefers_tokens_aligned_with_the_question():
+    visual = torch.zeros(1, 4, 3)
+    visual[0, :, 0] = 1.0
+    visual[0, 2] = torch.tensor([0.0, 1.0, 0.0])
+    text = torch.tensor([[[0.0, 2.0, 0.0], [9.0, 9.0, 9.0]]])
+    relevance = text_relevance_scores(visual, text, torch.tensor([[1, 0]]))
+    assert relevance.argmax(1).item() == 2
+    torch.testing.assert_close(relevance, torch.tensor([[0.0, 0.0, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("layer_index", [0, -2, -1])
+def test_cls_attention_matches_eager_output_attentions(tiny_spec, layer_index):
+    model = make_tiny_llava(tiny_spec, attn_implementation="eager")
+    tower = model.model.vision_tower
+    _, _, pixels = make_batch(tiny_spec)
+    with torch.no_grad():
+        attentions = tower(pixels, output_attentions=True).attentions
+    expected = attentions[layer_index][:, :, 0, 1:].mean(1)
+    got = cls_attention_from_vision_tower(tower, pixels, layer_index)
+    assert got.shape == (2, tiny_spec.num_visual_tokens)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    sdpa_tower = make_tiny_llava(tiny_spec).model.vision_tower
+    torch.testing.assert_close(cls_attention_from_vision_tower(sdpa_tower, pixels, layer_index), expected,
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="layer_index"):
+        cls_attention_from_vision_tower(tower, pixels, tiny_spec.vision_layers)

@@ -1,0 +1,55 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+TINY_VOCAB = 64
+TINY_IMAGE_TOKEN = 63
+
+
+@pytest.fixture
+def tiny_spec():
+    from lvlm_prune.modeling import TinyLlavaSpec
+
+    # 3 layers, GQA, 16 visual tokens: every engine path, in milliseconds.
+    return TinyLlavaSpec(
+        image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=2, vision_heads=2,
+        hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+        max_position_embeddings=128, vision_feature_layer=-2,
+    )
+
+
+def make_tiny_llava(spec, attn_implementation="sdpa", seed=0):
+    from lvlm_prune.modeling import build_tiny_llava
+
+    model = build_tiny_llava(
+        spec, vocab_size=TINY_VOCAB, image_token_id=TINY_IMAGE_TOKEN,
+        attn_implementation=attn_implementation, seed=seed,
+    )
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llava(tiny_spec):
+    """A random tiny LLaVA (SDPA attention), eval mode."""
+    return make_tiny_llava(tiny_spec)
+
+
+def make_batch(spec, batch_size=2, text_len=6, left_pad=(0, 2), seed=0):
+    """input_ids = [pad*p, bos, image*N, text...] left-padded; returns ids, mask, pixels."""
+    g = torch.Generator().manual_seed(seed)
+    n_img = spec.num_visual_tokens
+    rows, masks = [], []
+    length = 1 + n_img + text_len
+    for b in range(batch_size):
+        pad = left_pad[b % len(left_pad)]
+        text = torch.randint(3, TINY_VOCAB - 1, (text_len - pad,), generator=g)
+        row = torch.cat([torch.zeros(pad, dtype=torch.long), torch.tensor([1]),
+                         torch.full((n_img,), TINY_IMAGE_TOKEN), text])
+        rows.append(row)
+        masks.append(torch.cat([torch.zeros(pad), torch.ones(length - pad)]).long())
+    pixels = torch.randn(batch_size, 3, spec.image_size, spec.image_size, generator=g)
+    return torch.stack(rows), torch.stack(masks), pixels

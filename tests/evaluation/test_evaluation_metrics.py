@@ -1,0 +1,237 @@
+import math
+
+import pytest
+
+from lvlm_prune.evaluation.metrics import (
+    CIDErD,
+    ExactMatchAccuracy,
+    GQAAccuracy,
+    MMBenchCircularAccuracy,
+    MMEScore,
+    POPEMetrics,
+    ScienceQAAccuracy,
+    VQASoftAccuracy,
+    cider_d,
+    vqa_soft_score,
+)
+
+
+def as_floats(result):
+    return {key: float(value) for key, value in result.items()}
+
+
+def test_exact_match_overall_and_per_category():
+    metric = ExactMatchAccuracy(categories=["color", "count", "shape"])
+    metric.update(["Red.", "blue", "3"], ["red", "green", "3"], ["color", "color", "count"])
+    result = as_floats(metric.compute())
+    # red==red, blue!=green, 3==3 -> 2/3; color 1/2; count 1/1; shape has no item -> nan
+    assert result["acc"] == pytest.approx(2 / 3)
+    assert result["acc/color"] == pytest.approx(0.5)
+    assert result["acc/count"] == 1.0
+    assert math.isnan(result["acc/shape"])
+
+
+def test_exact_match_rejects_bad_input():
+    with pytest.raises(ValueError, match="unknown categories"):
+        ExactMatchAccuracy(categories=["a"]).update(["x"], ["x"], ["b"])
+    with pytest.raises(ValueError, match="categories are required"):
+        ExactMatchAccuracy(categories=["a"]).update(["x"], ["x"])
+    with pytest.raises(ValueError, match="categories=None"):
+        ExactMatchAccuracy().update(["x"], ["x"], ["a"])
+    with pytest.raises(ValueError, match="same length"):
+        ExactMatchAccuracy().update(["x", "y"], ["x"])
+    with pytest.raises(ValueError, match="unique"):
+        ExactMatchAccuracy(categories=["a", "a"])
+
+
+def test_exact_match_without_updates_is_nan_not_zero():
+    with pytest.warns(UserWarning):
+        assert math.isnan(float(ExactMatchAccuracy().compute()["acc"]))
+
+
+def test_gqa_normalises_only_the_prediction():
+    metric = GQAAccuracy()
+    metric.update(["Table.", "table"], ["table", "Table"])
+    # "Table." -> "table" == "table"; "table" != "Table" (GQA compares the stored answer verbatim) -> 1/2
+    assert float(metric.compute()["acc"]) == 0.5
+
+
+def test_merged_states_equal_one_metric_over_all_items():
+    """DDP: two ranks' sum states merged give the same result as one process that saw everything."""
+    predictions = ["red", "blue", "3", "circle", "2"]
+    targets = ["red", "green", "3", "circle", "4"]
+    categories = ["color", "color", "count", "shape", "count"]
+    whole = ExactMatchAccuracy(categories=["color", "count", "shape"])
+    whole.update(predictions, targets, categories)
+    rank0, rank1 = (ExactMatchAccuracy(categories=["color", "count", "shape"]) for _ in range(2))
+    rank0.update(predictions[:2], targets[:2], categories[:2])
+    rank1.update(predictions[2:], targets[2:], categories[2:])
+    rank0.merge_state(rank1)
+    assert as_floats(rank0.compute()) == as_floats(whole.compute())
+    assert float(whole.compute()["acc"]) == pytest.approx(3 / 5)
+
+
+def test_merged_rotations_from_two_ranks_form_one_circular_group():
+    """Cat states: rotations of one question on different ranks are still judged together."""
+    choices = [["x", "y"]] * 4
+    rank0, rank1 = MMBenchCircularAccuracy(), MMBenchCircularAccuracy()
+    rank0.update(["A", "A"], ["A", "A"], [0, 7], choices[:2])
+    rank1.update(["B", "A"], ["B", "B"], [1_000_000, 1_000_007], choices[2:])
+    rank0.merge_state(rank1)
+    result = as_floats(rank0.compute())
+    # question 0: both rotations right; question 7: rotation 1000007 wrong -> circular 1/2; originals 0, 7 right -> 1
+    assert result["acc"] == 0.5
+    assert result["acc/vanilla"] == 1.0
+
+
+@pytest.mark.parametrize(("matches", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_soft_score_over_ten_humans(matches, expected):
+    # leave-one-out over 10 humans with m agreeing: (m * min(1, (m-1)/3) + (10-m) * min(1, m/3)) / 10
+    assert vqa_soft_score("cat", ["cat"] * matches + ["dog"] * (10 - matches)) == pytest.approx(expected)
+
+
+def test_vqa_soft_accuracy_metric_with_categories_and_normalisation():
+    metric = VQASoftAccuracy(categories=["number", "other"])
+    metric.update(["Two.", "red"], [["2"] * 10, ["red"] + ["blue"] * 9], ["number", "other"])
+    result = as_floats(metric.compute())
+    # "Two." -> "2", 10 matches -> 1.0; "red" 1 match -> 0.3; mean 0.65
+    assert result == pytest.approx({"acc": 0.65, "acc/number": 1.0, "acc/other": 0.3})
+
+
+def test_vqa_target_normalisation_modes_differ_on_articles():
+    humans = [["the red one"] * 10]
+    official_vqav2 = VQASoftAccuracy(target_normalization="punctuation")
+    official_vqav2.update(["red one"], humans)
+    textvqa = VQASoftAccuracy(target_normalization="full")
+    textvqa.update(["red one"], humans)
+    # VQAv2 leaves "the" in the human answers, TextVQA's evaluator removes it
+    assert float(official_vqav2.compute()["acc"]) == 0.0
+    assert float(textvqa.compute()["acc"]) == 1.0
+    with pytest.raises(ValueError, match="target_normalization"):
+        VQASoftAccuracy(target_normalization="lower")
+    with pytest.raises(ValueError, match="human_answers is empty"):
+        VQASoftAccuracy().update(["x"], [[]])
+
+
+def test_pope_metrics_per_split_and_zero_division():
+    metric = POPEMetrics(splits=["random", "popular"])
+    metric.update(["Yes", "No", "Yes, it is.", "There is no cat."], ["yes", "yes", "no", "no"], ["random"] * 4)
+    metric.update(["No", "No"], ["yes", "no"], ["popular"] * 2)
+    result = as_floats(metric.compute())
+    # random: TP=1 FN=1 FP=1 TN=1 -> acc .5, precision .5, recall .5, F1 .5, yes ratio .5
+    assert result["random/acc"] == 0.5 and result["random/f1"] == 0.5 and result["random/yes_ratio"] == 0.5
+    # popular: nothing predicted yes -> precision 0 (not a division error), recall 0, F1 0, acc 1/2
+    assert result["popular/precision"] == 0.0 and result["popular/f1"] == 0.0 and result["popular/acc"] == 0.5
+    assert result["f1"] == pytest.approx(0.25) and result["acc"] == pytest.approx(0.5)
+
+
+def test_pope_rejects_unknown_split_and_label():
+    with pytest.raises(ValueError, match="unknown splits"):
+        POPEMetrics().update(["yes"], ["yes"], ["val"])
+    with pytest.raises(ValueError, match="labels must be"):
+        POPEMetrics().update(["yes"], ["maybe"], ["random"])
+
+
+def test_mme_accuracy_plus_needs_both_questions_of_an_image():
+    metric = MMEScore()
+    metric.update(
+        ["Yes", "No", "Yes", "Yes", "No", "No"],
+        ["Yes", "No", "Yes", "No", "yes", "no"],
+        ["color", "color", "color", "color", "code_reasoning", "code_reasoning"],
+        ["1.jpg", "1.jpg", "2.jpg", "2.jpg", "1.jpg", "1.jpg"],
+    )
+    result = as_floats(metric.compute())
+    # color: 3/4 right -> 75, image 1 both right, image 2 not -> acc+ 50, score 125
+    # code_reasoning (same file name, other subtask): 1/2 -> 50, acc+ 0 -> score 50
+    assert result["color/acc"] == 75.0 and result["color/acc_plus"] == 50.0 and result["color/score"] == 125.0
+    assert result["code_reasoning/score"] == 50.0
+    assert result["perception"] == 125.0 and result["cognition"] == 50.0 and result["total"] == 175.0
+    assert "existence/score" not in result
+
+
+def test_mme_merge_joins_an_image_split_across_ranks():
+    rank0, rank1 = MMEScore(), MMEScore()
+    rank0.update(["Yes"], ["Yes"], ["scene"], ["a.jpg"])
+    rank1.update(["Yes"], ["No"], ["scene"], ["a.jpg"])
+    rank0.merge_state(rank1)
+    result = as_floats(rank0.compute())
+    assert result["scene/acc"] == 50.0 and result["scene/acc_plus"] == 0.0
+
+
+def test_mme_rejects_unknown_subtask_and_answer():
+    with pytest.raises(ValueError, match="unknown subtasks"):
+        MMEScore().update(["yes"], ["yes"], ["colour"], ["a"])
+    with pytest.raises(ValueError, match="answers must be"):
+        MMEScore().update(["yes"], ["maybe"], ["color"], ["a"])
+
+
+def test_mmbench_circular_accuracy_per_category():
+    metric = MMBenchCircularAccuracy(categories=["ocr", "scene"])
+    choices = [["beach", "forest"], ["forest", "beach"], ["yes", "no"], ["no", "yes"]]
+    metric.update(["A", "beach", "B", "B"], ["A", "B", "B", "A"], [3, 1_000_003, 4, 1_000_004], choices,
+                  ["scene", "scene", "ocr", "ocr"])
+    result = as_floats(metric.compute())
+    # question 3: "A" right, "beach" = option B right -> right; question 4: "B" right, "B" wrong -> wrong
+    assert result == {"acc": 0.5, "acc/vanilla": 1.0, "acc/ocr": 0.0, "acc/scene": 1.0}
+
+
+def test_mmbench_rejects_inconsistent_rotations_and_bad_targets():
+    metric = MMBenchCircularAccuracy(categories=["a", "b"])
+    metric.update(["A", "A"], ["A", "A"], [0, 1_000_000], [["x", "y"]] * 2, ["a", "b"])
+    with pytest.raises(ValueError, match="different categories"):
+        metric.compute()
+    with pytest.raises(ValueError, match="option letters"):
+        MMBenchCircularAccuracy().update(["A"], ["C"], [0], [["x", "y"]])
+
+
+def test_scienceqa_accuracy_with_image_subset():
+    metric = ScienceQAAccuracy()
+    metric.update(["B", "The answer is A.", "C"], [1, 0, 0], [3, 2, 2], [True, False, True])
+    result = as_floats(metric.compute())
+    # B -> 1 right; A -> 0 right; C beyond 2 choices -> wrong: 2/3; image 1/2; no image 1/1
+    assert result == pytest.approx({"acc": 2 / 3, "acc/img": 0.5, "acc/no_img": 1.0})
+    with pytest.raises(ValueError, match="outside"):
+        metric.update(["A"], [2], [2], [True])
+
+
+REFERENCES = {"cat": ["A cat.", "a cat"], "dog": ["A dog!", "a dog"]}
+
+
+@pytest.mark.parametrize(
+    ("candidate", "expected"),
+    [
+        # 2 images -> idf log(2); "a" is in both (weight 0). Candidate = references: per ref n=1,2 cosine 1,
+        # n=3,4 zero -> mean over n 0.5, averaged over refs, x10 = 5
+        ("a cat", 5.0),
+        # "cat cat": tf 2 clipped to the reference's 1 -> unigram min(2w, w) * w / (2w * w) = 0.5, bigram "cat cat"
+        # absent -> 0; mean over n 0.125, x10 = 1.25 (2.5 without clipping)
+        ("cat cat", 1.25),
+        # "cat": unigram cosine 1, no bigrams; length (bigrams) 0 vs 1 -> penalty exp(-1/72); 10 * 1/4 * penalty
+        ("cat", 2.5 * math.exp(-1 / 72)),
+        ("a dog", 0.0),
+    ],
+)
+def test_cider_d_hand_computed(candidate, expected):
+    metric = CIDErD(REFERENCES)
+    metric.update([candidate], ["cat"])
+    assert float(metric.compute()["cider_d"]) == pytest.approx(expected)
+
+
+def test_cider_d_metric_equals_corpus_function_and_merges():
+    mean, per_image = cider_d({"cat": "A cat.", "dog": "dog"}, REFERENCES)
+    assert per_image["cat"] == pytest.approx(5.0) and mean == pytest.approx((5.0 + 2.5 * math.exp(-1 / 72)) / 2)
+    rank0, rank1 = CIDErD(REFERENCES), CIDErD(REFERENCES)
+    rank0.update(["A cat."], ["cat"])
+    rank1.update(["dog"], ["dog"])
+    rank0.merge_state(rank1)
+    assert float(rank0.compute()["cider_d"]) == pytest.approx(mean)
+
+
+def test_cider_d_rejects_unknown_images_and_empty_references():
+    with pytest.raises(ValueError, match="no reference captions"):
+        CIDErD(REFERENCES).update(["a cat"], ["bird"])
+    with pytest.raises(ValueError, match="without a reference"):
+        CIDErD({"cat": []})
+    with pytest.raises(ValueError, match="without references"):
+        cider_d({"bird": "a bird"}, REFERENCES)
+

@@ -1,0 +1,111 @@
+import pytest
+
+from lvlm_prune.evaluation.normalize import (
+    normalize_answer,
+    normalize_vqa_answer,
+    parse_mme_answer,
+    parse_option_letter,
+    parse_pope_answer,
+    parse_scienceqa_choice,
+    process_punctuation,
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Two dogs.", "2 dogs"),  # period not before a digit dropped, number word -> digit
+        ("3.5", "3.5"),  # a period before a digit stays
+        ("The cat's toy", "cat's toy"),  # article dropped, apostrophe kept
+        ("dont know", "don't know"),  # contraction restored
+        ("couldnt've", "couldn't've"),
+        ("red, white", "red white"),  # ", " touches a space -> the comma is deleted
+        ("1,000", "1000"),  # digit,digit -> every mark is deleted
+        ("yes/no", "yes no"),  # a mark touching no space becomes a space
+        ("an apple!", "apple"),
+        ("a.m.", "am"),
+        ("none", "0"),
+        ("  Yes\n", "yes"),
+        ("its well", "its well"),  # ordinary words that look like contractions stay
+    ],
+)
+def test_vqa_normalisation_matches_the_vqa_rules(raw, expected):
+    assert normalize_vqa_answer(raw) == expected
+
+
+def test_vqa_punctuation_only_keeps_case_and_articles():
+    assert normalize_vqa_answer("The Red, one.", full=False) == "The Red one"
+    assert process_punctuation("(left)") == " left "
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("Yes.", "yes"), ("  Table ", "table"), ("left..", "left"), ("3.5", "3.5")]
+)
+def test_exact_match_normalisation(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Yes, there is a dog.", "yes"),
+        ("No.", "no"),
+        ("There is not a dog in the image", "no"),
+        ("no\nthe image shows a cat", "no"),
+        ("Yes. No other animals are visible.", "yes"),  # only the first sentence counts
+        ("Nope", "yes"),  # LLaVA's rule looks for the words No/no/not only
+    ],
+)
+def test_pope_answer_parsing_follows_llava(raw, expected):
+    assert parse_pope_answer(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Yes", "yes"), (" NO ", "no"), ("yes, it is", "yes"), ("Not really", "no"), ("Maybe", "other"),
+        ("I think yes", "other"),
+    ],
+)
+def test_mme_answer_parsing_uses_the_first_four_characters(raw, expected):
+    assert parse_mme_answer(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "num_choices", "expected"),
+    [
+        ("B", 3, 1),
+        ("B. interrogative", 3, 1),
+        ("The answer is C.", 3, 2),
+        ("C", 2, -1),  # letter beyond the choices
+        ("I think B", 3, -1),
+        ("b", 3, -1),
+    ],
+)
+def test_scienceqa_choice_parsing(raw, num_choices, expected):
+    assert parse_scienceqa_choice(raw, num_choices) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("A", "A"),
+        ("(B)", "B"),
+        ("C.", "C"),
+        ("D. beach", "D"),
+        ("(B) forest", "B"),
+        ("C: desert", "C"),
+        ("The answer is C", "C"),
+        ("answer is: (A)", "A"),
+        ("Desert.", "C"),  # the text of exactly one option
+        ("A cat", None),  # an article is not an option letter
+        ("E", None),  # only 4 options
+        ("I am not sure", None),
+    ],
+)
+def test_option_letter_parsing(raw, expected):
+    assert parse_option_letter(raw, 4, ["beach", "forest", "desert", "city"]) == expected
+
+
+def test_option_text_matching_two_options_is_ambiguous():
+    assert parse_option_letter("yes", 2, ["yes", "Yes"]) is None
