@@ -1,0 +1,282 @@
+"""Training-free visual-token pruning baselines, all on the same engine and the same layer-averaged budget.
+
+Budget convention (METHODS.md section 0): `prune_ratio` r is the fraction of visual tokens removed,
+averaged over all decoder layers. Each method turns r into its own schedule; a schedule that cannot reach
+r on the given model raises ValueError with the largest reachable ratio.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lvlm_prune.accm.vision_pruning import cls_attention_from_layer
+from lvlm_prune.engine.methods import LayerContext, ModelInfo, PreLLMContext, PruningMethod, top_k_mask
+
+
+def scaled_layer(layer_of_32: int, num_layers: int) -> int:
+    """A layer index given for 32-layer models (LLaVA-1.5-7B), scaled to `num_layers` (at least 1)."""
+    return max(1, round(layer_of_32 * num_layers / 32))
+
+
+def pre_llm_keep_count(prune_ratio: float, num_visual: int) -> int:
+    return max(1, round((1.0 - prune_ratio) * num_visual))
+
+
+def single_stage_keep_count(prune_ratio: float, info: ModelInfo, layer: int, name: str) -> int:
+    """Tokens to keep from `layer` on so that the layer average is (1 - r) N (layers before see all N)."""
+    n, depth = info.num_visual_tokens, info.num_layers
+    keep = ((1.0 - prune_ratio) * n * depth - layer * n) / (depth - layer)
+    if keep < 0.5:
+        reachable = 1.0 - (layer * n + (depth - layer)) / (depth * n)
+        raise ValueError(
+            f"{name}: prune_ratio={prune_ratio} cannot be reached when the first {layer} of {depth} layers see all "
+            f"{n} visual tokens (largest reachable ratio {reachable:.3f}); lower the ratio or prune earlier"
+        )
+    return min(n, max(1, round(keep)))
+
+
+class RandomPruning(PruningMethod):
+    """Keeps a seeded random subset of the visual tokens before the LLM."""
+
+    name = "random"
+
+    def __init__(self, prune_ratio: float = 0.0, seed: int = 0):
+        super().__init__(prune_ratio)
+        self.seed = seed
+
+    def bind(self, info: ModelInfo) -> None:
+        super().bind(info)
+        self.keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def planned_visual_tokens(self) -> list[float]:
+        return [float(self.keep)] * self.info.num_layers
+
+    def before_llm(self, ctx: PreLLMContext) -> torch.Tensor:
+        b, n, _ = ctx.visual_features.shape
+        scores = torch.rand(b, n, generator=self.generator).to(ctx.visual_features.device)
+        return top_k_mask(scores, torch.ones(b, n, dtype=torch.bool, device=scores.device), self.keep)
+
+
+class PoolPruning(PruningMethod):
+    """Average-pools the visual grid to about the budget (h x w cells, h * w closest to the budget); each pooled
+    token takes the slot (and position id) of the grid token nearest its cell centre."""
+
+    name = "pool"
+
+    def bind(self, info: ModelInfo) -> None:
+        super().bind(info)
+        side = math.isqrt(info.num_visual_tokens)
+        if side * side != info.num_visual_tokens:
+            raise ValueError(f"pool: {info.num_visual_tokens} visual tokens do not form a square grid")
+        keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens)
+        self.rows = max(1, min(side, math.isqrt(keep)))
+        self.cols = max(1, min(side, round(keep / self.rows)))
+        self.side = side
+
+    def planned_visual_tokens(self) -> list[float]:
+        return [float(self.rows * self.cols)] * self.info.num_layers
+
+    def before_llm(self, ctx: PreLLMContext) -> torch.Tensor:
+        b, n, d = ctx.visual_features.shape
+        grid = ctx.visual_features.transpose(1, 2).reshape(b, d, self.side, self.side)
+        pooled = F.adaptive_avg_pool2d(grid, (self.rows, self.cols)).flatten(2).transpose(1, 2)
+        centre_rows = [min(self.side - 1, int((i + 0.5) * self.side / self.rows)) for i in range(self.rows)]
+        centre_cols = [min(self.side - 1, int((j + 0.5) * self.side / self.cols)) for j in range(self.cols)]
+        slots = torch.tensor([r * self.side + c for r in centre_rows for c in centre_cols], device=grid.device)
+        features = ctx.visual_features.clone()
+        features[:, slots] = pooled.to(features.dtype)
+        ctx.visual_features = features
+        keep = torch.zeros(b, n, dtype=torch.bool, device=grid.device)
+        keep[:, slots] = True
+        return keep
+
+
+class FastV(PruningMethod):
+    """FastV (ECCV'24): after decoder layer K, keep the visual tokens the last prompt token attends to most
+    (heads averaged) in layer K-1's attention; K = 2 for 32 layers, scaled with depth by default."""
+
+    name = "fastv"
+
+    def __init__(self, prune_ratio: float = 0.0, layer: int | None = None):
+        super().__init__(prune_ratio)
+        self.layer = layer
+
+    def bind(self, info: ModelInfo) -> None:
+        super().bind(info)
+        self.k_layer = self.layer if self.layer is not None else scaled_layer(2, info.num_layers)
+        if not 1 <= self.k_layer < info.num_layers:
+            raise ValueError(f"fastv: layer={self.k_layer} must be in [1, {info.num_layers - 1}]")
+        self.prune_layers = (self.k_layer - 1, self.k_layer)
+        self.keep = single_stage_keep_count(self.prune_ratio, info, self.k_layer, self.name)
+
+    def planned_visual_tokens(self) -> list[float]:
+        n = self.info.num_visual_tokens
+        return [float(n)] * self.k_layer + [float(self.keep)] * (self.info.num_layers - self.k_layer)
+
+    def at_layer(self, ctx: LayerContext) -> torch.Tensor | None:
+        if ctx.layer_idx == self.k_layer - 1:
+            self._scores = ctx.last_token_to_visual()
+            return None
+        return top_k_mask(self._scores, ctx.state.visual_mask, self.keep) | (ctx.state.visual_index < 0)
+
+
+class PyramidDrop(PruningMethod):
+    """PyramidDrop (CVPR'25): stages end at layers L/4, L/2, 3L/4 (8/16/24 of 32); at each stage end keep a
+    fraction lambda of the remaining visual tokens by the last prompt token's attention at that layer;
+    lambda is solved from the layer-averaged budget."""
+
+    name = "pdrop"
+
+    def __init__(self, prune_ratio: float = 0.0, stage_ends: tuple[int, ...] | None = None):
+        super().__init__(prune_ratio)
+        self.stage_ends = stage_ends
+
+    def bind(self, info: ModelInfo) -> None:
+        super().bind(info)
+        depth, n = info.num_layers, info.num_visual_tokens
+        ends = self.stage_ends or tuple(max(1, round(depth * q / 4)) for q in (1, 2, 3))
+        if list(ends) != sorted(set(ends)) or ends[0] < 1 or ends[-1] >= depth:
+            raise ValueError(f"pdrop: stage_ends={ends} must be increasing layers in [1, {depth - 1}]")
+        self.prune_layers = tuple(ends)
+        spans = [b - a for a, b in zip((0, *ends), (*ends, depth))]
+
+        def average(lam: float) -> float:
+            return sum(span * lam**i for i, span in enumerate(spans)) / depth
+
+        target = 1.0 - self.prune_ratio
+        if average(0.0) > target + 1e-9:
+            raise ValueError(
+                f"pdrop: prune_ratio={self.prune_ratio} cannot be reached with stage ends {ends} of {depth} layers "
+                f"(largest reachable ratio {1 - average(0.0):.3f}); give earlier stage_ends"
+            )
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if average(mid) < target else (lo, mid)
+        self.ratio = (lo + hi) / 2
+        self.counts = [max(1, round(n * self.ratio ** (i + 1))) for i in range(len(ends))]
+
+    def planned_visual_tokens(self) -> list[float]:
+        counts, current = [], float(self.info.num_visual_tokens)
+        for layer in range(self.info.num_layers):
+            if layer in self.prune_layers:
+                current = float(self.counts[self.prune_layers.index(layer)])
+            counts.append(current)
+        return counts
+
+    def at_layer(self, ctx: LayerContext) -> torch.Tensor:
+        keep = self.counts[self.prune_layers.index(ctx.layer_idx)]
+        return top_k_mask(ctx.last_token_to_visual(), ctx.state.visual_mask, keep) | (ctx.state.visual_index < 0)
+
+
+class VisionZip(PruningMethod):
+    """VisionZip (CVPR'25), before the LLM: dominant tokens = the patches with the highest [CLS] attention at
+    the vision layer LLaVA reads; contextual tokens = the rest merged by key similarity into a few uniformly
+    strided targets. The split follows the paper's 54 + 10 of 64."""
+
+    name = "visionzip"
+
+    def __init__(self, prune_ratio: float = 0.0, dominant_fraction: float = 54 / 64):
+        super().__init__(prune_ratio)
+        if not 0.0 < dominant_fraction <= 1.0:
+            raise ValueError(f"visionzip: dominant_fraction={dominant_fraction} must be in (0, 1]")
+        self.dominant_fraction = dominant_fraction
+
+    def bind(self, info: ModelInfo) -> None:
+        super().bind(info)
+        self.keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens)
+        self.dominant = max(1, round(self.keep * self.dominant_fraction)) if self.keep > 1 else 1
+        self.contextual = self.keep - self.dominant
+
+    def planned_visual_tokens(self) -> list[float]:
+        return [float(self.keep)] * self.info.num_layers
+
+    def before_llm(self, ctx: PreLLMContext) -> torch.Tensor:
+        layer, layer_input = ctx.vision_read_layer()
+        features = ctx.visual_features
+        b, n, _ = features.shape
+        cls_attention = cls_attention_from_layer(layer, layer_input)[:, -n:]  # (B, N)
+        all_tokens = torch.ones(b, n, dtype=torch.bool, device=features.device)
+        dominant = top_k_mask(cls_attention, all_tokens, self.dominant)
+        if self.contextual == 0:
+            return dominant
+        keys = layer.self_attn.k_proj(layer.layer_norm1(layer_input))[:, -n:]
+        keys = F.normalize(keys.float(), dim=-1)
+        rest = ~dominant
+        rest_index = torch.sort((~rest).to(torch.int8), dim=1, stable=True).indices[:, : n - self.dominant]
+        stride = (n - self.dominant) / self.contextual
+        pick = torch.tensor([int(i * stride) for i in range(self.contextual)], device=features.device)
+        targets = rest_index[:, pick]  # (B, C) uniformly strided among the remaining tokens
+        similarity = torch.einsum("bnc,btc->bnt", keys, keys.gather(1, targets[..., None].expand(-1, -1, keys.shape[-1])))
+        assign = similarity.argmax(-1)  # (B, N): most similar target of every token
+        member = F.one_hot(assign, self.contextual).float() * rest[..., None].float()  # only non-dominant tokens merge
+        merged = torch.einsum("bnt,bnd->btd", member, features.float()) / member.sum(1).clamp(min=1)[..., None]
+        new_features = features.clone()
+        new_features.scatter_(1, targets[..., None].expand(-1, -1, features.shape[-1]), merged.to(features.dtype))
+        ctx.visual_features = new_features
+        keep = dominant.clone()
+        keep.scatter_(1, targets, True)
+        return keep
+
+
+class DART(PruningMethod):
+    """DART (EMNLP'25): after layer K (2 of 32, scaled), pick pivot tokens with the largest key norm and keep
+    the visual tokens least similar (cosine of the layer's normed hidden states) to the pivots; needs no
+    attention map."""
+
+    name = "dart"
+
+    def __init__(self, prune_ratio: float = 0.0, layer: int | None = None, num_pivots: int | None = None):
+        super().__init__(prune_ratio)
+        self.layer = layer
+        self.num_pivots = num_pivots
+
+    def bind(self, info: ModelInfo) -> None:
+        super().bind(info)
+        self.k_layer = self.layer if self.layer is not None else scaled_layer(2, info.num_layers)
+        if not 1 <= self.k_layer < info.num_layers:
+            raise ValueError(f"dart: layer={self.k_layer} must be in [1, {info.num_layers - 1}]")
+        self.prune_layers = (self.k_layer,)
+        self.keep = single_stage_keep_count(self.prune_ratio, info, self.k_layer, self.name)
+        pivots = self.num_pivots or max(1, round(8 * info.num_visual_tokens / 576))
+        self.pivots = min(pivots, self.keep)
+
+    def planned_visual_tokens(self) -> list[float]:
+        n = self.info.num_visual_tokens
+        return [float(n)] * self.k_layer + [float(self.keep)] * (self.info.num_layers - self.k_layer)
+
+    def at_layer(self, ctx: LayerContext) -> torch.Tensor:
+        visual = ctx.state.visual_mask
+        key_norm = ctx.keys().float().norm(dim=-1).mean(1)  # (B, T), heads averaged
+        pivots = top_k_mask(key_norm, visual, self.pivots)
+        hidden = F.normalize(ctx.normed.float(), dim=-1)
+        similarity = torch.einsum("btd,bsd->bts", hidden, hidden)
+        max_to_pivot = similarity.masked_fill(~pivots[:, None, :], float("-inf")).max(-1).values
+        rest = top_k_mask(-max_to_pivot, visual & ~pivots, self.keep - self.pivots)
+        return pivots | rest | (ctx.state.visual_index < 0)
+
+
+TRAINING_FREE_METHODS: dict[str, type[PruningMethod]] = {
+    "full": PruningMethod,
+    "random": RandomPruning,
+    "pool": PoolPruning,
+    "fastv": FastV,
+    "pdrop": PyramidDrop,
+    "visionzip": VisionZip,
+    "dart": DART,
+}
+
+
+def build_method(name: str, prune_ratio: float, **kwargs) -> PruningMethod:
+    """A training-free method by short name (see TRAINING_FREE_METHODS)."""
+    if name not in TRAINING_FREE_METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; known: {sorted(TRAINING_FREE_METHODS)}")
+    if name == "full":
+        if prune_ratio != 0.0:
+            raise ValueError(f"method 'full' keeps every token; prune_ratio={prune_ratio} must be 0")
+        return PruningMethod(0.0)
+    return TRAINING_FREE_METHODS[name](prune_ratio, **kwargs)

@@ -1,0 +1,8 @@
+"""The pruned-forward engine: a LLaVA-family model run with a visual-token schedule (no Lightning)."""
+
+from lvlm_prune.engine.engine import EngineOutput, PrunedLlava
+from lvlm_prune.engine.methods import LayerContext, ModelInfo, PreLLMContext, PruningMethod, top_k_mask
+from lvlm_prune.engine.state import SequenceState
+
+__all__ = ["EngineOutput", "LayerContext", "ModelInfo", "PreLLMContext", "PrunedLlava", "PruningMethod",
+           "SequenceState", "top_k_mask"]

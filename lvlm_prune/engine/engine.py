@@ -1,0 +1,333 @@
+"""The pruned forward: a LLaVA-family model run layer by layer with a visual-token schedule.
+
+Instance-scoped: the engine wraps a model object without changing its class or its modules, so a pruned
+student and an unpruned teacher can use the same weights in one process. Each decoder layer is the stock
+module, called with an additive (B, 1, T, T) mask that the engine builds itself, so the model keeps its own
+attention implementation (SDPA or eager).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from lvlm_prune.data import IGNORE_INDEX
+from lvlm_prune.engine.methods import LayerContext, ModelInfo, PreLLMContext, PruningMethod
+from lvlm_prune.engine.state import SequenceState
+
+_SOFT_EPS = 1e-6  # log(w + eps): exact post-softmax mask-and-renormalise up to 1e-6, finite gradient at w = 0
+
+
+@dataclass
+class EngineOutput:
+    """Result of one engine forward.
+
+    Args:
+        logits: (B, T_in, V) at the input's positions (zeros where a token was removed), or (B, V) for
+            `logits="last"`.
+        visual_tokens_per_layer: (B, num_layers) visual tokens each sample had in each decoder layer.
+        captured: layer index -> (B, T_in, d) residual output of that layer (after `after_layer`), at input
+            positions (zeros where removed).
+        state: the sequence after the last layer.
+    """
+
+    logits: torch.Tensor
+    visual_tokens_per_layer: torch.Tensor
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    state: SequenceState | None = None
+
+
+@dataclass
+class _DecodeState:
+    cache: DynamicCache
+    layer_key_valid: list[torch.Tensor]
+    next_position: torch.Tensor
+
+
+class PrunedLlava:
+    """Runs `model` (a `LlavaForConditionalGeneration`) with a `PruningMethod`.
+
+    Args:
+        model: the base model; never modified.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.llava = model.model
+        self.language_model = self.llava.language_model
+        self.layers = self.language_model.layers
+        self.config = model.config
+        self.image_token_id = self.config.image_token_id
+        vision = self.config.vision_config
+        n_patches = (vision.image_size // vision.patch_size) ** 2
+        strategy = getattr(self.config, "vision_feature_select_strategy", "default")
+        self.info = ModelInfo(
+            num_layers=len(self.layers),
+            num_visual_tokens=n_patches if strategy == "default" else n_patches + 1,
+            hidden_size=self.config.get_text_config().hidden_size,
+            vision_feature_layer=self.config.vision_feature_layer,
+        )
+
+    def bind(self, method: PruningMethod | None) -> PruningMethod:
+        method = method if method is not None else PruningMethod()
+        for layer in method.prune_layers:
+            if not 0 <= layer < self.info.num_layers:
+                raise ValueError(
+                    f"{method.name}: pruning layer {layer} is outside the model's {self.info.num_layers} decoder layers"
+                )
+        method.bind(self.info)
+        return method
+
+    # ------------------------------------------------------------------ inputs
+    def visual_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(B, N, d) projected visual tokens, exactly as the stock forward computes them, and the vision
+        tower's hidden states (embeddings + every layer's output, each (B, 1 + N, C))."""
+        out = self.llava.get_image_features(pixel_values=pixel_values, return_dict=True, output_hidden_states=True)
+        features = out.pooler_output
+        if isinstance(features, (list, tuple)):
+            features = torch.stack(list(features))
+        return features, tuple(out.hidden_states or ())
+
+    def initial_state(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        inputs_embeds: torch.Tensor,
+    ) -> SequenceState:
+        is_image = input_ids == self.image_token_id
+        n_visual = is_image.sum(1)
+        if (n_visual != self.info.num_visual_tokens).any():
+            raise ValueError(
+                f"each sample needs exactly {self.info.num_visual_tokens} image tokens (id {self.image_token_id}) "
+                f"in input_ids, got {n_visual.tolist()}: the processor's image_seq_length does not match the model"
+            )
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        visual_index = torch.where(is_image, is_image.long().cumsum(1) - 1, torch.full_like(input_ids, -1))
+        last_image = torch.where(is_image, torch.arange(input_ids.shape[1], device=input_ids.device), -1).max(1).values
+        after_image = torch.arange(input_ids.shape[1], device=input_ids.device)[None] > last_image[:, None]
+        real = attention_mask.bool() | is_image  # hidden visual tokens are still part of the sequence
+        if labels is not None:
+            answer_mask = torch.zeros_like(is_image)
+            answer_mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+            in_answer = labels != IGNORE_INDEX
+        else:
+            answer_mask = torch.zeros_like(is_image)
+            last = (real.long() * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(1)
+            answer_mask[torch.arange(input_ids.shape[0]), last] = True
+            in_answer = torch.zeros_like(is_image)
+        question_mask = after_image & real & ~in_answer & ~answer_mask
+        return SequenceState(
+            hidden=inputs_embeds,
+            position_ids=position_ids,
+            key_valid=attention_mask.bool(),
+            visual_index=visual_index,
+            question_mask=question_mask,
+            answer_mask=answer_mask,
+            source_index=torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids).clone(),
+        )
+
+    # ------------------------------------------------------------------ masks
+    def attention_bias(self, state: SequenceState) -> torch.Tensor:
+        """(B, 1, T, T) additive mask: causal by index, invalid keys masked, soft visual weights as log(w)."""
+        dtype = state.hidden.dtype
+        t = state.hidden.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=state.hidden.device).tril()
+        allowed = causal[None] & state.key_valid[:, None, :]
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=state.hidden.device)
+        if state.key_weight is not None:
+            bias = bias + torch.log(state.key_weight + _SOFT_EPS).to(dtype)[:, None, :]
+        bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)
+        return bias[:, None]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        method: PruningMethod | None = None,
+        soft: bool = False,
+        capture_layers: tuple[int, ...] = (),
+        logits: str = "all",
+        _decode: _DecodeState | None = None,
+    ) -> EngineOutput:
+        """One prefill/teacher-forced pass.
+
+        Args:
+            input_ids: (B, T) with N image tokens per sample.
+            attention_mask: (B, T) 1 = real token; 0 = padding or a visual token hidden from the LLM.
+            pixel_values: (B, 3, H, W).
+            position_ids: (B, T) RoPE positions (default: cumsum of the mask).
+            labels: (B, T) answer labels (-100 elsewhere): mark answer-generation positions for the method.
+            method: the pruning method (bound to this model); None keeps all tokens.
+            soft: training path: nothing is removed; dropped visual tokens are masked out as keys with
+                straight-through weights so gradients reach the method's mask.
+            capture_layers: layers whose outputs are returned (e.g. for a repair loss).
+            logits: 'all' (every input position), 'last' (the last real token of each sample) or 'none'.
+        """
+        method = self.bind(method)
+        batch = input_ids.shape[0]
+        embed = self.language_model.embed_tokens
+        inputs_embeds = embed(input_ids)
+        features, vision_hidden = self.visual_features(pixel_values)
+        features = features.to(inputs_embeds.dtype)
+        state = self.initial_state(input_ids, attention_mask, position_ids, labels, inputs_embeds)
+        in_length = input_ids.shape[1]
+        is_image = state.visual_index >= 0
+
+        pre = PreLLMContext(self.model, pixel_values, features, inputs_embeds, state, vision_hidden)
+        keep_visual = method.before_llm(pre)
+        features = pre.visual_features
+        state.hidden = inputs_embeds.masked_scatter(is_image[..., None], features.reshape(-1, features.shape[-1]))
+        if keep_visual is not None:
+            state = self._apply_keep(state, _to_sequence(keep_visual, state), soft)
+
+        num_layers = self.info.num_layers
+        counts = torch.zeros(batch, num_layers, device=input_ids.device)
+        captured: dict[int, torch.Tensor] = {}
+        bias = self.attention_bias(state)
+        position_embeddings = self.language_model.rotary_emb(state.hidden, position_ids=state.position_ids)
+        for idx, layer in enumerate(self.layers):
+            ctx = LayerContext(idx, layer, state, position_embeddings, bias, soft)
+            if idx in method.prune_layers:
+                keep = method.at_layer(ctx)
+                if keep is not None:
+                    state = self._apply_keep(state, keep, soft)
+                    bias = self.attention_bias(state)
+                    position_embeddings = self.language_model.rotary_emb(state.hidden, position_ids=state.position_ids)
+                    ctx = LayerContext(idx, layer, state, position_embeddings, bias, soft)
+            counts[:, idx] = state.visual_counts()
+            if _decode is not None:
+                _decode.layer_key_valid.append(state.key_valid.clone())
+            hidden = layer(
+                state.hidden,
+                attention_mask=bias,
+                position_ids=state.position_ids,
+                past_key_values=_decode.cache if _decode is not None else None,
+                use_cache=_decode is not None,
+                position_embeddings=position_embeddings,
+            )
+            hidden = method.after_layer(ctx, hidden)
+            state = state.with_hidden(hidden)
+            if idx in capture_layers:
+                captured[idx] = _to_input_layout(hidden, state, in_length)
+
+        output = EngineOutput(logits=torch.empty(0), visual_tokens_per_layer=counts, captured=captured, state=state)
+        if logits == "none":
+            return output
+        if logits == "last":
+            last = self.last_real_index(state)
+            normed = self.language_model.norm(state.hidden[torch.arange(batch), last])
+            output.logits = self.model.lm_head(normed)
+        elif logits == "all":
+            output.logits = _to_input_layout(self.model.lm_head(self.language_model.norm(state.hidden)), state, in_length)
+        else:
+            raise ValueError(f"logits={logits!r}; choose 'all', 'last' or 'none'")
+        return output
+
+    __call__ = forward
+
+    @staticmethod
+    def last_real_index(state: SequenceState) -> torch.Tensor:
+        real = state.source_index >= 0
+        return (state.source_index.masked_fill(~real, -1)).argmax(1)
+
+    def _apply_keep(self, state: SequenceState, keep: torch.Tensor, soft: bool) -> SequenceState:
+        is_visual = state.visual_index >= 0
+        if soft:
+            weight = torch.where(is_visual, keep.to(state.hidden.dtype), torch.ones_like(keep, dtype=state.hidden.dtype))
+            state.key_weight = weight if state.key_weight is None else state.key_weight * weight
+            return state
+        if keep.dtype != torch.bool:
+            keep = keep > 0.5
+        return state.compact(keep | ~is_visual)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        method: PruningMethod | None = None,
+        max_new_tokens: int = 16,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy decoding on the pruned KV cache.
+
+        Returns:
+            tokens (B, T_new) (rows that ended are padded with `pad_token_id`) and the prefill's
+            `visual_tokens_per_layer` (B, num_layers).
+        """
+        method = self.bind(method)
+        decode = _DecodeState(DynamicCache(config=self.config.get_text_config()), [], torch.empty(0))
+        out = self.forward(input_ids, attention_mask, pixel_values, position_ids, method=method,
+                           logits="last", _decode=decode)
+        state = out.state
+        decode.next_position = state.position_ids.max(1).values + 1
+        batch = input_ids.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        tokens = []
+        logits = out.logits
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1)
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            tokens.append(token)
+            if eos_token_id is not None:
+                finished |= token == eos_token_id
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            logits = self._decode_step(token, decode, method)
+        return torch.stack(tokens, 1), out.visual_tokens_per_layer
+
+    def _decode_step(self, token: torch.Tensor, decode: _DecodeState, method: PruningMethod) -> torch.Tensor:
+        batch = token.shape[0]
+        hidden = self.language_model.embed_tokens(token[:, None])
+        position_ids = decode.next_position[:, None]
+        position_embeddings = self.language_model.rotary_emb(hidden, position_ids=position_ids)
+        ones = torch.ones(batch, 1, dtype=torch.bool, device=token.device)
+        step_state = SequenceState(
+            hidden=hidden, position_ids=position_ids, key_valid=ones, visual_index=torch.full_like(position_ids, -1),
+            question_mask=~ones, answer_mask=ones, source_index=torch.zeros_like(position_ids),
+        )
+        for idx, layer in enumerate(self.layers):
+            decode.layer_key_valid[idx] = torch.cat([decode.layer_key_valid[idx], ones], 1)
+            valid = decode.layer_key_valid[idx]
+            bias = torch.zeros(batch, 1, 1, valid.shape[1], dtype=hidden.dtype, device=hidden.device)
+            bias = bias.masked_fill(~valid[:, None, None, :], torch.finfo(hidden.dtype).min)
+            hidden = layer(hidden, attention_mask=bias, position_ids=position_ids, past_key_values=decode.cache,
+                           use_cache=True, position_embeddings=position_embeddings)
+            ctx = LayerContext(idx, layer, step_state, position_embeddings, bias, False)
+            hidden = method.after_layer(ctx, hidden)
+            step_state = step_state.with_hidden(hidden)
+        decode.next_position = decode.next_position + 1
+        return self.model.lm_head(self.language_model.norm(hidden[:, -1]))
+
+
+def _to_sequence(keep_visual: torch.Tensor, state: SequenceState) -> torch.Tensor:
+    """(B, N) mask over visual tokens -> (B, T) mask over the sequence (True on text)."""
+    index = state.visual_index.clamp(min=0)
+    per_token = keep_visual.gather(1, index)
+    if per_token.dtype == torch.bool:
+        return torch.where(state.visual_index >= 0, per_token, torch.ones_like(per_token))
+    return torch.where(state.visual_index >= 0, per_token, torch.ones_like(per_token))
+
+
+def _to_input_layout(values: torch.Tensor, state: SequenceState, length: int) -> torch.Tensor:
+    """(B, T', ...) in the state's layout -> (B, length, ...) at the input positions (zeros where removed)."""
+    if values.shape[1] == length and bool((state.source_index == torch.arange(length, device=values.device)).all()):
+        return values
+    out = values.new_zeros(values.shape[0], length, *values.shape[2:])
+    valid = state.source_index >= 0
+    batch_index = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(state.source_index)
+    out[batch_index[valid], state.source_index[valid]] = values[valid]
+    return out

@@ -1,0 +1,161 @@
+"""The interface every visual-token pruning method implements, and the contexts the engine hands it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lvlm_prune.engine.attention import attention_rows, layer_keys
+from lvlm_prune.engine.state import SequenceState
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a method needs to know about the base model to plan its schedule."""
+
+    num_layers: int
+    num_visual_tokens: int
+    hidden_size: int
+    vision_feature_layer: int | list[int]
+
+
+@dataclass
+class PreLLMContext:
+    """Inputs of a selection/merging step between the projector and the LLM.
+
+    Args:
+        model: the base LLaVA model.
+        pixel_values: (B, 3, H, W).
+        visual_features: (B, N, d) projected visual tokens; a merging method may write merged features here.
+        text_embeds: (B, T, d) input embeddings of the prompt (visual positions hold the visual features).
+        state: the sequence before the LLM.
+        vision_hidden_states: the vision tower's hidden states (embeddings + each layer's output).
+    """
+
+    model: Any
+    pixel_values: torch.Tensor
+    visual_features: torch.Tensor
+    text_embeds: torch.Tensor
+    state: SequenceState
+    vision_hidden_states: tuple[torch.Tensor, ...] = ()
+
+    def vision_read_layer(self) -> tuple[torch.nn.Module, torch.Tensor]:
+        """The vision encoder layer whose output LLaVA reads (`vision_feature_layer`) and that layer's input."""
+        layers = self.model.model.vision_tower.encoder.layers
+        read = self.model.config.vision_feature_layer
+        read = read[-1] if isinstance(read, (list, tuple)) else read
+        index = read if read >= 0 else len(layers) + 1 + read  # index into hidden_states
+        if not 1 <= index <= len(layers) or len(self.vision_hidden_states) <= index:
+            raise ValueError(f"vision_feature_layer={read} does not name an encoder layer's output")
+        return layers[index - 1], self.vision_hidden_states[index - 1]
+
+
+@dataclass
+class LayerContext:
+    """The input of decoder layer `layer_idx`, with helpers for attention-based scores.
+
+    `attention_bias` is the (B, 1, T, T) additive mask the layer is about to use.
+    """
+
+    layer_idx: int
+    layer: torch.nn.Module
+    state: SequenceState
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    attention_bias: torch.Tensor
+    soft: bool
+    _normed: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def normed(self) -> torch.Tensor:
+        """(B, T, d) the layer's input after its input norm (what its attention projects)."""
+        if self._normed is None:
+            self._normed = self.layer.input_layernorm(self.state.hidden)
+        return self._normed
+
+    def last_prompt_index(self) -> torch.Tensor:
+        """(B,) index of the last prompt token (the first answer-generation position)."""
+        return self.state.answer_mask.float().argmax(1)
+
+    def attention_probs(self, query_index: torch.Tensor) -> torch.Tensor:
+        """(B, heads, Q, T) attention probabilities of rows `query_index` (B, Q) at this layer."""
+        return attention_rows(self.layer, self.normed, self.position_embeddings, query_index, self.attention_bias)
+
+    def last_token_to_visual(self) -> torch.Tensor:
+        """(B, T) head-averaged attention of the last prompt token to each present visual token (0 elsewhere)."""
+        probs = self.attention_probs(self.last_prompt_index()[:, None]).mean(1)[:, 0]
+        return probs * self.state.visual_mask
+
+    def question_to_visual(self) -> torch.Tensor:
+        """(B, T) attention to each present visual token, averaged over heads and question rows."""
+        question = self.state.question_mask
+        counts = question.sum(1)
+        width = max(1, int(counts.max().item()))
+        index = torch.sort((~question).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        row_valid = torch.arange(width, device=question.device)[None] < counts[:, None]
+        probs = self.attention_probs(index).mean(1)  # (B, Q, T)
+        probs = (probs * row_valid[..., None]).sum(1) / counts.clamp(min=1)[:, None]
+        # no question token (e.g. an empty prompt): fall back to the last prompt token
+        probs = torch.where((counts > 0)[:, None], probs, self.last_token_to_visual())
+        return probs * self.state.visual_mask
+
+    def keys(self) -> torch.Tensor:
+        """(B, kv_heads, T, head_dim) RoPE'd keys of this layer."""
+        return layer_keys(self.layer, self.normed, self.position_embeddings)
+
+
+class PruningMethod:
+    """Base class: keeps every visual token. Subclasses override the hooks they need.
+
+    A method is told the model (`bind`) once, plans how many visual tokens each decoder layer sees for its
+    prune ratio, and is then called by the engine: `before_llm` (selection/merging after the projector),
+    `at_layer` for each layer in `prune_layers` (which present visual tokens to keep from that layer's input
+    on), and `after_layer` (e.g. adapters). All hooks see whole batches.
+    """
+
+    name = "full"
+    prune_layers: tuple[int, ...] = ()
+
+    def __init__(self, prune_ratio: float = 0.0):
+        if not 0.0 <= prune_ratio < 1.0:
+            raise ValueError(f"prune_ratio={prune_ratio} must be in [0, 1)")
+        self.prune_ratio = prune_ratio
+        self.info: ModelInfo | None = None
+
+    def bind(self, info: ModelInfo) -> None:
+        """Plan the schedule for this model; raise ValueError when the budget cannot be reached."""
+        self.info = info
+
+    def planned_visual_tokens(self) -> list[float]:
+        """Visual tokens per decoder layer the schedule aims at (length num_layers)."""
+        assert self.info is not None, "bind() first"
+        return [float(self.info.num_visual_tokens)] * self.info.num_layers
+
+    def before_llm(self, ctx: PreLLMContext) -> torch.Tensor | None:
+        """(B, N) keep mask over the visual tokens (bool; float straight-through on the soft path), or None."""
+        return None
+
+    def at_layer(self, ctx: LayerContext) -> torch.Tensor | None:
+        """(B, T) keep mask over the layer input's tokens (only visual entries matter), or None."""
+        return None
+
+    def after_layer(self, ctx: LayerContext, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's output (B, T, d), possibly modified."""
+        return hidden
+
+    def plugin_flops(self, text_tokens: int) -> dict[str, float]:
+        """FLOPs of the method's own modules per sample (scoring, pruners, adapters)."""
+        return {}
+
+
+def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+    """(B, T) bool: the k highest-scoring candidate positions per row (k may differ per row)."""
+    masked = torch.where(candidates, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float))
+    order = masked.argsort(dim=1, descending=True, stable=True)
+    if isinstance(k, int):
+        k = torch.full((scores.shape[0],), k, device=scores.device)
+    k = torch.minimum(k, candidates.sum(1))
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (ranks < k[:, None]) & candidates

@@ -1,0 +1,118 @@
+"""r = 0 reproduces the stock model; physical removal and the soft masked path agree."""
+
+import pytest
+import torch
+from conftest import make_batch, make_tiny_llava
+
+from lvlm_prune.engine import PrunedLlava, PruningMethod
+from lvlm_prune.generation import stock_greedy_generate
+
+
+class KeepFixed(PruningMethod):
+    """Drops a fixed set of visual tokens at the input of one layer (or before the LLM)."""
+
+    name = "fixed"
+
+    def __init__(self, layer, drop_per_sample):
+        super().__init__(0.0)
+        self.layer = layer
+        self.prune_layers = (layer,) if layer is not None else ()
+        self.drop = drop_per_sample
+
+    def _keep(self, visual_index):
+        keep = torch.ones_like(visual_index, dtype=torch.bool)
+        for b, drop in enumerate(self.drop):
+            for v in drop:
+                keep[b] &= visual_index[b] != v
+        return keep
+
+    def before_llm(self, ctx):
+        if self.layer is not None:
+            return None
+        n = ctx.visual_features.shape[1]
+        return self._keep(torch.arange(n).expand(len(self.drop), -1))
+
+    def at_layer(self, ctx):
+        keep = self._keep(ctx.state.visual_index)
+        return keep if not ctx.soft else keep.float()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_full_tokens_reproduce_stock_logits(tiny_spec, attn, batch_size):
+    model = make_tiny_llava(tiny_spec, attn_implementation=attn)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=batch_size, left_pad=(0, 2, 3))
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        stock = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, pixel_values=pixels).logits
+        ours = PrunedLlava(model)(ids, mask, pixels, position_ids).logits
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], stock[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_full_tokens_reproduce_stock_generation(tiny_spec, attn):
+    model = make_tiny_llava(tiny_spec, attn_implementation=attn)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=3, left_pad=(0, 2, 1))
+    stock = stock_greedy_generate(model, ids, mask, pixels, max_new_tokens=6)
+    ours, counts = PrunedLlava(model).generate(ids, mask, pixels, max_new_tokens=6)
+    assert torch.equal(ours, stock)
+    assert (counts == tiny_spec.num_visual_tokens).all()
+
+
+@pytest.mark.parametrize("layer", [None, 0, 2])
+def test_physical_removal_matches_soft_mask(tiny_spec, layer):
+    model = make_tiny_llava(tiny_spec)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=2, left_pad=(0, 2))
+    method = KeepFixed(layer, drop_per_sample=[[0, 3, 5, 6, 7], [1, 2, 9]])
+    engine = PrunedLlava(model)
+    with torch.no_grad():
+        hard = engine(ids, mask, pixels, method=method)
+        soft = engine(ids, mask, pixels, method=method, soft=True)
+    text = mask.bool() & (ids != model.config.image_token_id)
+    torch.testing.assert_close(hard.logits[text], soft.logits[text], atol=1e-4, rtol=1e-4)
+    first = 0 if layer is None else layer
+    expected = torch.tensor([tiny_spec.num_visual_tokens - 5, tiny_spec.num_visual_tokens - 3]).float()
+    assert torch.equal(hard.visual_tokens_per_layer[:, first], expected)
+    assert torch.equal(soft.visual_tokens_per_layer[:, first], expected)
+    if layer:
+        assert (hard.visual_tokens_per_layer[:, :layer] == tiny_spec.num_visual_tokens).all()
+
+
+def test_removal_changes_output_and_generation_runs_on_short_cache(tiny_spec):
+    model = make_tiny_llava(tiny_spec)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=2, left_pad=(0, 2))
+    engine = PrunedLlava(model)
+    method = KeepFixed(1, drop_per_sample=[list(range(12)), list(range(4, 16))])
+    full = engine(ids, mask, pixels, logits="last").logits
+    pruned = engine(ids, mask, pixels, method=method, logits="last").logits
+    assert not torch.allclose(full, pruned)
+    tokens, counts = engine.generate(ids, mask, pixels, method=method, max_new_tokens=4)
+    assert tokens.shape == (2, 4)
+    assert torch.equal(counts[:, 1], torch.tensor([4.0, 4.0]))
+    # generation on the short cache equals a no-cache greedy loop over growing inputs
+    loop_ids, loop_mask = ids, mask
+    for step in range(4):
+        logits = engine(loop_ids, loop_mask, pixels, method=method, logits="last").logits
+        assert torch.equal(logits.argmax(-1), tokens[:, step])
+        loop_ids = torch.cat([loop_ids, tokens[:, step : step + 1]], 1)
+        loop_mask = torch.cat([loop_mask, torch.ones_like(loop_mask[:, :1])], 1)
+
+
+def test_engine_leaves_the_model_untouched(tiny_spec):
+    model = make_tiny_llava(tiny_spec)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=2)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        PrunedLlava(model)(ids, mask, pixels, method=KeepFixed(1, [[0, 1], [2]]))
+        after = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert torch.equal(before, after)
+    assert type(model.model.language_model.layers[0]).forward is type(model.model.language_model.layers[1]).forward
+
+
+def test_wrong_number_of_image_tokens_is_reported(tiny_spec):
+    model = make_tiny_llava(tiny_spec)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=1)
+    ids[0, 3] = 5
+    with pytest.raises(ValueError, match="image tokens"):
+        PrunedLlava(model)(ids, mask, pixels)

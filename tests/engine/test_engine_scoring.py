@@ -1,0 +1,57 @@
+"""Attention scores computed from a layer's own projections equal eager attention probabilities."""
+
+import torch
+from conftest import make_batch, make_tiny_llava
+
+from lvlm_prune.engine import PrunedLlava, PruningMethod
+
+
+class Probe(PruningMethod):
+    name = "probe"
+
+    def __init__(self, layers):
+        super().__init__(0.0)
+        self.prune_layers = tuple(layers)
+        self.seen = {}
+
+    def at_layer(self, ctx):
+        index = torch.arange(ctx.state.hidden.shape[1]).expand(ctx.state.hidden.shape[0], -1)
+        self.seen[ctx.layer_idx] = (ctx.attention_probs(index), ctx.last_token_to_visual(), ctx.question_to_visual(),
+                                    ctx.state)
+        return None
+
+
+def test_attention_rows_match_eager_attentions(tiny_spec):
+    model = make_tiny_llava(tiny_spec, attn_implementation="eager")
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=2, left_pad=(0, 2))
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, pixel_values=pixels,
+                      output_attentions=True).attentions
+        probe = Probe(range(tiny_spec.num_layers))
+        PrunedLlava(model)(ids, mask, pixels, position_ids, method=probe)
+    real = mask.bool()
+    for layer, (probs, last_to_visual, question_to_visual, state) in probe.seen.items():
+        for b in range(2):
+            rows = real[b].nonzero().squeeze(1)
+            ours = probs[b][:, rows][:, :, rows]
+            reference = eager[layer][b][:, rows][:, :, rows]
+            torch.testing.assert_close(ours, reference.float(), atol=1e-5, rtol=1e-4)
+            visual = state.visual_index[b] >= 0
+            expected_last = eager[layer][b, :, -1].mean(0) * visual
+            torch.testing.assert_close(last_to_visual[b], expected_last.float(), atol=1e-5, rtol=1e-4)
+            question = state.question_mask[b]
+            expected_q = eager[layer][b][:, question].mean(0).mean(0) * visual
+            torch.testing.assert_close(question_to_visual[b], expected_q.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_scores_do_not_need_eager_attention(tiny_spec):
+    sdpa = make_tiny_llava(tiny_spec, attn_implementation="sdpa")
+    eager = make_tiny_llava(tiny_spec, attn_implementation="eager")
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=2)
+    a, b = Probe([1]), Probe([1])
+    with torch.no_grad():
+        PrunedLlava(sdpa)(ids, mask, pixels, method=a)
+        PrunedLlava(eager)(ids, mask, pixels, method=b)
+    assert sdpa.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(a.seen[1][1], b.seen[1][1], atol=1e-5, rtol=1e-4)
