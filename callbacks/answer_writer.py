@@ -33,11 +33,12 @@ class AnswerFileWriter(L.Callback):
             records = [r for part in gathered for r in part]
         if not trainer.is_global_zero:
             return
-        seen: set[str] = set()
+        seen: set[tuple[str, str]] = set()
         unique = []
         for record in records:  # a distributed sampler repeats samples to even out ranks
-            if str(record["question_id"]) not in seen:
-                seen.add(str(record["question_id"]))
+            key = (str(record["question_id"]), record.get("prompt", ""))  # MME: one id, two questions
+            if key not in seen:
+                seen.add(key)
                 unique.append(record)
         directory = Path(self.dirpath or (trainer.logger.log_dir if trainer.logger else trainer.default_root_dir))
         directory.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,12 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.synthetic_vqa import (
     CONTEXT_PREFIX,
     DESCRIBE_PREFIX,
+    DESCRIBE_SCENE,
     FAMILIES,
     SyntheticVQAConfig,
     VQASample,
     generate_samples,
+    make_question,
     render,
     vocabulary,
 )
@@ -50,6 +52,7 @@ class SyntheticVQADataModule(L.LightningDataModule):
         cell_size: pixels per cell (image side = grid * cell_size).
         min_objects: fewest objects per scene.
         max_objects: most objects per scene.
+        train_min_objects: fewest objects of a training scene (None: min_objects); see SyntheticVQAConfig.
         families: question families.
         seed: fixes every sample of every split.
         processor_path: directory with a saved LlavaProcessor (a trained base model's export). None builds
@@ -58,8 +61,11 @@ class SyntheticVQADataModule(L.LightningDataModule):
         context_fraction: fraction of training examples whose prompt carries a textual description
             (of the objects that matter, or of the whole scene) with most or all visual tokens hidden; it
             teaches the base to answer from text, which caption compensation (ACCM) relies on.
-        describe_fraction: fraction of training examples that ask for a description of the objects that
-            matter for a question; the frozen base later writes ACCM's warm-start captions this way.
+        describe_fraction: fraction of training examples with a description turn: of the whole image
+            (dense supervision of recognition and positions, as LLaVA's caption pre-training) or of the
+            objects that matter for a question (the frozen base later writes ACCM's warm-start captions so).
+        turns_per_image: questions per training image (multi-turn conversations, as in LLaVA's instruction
+            data): the image is encoded once for several supervised answers.
         eval_context: 'none' (image only), 'relevant' or 'scene' (a description in the prompt) for val/test.
         eval_hidden_visual_fraction: fraction of visual tokens hidden in val/test prompts (1.0 = text only).
         max_length: longest teacher-forced sequence accepted.
@@ -77,12 +83,14 @@ class SyntheticVQADataModule(L.LightningDataModule):
         cell_size: int = 8,
         min_objects: int = 4,
         max_objects: int = 7,
+        train_min_objects: int | None = None,
         families: tuple[str, ...] = FAMILIES,
         seed: int = 0,
         processor_path: str | None = None,
         template: str = "tiny",
         context_fraction: float = 0.0,
         describe_fraction: float = 0.0,
+        turns_per_image: int = 1,
         eval_context: str = "none",
         eval_hidden_visual_fraction: float = 0.0,
         max_length: int = 512,
@@ -93,13 +101,14 @@ class SyntheticVQADataModule(L.LightningDataModule):
                             ("eval_hidden_visual_fraction", eval_hidden_visual_fraction)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.{name}={value} must be in [0, 1]")
-        if context_fraction + describe_fraction > 1.0:
-            raise ValueError("data.context_fraction + data.describe_fraction must not exceed 1")
+        if turns_per_image < 1:
+            raise ValueError(f"data.turns_per_image={turns_per_image} must be at least 1")
         if eval_context not in EVAL_CONTEXTS:
             raise ValueError(f"data.eval_context={eval_context!r}; choose one of {EVAL_CONTEXTS}")
         self.save_hyperparameters()
         self.config = SyntheticVQAConfig(grid=grid, cell_size=cell_size, min_objects=min_objects,
-                                         max_objects=max_objects, families=tuple(families), seed=seed)
+                                         max_objects=max_objects, families=tuple(families), seed=seed,
+                                         train_min_objects=train_min_objects)
         self.template = get_template(template)
         if processor_path is not None:
             self.processor = load_processor(processor_path)
@@ -120,17 +129,27 @@ class SyntheticVQADataModule(L.LightningDataModule):
     def _train_example(self, sample: VQASample, index: int) -> VQAExample:
         # Fixed per sample index (not per epoch): resumed runs see exactly the same examples.
         rng = random.Random(f"{self.hparams.seed}/view/{sample.question_id}")
-        draw = rng.random()
-        image = render(sample.scene, self.config.cell_size)
-        if draw < self.hparams.describe_fraction:
-            return VQAExample(sample.question_id, image, f"{DESCRIBE_PREFIX} {sample.question}",
-                              sample.relevant_description, "describe")
-        if draw < self.hparams.describe_fraction + self.hparams.context_fraction:
+        turns = [(sample.question, sample.answer, sample)]
+        while len(turns) < self.hparams.turns_per_image:
+            made = make_question(sample.scene, rng.choice(self.config.families), rng)
+            if made is not None and made[0] not in [t[0] for t in turns]:
+                turns.append((made[0], made[1], None))
+        if rng.random() < self.hparams.describe_fraction:
+            if rng.random() < 0.5:
+                describe = (DESCRIBE_SCENE, sample.scene.description(), None)
+            else:
+                describe = (f"{DESCRIBE_PREFIX} {sample.question}", sample.relevant_description, None)
+            turns.insert(rng.randrange(len(turns) + 1), describe)
+        context, hidden = None, 0.0
+        if rng.random() < self.hparams.context_fraction:
             text = sample.relevant_description if rng.random() < 0.7 else sample.scene.description()
+            context = f"{CONTEXT_PREFIX} {text}"
             hidden = 1.0 if rng.random() < 0.5 else rng.uniform(0.5, 1.0)
-            return VQAExample(sample.question_id, image, sample.question, sample.answer, sample.family,
-                              context=f"{CONTEXT_PREFIX} {text}", hidden_visual_fraction=hidden)
-        return VQAExample(sample.question_id, image, sample.question, sample.answer, sample.family)
+            turns = turns[:1]  # the description only covers the first question's objects
+        (question, answer, _), extra = turns[0], tuple((q, a) for q, a, _ in turns[1:])
+        category = sample.family if question == sample.question else "describe"
+        return VQAExample(sample.question_id, render(sample.scene, self.config.cell_size), question, answer,
+                          category, context=context, hidden_visual_fraction=hidden, extra_turns=extra)
 
     def _eval_example(self, sample: VQASample, index: int) -> VQAExample:
         mode = self.hparams.eval_context

@@ -36,6 +36,7 @@ SPLITS = ("train", "val", "test")
 _SPLIT_BUCKETS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}
 ANSWER_VOCABULARY = tuple(COLORS) + SHAPES + SIZES + YES_NO + NUMBER_WORDS
 DESCRIBE_PREFIX = "describe the objects that matter for :"
+DESCRIBE_SCENE = "describe the image ."
 CONTEXT_PREFIX = "additional information :"
 
 
@@ -219,6 +220,9 @@ class SyntheticVQAConfig:
         max_objects: most objects per scene.
         families: question families to draw from (uniformly).
         seed: base seed; (seed, split, index) fixes every sample.
+        train_min_objects: fewest objects of a training scene. Scenes with one or two objects make the first
+            steps of training from scratch find the image at all (a curriculum through the data mix);
+            validation and test scenes always have min_objects..max_objects.
     """
 
     grid: int = 8
@@ -227,6 +231,7 @@ class SyntheticVQAConfig:
     max_objects: int = 7
     families: tuple[str, ...] = FAMILIES
     seed: int = 0
+    train_min_objects: int | None = None
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -251,7 +256,8 @@ def generate_samples(config: SyntheticVQAConfig, split: str, num_samples: int) -
     while len(samples) < num_samples:
         scene_seed = rng.getrandbits(32)
         scene_rng = random.Random(scene_seed)
-        scene = sample_scene(scene_rng, config.grid, config.min_objects, config.max_objects, scene_seed)
+        fewest = config.train_min_objects if split == "train" and config.train_min_objects else config.min_objects
+        scene = sample_scene(scene_rng, config.grid, fewest, config.max_objects, scene_seed)
         if split_of(scene) != split:
             continue
         family = config.families[len(samples) % len(config.families)]
@@ -271,6 +277,7 @@ def vocabulary(config: SyntheticVQAConfig) -> list[str]:
         "what is the color shape size of object at row column ? left right above below is there a how many "
         "objects are do and have same",
         DESCRIBE_PREFIX,
+        DESCRIBE_SCENE,
         CONTEXT_PREFIX,
         "; , . nothing",
     ):

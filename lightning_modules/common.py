@@ -31,8 +31,13 @@ def exact_match(categories: list[str]) -> ExactMatchAccuracy:
 
 
 def score(metric: ExactMatchAccuracy, predictions: list[str], batch: dict[str, Any]) -> None:
-    metric.update([normalize_answer(p) for p in predictions], [normalize_answer(a) for a in batch["answers"]],
-                  batch["categories"])
+    """Exact match on the items that have a reference answer (benchmark test files may have none)."""
+    keep = [i for i, answer in enumerate(batch["answers"]) if answer is not None]
+    if not keep:
+        return
+    categories = [batch["categories"][i] for i in keep] if metric.categories else None
+    metric.update([normalize_answer(predictions[i]) for i in keep],
+                  [normalize_answer(batch["answers"][i]) for i in keep], categories)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, final_ratio: float = 0.1):
@@ -51,6 +56,8 @@ def log_accuracy(module: Any, metric: ExactMatchAccuracy, stage: str) -> dict[st
     """Log `{stage}/acc` (progress bar) and `{stage}/acc/<category>`; categories never seen are skipped."""
     values = {k: float(v) for k, v in metric.compute().items() if not math.isnan(float(v))}
     metric.reset()
+    if "acc" not in values:  # no item had a reference answer
+        return values
     module.log(f"{stage}/acc", values["acc"], prog_bar=True)
     module.log_dict({f"{stage}/{k}": v for k, v in values.items() if k != "acc"})
     return values

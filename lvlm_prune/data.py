@@ -27,6 +27,7 @@ class VQAExample:
         context: optional text placed after the image and before the question.
         hidden_visual_fraction: fraction of visual tokens hidden from the LLM in this example
             (training-time augmentation; 1.0 = the LLM sees no visual token).
+        extra_turns: later (question, answer) turns about the same image (multi-turn training data).
     """
 
     question_id: str
@@ -36,6 +37,7 @@ class VQAExample:
     category: str = ""
     context: str | None = None
     hidden_visual_fraction: float = 0.0
+    extra_turns: tuple[tuple[str, str], ...] = ()
 
 
 class VQACollator:
@@ -81,7 +83,8 @@ class VQACollator:
         if any(e.answer is None for e in examples):
             return batch
 
-        full = [p + self.template.target(e.answer) for p, e in zip(prompts, examples)]
+        segments = [self._segments(e) for e in examples]
+        full = [p + "".join(text for text, _ in segs) for p, segs in zip(prompts, segments)]
         teacher = self._encode(images, full, side="right")
         input_ids, attention_mask = teacher["input_ids"], teacher["attention_mask"]
         if input_ids.shape[1] > self.max_length:
@@ -91,13 +94,29 @@ class VQACollator:
             )
         prompt_lengths = generation["attention_mask"].sum(1)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for i, n_prompt in enumerate(prompt_lengths.tolist()):
-            n_real = int(attention_mask[i].sum())
-            labels[i, n_prompt:n_real] = input_ids[i, n_prompt:n_real]
+        for i, (n_prompt, segs) in enumerate(zip(prompt_lengths.tolist(), segments)):
+            cursor = n_prompt
+            for text, supervised in segs:
+                n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                if supervised:
+                    labels[i, cursor : cursor + n] = input_ids[i, cursor : cursor + n]
+                cursor += n
+            if cursor != int(attention_mask[i].sum()):
+                raise ValueError(
+                    f"sample {examples[i].question_id}: the conversation's turns tokenize to {cursor} tokens apart but "
+                    f"{int(attention_mask[i].sum())} together; the answer mask would be misplaced"
+                )
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         attention_mask = self._hide_visual(input_ids, attention_mask, examples)
         batch.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
         return batch
+
+    def _segments(self, example: VQAExample) -> list[tuple[str, bool]]:
+        """The text after the prompt as (segment, is_answer) pairs."""
+        segments = [(self.template.target(example.answer), True)]
+        for question, answer in example.extra_turns:
+            segments += [(self.template.next_turn(question), False), (self.template.target(answer), True)]
+        return segments
 
     def _hide_visual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, examples: list[VQAExample]) -> torch.Tensor:
         """Zero the mask at a seeded subset of each example's visual positions (same subset in both layouts)."""

@@ -90,6 +90,22 @@ class PrunedLlava:
             features = torch.stack(list(features))
         return features, tuple(out.hidden_states or ())
 
+    def _visual_inputs(
+        self,
+        pixel_values: torch.Tensor | None,
+        visual_inputs: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None,
+        batch: int,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        if visual_inputs is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or precomputed visual_inputs")
+            return self.visual_features(pixel_values)
+        features, vision_hidden = visual_inputs
+        expected = (batch, self.info.num_visual_tokens, self.info.hidden_size)
+        if tuple(features.shape) != expected:
+            raise ValueError(f"visual_inputs features have shape {tuple(features.shape)}, expected {expected}")
+        return features, tuple(vision_hidden)
+
     def initial_state(
         self,
         input_ids: torch.Tensor,
@@ -149,13 +165,14 @@ class PrunedLlava:
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         method: PruningMethod | None = None,
         soft: bool = False,
         capture_layers: tuple[int, ...] = (),
         logits: str = "all",
+        visual_inputs: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None,
         _decode: _DecodeState | None = None,
     ) -> EngineOutput:
         """One prefill/teacher-forced pass.
@@ -163,7 +180,7 @@ class PrunedLlava:
         Args:
             input_ids: (B, T) with N image tokens per sample.
             attention_mask: (B, T) 1 = real token; 0 = padding or a visual token hidden from the LLM.
-            pixel_values: (B, 3, H, W).
+            pixel_values: (B, 3, H, W); may be None when `visual_inputs` is given.
             position_ids: (B, T) RoPE positions (default: cumsum of the mask).
             labels: (B, T) answer labels (-100 elsewhere): mark answer-generation positions for the method.
             method: the pruning method (bound to this model); None keeps all tokens.
@@ -171,12 +188,14 @@ class PrunedLlava:
                 straight-through weights so gradients reach the method's mask.
             capture_layers: layers whose outputs are returned (e.g. for a repair loss).
             logits: 'all' (every input position), 'last' (the last real token of each sample) or 'none'.
+            visual_inputs: precomputed `visual_features(pixel_values)` ((B, N, d) features, vision hidden
+                states); skips the vision tower (e.g. one image encoded once for several prompts).
         """
         method = self.bind(method)
         batch = input_ids.shape[0]
         embed = self.language_model.embed_tokens
         inputs_embeds = embed(input_ids)
-        features, vision_hidden = self.visual_features(pixel_values)
+        features, vision_hidden = self._visual_inputs(pixel_values, visual_inputs, batch)
         features = features.to(inputs_embeds.dtype)
         state = self.initial_state(input_ids, attention_mask, position_ids, labels, inputs_embeds)
         in_length = input_ids.shape[1]
@@ -255,14 +274,15 @@ class PrunedLlava:
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
         method: PruningMethod | None = None,
         max_new_tokens: int = 16,
         eos_token_id: int | None = None,
         pad_token_id: int = 0,
+        visual_inputs: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy decoding on the pruned KV cache.
+        """Greedy decoding on the pruned KV cache (`visual_inputs`: see `forward`).
 
         Returns:
             tokens (B, T_new) (rows that ended are padded with `pad_token_id`) and the prefill's
@@ -271,7 +291,7 @@ class PrunedLlava:
         method = self.bind(method)
         decode = _DecodeState(DynamicCache(config=self.config.get_text_config()), [], torch.empty(0))
         out = self.forward(input_ids, attention_mask, pixel_values, position_ids, method=method,
-                           logits="last", _decode=decode)
+                           logits="last", visual_inputs=visual_inputs, _decode=decode)
         state = out.state
         decode.next_position = state.position_ids.max(1).values + 1
         batch = input_ids.shape[0]

@@ -39,6 +39,12 @@ class ConversationTemplate:
         head = f"{self.system}{self.separator}" if self.system else ""
         return f"{head}{self.user_role}: {image}{context_text}{question.strip()}{self.separator}{self.assistant_role}:"
 
+    def next_turn(self, question: str) -> str:
+        """A later user turn of a multi-turn conversation (after the previous answer's end token)."""
+        if not question or not question.strip():
+            raise ValueError("empty question in a later conversation turn")
+        return f"{self.user_role}: {question.strip()}{self.separator}{self.assistant_role}:"
+
     def target(self, answer: str) -> str:
         """The text the model must produce after the prompt (leading space as LLaVA's separator)."""
         return f" {answer.strip()}{self.end_of_answer}"

@@ -1,0 +1,708 @@
+"""LightningDataModules for LLaVA-format data: instruction JSON for training, question files for evaluation.
+
+Records become `VQAExample`s batched by `VQACollator`, so the batches are exactly those of the synthetic
+datamodule and every LightningModule consumes them unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lvlm_prune.data import VQACollator, VQAExample
+from lvlm_prune.evaluation.readers import (
+    IMAGE_PLACEHOLDER,
+    BadRecords,
+    QuestionRecord,
+    check_on_bad_record,
+    mme_core_question,
+    read_caption_references,
+    read_gqa_annotations,
+    read_mmbench_tsv,
+    read_mme_ground_truth,
+    read_pope_label_dir,
+    read_questions,
+    read_scienceqa_problems,
+    read_vqa_annotations,
+)
+from lvlm_prune.evaluation.scoring import BENCHMARK_SCORERS
+from lvlm_prune.modeling.loading import load_processor
+from lvlm_prune.modeling.prompt import get_template
+
+logger = logging.getLogger(__name__)
+
+HUMAN, GPT = "human", "gpt"
+UNCATEGORIZED = "uncategorized"
+OPTION_LETTERS = "ABCDEFGHIJ"
+# LLaVA's `--single-pred-prompt` (model_vqa_science / model_vqa_mmbench); the other LLaVA question files carry
+# their answer-format instruction in the question text already.
+LETTER_PROMPT = "Answer with the option's letter from the given choices directly."
+DEFAULT_QUESTION_SUFFIX = {"scienceqa": LETTER_PROMPT, "mmbench": LETTER_PROMPT}
+
+
+@dataclass(frozen=True)
+class LlavaRecord:
+    """One validated record; `image` is a file path, or base64 bytes for MMBench's tsv; `source` (the file) and
+    `location` (the record in it) name it in error messages; `length` is the conversation's word count (for
+    length grouping)."""
+
+    question_id: str
+    image: Path | str
+    question: str
+    answer: str | None = None
+    category: str = ""
+    context: str | None = None
+    extra_turns: tuple[tuple[str, str], ...] = ()
+    source: str = ""
+    location: str = ""
+    length: int = 0
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """Pad to a square, image centred, with `fill` (LLaVA-1.5's `image_aspect_ratio='pad'`: the image
+    processor's mean colour, so the centre crop that follows keeps the whole image)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def _image_source(image: Path | str) -> Path | io.BytesIO:
+    return image if isinstance(image, Path) else io.BytesIO(base64.b64decode(image, validate=True))
+
+
+def _open_image(image: Path | str) -> Image.Image:
+    with Image.open(_image_source(image)) as opened:
+        return opened.convert("RGB")
+
+
+def _image_problem(image: Path | str, verify: bool) -> str | None:
+    """Why the image cannot be used, or None. A base64 image (MMBench) is always decoded."""
+    if isinstance(image, Path) and not image.is_file():
+        return f"image file not found: {image}"
+    if not verify and isinstance(image, Path):
+        return None
+    try:
+        with Image.open(_image_source(image)) as opened:
+            opened.verify()
+    except (OSError, SyntaxError, ValueError) as error:  # base64's binascii.Error is a ValueError
+        what = image if isinstance(image, Path) else "embedded base64 image"
+        return f"image unreadable: {what} ({type(error).__name__}: {error})"
+    return None
+
+
+class LlavaRecordDataset(Dataset):
+    """Records -> `VQAExample`s; images are opened (and padded to a square) on access.
+
+    Args:
+        records: validated records.
+        pad_fill: colour to pad images to a square with; None keeps the aspect ratio.
+    """
+
+    def __init__(self, records: Sequence[LlavaRecord], pad_fill: tuple[int, ...] | None):
+        self.records = list(records)
+        self.pad_fill = pad_fill
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> VQAExample:
+        record = self.records[index]
+        try:
+            image = _open_image(record.image)
+        except (OSError, SyntaxError, ValueError) as error:  # the file changed since it was checked
+            problem = f"image unreadable ({type(error).__name__}: {error})"
+            raise ValueError(f"{record.source}: {record.location}: {problem}") from error
+        if self.pad_fill is not None:
+            image = expand_to_square(image, self.pad_fill)
+        return VQAExample(record.question_id, image, record.question, record.answer, record.category,
+                          context=record.context, extra_turns=record.extra_turns)
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Every index once per epoch, ordered so that each run of `group_size` consecutive indices holds samples
+    of similar text length (less padding per batch); the order is fixed by (seed, epoch).
+
+    Per epoch: a seeded random permutation is cut into windows of `group_size * window_groups` indices; each
+    window is sorted by length (longest first) and cut into groups of `group_size`; the full groups are shuffled,
+    the one holding the longest sample is moved first (an out-of-memory shows at the first step), and an
+    incomplete last group stays last (so later batches stay aligned with groups). With `group_size = batch_size *
+    world_size` a batch is one group in one process; under DDP, Lightning's `DistributedSamplerWrapper` deals
+    positions r, r + W, ... to rank r, so each rank's batch is a slice of one group. Lightning calls `set_epoch`.
+
+    Args:
+        lengths: text length of each sample (any unit).
+        group_size: indices per group: the batch size times the number of processes.
+        seed: fixes the order together with the epoch.
+        window_groups: groups per sorting window (more: tighter grouping, less randomness).
+    """
+
+    def __init__(self, lengths: Sequence[int], group_size: int, seed: int = 0, window_groups: int = 50):
+        if group_size < 1 or window_groups < 1:
+            raise ValueError(f"group_size={group_size} and window_groups={window_groups} must be at least 1")
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        self.group_size = group_size
+        self.seed = seed
+        self.window_groups = window_groups
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def groups(self) -> list[list[int]]:
+        """This epoch's groups, in order."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        permutation = torch.randperm(len(self.lengths), generator=generator)
+        window = self.group_size * self.window_groups
+        groups: list[list[int]] = []
+        for start in range(0, len(permutation), window):
+            chunk = permutation[start : start + window]
+            # stable sort on a random permutation: ties keep a seeded random order
+            ordered = chunk[torch.sort(self.lengths[chunk], descending=True, stable=True).indices].tolist()
+            groups += [ordered[i : i + self.group_size] for i in range(0, len(ordered), self.group_size)]
+        tail = groups.pop() if groups and len(groups[-1]) < self.group_size else None
+        order = torch.randperm(len(groups), generator=generator).tolist()
+        groups = [groups[i] for i in order]
+        longest_sample = int(torch.argmax(self.lengths)) if len(self.lengths) else -1
+        for position, group in enumerate(groups):
+            if longest_sample in group:
+                groups.insert(0, groups.pop(position))
+                break
+        return groups + ([tail] if tail else [])
+
+    def __iter__(self) -> Iterator[int]:
+        return (index for group in self.groups() for index in group)
+
+
+# ------------------------------------------------------------------------------------------- instruction data
+def _is_record_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool) and value != ""
+
+
+def _load_instruction_file(path: Path) -> list[Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {number}: not valid JSON ({error.msg})") from error
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from error
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: an instruction file must hold a JSON list of records")
+    return data
+
+
+def _parse_conversation(
+    record: Any, source: str, location: str, image_root: Path
+) -> tuple[LlavaRecord | None, str | None]:
+    """A LLaVA instruction record -> a record (turn 1: question/answer; later turns: extra_turns) or a problem."""
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
+    if not _is_record_id(record.get("id")):
+        return None, "needs an 'id' (an int or a non-empty string)"
+    image = record.get("image")
+    if not isinstance(image, str) or not image:
+        return None, "has no 'image' (text-only records are not supported: every batch carries an image)"
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return None, "needs a non-empty 'conversations' list"
+    texts = []
+    for number, turn in enumerate(turns, start=1):
+        expected = HUMAN if number % 2 else GPT
+        role = turn.get("from") if isinstance(turn, dict) else None
+        if role != expected:
+            which = "the first turn" if number == 1 else f"turn {number}"
+            return None, f"{which} is from {role!r}, expected {expected!r} (turns alternate human/gpt)"
+        value = turn.get("value")
+        if not isinstance(value, str) or not value.replace(IMAGE_PLACEHOLDER, "").strip():
+            what = "question" if role == HUMAN else "answer"
+            return None, f"turn {number} ({role}) has an empty {what}"
+        placeholders = value.count(IMAGE_PLACEHOLDER)
+        if placeholders != (1 if number == 1 else 0):
+            where = "the first human turn" if number == 1 else f"turn {number}"
+            return None, (f"{where} has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s); a record needs exactly one, "
+                          "in its first human turn")
+        texts.append(value.replace(IMAGE_PLACEHOLDER, "").strip())
+    if len(texts) % 2:
+        return None, f"ends with human turn {len(texts)}, which has no gpt answer"
+    extra = tuple((texts[i], texts[i + 1]) for i in range(2, len(texts), 2))
+    parsed = LlavaRecord(str(record["id"]), image_root / image, texts[0], texts[1], extra_turns=extra,
+                         source=source, location=location, length=sum(len(text.split()) for text in texts))
+    return parsed, None
+
+
+def read_instruction_records(path: Path, image_root: Path, bad: BadRecords) -> list[LlavaRecord]:
+    """Structurally valid records of a LLaVA instruction file (`.json` list or `.jsonl`), in file order.
+
+    Bad (reported to `bad`): not an object, no id, no image, roles not alternating human/gpt from a human turn,
+    an empty question or answer, not exactly one `<image>` (in the first human turn), an id twice.
+    Image files are not checked here (see `select_usable`).
+    """
+    records: list[LlavaRecord] = []
+    first_position: dict[str, int] = {}
+    for position, raw in enumerate(_load_instruction_file(path), start=1):
+        record_id = raw.get("id") if isinstance(raw, dict) else None
+        location = f"record {position}" + ("" if record_id is None else f" (id {record_id!r})")
+        parsed, problem = _parse_conversation(raw, str(path), location, image_root)
+        if parsed is None:
+            bad.report(f"{location}: {problem}")
+            continue
+        if parsed.question_id in first_position:
+            first = first_position[parsed.question_id]
+            bad.report(f"{location}: id {record_id!r} appears twice (first at record {first})")
+            continue
+        first_position[parsed.question_id] = position
+        records.append(parsed)
+    return records
+
+
+def select_usable(
+    records: Sequence[LlavaRecord],
+    bad: BadRecords,
+    verify_images: bool,
+    subset_size: int | None,
+    subset_seed: int,
+    held_out: int = 0,
+) -> tuple[list[LlavaRecord], list[LlavaRecord]]:
+    """(training, held-out) records whose image exists (and decodes, with `verify_images`), each in file order.
+
+    With `subset_size` or `held_out`, records are visited in a permutation seeded by `subset_seed` and only the
+    visited images are checked: training gets the first `subset_size` usable records (all but the held-out ones
+    without `subset_size`), the held-out set the next `held_out` (the last ones without `subset_size`).
+    """
+    order = list(range(len(records)))
+    if subset_size is not None or held_out:
+        random.Random(subset_seed).shuffle(order)
+    wanted = None if subset_size is None else subset_size + held_out
+    chosen: list[int] = []
+    for index in order:
+        problem = _image_problem(records[index].image, verify_images)
+        if problem is not None:
+            bad.report(f"{records[index].location}: {problem}")
+            continue
+        chosen.append(index)
+        if wanted is not None and len(chosen) == wanted:
+            break
+    needed = wanted if wanted is not None else held_out + 1
+    if len(chosen) < needed:
+        raise ValueError(f"{bad.source} has {len(chosen)} usable records; data.subset_size={subset_size} with "
+                         f"data.val_size={held_out} needs {needed}")
+    split = len(chosen) - held_out
+    return [records[i] for i in sorted(chosen[:split])], [records[i] for i in sorted(chosen[split:])]
+
+
+# ------------------------------------------------------------------------------------------- question files
+AnswerLookup = Callable[[QuestionRecord], str | None]
+
+
+def _majority(answers: Sequence[str]) -> str:
+    return Counter(answers).most_common(1)[0][0]
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def _answer_lookup(benchmark: str | None, annotation: Path | None) -> AnswerLookup:
+    """The reference answer of a question: from `annotation` through the benchmark's reader, else the question
+    record's own `answer` field (POPE: also `label`). VQAv2/TextVQA give the most frequent human answer (the
+    soft score itself comes from `score_answer_file`); ScienceQA the option letter."""
+    if annotation is None:
+        def own_field(q: QuestionRecord) -> str | None:
+            value = q.extra.get("answer", q.extra.get("label") if benchmark == "pope" else None)
+            return value if isinstance(value, str) else None
+        return own_field
+    if benchmark == "gqa":
+        gqa = read_gqa_annotations(annotation)
+        return lambda q: gqa[str(q.question_id)].answer if str(q.question_id) in gqa else None
+    if benchmark in ("vqav2", "textvqa"):
+        vqa = read_vqa_annotations(annotation)
+        return lambda q: _majority(vqa[str(q.question_id)].answers) if str(q.question_id) in vqa else None
+    if benchmark == "pope":
+        by_split = read_pope_label_dir(annotation)
+        only_split = next(iter(by_split)) if len(by_split) == 1 else None
+        labels = {(split, Path(label.image).name, _first_line(label.text)): label.label
+                  for split, split_labels in by_split.items() for label in split_labels}
+        return lambda q: labels.get((q.category or only_split, Path(q.image or "").name, _first_line(q.text)))
+    if benchmark == "mme":
+        truth = read_mme_ground_truth(annotation)
+        return lambda q: truth.get((q.category or str(q.question_id).split("/", 1)[0], Path(q.image or "").name,
+                                    mme_core_question(q.text)))
+    if benchmark == "scienceqa":
+        problems = read_scienceqa_problems(annotation)
+        return lambda q: (OPTION_LETTERS[problems[str(q.question_id)].answer]
+                          if str(q.question_id) in problems else None)
+    if benchmark == "flickr30k":
+        references = read_caption_references(annotation)
+
+        def first_caption(q: QuestionRecord) -> str | None:
+            for key in (str(q.question_id), Path(q.image or "").name):
+                if key in references:
+                    return references[key][0]
+            return None
+        return first_caption
+    raise ValueError(f"data.annotation is not used for benchmark {benchmark!r} (MMBench answers are in its tsv)")
+
+
+def _check_benchmark(benchmark: str | None, annotation: str | None) -> None:
+    if benchmark is not None and benchmark not in BENCHMARK_SCORERS:
+        raise ValueError(f"data.benchmark={benchmark!r}; choose None or one of {sorted(BENCHMARK_SCORERS)}")
+    if annotation is not None and benchmark == "mmbench":
+        raise ValueError(f"data.annotation={annotation!r}: MMBench's answers are in its tsv; leave it null")
+    if annotation is not None and benchmark is None:
+        raise ValueError(f"data.annotation={annotation!r} needs data.benchmark naming its format "
+                         f"(one of {sorted(set(BENCHMARK_SCORERS) - {'mmbench'})})")
+
+
+def read_question_records(
+    path: Path,
+    image_root: Path | None,
+    on_bad_record: str = "error",
+    verify_images: bool = True,
+    benchmark: str | None = None,
+    annotation: Path | None = None,
+    question_suffix: str = "",
+) -> tuple[list[LlavaRecord], tuple[str, ...]]:
+    """Records of a LLaVA question file (`.jsonl`, ScienceQA's `.json`, MMBench's `.tsv`) and the messages of
+    the records skipped.
+
+    Bad records: those `read_questions` / `read_mmbench_tsv` reject (invalid JSON, missing fields, a question
+    id twice), an empty question, a missing or unreadable image, and with `annotation` a question it has no
+    answer for. ScienceQA's text-only problems are left out (ScienceQA-IMG), with a logged count.
+    """
+    bad = BadRecords(path, on_bad_record)
+    lookup = _answer_lookup(benchmark, annotation)
+
+    def with_suffix(text: str) -> str:
+        # some converted files carry the instruction already
+        return f"{text}\n{question_suffix}" if question_suffix and not text.endswith(question_suffix) else text
+
+    records: list[LlavaRecord] = []
+    if path.suffix == ".tsv":
+        loaded = read_mmbench_tsv(path, on_bad_record=on_bad_record)
+        for row in loaded:
+            location = f"line {row.line} (index {row.index})"
+            if row.image is None:
+                bad.report(f"{location}: no image")
+                continue
+            options = "".join(f"\n{letter}. {option}" for letter, option in zip(OPTION_LETTERS, row.options))
+            records.append(LlavaRecord(str(row.index), row.image, with_suffix(f"{row.question}{options}"),
+                                       row.answer, row.category or "", context=row.hint, source=str(path),
+                                       location=location))
+    else:
+        loaded = read_questions(path, image_root=None, on_bad_record=on_bad_record,
+                                require_image=benchmark != "scienceqa", key_by_text=benchmark == "mme")
+        unit = "record" if path.suffix == ".json" else "line"
+        text_only = 0
+        for question in loaded:
+            location = f"{unit} {question.line} (question id {question.question_id!r})"
+            if question.image is None:
+                text_only += 1
+                continue
+            if not question.text.strip():
+                bad.report(f"{location}: empty question")
+                continue
+            answer = lookup(question)
+            if answer is None and annotation is not None:
+                bad.report(f"{location}: {annotation} has no answer for this question")
+                continue
+            records.append(LlavaRecord(str(question.question_id), Path(question.image), with_suffix(question.text),
+                                       answer, question.category or "", source=str(path), location=location))
+        if text_only:
+            logger.info("%s: left out %d text-only problem(s) (ScienceQA-IMG keeps image problems)", path, text_only)
+    usable = []
+    for record in records:
+        if isinstance(record.image, Path) and image_root is not None:
+            record = replace(record, image=image_root / record.image)
+        problem = _image_problem(record.image, verify_images)
+        if problem is not None:
+            bad.report(f"{record.location}: {problem}")
+            continue
+        usable.append(record)
+    return usable, loaded.skipped + bad.finish()
+
+
+def categorize(splits: Sequence[list[LlavaRecord]]) -> tuple[list[str], list[list[LlavaRecord]]]:
+    """Sorted unique categories over all splits; when any record has one, records without get `UNCATEGORIZED`
+    (per-category metrics need a known category for every item)."""
+    if not any(record.category for records in splits for record in records):
+        return [], [list(records) for records in splits]
+    filled = [[r if r.category else replace(r, category=UNCATEGORIZED) for r in records] for records in splits]
+    return sorted({record.category for records in filled for record in records}), filled
+
+
+# ------------------------------------------------------------------------------------------- datamodules
+def check_paths(
+    files: dict[str, str | None], directories: dict[str, str | None], either: dict[str, str | None] | None = None
+) -> None:
+    """FileNotFoundError listing every given setting whose path is missing (a config's placeholders included)."""
+    missing = [f"{name}={path!r} (no such file)" for name, path in files.items()
+               if path is not None and not Path(path).expanduser().is_file()]
+    missing += [f"{name}={path!r} (no such directory)" for name, path in directories.items()
+                if path is not None and not Path(path).expanduser().is_dir()]
+    missing += [f"{name}={path!r} (no such file or directory)" for name, path in (either or {}).items()
+                if path is not None and not Path(path).expanduser().exists()]
+    if missing:
+        raise FileNotFoundError("missing input path(s): " + "; ".join(missing))
+
+
+def _check_positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"data.{name}={value} must be at least 1")
+
+
+@dataclass
+class Batching:
+    """What turns records into batches: the processor, the `VQACollator` built on it with the template, and
+    the colour that pads images to a square (None: no padding)."""
+
+    processor: Any
+    collator: VQACollator
+    pad_fill: tuple[int, ...] | None
+
+    @classmethod
+    def load(cls, processor_path: str, template: str, max_length: int, seed: int, pad_to_square: bool) -> "Batching":
+        processor = load_processor(processor_path)
+        image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        collator = VQACollator(processor, get_template(template), image_token_id, max_length, seed)
+        mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        return cls(processor, collator, tuple(int(c * 255) for c in mean) if pad_to_square else None)
+
+    def loader(self, records: Sequence[LlavaRecord], batch_size: int, num_workers: int,
+               sampler: Sampler[int] | None = None, drop_last: bool = False) -> DataLoader:
+        return DataLoader(LlavaRecordDataset(records, self.pad_fill), batch_size=batch_size, sampler=sampler,
+                          shuffle=False, drop_last=drop_last, collate_fn=self.collator,
+                          num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+class LlavaInstructionDataModule(L.LightningDataModule):
+    """Training on LLaVA instruction data; validation and test on LLaVA question files.
+
+    Training records (`id`, `image`, `conversations` alternating `human`/`gpt`, `<image>` in the first human
+    turn): turn 1 is the question and answer, later turns are extra turns; `VQACollator` puts the loss on every
+    gpt answer (+ EOS) only. Evaluation records (`question_id`, `image`, `text`, `category`?, `answer`?): the
+    reference answer is the record's `answer` field, else None (no accuracy; LlavaQuestionsDataModule reads
+    benchmark annotations); or, with `val_size`, validation holds out instruction records. `categories`: the
+    question files' categories, sorted.
+
+    Args:
+        train_file: instruction data (`.json` list, or `.jsonl`), e.g. llava_v1_5_mix665k.json or a VQAv2 file.
+        image_root: folder the training records' `image` paths are relative to.
+        processor_path: directory with the base model's processor (AutoProcessor; the `-hf` checkpoint).
+        val_question_file: question `.jsonl` for validation (None: see val_size).
+        test_question_file: question `.jsonl` for test (None: no test).
+        val_image_root: image folder of the validation questions (default: image_root).
+        test_image_root: image folder of the test questions (default: image_root).
+        template: conversation template ('vicuna_v1' = LLaVA-1.5; 'tiny' = without the system message).
+        batch_size: training batch size per process.
+        eval_batch_size: validation/test batch size.
+        subset_size: train on this many records, drawn at random (the papers use 10k VQAv2 samples); None: all.
+        subset_seed: fixes the subset and the held-out validation records.
+        val_size: hold out this many instruction records (disjoint from training) for validation, with the first
+            turn as question and reference answer; an alternative to val_question_file (real LLaVA question
+            files have no answers, so no in-training accuracy).
+        group_by_length: batch records of similar text length together (`LengthGroupedSampler`); False shuffles.
+        seed: fixes the training order (with the epoch).
+        on_bad_record: 'error' raises on a bad record naming the file and the record; 'skip' drops it, counts it
+            (`skipped[split]`) and logs the count.
+        verify_images: decode every image at setup (of the subset only; False checks that the files exist).
+        pad_to_square: pad images to a square with the processor's mean colour, as LLaVA-1.5 does.
+        max_length: longest teacher-forced sequence accepted.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        image_root: str,
+        processor_path: str,
+        val_question_file: str | None = None,
+        test_question_file: str | None = None,
+        val_image_root: str | None = None,
+        test_image_root: str | None = None,
+        template: str = "vicuna_v1",
+        batch_size: int = 16,
+        eval_batch_size: int = 16,
+        subset_size: int | None = None,
+        subset_seed: int = 0,
+        val_size: int = 0,
+        group_by_length: bool = True,
+        seed: int = 0,
+        on_bad_record: str = "error",
+        verify_images: bool = True,
+        pad_to_square: bool = True,
+        max_length: int = 2048,
+        num_workers: int = 4,
+    ):
+        super().__init__()
+        check_on_bad_record(on_bad_record)
+        _check_positive(batch_size=batch_size, eval_batch_size=eval_batch_size, subset_size=subset_size,
+                        max_length=max_length)
+        get_template(template)
+        if val_size < 0 or (val_size and val_question_file is not None):
+            raise ValueError(f"data.val_size={val_size}: must be >= 0, and 0 when data.val_question_file is set")
+        check_paths(
+            {"data.train_file": train_file, "data.val_question_file": val_question_file,
+             "data.test_question_file": test_question_file},
+            {"data.image_root": image_root, "data.processor_path": processor_path,
+             "data.val_image_root": val_image_root, "data.test_image_root": test_image_root},
+        )
+        self.save_hyperparameters()
+        self.batching = Batching.load(processor_path, template, max_length, seed, pad_to_square)
+        self.processor = self.batching.processor
+        self.collator = self.batching.collator
+        self.skipped: dict[str, tuple[str, ...]] = {}
+        # Question files are read now: the CLI links `categories` into the model at instantiation.
+        eval_splits: dict[str, list[LlavaRecord]] = {}
+        for split, question_file, root in (("val", val_question_file, val_image_root),
+                                           ("test", test_question_file, test_image_root)):
+            if question_file is not None:
+                eval_splits[split], self.skipped[split] = read_question_records(
+                    Path(question_file), Path(root or image_root), on_bad_record, verify_images)
+        self.categories, filled = categorize(list(eval_splits.values()))
+        self.eval_records = dict(zip(eval_splits, filled))
+        self._train_records: list[LlavaRecord] | None = None
+
+    @property
+    def train_records(self) -> list[LlavaRecord]:
+        """The training records: read, checked and subset on first use (the held-out ones go to `eval_records`)."""
+        if self._train_records is None:
+            hp = self.hparams
+            bad = BadRecords(hp.train_file, hp.on_bad_record)
+            parsed = read_instruction_records(Path(hp.train_file), Path(hp.image_root), bad)
+            self._train_records, held_out = select_usable(parsed, bad, hp.verify_images, hp.subset_size,
+                                                          hp.subset_seed, hp.val_size)
+            if hp.val_size:
+                self.eval_records["val"] = [replace(r, extra_turns=()) for r in held_out]
+            self.skipped["train"] = bad.finish()
+        return self._train_records
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") or self.hparams.val_size:
+            _ = self.train_records
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        records = self.train_records
+        if hp.group_by_length:
+            world_size = self.trainer.world_size if self.trainer is not None else 1
+            sampler: Sampler[int] = LengthGroupedSampler([r.length for r in records], hp.batch_size * world_size,
+                                                         hp.seed)
+        else:
+            sampler = torch.utils.data.RandomSampler(records, generator=torch.Generator().manual_seed(hp.seed))
+        return self.batching.loader(records, hp.batch_size, hp.num_workers, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.hparams.val_size:
+            _ = self.train_records  # holds the validation records out
+        if "val" not in self.eval_records:
+            return []  # Lightning skips validation for an empty list
+        return self.batching.loader(self.eval_records["val"], self.hparams.eval_batch_size, self.hparams.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.eval_records:
+            raise ValueError("no test split: set data.test_question_file")
+        return self.batching.loader(self.eval_records["test"], self.hparams.eval_batch_size, self.hparams.num_workers)
+
+
+class LlavaQuestionsDataModule(L.LightningDataModule):
+    """Evaluation only: one benchmark question file and its images (test and predict).
+
+    Reference answers (`answers` in the batch, for in-loop accuracy; the official score comes from
+    `lvlm_prune.evaluation.export.score_answer_file` on the written answer file): from `annotation` read with
+    the benchmark's reader, else each record's `answer` field (POPE: also `label`), else None.
+    `categories`: the file's categories, sorted.
+
+    Args:
+        question_file: LLaVA question file: `.jsonl` ({question_id, image, text, category?}), ScienceQA's `.json`,
+            or MMBench's `.tsv` (images embedded).
+        image_root: folder the `image` fields are relative to (None only for MMBench's tsv).
+        processor_path: directory with the base model's processor (AutoProcessor; the `-hf` checkpoint).
+        benchmark: the file's benchmark (gqa, pope, mme, scienceqa, vqav2, textvqa, mmbench, flickr30k) or None
+            (a `.tsv` is MMBench).
+        annotation: the benchmark's ground truth, as for `score_answer_file`; None: answers from the file.
+        template: conversation template ('vicuna_v1' = LLaVA-1.5).
+        question_suffix: a line appended to every question that does not already end with it; None: LLaVA's
+            choice for the benchmark (ScienceQA, MMBench: "Answer with the option's letter from the given choices
+            directly."; others: nothing, their question files carry the instruction).
+        eval_batch_size: batch size.
+        on_bad_record: 'error' or 'skip' (counted in `skipped['test']`, logged).
+        verify_images: decode every image at setup (False checks that the files exist).
+        pad_to_square: pad images to a square with the processor's mean colour, as LLaVA-1.5 does.
+        max_length: longest teacher-forced sequence accepted.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        question_file: str,
+        image_root: str | None,
+        processor_path: str,
+        benchmark: str | None = None,
+        annotation: str | None = None,
+        template: str = "vicuna_v1",
+        question_suffix: str | None = None,
+        eval_batch_size: int = 16,
+        on_bad_record: str = "error",
+        verify_images: bool = True,
+        pad_to_square: bool = True,
+        max_length: int = 2048,
+        num_workers: int = 4,
+    ):
+        super().__init__()
+        check_on_bad_record(on_bad_record)
+        _check_positive(eval_batch_size=eval_batch_size, max_length=max_length)
+        get_template(template)
+        is_tsv = question_file.endswith(".tsv")
+        if is_tsv and benchmark not in (None, "mmbench"):
+            raise ValueError(f"data.question_file={question_file!r} is a tsv (MMBench), data.benchmark={benchmark!r}")
+        benchmark = "mmbench" if is_tsv else benchmark
+        _check_benchmark(benchmark, annotation)
+        if image_root is None and not is_tsv:
+            raise ValueError("data.image_root is required (only MMBench's .tsv embeds its images)")
+        check_paths({"data.question_file": question_file},
+                    {"data.image_root": image_root, "data.processor_path": processor_path},
+                    {"data.annotation": annotation})
+        self.save_hyperparameters()
+        self.batching = Batching.load(processor_path, template, max_length, 0, pad_to_square)
+        self.processor = self.batching.processor
+        self.collator = self.batching.collator
+        suffix = DEFAULT_QUESTION_SUFFIX.get(benchmark or "", "") if question_suffix is None else question_suffix
+        records, skipped = read_question_records(
+            Path(question_file), None if image_root is None else Path(image_root), on_bad_record, verify_images,
+            benchmark, None if annotation is None else Path(annotation), suffix)
+        self.skipped = {"test": skipped}
+        self.categories, (self.records,) = categorize([records])
+
+    def test_dataloader(self) -> DataLoader:
+        return self.batching.loader(self.records, self.hparams.eval_batch_size, self.hparams.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

@@ -1,0 +1,241 @@
+"""Training a compensation plug-in (RCP, ACCM) on a frozen base LVLM."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lightning_modules.common import warmup_cosine
+from lightning_modules.frozen_base import FrozenBaseModule
+from lvlm_prune.compensation import Compensation
+from lvlm_prune.runner import GenerationResult
+
+log = logging.getLogger(__name__)
+
+BASE_PREFIX = "base."
+
+
+class CompensationModule(FrozenBaseModule):
+    """A frozen base + a trainable compensation plug-in. Only the plug-in's parameters train, and only they
+    are saved in checkpoints (a 7B base is never copied into every checkpoint); a checkpoint records the
+    base's path and fingerprint and refuses to load onto a different base.
+
+    Args:
+        base_model_path: directory of the base model (Hugging Face layout).
+        compensation: the plug-in (e.g. `lvlm_prune.rcp.compensation.RCPCompensation`).
+        processor: linked from the datamodule.
+        categories: linked from the datamodule.
+        eval_method: method used by validate/test (default: the plug-in's name).
+        eval_prune_ratio: ratio for validate/test.
+        learning_rate: AdamW peak learning rate (paper: 5e-5 at 7B scale).
+        weight_decay: AdamW weight decay.
+        warmup_fraction: fraction of steps of linear warm-up before the cosine decay.
+        final_lr_ratio: learning rate at the end, relative to the peak.
+        plugin_weights_path: load plug-in weights exported by a previous run (safetensors) before anything else.
+        plugin_export_path: where the trained plug-in weights are written at the end of fit.
+        calibration_batches: validation batches used to calibrate budgets of trained methods.
+        nonfinite_loss: 'skip' (drop the step, warn) or 'raise' when a loss is NaN/inf.
+        dtype: base dtype. attn_implementation: base attention. quantization: None | 8bit | 4bit.
+        max_new_tokens: longest generated answer.
+    """
+
+    def __init__(
+        self,
+        base_model_path: str,
+        compensation: Compensation,
+        processor: Any = None,
+        categories: list[str] | None = None,
+        eval_method: str | None = None,
+        eval_prune_ratio: float | None = None,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.1,
+        final_lr_ratio: float = 0.1,
+        plugin_weights_path: str | None = None,
+        plugin_export_path: str | None = None,
+        calibration_batches: int = 2,
+        nonfinite_loss: str = "skip",
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        quantization: str | None = None,
+        max_new_tokens: int = 8,
+    ):
+        if nonfinite_loss not in ("skip", "raise"):
+            raise ValueError(f"model.nonfinite_loss={nonfinite_loss!r}; choose 'skip' or 'raise'")
+        target = getattr(compensation, "target_prune_ratio", 0.0)
+        super().__init__(
+            base_model_path, processor, categories,
+            eval_method=eval_method or compensation.name,
+            eval_prune_ratio=target if eval_prune_ratio is None else eval_prune_ratio,
+            dtype=dtype, attn_implementation=attn_implementation, quantization=quantization,
+            max_new_tokens=max_new_tokens,
+        )
+        self.save_hyperparameters(ignore=["processor", "compensation"])
+        self.hparams.eval_method = eval_method or compensation.name
+        self.hparams.eval_prune_ratio = target if eval_prune_ratio is None else eval_prune_ratio
+        self.compensation = compensation
+        self.compensation.attach(self.engine, self.tokenizer)
+        self.base_fingerprint = fingerprint(self.base)
+        if plugin_weights_path:
+            load_plugin_weights(self.compensation, plugin_weights_path)
+        self.skipped_steps = 0
+
+    @property
+    def compensation_name(self) -> str:
+        return self.compensation.name
+
+    def plugin_method_names(self) -> list[str]:
+        """Method names the plug-in answers: its name, plus its `variants()` when it has some (ACCM)."""
+        variants = getattr(self.compensation, "variants", None)
+        return list(variants()) if callable(variants) else [self.compensation_name]
+
+    # the base stays in eval mode (no dropout) whatever Lightning asks of the module
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    # ------------------------------------------------------------------ methods
+    def make_method(self, name: str, prune_ratio: float):
+        if name not in self.plugin_method_names():
+            return super().make_method(name, prune_ratio)
+        if not 0.0 <= prune_ratio < 1.0:
+            raise ValueError(f"prune_ratio={prune_ratio} must be in [0, 1)")
+        self._calibrate(prune_ratio)
+        return self.engine.bind(self.compensation.inference_method(prune_ratio))
+
+    def _calibrate(self, prune_ratio: float) -> None:
+        calibrate = getattr(self.compensation, "calibrate", None)
+        offsets = getattr(self.compensation, "logit_offsets", {})
+        if calibrate is None or round(prune_ratio, 4) in offsets or self._trainer is None or self.trainer.datamodule is None:
+            return
+        batches = []
+        for index, batch in enumerate(self.trainer.datamodule.val_dataloader()):
+            if index >= self.hparams.calibration_batches:
+                break
+            batches.append(self.transfer_batch_to_device(batch, self.device, 0))
+        offset = calibrate(self.engine, batches, prune_ratio)
+        log.info("%s: calibrated logit offset %.3f for prune_ratio %s", self.compensation_name, offset, prune_ratio)
+
+    @torch.no_grad()
+    def generate_with(self, batch: dict[str, Any], name: str, prune_ratio: float) -> GenerationResult:
+        if name not in self.plugin_method_names():
+            return super().generate_with(batch, name, prune_ratio)
+        self._calibrate(prune_ratio)
+        variant = {} if name == self.compensation_name else {"variant": name}
+        return self.compensation.generate(self.engine, batch, prune_ratio, self.hparams.max_new_tokens,
+                                          self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, **variant)
+
+    # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        message = (f"{self.compensation_name}: {trainable:,} trainable plug-in parameters, {frozen:,} frozen base "
+                   f"parameters ({100 * trainable / max(1, trainable + frozen):.2f}% trainable)")
+        log.info(message)
+        if self.trainer.is_global_zero:
+            print(message, flush=True)
+        if self.logger is not None:
+            self.logger.log_hyperparams({"params/trainable": trainable, "params/frozen": frozen})
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        progress = min(1.0, self.global_step / total)
+        losses = self.compensation.training_losses(self.engine, batch, progress)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            message = (f"non-finite loss at step {self.global_step} "
+                       f"({ {k: float(v) for k, v in losses.items() if v.numel() == 1} }); ")
+            if self.hparams.nonfinite_loss == "raise":
+                raise FloatingPointError(message + "set model.nonfinite_loss=skip to skip such steps")
+            self.skipped_steps += 1
+            log.warning(message + "step skipped (model.nonfinite_loss=skip)")
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            return None
+        size = batch["input_ids"].shape[0]
+        self.log_dict({f"train/{k}": v.float() for k, v in losses.items() if k != "loss"}, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        return loss
+
+    def configure_optimizers(self):
+        parameters = [p for p in self.compensation.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(total, math.ceil(self.hparams.warmup_fraction * total), self.hparams.final_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.hparams.plugin_export_path and self.trainer.is_global_zero:
+            export_plugin_weights(self.compensation, self.hparams.plugin_export_path,
+                                  {"base_model_path": self.hparams.base_model_path, "base_fingerprint": self.base_fingerprint})
+
+    # ------------------------------------------------------------------ lean checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(BASE_PREFIX)]:
+            del state[key]
+        checkpoint["base_model"] = {"path": self.hparams.base_model_path, "fingerprint": self.base_fingerprint}
+        checkpoint["calibration"] = dict(getattr(self.compensation, "logit_offsets", {}))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recorded = checkpoint.get("base_model")
+        if recorded is not None and recorded["fingerprint"] != self.base_fingerprint:
+            raise ValueError(
+                f"this checkpoint belongs to the base model at {recorded['path']!r} (fingerprint "
+                f"{recorded['fingerprint']}), but the loaded base {self.hparams.base_model_path!r} has fingerprint "
+                f"{self.base_fingerprint}; point model.base_model_path at the original base"
+            )
+        state = checkpoint.setdefault("state_dict", {})
+        for key, value in self.state_dict().items():
+            if key.startswith(BASE_PREFIX):
+                state[key] = value
+        if hasattr(self.compensation, "logit_offsets"):
+            self.compensation.logit_offsets.update(checkpoint.get("calibration", {}))
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the base's config and a sample of its weights (first/last values of every tensor)."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().flatten()
+        sample = torch.cat([flat[:4], flat[-4:]]).float().cpu() if flat.numel() else flat.float().cpu()
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def export_plugin_weights(plugin: Compensation, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """The plug-in alone: `<path>` (safetensors) + `<path>.json` (its constructor arguments + the base it fits)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in plugin.state_dict().items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata={"plugin": plugin.name})
+    tmp.replace(path)
+    info = {"plugin": plugin.name, "config": plugin.export_config(), **metadata,
+            "calibration": getattr(plugin, "logit_offsets", {})}
+    Path(str(path) + ".json").write_text(json.dumps(info, indent=2, default=str))
+    return path
+
+
+def load_plugin_weights(plugin: Compensation, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"plug-in weights {str(path)!r} do not exist (model.plugin_weights_path)")
+    state = load_file(str(path))
+    missing, unexpected = plugin.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"plug-in weights {str(path)!r} do not fit this {plugin.name} configuration: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    info_path = Path(str(path) + ".json")
+    if info_path.exists() and hasattr(plugin, "logit_offsets"):
+        plugin.logit_offsets.update({float(k): v for k, v in json.loads(info_path.read_text()).get("calibration", {}).items()})

@@ -1,0 +1,113 @@
+"""A frozen base LVLM under visual-token pruning: evaluation of any method, and training of plug-ins."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_modules.common import decode_answers, exact_match, log_accuracy, prediction_records, score
+from lvlm_prune.baselines import build_method
+from lvlm_prune.engine import PrunedLlava
+from lvlm_prune.modeling.loading import freeze, load_base_model
+from lvlm_prune.runner import GenerationResult, generate_with_method
+
+
+class FrozenBaseModule(L.LightningModule):
+    """Loads a base LVLM from a local directory, freezes it, and evaluates it with a pruning method.
+
+    Args:
+        base_model_path: directory of the base model in Hugging Face layout (config.json + weights).
+        processor: the data's processor (linked from the datamodule by the CLI).
+        categories: question categories for per-category accuracy (linked from the datamodule).
+        eval_method: method used by validate/test: 'full', a training-free method (random, pool, fastv,
+            pdrop, visionzip, dart) or the compensation plug-in's name.
+        eval_prune_ratio: layer-averaged fraction of visual tokens removed at validate/test.
+        dtype: float32 | bfloat16 | float16 for the base.
+        attn_implementation: sdpa | eager.
+        quantization: None | 8bit | 4bit (bitsandbytes) for the frozen base.
+        max_new_tokens: longest generated answer.
+    """
+
+    def __init__(
+        self,
+        base_model_path: str,
+        processor: Any = None,
+        categories: list[str] | None = None,
+        eval_method: str = "full",
+        eval_prune_ratio: float = 0.0,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        quantization: str | None = None,
+        max_new_tokens: int = 8,
+    ):
+        super().__init__()
+        if processor is None:
+            raise ValueError("model.processor is missing: it is linked from the datamodule (data.processor)")
+        self.save_hyperparameters(ignore=["processor"])
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.base = freeze(load_base_model(base_model_path, dtype, attn_implementation, quantization))
+        self.engine = PrunedLlava(self.base)
+        self.categories = list(categories or [])
+        self.val_accuracy = exact_match(self.categories)
+        self.test_accuracy = exact_match(self.categories)
+        self.test_predictions: list[dict[str, Any]] = []
+        self.last_cost: GenerationResult | None = None
+
+    def setup(self, stage: str) -> None:
+        if stage in ("validate", "test", "fit"):  # fail before any work on an unknown name or a bad ratio
+            self.make_method(self.hparams.eval_method, self.hparams.eval_prune_ratio)
+
+    # ------------------------------------------------------------------ methods
+    @property
+    def compensation_name(self) -> str | None:
+        return None
+
+    def make_method(self, name: str, prune_ratio: float):
+        method = build_method(name, prune_ratio)
+        return self.engine.bind(method)
+
+    def run_method(self, batch: dict[str, Any], name: str, prune_ratio: float) -> tuple[list[str], GenerationResult, float]:
+        """Answers of a batch under (name, prune_ratio), their cost, and the wall time in seconds."""
+        start = time.perf_counter()
+        result = self.generate_with(batch, name, prune_ratio)
+        seconds = time.perf_counter() - start
+        return decode_answers(self.tokenizer, result.tokens), result, seconds
+
+    @torch.no_grad()
+    def generate_with(self, batch: dict[str, Any], name: str, prune_ratio: float) -> GenerationResult:
+        return generate_with_method(self.engine, batch, self.make_method(name, prune_ratio), self.hparams.max_new_tokens,
+                                    self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+
+    # ------------------------------------------------------------------ evaluation loop
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> list[str]:
+        predictions, result, _ = self.run_method(batch, self.hparams.eval_method, self.hparams.eval_prune_ratio)
+        self.last_cost = result
+        metric = self.val_accuracy if stage == "val" else self.test_accuracy
+        score(metric, predictions, batch)
+        size = len(predictions)
+        self.log(f"{stage}/avg_visual_tokens", result.visual_tokens_per_layer.mean(), batch_size=size, sync_dist=True)
+        return predictions
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        log_accuracy(self, self.val_accuracy, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_predictions = []
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        predictions = self._evaluate(batch, "test")
+        model_id = f"{self.hparams.eval_method}@r={self.hparams.eval_prune_ratio}"
+        self.test_predictions.extend(prediction_records(batch, predictions, model_id))
+
+    def on_test_epoch_end(self) -> None:
+        log_accuracy(self, self.test_accuracy, "test")
+
+    def configure_optimizers(self):
+        return None

@@ -1,0 +1,734 @@
+"""ACCM on the engine: vision-side pruning before the LLM, compensated by a short caption of what was pruned.
+
+One batch goes through these steps (METHODS.md section 4):
+
+1. the vision tower runs once; a pre-LLM selection keeps K = max(1, round((1 - r) N)) visual tokens
+   (PruMerge+-style by default, or a pre-LLM baseline);
+2. the caption model reads the *discarded* visual tokens and writes M candidate captions (beam search);
+3. the selector scores `"Question: ... Supplemental information: <candidate>"` and picks one;
+4. `context_prefix + caption` is spliced right after the image tokens and the frozen LVLM answers from
+   the kept visual tokens and the caption.
+
+Training is self-supervised. Stage 1 (progress < warmup_fraction) warm-starts the caption model on the
+descriptions the frozen LVLM itself writes from all visual tokens for `describe_instruction`. Stage 2 ranks
+the M candidates by the mean KL(full-token reference || pruned + candidate) of the frozen LVLM's answer
+distributions and trains the caption model (margin-weighted CE on the best candidate, or DPO) and the
+selector (CE toward the best candidate). The dataset's answer text is used only to mark *where* the answer
+positions are in the teacher-forced sequence (the KL compares two distributions of the frozen model at
+those positions, never a distribution against the label); no label trains anything directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from lvlm_prune.accm.caption_model import CaptionCandidates, CaptionModel
+from lvlm_prune.accm.ranking import answer_kl, caption_and_selector_losses, dpo_loss, preference_pairs, pseudo_labels
+from lvlm_prune.accm.selector import CandidateSelector, MeanPooledTextEncoder, build_selector_inputs
+from lvlm_prune.accm.splice import splice_after_image
+from lvlm_prune.accm.vision_pruning import cls_attention_from_layer, prumerge_plus_select, text_relevance_scores
+from lvlm_prune.baselines import build_method, pre_llm_keep_count
+from lvlm_prune.compensation import Compensation
+from lvlm_prune.engine import EngineOutput, ModelInfo, PreLLMContext, PrunedLlava, PruningMethod
+from lvlm_prune.flops import LLMShape, llm_prefill_flops, module_flops
+from lvlm_prune.modeling.prompt import IMAGE_PLACEHOLDER, get_template
+from lvlm_prune.runner import GenerationResult, prompt_text_tokens
+
+VARIANT_MODES = {"accm": "selector", "accm_oracle": "oracle", "accm_random": "random", "accm_prune_only": "prune_only"}
+MODES = ("selector", "oracle", "random", "prune_only")
+VISION_SELECTIONS = ("prumerge", "random", "pool", "visionzip")
+SELECTOR_ENCODERS = ("embeddings", "language_model")
+OBJECTIVES = ("kl_ce", "dpo")
+
+
+class PruMergePlusPruning(PruningMethod):
+    """ACCM's vision-side pruning: keep K tokens before the LLM = [CLS]-attention outliers (Q3 + 1.5 IQR) at the
+    vision layer LLaVA reads + the patches most similar to the question's token embeddings + an even fill, in
+    raster order.
+
+    Args:
+        prune_ratio: fraction of visual tokens removed (K = max(1, round((1 - r) N))).
+        text_fraction: share of the budget left after the outliers given to text-relevant patches.
+        iqr_factor: outlier threshold Q3 + iqr_factor * IQR.
+    """
+
+    name = "prumerge"
+
+    def __init__(self, prune_ratio: float = 0.0, text_fraction: float = 0.5, iqr_factor: float = 1.5):
+        super().__init__(prune_ratio)
+        if not 0.0 <= text_fraction <= 1.0:
+            raise ValueError(f"prumerge: text_fraction={text_fraction} must be in [0, 1]")
+        self.text_fraction = text_fraction
+        self.iqr_factor = iqr_factor
+
+    def bind(self, info: ModelInfo) -> None:
+        super().bind(info)
+        self.keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens)
+
+    def planned_visual_tokens(self) -> list[float]:
+        return [float(self.keep)] * self.info.num_layers
+
+    def before_llm(self, ctx: PreLLMContext) -> torch.Tensor:
+        layer, layer_input = ctx.vision_read_layer()
+        features = ctx.visual_features
+        b, n, _ = features.shape
+        cls_attention = cls_attention_from_layer(layer, layer_input)
+        if cls_attention.shape[1] < n:  # 'full' feature strategy: the [CLS] token itself is a visual token; keep it
+            top = cls_attention.max(1, keepdim=True).values + 1.0
+            cls_attention = torch.cat([top.expand(-1, n - cls_attention.shape[1]), cls_attention], 1)
+        question = ctx.state.question_mask
+        relevance = text_relevance_scores(features, ctx.text_embeds, question) if bool(question.any()) else None
+        side = math.isqrt(n)
+        index = prumerge_plus_select(cls_attention[:, -n:], relevance, self.keep,
+                                     grid_side=side if side * side == n else None,
+                                     text_fraction=self.text_fraction, iqr_factor=self.iqr_factor)
+        keep = torch.zeros(b, n, dtype=torch.bool, device=features.device)
+        return keep.scatter_(1, index, True)
+
+
+class KeptVisualTokens(PruningMethod):
+    """A pre-LLM selection computed once per batch and replayed on other prompts of the same images (the
+    spliced prompts): the engine gets the selected features through `visual_inputs`, this returns the mask.
+
+    Args:
+        keep: (B, N) bool, the visual tokens the LLM sees.
+        prune_ratio: the ratio the selection was made for (bookkeeping only).
+    """
+
+    name = "accm_keep"
+
+    def __init__(self, keep: torch.Tensor, prune_ratio: float = 0.0):
+        super().__init__(prune_ratio)
+        self.keep = keep.bool()
+
+    def planned_visual_tokens(self) -> list[float]:
+        return [float(self.keep.sum(1).float().mean())] * self.info.num_layers
+
+    def before_llm(self, ctx: PreLLMContext) -> torch.Tensor:
+        if tuple(self.keep.shape) != tuple(ctx.visual_features.shape[:2]):
+            raise ValueError(f"kept-token mask {tuple(self.keep.shape)} does not fit visual features "
+                             f"{tuple(ctx.visual_features.shape[:2])}")
+        return self.keep.to(ctx.visual_features.device)
+
+
+@dataclass
+class VisualSelection:
+    """The visual tokens of one batch after ACCM's pre-LLM selection.
+
+    Args:
+        features: (B, N, d) projected visual tokens, as the vision tower gives them.
+        vision_hidden: the vision tower's hidden states (for the full-token reference).
+        kept_features: (B, N, d) what the LLM sees at the kept slots (pool/visionzip write merged tokens).
+        keep: (B, N) bool, kept tokens.
+        discarded: (B, Nd, d) the discarded tokens' original features, packed in raster order.
+        discarded_mask: (B, Nd) bool, real entries of `discarded`.
+    """
+
+    features: torch.Tensor
+    vision_hidden: tuple[torch.Tensor, ...]
+    kept_features: torch.Tensor
+    keep: torch.Tensor
+    discarded: torch.Tensor
+    discarded_mask: torch.Tensor
+
+
+@dataclass
+class SplicedSequences:
+    """Prompts (or teacher-forced sequences) with `context_prefix + caption` after the image tokens.
+
+    Args:
+        input_ids: (R, L') ids. attention_mask: (R, L'). labels: (R, L') with -100 on inserted tokens, or None.
+        position_ids: (R, L') RoPE positions counting every real token (hidden visual tokens included).
+        inserted: (R, L') bool, the inserted tokens.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    position_ids: torch.Tensor
+    inserted: torch.Tensor
+
+
+def splice_context(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None,
+    image_token_id: int,
+    insert_ids: Sequence[torch.Tensor],
+    pad_token_id: int,
+    padding_side: str,
+) -> SplicedSequences:
+    """`splice_after_image` that keeps visual tokens hidden through the attention mask (mask 0 at an image
+    position) in the sequence, still hidden, and recomputes the position ids.
+
+    Args:
+        input_ids: (R, L). attention_mask: (R, L). labels: (R, L) or None.
+        image_token_id: the LVLM's image token. insert_ids: R 1-D tensors. pad_token_id: pad of the output.
+        padding_side: 'left' (generation prompts) or 'right' (teacher-forced sequences).
+    """
+    is_image = input_ids == image_token_id
+    real = (attention_mask > 0) | is_image
+    spliced = splice_after_image(input_ids, real.long(), labels, image_token_id, insert_ids, pad_token_id,
+                                 padding_side)
+    mask = spliced.attention_mask.clone()
+    hidden_rows, hidden_cols = (is_image & (attention_mask == 0)).nonzero(as_tuple=True)
+    mask[hidden_rows, spliced.positions[hidden_rows, hidden_cols]] = 0
+    positions = (spliced.attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    return SplicedSequences(spliced.input_ids, mask, spliced.labels, positions, spliced.inserted_mask())
+
+
+def gather_rows(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, ...) -> (B, A, ...) the rows where `mask` (B, T) is True, in order, right-padded; and (B, A) validity."""
+    counts = mask.sum(1)
+    width = int(counts.max().item()) if mask.numel() else 0
+    index = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    expanded = index.reshape(*index.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+    return values.gather(1, expanded), torch.arange(width, device=mask.device)[None] < counts[:, None]
+
+
+def answer_logits(engine: PrunedLlava, output: EngineOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A, V) logits at the answer-generation positions of a teacher-forced `logits='none'` pass (only
+    those rows go through the LM head), and (B, A) validity."""
+    hidden, valid = gather_rows(output.state.hidden, output.state.answer_mask)
+    return engine.model.lm_head(engine.language_model.norm(hidden)), valid
+
+
+def _module_flops_unfused(module: nn.Module, *inputs: Any) -> float:
+    # nn.TransformerEncoder takes a fused fast path in eval mode that FlopCounterMode does not see; train mode
+    # runs the same matmuls op by op (dropout changes no FLOPs, and module_flops runs without grad).
+    was_training = module.training
+    module.train()
+    try:
+        return float(module_flops(module, *inputs))
+    finally:
+        module.train(was_training)
+
+
+class ACCMCompensation(Compensation):
+    """ACCM (METHODS.md section 4) as a plug-in of a frozen base: caption model + candidate selector.
+
+    Args:
+        target_prune_ratio: fraction of visual tokens removed before the LLM during training (0.969 = 18 of 576).
+        vision_selection: pre-LLM selection: 'prumerge' (ACCM's) or a pre-LLM baseline ('random', 'pool',
+            'visionzip').
+        text_fraction: prumerge's share of the budget left after the outliers given to question-relevant patches.
+        caption_embed_dim: caption decoder width.
+        caption_num_layers: caption decoder layers.
+        caption_num_heads: caption decoder and mapper heads.
+        caption_prefix_length: P prefix embeddings made from the discarded visual tokens.
+        caption_mapper_layers: transformer layers of the prefix mapper.
+        caption_dropout: dropout of the caption decoder and mapper.
+        max_caption_tokens: longest caption, EOS included (warm-start targets are cut to it as well).
+        max_instruction_tokens: the caption model's instruction (describe_instruction with the question) is cut
+            to this many tokens.
+        num_candidates: M candidates per sample.
+        num_beams: beams of the beam search (>= num_candidates).
+        strategy: 'beam' or 'sample'.
+        sample_temperature: softmax temperature for 'sample'.
+        sample_top_p: nucleus mass for 'sample'.
+        selector_hidden: selector transformer width.
+        selector_layers: selector transformer layers.
+        selector_heads: selector attention heads.
+        selector_encoder: frozen text encoder of the selector: 'embeddings' (mean of the base LM's input
+            embeddings: nearly free) or 'language_model' (mean of the base LM's last hidden states).
+        selector_question_prefix: text before the question in the selector's input (paper: 'Question:').
+        selector_supplement_prefix: text before the candidate (paper: 'Supplemental information:').
+        context_prefix: text before the caption in the LVLM prompt.
+        describe_instruction: format string with {question}: the instruction of the caption model, and the
+            question the frozen LVLM answers with all visual tokens to make the warm-start captions.
+        conversation_template: template of the data's prompts ('tiny', 'vicuna_v1'); builds the describe prompts.
+        warmup_fraction: fraction of training (progress) spent in stage 1, the caption warm start.
+        objective: stage-2 caption objective: 'kl_ce' (margin-weighted CE on the lowest-KL candidate) or 'dpo'
+            (lowest vs highest KL candidate against a frozen copy of the caption model taken at the stage-2 start).
+        dpo_beta: DPO inverse temperature.
+        caption_weight: weight of the caption term (warm-start CE, stage-2 CE or DPO).
+        selector_weight: weight of the selector CE.
+        seed: seeds the 'accm_random' variant's choice (per question id) and caption sampling.
+    """
+
+    name = "accm"
+
+    def __init__(
+        self,
+        target_prune_ratio: float = 0.969,
+        vision_selection: str = "prumerge",
+        text_fraction: float = 0.5,
+        caption_embed_dim: int = 128,
+        caption_num_layers: int = 2,
+        caption_num_heads: int = 4,
+        caption_prefix_length: int = 8,
+        caption_mapper_layers: int = 2,
+        caption_dropout: float = 0.1,
+        max_caption_tokens: int = 24,
+        max_instruction_tokens: int = 32,
+        num_candidates: int = 3,
+        num_beams: int = 3,
+        strategy: str = "beam",
+        sample_temperature: float = 1.0,
+        sample_top_p: float = 0.9,
+        selector_hidden: int = 128,
+        selector_layers: int = 1,
+        selector_heads: int = 4,
+        selector_encoder: str = "embeddings",
+        selector_question_prefix: str = "Question:",
+        selector_supplement_prefix: str = "Supplemental information:",
+        context_prefix: str = "additional information:",
+        describe_instruction: str = "describe the objects that matter for : {question}",
+        conversation_template: str = "tiny",
+        warmup_fraction: float = 0.3,
+        objective: str = "kl_ce",
+        dpo_beta: float = 0.1,
+        caption_weight: float = 1.0,
+        selector_weight: float = 1.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if not 0.0 <= target_prune_ratio < 1.0:
+            raise ValueError(f"accm target_prune_ratio={target_prune_ratio} must be in [0, 1)")
+        if vision_selection not in VISION_SELECTIONS:
+            raise ValueError(f"accm vision_selection={vision_selection!r}; choose one of {VISION_SELECTIONS}")
+        if strategy not in ("beam", "sample"):
+            raise ValueError(f"accm strategy={strategy!r}; choose 'beam' or 'sample'")
+        if num_candidates < 1:
+            raise ValueError(f"accm num_candidates={num_candidates} must be at least 1")
+        if strategy == "beam" and num_beams < num_candidates:
+            raise ValueError(f"accm num_beams={num_beams} must be >= num_candidates={num_candidates}")
+        if max_caption_tokens < 2:
+            raise ValueError(f"accm max_caption_tokens={max_caption_tokens} must be at least 2 (a word and EOS)")
+        if max_instruction_tokens < 1:
+            raise ValueError(f"accm max_instruction_tokens={max_instruction_tokens} must be at least 1")
+        if selector_encoder not in SELECTOR_ENCODERS:
+            raise ValueError(f"accm selector_encoder={selector_encoder!r}; choose one of {SELECTOR_ENCODERS}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"accm objective={objective!r}; choose one of {OBJECTIVES}")
+        if not 0.0 <= warmup_fraction <= 1.0:
+            raise ValueError(f"accm warmup_fraction={warmup_fraction} must be in [0, 1]")
+        if "{question}" not in describe_instruction:
+            raise ValueError(f"accm describe_instruction={describe_instruction!r} must contain '{{question}}'")
+        try:
+            describe_instruction.format(question="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"accm describe_instruction={describe_instruction!r} is not a format string with "
+                             f"only {{question}}: {error}") from error
+        if dpo_beta <= 0:
+            raise ValueError(f"accm dpo_beta={dpo_beta} must be > 0")
+        self.template = get_template(conversation_template)
+        self.target_prune_ratio = target_prune_ratio
+        self.vision_selection = vision_selection
+        self.text_fraction = text_fraction
+        self.caption_embed_dim, self.caption_num_layers = caption_embed_dim, caption_num_layers
+        self.caption_num_heads, self.caption_prefix_length = caption_num_heads, caption_prefix_length
+        self.caption_mapper_layers, self.caption_dropout = caption_mapper_layers, caption_dropout
+        self.max_caption_tokens, self.max_instruction_tokens = max_caption_tokens, max_instruction_tokens
+        self.num_candidates, self.num_beams, self.strategy = num_candidates, num_beams, strategy
+        self.sample_temperature, self.sample_top_p = sample_temperature, sample_top_p
+        self.selector_hidden, self.selector_layers, self.selector_heads = selector_hidden, selector_layers, selector_heads
+        self.selector_encoder = selector_encoder
+        self.selector_question_prefix, self.selector_supplement_prefix = selector_question_prefix, selector_supplement_prefix
+        self.context_prefix = context_prefix
+        self.describe_instruction = describe_instruction
+        self.warmup_fraction = warmup_fraction
+        self.objective, self.dpo_beta = objective, dpo_beta
+        self.caption_weight, self.selector_weight = caption_weight, selector_weight
+        self.seed = seed
+        self._describe_cache: dict[str, list[int]] = {}
+        self._flops_cache: dict[tuple[str, int], float] = {}
+        self._generator: torch.Generator | None = None
+
+    def export_config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    def variants(self) -> list[str]:
+        """Method names this plug-in answers in sweeps: 'accm' (selector pick), 'accm_oracle' (lowest KL against
+        the full-token reference: needs the answer, analysis only), 'accm_random' (a seeded random candidate),
+        'accm_prune_only' (the vision-side pruning alone)."""
+        return list(VARIANT_MODES)
+
+    # ------------------------------------------------------------------ modules
+    def attach(self, engine: PrunedLlava, tokenizer: Any) -> None:
+        if tokenizer is None:
+            raise ValueError("accm needs the LVLM's tokenizer (captions are spliced into its prompts as token ids)")
+        self.tokenizer = tokenizer
+        self.info: ModelInfo = engine.info
+        self.image_token_id = engine.image_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        if self.eos_token_id is None:
+            raise ValueError("accm: the tokenizer has no eos_token_id; captions must end with EOS")
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos_token_id
+        self.caption_model = CaptionModel(
+            vocab_size=len(tokenizer), visual_dim=self.info.hidden_size, embed_dim=self.caption_embed_dim,
+            num_layers=self.caption_num_layers, num_heads=self.caption_num_heads,
+            prefix_length=self.caption_prefix_length, mapper_layers=self.caption_mapper_layers,
+            max_length=self.max_instruction_tokens + self.caption_prefix_length + self.max_caption_tokens,
+            bos_token_id=bos, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            dropout=self.caption_dropout,
+        )
+        if self.objective == "dpo":
+            self.reference_caption_model = copy.deepcopy(self.caption_model).requires_grad_(False)
+            self.register_buffer("reference_ready", torch.zeros((), dtype=torch.bool))
+        lm = engine.language_model
+        # the frozen encoder is held outside the module tree: the base never becomes a plug-in parameter
+        self.text_encoder = MeanPooledTextEncoder(lm.embed_tokens if self.selector_encoder == "embeddings" else lm)
+        self.encoder_shape = LLMShape.from_config(engine.config.get_text_config())
+        self.selector = CandidateSelector(self.info.hidden_size, hidden=self.selector_hidden,
+                                          num_layers=self.selector_layers, num_heads=self.selector_heads)
+        question_prefix = self._token_ids(self.selector_question_prefix)
+        if self.selector_encoder == "language_model" and tokenizer.bos_token_id is not None:
+            question_prefix = [tokenizer.bos_token_id] + question_prefix
+        self.question_prefix_ids = question_prefix
+        self.supplement_prefix_ids = self._token_ids(self.selector_supplement_prefix)
+        self.context_prefix_ids = self._token_ids(self.context_prefix)
+        self.suppressed_token_ids = sorted({self.image_token_id} | ({bos} - {self.eos_token_id}))
+
+    def _token_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    @staticmethod
+    def _pad_rows(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(1, max(len(r) for r in rows))
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return ids.to(device), mask.to(device)
+
+    def instructions(self, questions: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Q) ids and mask of the caption model's instruction (describe_instruction with each question)."""
+        rows = [self._token_ids(self.describe_instruction.format(question=q.strip()))[: self.max_instruction_tokens]
+                for q in questions]
+        return self._pad_rows(rows, self.pad_token_id, device)
+
+    # ------------------------------------------------------------------ pruning
+    def inference_method(self, prune_ratio: float) -> PruningMethod:
+        """The pre-LLM selection alone at `prune_ratio` (the 'vision-side pruning alone' row)."""
+        if not 0.0 <= prune_ratio < 1.0:
+            raise ValueError(f"accm prune_ratio={prune_ratio} must be in [0, 1)")
+        if self.vision_selection == "prumerge":
+            return PruMergePlusPruning(prune_ratio, text_fraction=self.text_fraction)
+        return build_method(self.vision_selection, prune_ratio)
+
+    @torch.no_grad()
+    def select_visual_tokens(self, engine: PrunedLlava, batch: dict[str, Any], prune_ratio: float) -> VisualSelection:
+        """Runs the vision tower once and the pre-LLM selection on the generation prompts (the question is what
+        the text-guided share looks at, so training and inference select alike)."""
+        features, vision_hidden = engine.visual_features(batch["pixel_values"])
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        method = engine.bind(self.inference_method(prune_ratio))
+        embeds = engine.language_model.embed_tokens(ids)
+        state = engine.initial_state(ids, mask, batch.get("prompt_position_ids"), None, embeds)
+        ctx = PreLLMContext(engine.model, batch["pixel_values"], features.to(embeds.dtype), embeds, state,
+                            vision_hidden)
+        keep = method.before_llm(ctx)
+        keep = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device) if keep is None else keep.bool()
+        discarded, discarded_mask = gather_rows(features, ~keep)
+        return VisualSelection(features, vision_hidden, ctx.visual_features, keep, discarded, discarded_mask)
+
+    # ------------------------------------------------------------------ captions
+    def _sampling_generator(self, device: torch.device) -> torch.Generator | None:
+        if self.strategy != "sample":
+            return None
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def caption_candidates(self, batch: dict[str, Any], selection: VisualSelection) -> CaptionCandidates:
+        """M candidate captions per sample from the discarded visual tokens (no grad)."""
+        ids, mask = self.instructions(batch["questions"], selection.features.device)
+        return self.caption_model.generate_candidates(
+            ids, mask, selection.discarded, selection.discarded_mask, num_candidates=self.num_candidates,
+            num_beams=self.num_beams, max_new_tokens=self.max_caption_tokens, strategy=self.strategy,
+            temperature=self.sample_temperature, top_p=self.sample_top_p,
+            suppress_token_ids=self.suppressed_token_ids, generator=self._sampling_generator(ids.device),
+        )
+
+    def caption_inserts(self, candidates: CaptionCandidates, pick: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Token ids of `context_prefix + caption` (EOS dropped): one per sample for `pick` (B,), else all
+        candidates, sample-major (row b * M + m)."""
+        prefix = torch.tensor(self.context_prefix_ids, dtype=torch.long, device=candidates.token_ids.device)
+        batch, num = candidates.lengths.shape
+        choices = [(b, int(pick[b])) for b in range(batch)] if pick is not None else \
+            [(b, m) for b in range(batch) for m in range(num)]
+        inserts = []
+        for b, m in choices:
+            tokens = candidates.token_ids[b, m, : int(candidates.lengths[b, m])]
+            if len(tokens) and int(tokens[-1]) == self.eos_token_id:
+                tokens = tokens[:-1]
+            inserts.append(torch.cat([prefix, tokens]))
+        return inserts
+
+    def spliced_teacher_forced(self, batch: dict[str, Any], candidates: CaptionCandidates) -> SplicedSequences:
+        """The teacher-forced sequences, repeated M times (row b * M + m), with candidate m spliced after the image
+        tokens; inserted tokens carry label -100, so the answer positions stay the answer positions."""
+        num = candidates.lengths.shape[1]
+        ids = batch["input_ids"]
+        # ACCM decides which visual tokens the LLM sees: tokens a dataset hides for augmentation are shown
+        mask = (batch["attention_mask"].bool() | (ids == self.image_token_id)).long()
+        return splice_context(ids.repeat_interleave(num, 0), mask.repeat_interleave(num, 0),
+                              batch["labels"].repeat_interleave(num, 0), self.image_token_id,
+                              self.caption_inserts(candidates), self.pad_token_id, "right")
+
+    def _check_teacher_forced(self, batch: dict[str, Any], why: str) -> None:
+        missing = [k for k in ("input_ids", "attention_mask", "labels") if k not in batch]
+        if missing:
+            raise ValueError(f"accm {why} needs the teacher-forced answer sequences; the batch lacks {missing}")
+
+    @torch.no_grad()
+    def candidate_kl(self, engine: PrunedLlava, batch: dict[str, Any], selection: VisualSelection,
+                     candidates: CaptionCandidates, prune_ratio: float) -> dict[str, torch.Tensor]:
+        """Mean KL(full-token reference || pruned + candidate) over the answer positions of the frozen LVLM.
+
+        Returns:
+            {'kl': (B, M), 'kl_no_caption': (B,) the pruned prompt without caption, for reference}.
+        """
+        ids, labels = batch["input_ids"], batch["labels"]
+        mask = (batch["attention_mask"].bool() | (ids == self.image_token_id)).long()
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        reference = engine.forward(ids, mask, None, position_ids, labels=labels, logits="none",
+                                   visual_inputs=(selection.features, selection.vision_hidden))
+        reference_logits, answer_mask = answer_logits(engine, reference)
+        pruned = engine.forward(ids, mask, None, position_ids, labels=labels, logits="none",
+                                method=KeptVisualTokens(selection.keep, prune_ratio),
+                                visual_inputs=(selection.kept_features, ()))
+        no_caption = answer_kl(reference_logits, answer_logits(engine, pruned)[0][:, None], answer_mask)[:, 0]
+        num = candidates.lengths.shape[1]
+        spliced = self.spliced_teacher_forced(batch, candidates)
+        out = engine.forward(spliced.input_ids, spliced.attention_mask, None, spliced.position_ids,
+                             labels=spliced.labels, logits="none",
+                             method=KeptVisualTokens(selection.keep.repeat_interleave(num, 0), prune_ratio),
+                             visual_inputs=(selection.kept_features.repeat_interleave(num, 0), ()))
+        candidate_logits, candidate_mask = answer_logits(engine, out)
+        if candidate_logits.shape[1] != reference_logits.shape[1]:
+            raise RuntimeError("spliced sequences lost answer positions: inserted tokens must carry label -100")
+        return {"kl": answer_kl(reference_logits, candidate_logits, answer_mask), "kl_no_caption": no_caption}
+
+    def selector_scores(self, batch: dict[str, Any], candidates: CaptionCandidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, M) selector scores and (B, M) token counts of the encoded selector inputs."""
+        batch_size, num = candidates.lengths.shape
+        questions = [torch.tensor(self._token_ids(q.strip()), dtype=torch.long) for q in batch["questions"]]
+        ids, mask = build_selector_inputs(questions, candidates.token_ids, self.question_prefix_ids,
+                                          self.supplement_prefix_ids, self.pad_token_id, self.eos_token_id)
+        features = self.text_encoder(ids, mask).reshape(batch_size, num, -1)
+        return self.selector(features), mask.sum(1).reshape(batch_size, num)
+
+    # ------------------------------------------------------------------ warm start
+    def _caption_from_generation(self, tokens: list[int]) -> list[int]:
+        caption = []
+        for token in tokens:
+            if token == self.eos_token_id:
+                break
+            if token not in self.suppressed_token_ids and token != self.pad_token_id:
+                caption.append(token)
+        return caption[: self.max_caption_tokens - 1] + [self.eos_token_id]
+
+    def describe_prompts(self, batch: dict[str, Any], rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompts asking the frozen LVLM `describe_instruction` about the image of each sample in
+        `rows`, with every visual token shown: the data's prompt up to its image tokens + the template's text
+        after the image with the describe instruction as the question."""
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        prompts = []
+        for b in rows:
+            real = ids[b][(mask[b] > 0) | (ids[b] == self.image_token_id)].tolist()
+            last_image = max(i for i, t in enumerate(real) if t == self.image_token_id)
+            question = self.describe_instruction.format(question=batch["questions"][b].strip())
+            after = self.template.prompt(question).split(IMAGE_PLACEHOLDER, 1)[1]
+            prompts.append(real[: last_image + 1] + self._token_ids(after))
+        width = max(len(p) for p in prompts)
+        out_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        out_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            out_ids[i, width - len(prompt):] = torch.tensor(prompt)
+            out_mask[i, width - len(prompt):] = 1
+        return out_ids.to(ids.device), out_mask.to(ids.device)
+
+    @torch.no_grad()
+    def warm_start_captions(self, engine: PrunedLlava, batch: dict[str, Any],
+                            selection: VisualSelection) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) caption targets and mask: the frozen LVLM's greedy answer to the describe prompt with all visual
+        tokens, cut at EOS (kept) or at max_caption_tokens; cached per question id."""
+        question_ids = [str(q) for q in batch["question_ids"]]
+        missing = [b for b, q in enumerate(question_ids) if q not in self._describe_cache]
+        if missing:
+            ids, mask = self.describe_prompts(batch, missing)
+            index = torch.tensor(missing, device=selection.features.device)
+            tokens, _ = engine.generate(ids, mask, None, method=None, max_new_tokens=self.max_caption_tokens,
+                                        eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                                        visual_inputs=(selection.features[index], ()))
+            for row, b in enumerate(missing):
+                self._describe_cache[question_ids[b]] = self._caption_from_generation(tokens[row].tolist())
+        return self._pad_rows([self._describe_cache[q] for q in question_ids], self.pad_token_id,
+                              selection.features.device)
+
+    # ------------------------------------------------------------------ training
+    def training_losses(self, engine: PrunedLlava, batch: dict[str, Any], progress: float) -> dict[str, torch.Tensor]:
+        self._check_teacher_forced(batch, "training")
+        selection = self.select_visual_tokens(engine, batch, self.target_prune_ratio)
+        instruction_ids, instruction_mask = self.instructions(batch["questions"], selection.features.device)
+        if progress < self.warmup_fraction:
+            targets, target_mask = self.warm_start_captions(engine, batch, selection)
+            logprobs, mask = self.caption_model.caption_token_logprobs(
+                instruction_ids, instruction_mask, selection.discarded, selection.discarded_mask, targets, target_mask)
+            warm = -logprobs.sum() / mask.sum().clamp_min(1)
+            return {"loss": self.caption_weight * warm, "caption_warmup": warm.detach(),
+                    "stage": torch.tensor(1.0)}
+
+        candidates = self.caption_candidates(batch, selection)
+        with torch.no_grad():
+            ranking = self.candidate_kl(engine, batch, selection, candidates, self.target_prune_ratio)
+        kl = ranking["kl"]
+        caption_mask = (torch.arange(candidates.token_ids.shape[2], device=kl.device)[None, None]
+                        < candidates.lengths[..., None])
+        logprobs, caption_mask = self.caption_model.caption_token_logprobs(
+            instruction_ids, instruction_mask, selection.discarded, selection.discarded_mask,
+            candidates.token_ids, caption_mask)
+        nll = -logprobs.sum(-1) / caption_mask.sum(-1).clamp_min(1)
+        scores, _ = self.selector_scores(batch, candidates)
+        terms = caption_and_selector_losses(nll, scores, kl)
+        best, margin = pseudo_labels(kl)
+        losses: dict[str, torch.Tensor] = {"selector": terms["selector"]}
+        if self.objective == "kl_ce":
+            losses["caption"] = terms["caption"]
+        else:
+            losses["dpo"] = self._dpo_term(logprobs.sum(-1), kl, margin, instruction_ids, instruction_mask,
+                                           selection, candidates, caption_mask)
+        caption_term = losses["caption"] if self.objective == "kl_ce" else losses["dpo"]
+        losses["loss"] = self.caption_weight * caption_term + self.selector_weight * terms["selector"]
+        losses.update(
+            kl_best=kl.min(-1).values.mean(), kl_mean=kl.mean(), kl_margin=margin.mean(),
+            kl_no_caption=ranking["kl_no_caption"].mean(),
+            selector_accuracy=(scores.argmax(-1) == best).float().mean(), stage=torch.tensor(2.0),
+        )
+        return losses
+
+    def _dpo_term(self, policy_logp: torch.Tensor, kl: torch.Tensor, margin: torch.Tensor,
+                  instruction_ids: torch.Tensor, instruction_mask: torch.Tensor, selection: VisualSelection,
+                  candidates: CaptionCandidates, caption_mask: torch.Tensor) -> torch.Tensor:
+        reference = self.reference_caption_model
+        if not bool(self.reference_ready):
+            reference.load_state_dict(self.caption_model.state_dict())
+            self.reference_ready.fill_(True)
+        was_training = reference.training
+        reference.eval()
+        with torch.no_grad():
+            reference_logp, _ = reference.caption_token_logprobs(
+                instruction_ids, instruction_mask, selection.discarded, selection.discarded_mask,
+                candidates.token_ids, caption_mask)
+        reference.train(was_training)
+        reference_logp = reference_logp.sum(-1)
+        chosen, rejected = preference_pairs(kl)
+
+        def pick(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return values.gather(1, index[:, None]).squeeze(1)
+
+        return dpo_loss(pick(policy_logp, chosen), pick(policy_logp, rejected), pick(reference_logp, chosen),
+                        pick(reference_logp, rejected), beta=self.dpo_beta, weights=margin)
+
+    # ------------------------------------------------------------------ inference
+    def variant_mode(self, variant: str | None) -> str:
+        """'selector' | 'oracle' | 'random' | 'prune_only' for a variant name (or a mode name; None = 'accm')."""
+        variant = variant or self.name
+        mode = VARIANT_MODES.get(variant, variant)
+        if mode not in MODES:
+            raise ValueError(f"accm variant={variant!r}; choose one of {list(VARIANT_MODES)} (or a mode {MODES})")
+        return mode
+
+    def random_pick(self, batch: dict[str, Any], num: int) -> torch.Tensor:
+        """(B,) a seeded random candidate per sample, fixed by question id (independent of batching)."""
+        ids = batch.get("question_ids") or [str(i) for i in range(len(batch["questions"]))]
+        return torch.tensor([zlib.crc32(f"{self.seed}/{q}".encode()) % num for q in ids])
+
+    @torch.no_grad()
+    def generate(
+        self,
+        engine: PrunedLlava,
+        batch: dict[str, Any],
+        prune_ratio: float,
+        max_new_tokens: int,
+        eos_token_id: int | None,
+        pad_token_id: int,
+        variant: str | None = None,
+    ) -> GenerationResult:
+        """Prune -> M candidates -> pick (selector / oracle / random) -> splice into the left-padded prompt ->
+        greedy answer on the kept visual tokens. 'prune_only' skips the caption. `plugin_flops` holds
+        'caption_model' and, for the selector pick, 'selector' (the oracle's KL passes are analysis, not counted)."""
+        mode = self.variant_mode(variant)
+        selection = self.select_visual_tokens(engine, batch, prune_ratio)
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        position_ids = batch.get("prompt_position_ids")
+        flops: dict[str, torch.Tensor] = {}
+        if mode != "prune_only":
+            candidates = self.caption_candidates(batch, selection)
+            if mode == "selector":
+                scores, selector_lengths = self.selector_scores(batch, candidates)
+                pick = scores.argmax(-1)
+                flops["selector"] = self.selector_flops(selector_lengths)
+            elif mode == "oracle":
+                self._check_teacher_forced(batch, "variant 'accm_oracle'")
+                pick = self.candidate_kl(engine, batch, selection, candidates, prune_ratio)["kl"].argmin(-1)
+            else:
+                pick = self.random_pick(batch, candidates.lengths.shape[1])
+            spliced = splice_context(ids, mask, None, self.image_token_id, self.caption_inserts(candidates, pick),
+                                     pad_token_id, "left")
+            ids, mask, position_ids = spliced.input_ids, spliced.attention_mask, spliced.position_ids
+            flops["caption_model"] = self.caption_flops(candidates, selection)
+        tokens, counts = engine.generate(
+            ids, mask, None, position_ids, method=KeptVisualTokens(selection.keep, prune_ratio),
+            max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            visual_inputs=(selection.kept_features, ()),
+        )
+        text = prompt_text_tokens(ids, mask, engine.image_token_id)
+        return GenerationResult(tokens, counts, text, {k: v.to(text.device) for k, v in flops.items()})
+
+    # ------------------------------------------------------------------ FLOPs
+    def caption_flops(self, candidates: CaptionCandidates, selection: VisualSelection) -> torch.Tensor:
+        """(B,) caption-model FLOPs per sample: the prefix mapper over the discarded tokens (measured with
+        module_flops) + the decoder, analytic for GPT-2 (2 FLOPs per multiply-add, full attention as computed):
+        prefill of the prefix (Lp tokens, logits of the last one) and every decode step of every beam with the
+        KV cache (one token attending to Lp + s keys at step s, plus its logits). For sampling the steps per row
+        are the average over rows."""
+        config = self.caption_model.decoder.config
+        d, layers, vocab = config.n_embd, config.n_layer, config.vocab_size
+        mapper = torch.tensor([self._mapper_flops(count, selection.features.device)
+                               for count in selection.discarded_mask.sum(1).tolist()], dtype=torch.float64)
+        prefix = candidates.prefix_lengths.double()
+        decoded = candidates.decode_tokens.double()
+        rows = self.num_beams if self.strategy == "beam" else self.num_candidates
+        steps = decoded / rows
+        linear = 24 * d * d * layers
+        prefill = prefix * linear + 4 * prefix * prefix * d * layers + 2 * d * vocab
+        context = rows * (steps * prefix + steps * (steps + 1) / 2)
+        decode = decoded * (linear + 2 * d * vocab) + 4 * d * layers * context
+        return (mapper.to(prefix.device) + prefill + decode).float()
+
+    def _mapper_flops(self, count: int, device: torch.device) -> float:
+        key = ("mapper", int(count))
+        if key not in self._flops_cache:
+            visual = torch.zeros(1, int(count), self.info.hidden_size, device=device)
+            self._flops_cache[key] = _module_flops_unfused(self.caption_model.mapper, visual)
+        return self._flops_cache[key]
+
+    def selector_flops(self, input_lengths: torch.Tensor) -> torch.Tensor:
+        """(B,) selector FLOPs per sample: the frozen text encoder on every candidate's input (0 matmul FLOPs for
+        'embeddings'; the base LM's exact prefill count without LM head for 'language_model') + the selector
+        transformer on the M features (module_flops)."""
+        num = input_lengths.shape[1]
+        key = ("selector", num)
+        if key not in self._flops_cache:
+            device = next(self.selector.parameters()).device
+            self._flops_cache[key] = _module_flops_unfused(self.selector, torch.zeros(1, num, self.info.hidden_size,
+                                                                                       device=device))
+        encoder = torch.zeros(input_lengths.shape, dtype=torch.float64)
+        if self.selector_encoder == "language_model":
+            zeros = [0.0] * self.encoder_shape.num_layers
+            encoder = torch.tensor([[llm_prefill_flops(self.encoder_shape, float(n), zeros, "exact") for n in row]
+                                    for row in input_lengths.tolist()], dtype=torch.float64)
+        return (encoder.sum(1) + self._flops_cache[key]).float().to(input_lengths.device)

@@ -1,0 +1,50 @@
+"""The interface of a trained compensation plug-in (RCP, ACCM) on a frozen base model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from lvlm_prune.engine import PrunedLlava, PruningMethod
+from lvlm_prune.runner import GenerationResult, generate_with_method
+
+
+class Compensation(nn.Module, ABC):
+    """Plug-in modules + their training objective + their inference path.
+
+    The frozen base never appears among a plug-in's parameters: `attach` receives the engine (which holds
+    the base) and builds the plug-in's own modules sized for it; the base is only called.
+    """
+
+    name = "compensation"
+
+    @abstractmethod
+    def attach(self, engine: PrunedLlava, tokenizer: Any) -> None:
+        """Build the modules for this base model (called once, before training or loading weights)."""
+
+    @abstractmethod
+    def training_losses(self, engine: PrunedLlava, batch: dict[str, Any], progress: float) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch; 'loss' is the total to minimise. `progress` = step / total steps in [0, 1]."""
+
+    @abstractmethod
+    def inference_method(self, prune_ratio: float) -> PruningMethod:
+        """The pruning method that realises `prune_ratio` with the trained modules."""
+
+    def generate(
+        self,
+        engine: PrunedLlava,
+        batch: dict[str, Any],
+        prune_ratio: float,
+        max_new_tokens: int,
+        eos_token_id: int | None,
+        pad_token_id: int,
+    ) -> GenerationResult:
+        method = engine.bind(self.inference_method(prune_ratio))
+        return generate_with_method(engine, batch, method, max_new_tokens, eos_token_id, pad_token_id)
+
+    def export_config(self) -> dict[str, Any]:
+        """Constructor arguments, saved beside exported weights."""
+        return {}

@@ -1,0 +1,294 @@
+"""RCP on the engine: cumulative learned pruning + delayed repair, trained against a full-token teacher."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lvlm_prune.compensation import Compensation
+from lvlm_prune.data import answer_generation_mask
+from lvlm_prune.engine import LayerContext, ModelInfo, PrunedLlava, PruningMethod
+from lvlm_prune.flops import module_flops
+from lvlm_prune.rcp.adapter import DelayedRepairAdapter, PrunedContextEncoder
+from lvlm_prune.rcp.losses import answer_ce, repair_loss, sparsity_loss
+from lvlm_prune.rcp.pruner import CrossAttentionPruner, gumbel_sigmoid, layer_averaged_keep_fraction, threshold_keep
+from lvlm_prune.rcp.schedules import RCPSchedule
+
+# The paper's layers for 32-layer LLaVA-1.5-7B; scaled with depth for other models.
+PAPER_PRUNING_LAYERS = {"high": (1, 13, 25), "default": (4, 14, 24)}
+PAPER_REPAIR_LAYERS = (22, 29)
+
+
+def scale_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    scaled = tuple(min(num_layers - 1, round(layer * num_layers / 32)) for layer in layers)
+    return tuple(dict.fromkeys(scaled))
+
+
+def visual_view(values: torch.Tensor, visual_index: torch.Tensor, num_visual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, ...) sequence values -> (B, N, ...) in original visual order, and (B, N) presence."""
+    b = values.shape[0]
+    present = visual_index >= 0
+    out = values.new_zeros(b, num_visual, *values.shape[2:])
+    batch_index = torch.arange(b, device=values.device)[:, None].expand_as(visual_index)
+    out[batch_index[present], visual_index[present]] = values[present]
+    mask = torch.zeros(b, num_visual, dtype=torch.bool, device=values.device)
+    mask[batch_index[present], visual_index[present]] = True
+    return out, mask
+
+
+class RCPPruning(PruningMethod):
+    """One forward's worth of RCP decisions (the modules live in `RCPCompensation`).
+
+    Args:
+        plugin: the trained modules.
+        training: soft Gumbel-sigmoid straight-through masks (engine's soft path) or thresholded inference.
+        temperature: Gumbel temperature (training) / final temperature (inference).
+        noise: logistic noise on (training).
+        logit_offset: added to every keep logit; inference uses it to hit a requested budget.
+    """
+
+    name = "rcp"
+
+    def __init__(self, plugin: "RCPCompensation", training: bool, temperature: float, noise: bool = False,
+                 logit_offset: float = 0.0, prune_ratio: float = 0.0):
+        super().__init__(prune_ratio)
+        self.plugin = plugin
+        self.training = training
+        self.temperature = temperature
+        self.noise = noise
+        self.logit_offset = logit_offset
+        self.prune_layers = plugin.pruning_layers
+        self.cumulative: list[torch.Tensor] = []
+        self.context: torch.Tensor | None = None
+        self._start: torch.Tensor | None = None
+
+    def planned_visual_tokens(self) -> list[float]:
+        return [(1.0 - self.prune_ratio) * self.info.num_visual_tokens] * self.info.num_layers
+
+    def at_layer(self, ctx: LayerContext) -> torch.Tensor:
+        plugin, n = self.plugin, self.info.num_visual_tokens
+        position = self.prune_layers.index(ctx.layer_idx)
+        state = ctx.state
+        visual, present = visual_view(ctx.normed, state.visual_index, n)
+        raw, _ = visual_view(state.hidden, state.visual_index, n)
+        if state.key_weight is not None:
+            present = present & (visual_view(state.key_weight[..., None], state.visual_index, n)[0][..., 0] > 0.5)
+        if not self.cumulative:
+            self._start = present
+        previous = self.cumulative[-1] if self.cumulative else present.to(visual.dtype)
+        q2v, _ = visual_view(ctx.question_to_visual(), state.visual_index, n)
+        question, question_mask = _gather_rows(ctx.normed, state.question_mask)
+        logits = plugin.pruners[position](visual, q2v, question, question_mask, previous) + self.logit_offset
+        if self.training:
+            _, layer_mask = gumbel_sigmoid(logits, self.temperature, noise=self.noise)
+            current = previous * layer_mask
+        else:
+            layer_mask = threshold_keep(logits, self.temperature).to(visual.dtype)
+            current = previous * layer_mask
+        pruned_here = present & (current <= 0.5)
+        context = plugin.context_encoders[position](raw, pruned_here, current)
+        self.context = context if self.context is None else self.context + context
+        self.cumulative.append(current)
+        per_token = layer_mask if self.training else current
+        sequence_mask = per_token.gather(1, state.visual_index.clamp(min=0))
+        return sequence_mask if self.training else sequence_mask > 0.5
+
+    def after_layer(self, ctx: LayerContext, hidden: torch.Tensor) -> torch.Tensor:
+        plugin = self.plugin
+        if ctx.layer_idx not in plugin.repair_layers or self.context is None or not plugin.use_adapter:
+            return hidden
+        adapter = plugin.adapters[plugin.repair_layers.index(ctx.layer_idx)]
+        return adapter(hidden, self.context, ctx.state.answer_mask)
+
+    def keep_fraction(self) -> torch.Tensor:
+        """Layer-averaged kept fraction of the batch (differentiable on the soft path)."""
+        return layer_averaged_keep_fraction(self.cumulative, list(self.prune_layers), self.info.num_layers,
+                                            valid_mask=self._start)
+
+    def plugin_flops(self, text_tokens: int) -> dict[str, float]:
+        return self.plugin.flops_per_sample(text_tokens)
+
+
+def _gather_rows(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = mask.sum(1)
+    width = max(1, int(counts.max().item()))
+    index = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    rows = values.gather(1, index[..., None].expand(-1, -1, values.shape[-1]))
+    return rows, torch.arange(width, device=mask.device)[None] < counts[:, None]
+
+
+class RCPCompensation(Compensation):
+    """Representation Consistency Pruner (METHODS.md section 3) as a plug-in of a frozen base.
+
+    Args:
+        target_prune_ratio: layer-averaged ratio r* the sparsity loss drives towards.
+        pruning_layers: decoder layers whose input a pruner filters; None = the paper's (1/13/25 for
+            r* > 0.8, else 4/14/24 of 32 layers) scaled with depth (layer 0 allowed: on shallow models
+            the budget is unreachable otherwise).
+        repair_layers: layers whose output the repair adapter modulates; None = 22/29 of 32, scaled.
+        bottleneck: pruner cross-attention width.
+        num_queries: pruner learnable queries.
+        context_dim: width of the cached pruned-token context.
+        adapter_bottleneck: width of the adapter's Down/Up.
+        ce_weight: weight of the answer cross entropy.
+        repair_weight: weight of the repair loss.
+        variance_weight: weight of the second-moment term inside the repair loss.
+        repair_statistic: 'mean_var' (paper) or 'mean_std'.
+        sparsity_weight: weight lambda_s of |r_bar - r*|.
+        temperature_start: Gumbel temperature at the start.
+        temperature_end: temperature after annealing (and at inference).
+        use_adapter: ablation switch for the delayed repair adapter.
+        use_repair_loss: ablation switch for the repair loss.
+        use_learned_score: ablation switch: False keeps only the LLM-attention baseline + bias.
+    """
+
+    name = "rcp"
+
+    def __init__(
+        self,
+        target_prune_ratio: float = 0.889,
+        pruning_layers: list[int] | None = None,
+        repair_layers: list[int] | None = None,
+        bottleneck: int = 512,
+        num_queries: int = 16,
+        context_dim: int = 512,
+        adapter_bottleneck: int = 64,
+        ce_weight: float = 1.5,
+        repair_weight: float = 3.0,
+        variance_weight: float = 3.0,
+        repair_statistic: str = "mean_var",
+        sparsity_weight: float = 200.0,
+        temperature_start: float = 1.5,
+        temperature_end: float = 0.2,
+        use_adapter: bool = True,
+        use_repair_loss: bool = True,
+        use_learned_score: bool = True,
+    ):
+        super().__init__()
+        if not 0.0 <= target_prune_ratio < 1.0:
+            raise ValueError(f"rcp target_prune_ratio={target_prune_ratio} must be in [0, 1)")
+        if repair_statistic not in ("mean_var", "mean_std"):
+            raise ValueError(f"rcp repair_statistic={repair_statistic!r}; choose 'mean_var' or 'mean_std'")
+        self.target_prune_ratio = target_prune_ratio
+        self.requested_pruning_layers = tuple(pruning_layers) if pruning_layers else None
+        self.requested_repair_layers = tuple(repair_layers) if repair_layers else None
+        self.bottleneck, self.num_queries, self.context_dim = bottleneck, num_queries, context_dim
+        self.adapter_bottleneck = adapter_bottleneck
+        self.ce_weight, self.repair_weight, self.variance_weight = ce_weight, repair_weight, variance_weight
+        self.repair_statistic = repair_statistic
+        self.sparsity_weight = sparsity_weight
+        self.schedule = RCPSchedule(1.0 - target_prune_ratio, temperature_start, temperature_end)
+        self.use_adapter, self.use_repair_loss, self.use_learned_score = use_adapter, use_repair_loss, use_learned_score
+        self.logit_offsets: dict[float, float] = {}
+        self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+
+    def export_config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    def attach(self, engine: PrunedLlava, tokenizer: Any = None) -> None:
+        info: ModelInfo = engine.info
+        self.info = info
+        key = "high" if self.target_prune_ratio > 0.8 else "default"
+        self.pruning_layers = self.requested_pruning_layers or scale_layers(PAPER_PRUNING_LAYERS[key], info.num_layers)
+        self.repair_layers = self.requested_repair_layers or scale_layers(PAPER_REPAIR_LAYERS, info.num_layers)
+        for name, layers in (("pruning_layers", self.pruning_layers), ("repair_layers", self.repair_layers)):
+            if any(not 0 <= layer < info.num_layers for layer in layers) or list(layers) != sorted(set(layers)):
+                raise ValueError(f"rcp {name}={list(layers)} must be increasing layers in [0, {info.num_layers - 1}]")
+        d, n = info.hidden_size, info.num_visual_tokens
+        self.pruners = nn.ModuleList(
+            CrossAttentionPruner(d, bottleneck=self.bottleneck, num_queries=self.num_queries,
+                                 use_cross_attention=self.use_learned_score, use_mlp=self.use_learned_score)
+            for _ in self.pruning_layers
+        )
+        self.context_encoders = nn.ModuleList(
+            PrunedContextEncoder(d, self.context_dim, num_positions=n) for _ in self.pruning_layers
+        )
+        self.adapters = nn.ModuleList(
+            DelayedRepairAdapter(d, self.context_dim, self.adapter_bottleneck) for _ in self.repair_layers
+        ) if self.use_adapter else nn.ModuleList()
+
+    # ------------------------------------------------------------------ training
+    def training_losses(self, engine: PrunedLlava, batch: dict[str, Any], progress: float) -> dict[str, torch.Tensor]:
+        schedule = self.schedule(progress)
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"])
+        method = engine.bind(RCPPruning(self, training=True, temperature=schedule.temperature, noise=schedule.noise))
+        capture = self.repair_layers if self.use_repair_loss else ()
+        student = engine(*inputs, labels=batch["labels"], method=method, soft=True, capture_layers=capture)
+        losses = {"ce": answer_ce(student.logits, batch["labels"])}
+        if self.use_repair_loss:
+            with torch.no_grad():
+                teacher = engine(*inputs, labels=batch["labels"], capture_layers=capture, logits="none")
+            mask = answer_generation_mask(batch["labels"])
+            losses["repair"] = torch.stack([
+                repair_loss(student.captured[layer], teacher.captured[layer], mask, self.variance_weight,
+                            self.repair_statistic)
+                for layer in capture
+            ]).mean()
+        keep = method.keep_fraction()
+        losses["sparsity"] = sparsity_loss(keep, schedule.target_keep_fraction)
+        total = self.ce_weight * losses["ce"] + self.sparsity_weight * losses["sparsity"]
+        if self.use_repair_loss:
+            total = total + self.repair_weight * losses["repair"]
+        losses["loss"] = total
+        losses["keep_fraction"] = keep.detach()
+        losses["target_keep_fraction"] = torch.tensor(schedule.target_keep_fraction)
+        losses["temperature"] = torch.tensor(schedule.temperature)
+        return losses
+
+    # ------------------------------------------------------------------ inference
+    def inference_method(self, prune_ratio: float | None = None) -> RCPPruning:
+        """Thresholded pruning; a ratio other than the trained one uses its calibrated logit offset."""
+        ratio = self.target_prune_ratio if prune_ratio is None else prune_ratio
+        offset = self.logit_offsets.get(round(ratio, 4), 0.0)
+        return RCPPruning(self, training=False, temperature=self.schedule.temperature_end, logit_offset=offset,
+                          prune_ratio=ratio)
+
+    @torch.no_grad()
+    def calibrate(self, engine: PrunedLlava, batches: list[dict[str, Any]], prune_ratio: float,
+                  iterations: int = 14) -> float:
+        """Find the logit offset whose realised layer-averaged ratio on `batches` is closest to `prune_ratio`
+        (bisection; keep fraction decreases monotonically as the offset falls). Cached per ratio."""
+        n = engine.info.num_visual_tokens
+
+        def realised(offset: float) -> float:
+            kept, count = 0.0, 0
+            for batch in batches:
+                method = RCPPruning(self, training=False, temperature=self.schedule.temperature_end, logit_offset=offset)
+                out = engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
+                             batch.get("prompt_position_ids"), method=method, logits="none")
+                kept += out.visual_tokens_per_layer.mean(1).sum().item()
+                count += out.visual_tokens_per_layer.shape[0]
+            return 1.0 - kept / count / n
+
+        low, high = -40.0, 40.0  # realised ratio is high at low offsets
+        for _ in range(iterations):
+            mid = (low + high) / 2
+            if realised(mid) > prune_ratio:
+                low = mid
+            else:
+                high = mid
+        offset = (low + high) / 2
+        self.logit_offsets[round(prune_ratio, 4)] = offset
+        return offset
+
+    def flops_per_sample(self, text_tokens: int) -> dict[str, float]:
+        """Exact FLOPs of pruners (at full N, an upper bound) and adapters (on one answer position)."""
+        if not hasattr(self, "_flops_cache"):
+            d, n = self.info.hidden_size, self.info.num_visual_tokens
+            device = next(self.parameters()).device
+            pruner_flops = 0
+            for pruner in self.pruners:
+                pruner_flops += module_flops(pruner, torch.randn(1, n, d, device=device), torch.rand(1, n, device=device),
+                                             torch.randn(1, max(1, text_tokens), d, device=device),
+                                             torch.ones(1, max(1, text_tokens), dtype=torch.bool, device=device),
+                                             torch.ones(1, n, device=device))
+            adapter_flops = sum(
+                module_flops(adapter, torch.randn(1, 1, d, device=device), torch.randn(1, self.context_dim, device=device),
+                             torch.ones(1, 1, dtype=torch.bool, device=device))
+                for adapter in self.adapters
+            )
+            self._flops_cache = {"rcp_pruners": float(pruner_flops), "rcp_adapters": float(adapter_flops)}
+        return dict(self._flops_cache)
+

@@ -1,0 +1,65 @@
+"""Running a pruning method (training-free or compensated) on a batch, and the cost accounting of a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lvlm_prune.engine import PrunedLlava, PruningMethod
+from lvlm_prune.flops import llava_prefill_report
+
+
+@dataclass
+class GenerationResult:
+    """Greedy answers of one batch and what they cost.
+
+    Args:
+        tokens: (B, T) generated token ids (padded after EOS).
+        visual_tokens_per_layer: (B, num_layers) visual tokens each sample had in each decoder layer.
+        text_tokens: (B,) non-visual prompt tokens prefilled by the LLM (spliced captions included).
+        plugin_flops: name -> (B,) FLOPs of the method's own modules per sample.
+    """
+
+    tokens: torch.Tensor
+    visual_tokens_per_layer: torch.Tensor
+    text_tokens: torch.Tensor
+    plugin_flops: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def prompt_text_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """(B,) real non-visual tokens of left-padded prompts."""
+    return ((attention_mask > 0) & (input_ids != image_token_id)).sum(1)
+
+
+def generate_with_method(
+    engine: PrunedLlava,
+    batch: dict[str, Any],
+    method: PruningMethod,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+) -> GenerationResult:
+    tokens, counts = engine.generate(
+        batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
+        position_ids=batch.get("prompt_position_ids"), method=method, max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )
+    text = prompt_text_tokens(batch["prompt_input_ids"], batch["prompt_attention_mask"], engine.image_token_id)
+    plugin = {name: torch.full_like(text, value, dtype=torch.float)
+              for name, value in method.plugin_flops(int(text.float().mean().round())).items()}
+    return GenerationResult(tokens, counts, text, plugin)
+
+
+def per_sample_flops(config: Any, result: GenerationResult, convention: str = "fastv") -> list[dict[str, float]]:
+    """Prefill FLOPs of each sample of a batch (LLM in `convention`; vision, projector, plug-ins exact)."""
+    reports = []
+    for b in range(result.tokens.shape[0]):
+        plugins = {name: float(values[b]) for name, values in result.plugin_flops.items()}
+        report = llava_prefill_report(
+            config, float(result.text_tokens[b]), result.visual_tokens_per_layer[b].tolist(),
+            convention=convention, plugins=plugins,
+        )
+        reports.append(report.to_metrics())
+    return reports

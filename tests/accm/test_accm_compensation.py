@@ -1,0 +1,282 @@
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from lvlm_prune.accm.caption_model import CaptionCandidates
+from lvlm_prune.accm.compensation import ACCMCompensation, KeptVisualTokens, splice_context
+from lvlm_prune.data import IGNORE_INDEX, VQACollator, VQAExample
+from lvlm_prune.engine import PrunedLlava
+from lvlm_prune.flops import module_flops
+from lvlm_prune.modeling import TinyLlavaSpec, build_tiny_llava
+from lvlm_prune.modeling.loading import freeze
+from lvlm_prune.modeling.prompt import TINY_DEFAULT
+from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
+
+WORDS = ("what color is the object at 1 2 3 4 ? red blue green square circle describe objects that matter for : "
+         "additional information ; yes no").split()
+RATIO = 0.875  # keeps 2 of 16 visual tokens
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = build_word_tokenizer(WORDS)
+    processor = build_processor(tokenizer, image_size=32, patch_size=8)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    spec = TinyLlavaSpec(image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=2, vision_heads=2,
+                         hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                         max_position_embeddings=256, vision_feature_layer=-2)
+    model = freeze(build_tiny_llava(spec, vocab_size=len(tokenizer), image_token_id=image_token_id, seed=0))
+    collator = VQACollator(processor, TINY_DEFAULT, image_token_id)
+    examples = [
+        VQAExample("q0", Image.new("RGB", (32, 32), (230, 40, 40)), "what color is the object at 1 2 ?", "red"),
+        VQAExample("q1", Image.new("RGB", (32, 32), (50, 90, 240)), "what color is the object at 3 4 ?", "blue"),
+        VQAExample("q2", Image.new("RGB", (32, 32), (40, 200, 60)), "is the object a circle ?", "yes no"),
+    ]
+    return tokenizer, PrunedLlava(model), collator(examples)
+
+
+def make_plugin(engine, tokenizer, **overrides):
+    torch.manual_seed(0)
+    kwargs = dict(target_prune_ratio=RATIO, caption_embed_dim=32, caption_num_layers=1, caption_num_heads=2,
+                  caption_prefix_length=2, caption_mapper_layers=1, caption_dropout=0.0, max_caption_tokens=6,
+                  max_instruction_tokens=16, selector_hidden=16, selector_heads=2, selector_question_prefix="what",
+                  selector_supplement_prefix="additional information :", warmup_fraction=0.5)
+    kwargs.update(overrides)
+    plugin = ACCMCompensation(**kwargs)
+    plugin.attach(engine, tokenizer)
+    return plugin
+
+
+def caption_tokens(plugin, candidates, b, m):
+    tokens = candidates.token_ids[b, m, : int(candidates.lengths[b, m])].tolist()
+    assert tokens[-1] == plugin.eos_token_id
+    return tokens[:-1]
+
+
+def test_visual_inputs_skip_the_vision_tower_and_give_the_same_logits(setup):
+    _, engine, batch = setup
+    args = (batch["input_ids"], batch["attention_mask"])
+    reference = engine(*args, batch["pixel_values"], labels=batch["labels"])
+    features, hidden = engine.visual_features(batch["pixel_values"])
+    calls = []
+    handle = engine.llava.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    reused = engine(*args, None, labels=batch["labels"], visual_inputs=(features, hidden))
+    handle.remove()
+    assert not calls
+    torch.testing.assert_close(reused.logits, reference.logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="visual_inputs"):
+        engine(*args, None, visual_inputs=(features[:, :3], hidden))
+    with pytest.raises(ValueError, match="pixel_values"):
+        engine(*args, None)
+
+
+def test_constructor_and_attach_reject_bad_settings(setup):
+    tokenizer, engine, _ = setup
+    for bad in (dict(vision_selection="fastv"), dict(strategy="greedy"), dict(objective="ppo"),
+                dict(selector_encoder="clip"), dict(describe_instruction="describe the image"),
+                dict(num_beams=2, num_candidates=3), dict(target_prune_ratio=1.0)):
+        with pytest.raises(ValueError):
+            ACCMCompensation(**bad)
+    with pytest.raises(ValueError, match="tokenizer"):
+        ACCMCompensation().attach(engine, None)
+    plugin = make_plugin(engine, tokenizer)
+    with pytest.raises(ValueError, match="variant"):
+        plugin.variant_mode("accm_best")
+
+
+def test_pre_llm_selection_keeps_k_tokens_and_caption_reads_the_discarded_ones(setup):
+    tokenizer, engine, batch = setup
+    for selection_name in ("prumerge", "random", "visionzip"):
+        plugin = make_plugin(engine, tokenizer, vision_selection=selection_name)
+        selection = plugin.select_visual_tokens(engine, batch, RATIO)
+        assert selection.keep.sum(1).tolist() == [2, 2, 2]
+        assert selection.discarded.shape[:2] == (3, 14) and selection.discarded_mask.all()
+        for b in range(3):
+            torch.testing.assert_close(selection.discarded[b], selection.features[b][~selection.keep[b]])
+        out = engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
+                     method=plugin.inference_method(RATIO), logits="none")
+        assert (out.visual_tokens_per_layer == 2).all()
+
+
+def test_splice_puts_the_caption_after_the_image_and_masks_it_out_of_the_loss(setup, monkeypatch):
+    tokenizer, engine, batch = setup
+    plugin = make_plugin(engine, tokenizer)
+    selection = plugin.select_visual_tokens(engine, batch, RATIO)
+    candidates = plugin.caption_candidates(batch, selection)
+    spliced = plugin.spliced_teacher_forced(batch, candidates)
+    num = candidates.lengths.shape[1]
+    prefix = plugin.context_prefix_ids
+    assert prefix == tokenizer("additional information :", add_special_tokens=False)["input_ids"]
+    for b in range(3):
+        answer = batch["labels"][b][batch["labels"][b] != IGNORE_INDEX].tolist()
+        for m in range(num):
+            row = b * num + m
+            ids = spliced.input_ids[row][spliced.attention_mask[row].bool()].tolist()
+            last_image = max(i for i, t in enumerate(ids) if t == plugin.image_token_id)
+            insert = prefix + caption_tokens(plugin, candidates, b, m)
+            assert ids[last_image + 1: last_image + 1 + len(insert)] == insert
+            original = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
+            assert ids[: last_image + 1] + ids[last_image + 1 + len(insert):] == original
+            labels = spliced.labels[row]
+            assert (labels[spliced.inserted[row]] == IGNORE_INDEX).all()
+            assert int(spliced.inserted[row].sum()) == len(insert)
+            assert labels[labels != IGNORE_INDEX].tolist() == answer
+    # training_losses hands exactly these sequences (candidates come out the same: beam search, eval mode)
+    seen = []
+    forward = engine.forward
+    monkeypatch.setattr(engine, "forward", lambda *a, **k: seen.append((a, k)) or forward(*a, **k))
+    plugin.training_losses(engine, batch, progress=0.9)
+    assert any(a[0].shape == spliced.input_ids.shape and torch.equal(a[0], spliced.input_ids)
+               and torch.equal(k["labels"], spliced.labels) for a, k in seen)
+
+
+def test_splice_context_keeps_hidden_visual_tokens_hidden():
+    ids = torch.tensor([[0, 1, 9, 9, 5, 6], [0, 1, 9, 9, 5, 6]])
+    mask = torch.tensor([[0, 1, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]])  # sample 0 hides its first visual token
+    out = splice_context(ids, mask, None, 9, [torch.tensor([3, 4]), torch.tensor([3])], 0, "left")
+    assert out.input_ids.tolist() == [[1, 9, 9, 3, 4, 5, 6], [0, 1, 9, 9, 3, 5, 6]]
+    assert out.attention_mask.tolist() == [[1, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1]]
+    assert out.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6], [0, 0, 1, 2, 3, 4, 5]]
+    assert out.inserted.nonzero().tolist() == [[0, 3], [0, 4], [1, 4]]
+
+
+@pytest.mark.parametrize("objective", ["kl_ce", "dpo"])
+def test_losses_are_finite_and_only_plugin_parameters_get_gradients(setup, objective):
+    tokenizer, engine, batch = setup
+    plugin = make_plugin(engine, tokenizer, objective=objective)
+    base_ids = {id(p) for p in engine.model.parameters()}
+    assert not base_ids & {id(p) for p in plugin.parameters()}
+    assert not any(p.requires_grad for p in engine.model.parameters())
+    for progress, expected in ((0.0, {"caption_warmup"}),
+                               (0.9, {"selector", "kl_best", "kl_mean", "caption" if objective == "kl_ce" else "dpo"})):
+        plugin.zero_grad(set_to_none=True)
+        losses = plugin.training_losses(engine, batch, progress)
+        assert expected <= set(losses) and all(torch.isfinite(v).all() for v in losses.values())
+        losses["loss"].backward()
+        assert all(p.grad is None for p in engine.model.parameters())
+        assert any(p.grad is not None for p in plugin.caption_model.parameters())
+        selector_grads = [p.grad is not None for p in plugin.selector.parameters()]
+        assert all(selector_grads) if progress > 0.5 else not any(selector_grads)
+    if objective == "dpo":
+        assert bool(plugin.reference_ready)
+        assert not any(p.requires_grad or p.grad is not None for p in plugin.reference_caption_model.parameters())
+        # at the stage-2 start the policy equals its reference: DPO gives log 2 wherever the margin weighs
+        fresh = make_plugin(engine, tokenizer, objective="dpo", warmup_fraction=0.0)
+        losses = fresh.training_losses(engine, batch, 0.0)
+        if float(losses["kl_margin"]) > 0:
+            assert math.isclose(losses["dpo"].item(), math.log(2), rel_tol=1e-4)
+
+
+def test_warm_start_uses_the_frozen_lvlm_description_and_caches_it(setup, monkeypatch):
+    tokenizer, engine, batch = setup
+    plugin = make_plugin(engine, tokenizer)
+    ids, mask = plugin.describe_prompts(batch, [0, 2])
+    for row, b in enumerate((0, 2)):
+        real = ids[row][mask[row].bool()].tolist()
+        assert real.count(plugin.image_token_id) == 16
+        describe = tokenizer("describe the objects that matter for : " + batch["questions"][b],
+                             add_special_tokens=False)["input_ids"]
+        text = real[real.index(plugin.image_token_id) + 16:]
+        assert text[: len(describe)] == describe and tokenizer.decode(text[len(describe):]) == "ASSISTANT :"
+    selection = plugin.select_visual_tokens(engine, batch, RATIO)
+    targets, target_mask = plugin.warm_start_captions(engine, batch, selection)
+    prompts, prompt_mask = plugin.describe_prompts(batch, [0, 1, 2])
+    generated, _ = engine.generate(prompts, prompt_mask, batch["pixel_values"], max_new_tokens=6,
+                                   eos_token_id=plugin.eos_token_id, pad_token_id=plugin.pad_token_id)
+    for b in range(3):
+        row = generated[b].tolist()
+        row = row[: row.index(plugin.eos_token_id)] if plugin.eos_token_id in row else row
+        # words up to EOS (pad / image / BOS dropped: they cannot be spliced), at most 5, then EOS
+        words = [t for t in row if t not in (plugin.pad_token_id, plugin.image_token_id, tokenizer.bos_token_id)]
+        assert targets[b][target_mask[b].bool()].tolist() == words[:5] + [plugin.eos_token_id]
+    calls = []
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: calls.append(1))
+    again, _ = plugin.warm_start_captions(engine, batch, selection)
+    assert not calls and torch.equal(again, targets)
+
+
+def test_a_short_fit_lowers_the_losses(setup):
+    tokenizer, engine, batch = setup
+    for progress, key in ((0.0, "caption_warmup"), (0.9, "selector")):
+        plugin = make_plugin(engine, tokenizer)
+        optimizer = torch.optim.Adam([p for p in plugin.parameters() if p.requires_grad], lr=3e-3)
+        history = []
+        for _ in range(12):
+            losses = plugin.training_losses(engine, batch, progress)
+            optimizer.zero_grad()
+            losses["loss"].backward()
+            optimizer.step()
+            history.append(float(losses[key]))
+        assert history[-1] < 0.7 * history[0], (key, history)
+
+
+def test_generate_splices_the_selected_caption_and_counts_its_tokens(setup):
+    tokenizer, engine, batch = setup
+    plugin = make_plugin(engine, tokenizer)
+    args = (engine, batch, RATIO, 4, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    alone = plugin.generate(*args, variant="accm_prune_only")
+    result = plugin.generate(*args)
+    selection = plugin.select_visual_tokens(engine, batch, RATIO)
+    candidates = plugin.caption_candidates(batch, selection)
+    pick = plugin.selector_scores(batch, candidates)[0].argmax(-1)
+    spliced = [len(plugin.context_prefix_ids) + len(caption_tokens(plugin, candidates, b, int(pick[b])))
+               for b in range(3)]
+    assert (result.text_tokens - alone.text_tokens).tolist() == spliced
+    assert (result.visual_tokens_per_layer == 2).all() and (alone.visual_tokens_per_layer == 2).all()
+    assert set(result.plugin_flops) == {"caption_model", "selector"} and not alone.plugin_flops
+    assert all(v.shape == (3,) and (v > 0).all() for v in result.plugin_flops.values())
+    # the answer is the engine's greedy answer to the spliced prompt with the kept tokens
+    prompt = splice_context(batch["prompt_input_ids"], batch["prompt_attention_mask"], None, plugin.image_token_id,
+                            plugin.caption_inserts(candidates, pick), tokenizer.pad_token_id, "left")
+    expected, _ = engine.generate(prompt.input_ids, prompt.attention_mask, batch["pixel_values"], prompt.position_ids,
+                                  method=KeptVisualTokens(selection.keep), max_new_tokens=4,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(result.tokens, expected)
+
+
+def test_oracle_and_random_variants(setup):
+    tokenizer, engine, batch = setup
+    plugin = make_plugin(engine, tokenizer)
+    assert plugin.variants() == ["accm", "accm_oracle", "accm_random", "accm_prune_only"]
+    args = (engine, batch, RATIO, 4, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    for variant in ("accm_oracle", "accm_random"):
+        result = plugin.generate(*args, variant=variant)
+        assert result.tokens.shape[0] == 3 and set(result.plugin_flops) == {"caption_model"}
+    picks = plugin.random_pick(batch, 3)
+    reordered = {k: (v[::-1] if isinstance(v, list) else v) for k, v in batch.items()}
+    assert plugin.random_pick(reordered, 3).tolist() == picks.tolist()[::-1]
+    no_answers = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    with pytest.raises(ValueError, match="teacher-forced"):
+        plugin.generate(engine, no_answers, RATIO, 4, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                        variant="accm_oracle")
+    selection = plugin.select_visual_tokens(engine, batch, RATIO)
+    candidates = plugin.caption_candidates(batch, selection)
+    kl = plugin.candidate_kl(engine, batch, selection, candidates, RATIO)["kl"]
+    assert kl.shape == (3, 3) and (kl >= 0).all()
+
+
+def test_caption_flops_match_the_flop_counter(setup):
+    tokenizer, engine, batch = setup
+    plugin = make_plugin(engine, tokenizer)
+    selection = plugin.select_visual_tokens(engine, batch, RATIO)
+    decoder = plugin.caption_model.decoder.eval()
+    prefix_length, steps = 9, 4
+    embed = decoder.config.n_embd
+    mapper = module_flops(plugin.caption_model.mapper.train(), selection.discarded[:1])
+    prefill = module_flops(decoder, inputs_embeds=torch.randn(1, prefix_length, embed), logits_to_keep=1)
+    cache = decoder(inputs_embeds=torch.randn(plugin.num_beams, prefix_length, embed), use_cache=True).past_key_values
+    decode = 0
+    for _ in range(steps):
+        decode += module_flops(decoder, inputs_embeds=torch.randn(plugin.num_beams, 1, embed), past_key_values=cache,
+                               use_cache=True)
+    candidates = CaptionCandidates(
+        token_ids=torch.zeros(3, 3, 2, dtype=torch.long), lengths=torch.ones(3, 3, dtype=torch.long),
+        logprobs=torch.zeros(3, 3), prefix_lengths=torch.full((3,), prefix_length),
+        decode_tokens=torch.tensor([0, plugin.num_beams * steps, 0]))
+    flops = plugin.caption_flops(candidates, selection)
+    assert flops[0].item() == pytest.approx(mapper + prefill, rel=1e-6)
+    assert flops[1].item() == pytest.approx(mapper + prefill + decode, rel=1e-6)
+    assert plugin.selector_flops(torch.tensor([[7, 8, 9]]))[0].item() == pytest.approx(
+        module_flops(plugin.selector.train(), torch.randn(1, 3, 32)), rel=1e-6)

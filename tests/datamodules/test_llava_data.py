@@ -1,0 +1,434 @@
+"""LLaVA-format datamodules: batches equal the in-memory synthetic path, multi-turn labels, length grouping,
+benchmark annotations, and every kind of bad input."""
+
+import base64
+import io
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.llava import (
+    LETTER_PROMPT,
+    LengthGroupedSampler,
+    LlavaInstructionDataModule,
+    LlavaQuestionsDataModule,
+    expand_to_square,
+)
+from datamodules.synthetic import SyntheticVQADataModule
+from lvlm_prune.data import IGNORE_INDEX, VQAExample
+from lvlm_prune.evaluation.export import score_answer_file, write_answers_jsonl
+from lvlm_prune.evaluation.readers import AnswerRecord, read_questions, read_vqa_annotations
+
+EVAL_FIXTURES = Path(__file__).parents[1] / "evaluation" / "fixtures"
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The small synthetic benchmark, its processor saved to a folder, and its splits exported as LLaVA files."""
+    root = tmp_path_factory.mktemp("llava_export")
+    synthetic = SyntheticVQADataModule(num_train=24, num_val=8, num_test=16, batch_size=BATCH,
+                                       eval_batch_size=BATCH)
+    synthetic.processor.save_pretrained(root / "processor")
+    splits = {split: synthetic.export_llava_format(split, root / split) for split in ("train", "val", "test")}
+    return SimpleNamespace(synthetic=synthetic, root=root, processor=str(root / "processor"), **splits)
+
+
+def instruction_data(exported, train_file=None, **kwargs):
+    kwargs.setdefault("template", "tiny")
+    kwargs.setdefault("batch_size", BATCH)
+    kwargs.setdefault("eval_batch_size", BATCH)
+    kwargs.setdefault("num_workers", 0)
+    return LlavaInstructionDataModule(
+        train_file=str(train_file or exported.train / "instructions.json"),
+        image_root=str(exported.train / "images"), processor_path=exported.processor, **kwargs)
+
+
+def questions_data(exported, question_file, image_root, **kwargs):
+    kwargs.setdefault("template", "tiny")
+    kwargs.setdefault("eval_batch_size", BATCH)
+    kwargs.setdefault("num_workers", 0)
+    return LlavaQuestionsDataModule(str(question_file), None if image_root is None else str(image_root),
+                                    exported.processor, **kwargs)
+
+
+def assert_same_batch(actual, expected):
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            assert torch.allclose(actual[key], value), key
+        elif torch.is_tensor(value):
+            assert torch.equal(actual[key], value), key
+        else:
+            assert actual[key] == value, key
+
+
+def test_training_batches_equal_the_synthetic_path(exported):
+    data = instruction_data(exported)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    order = list(loader.sampler)
+    synthetic_examples = exported.synthetic.train_dataloader().dataset
+    batches = list(loader)
+    assert len(batches) == 24 // BATCH
+    for number, batch in enumerate(batches):
+        indices = order[number * BATCH : (number + 1) * BATCH]
+        expected = exported.synthetic.collator([synthetic_examples[i] for i in indices])
+        expected["categories"] = [""] * BATCH  # instruction records carry no category
+        assert_same_batch(batch, expected)
+        assert (batch["labels"] != IGNORE_INDEX).any(dim=1).all()
+
+
+def test_eval_batches_equal_the_synthetic_path(exported):
+    data = instruction_data(exported, val_question_file=str(exported.val / "questions.jsonl"),
+                            val_image_root=str(exported.val / "images"))
+    assert data.categories == sorted(exported.synthetic.categories)
+    for actual, expected in zip(data.val_dataloader(), exported.synthetic.val_dataloader(), strict=True):
+        assert_same_batch(actual, expected)
+
+    questions = questions_data(exported, exported.test / "questions.jsonl", exported.test / "images")
+    assert questions.categories == sorted(exported.synthetic.categories)
+    loaders = (questions.test_dataloader(), exported.synthetic.test_dataloader())
+    assert len(loaders[0]) == 16 // BATCH
+    for actual, expected in zip(*loaders, strict=True):
+        assert_same_batch(actual, expected)
+    predicted = next(iter(questions.predict_dataloader()))
+    assert predicted["question_ids"] == next(iter(loaders[1]))["question_ids"]
+
+
+def test_without_answers_the_batch_has_prompts_only(exported, tmp_path):
+    lines = (exported.test / "questions.jsonl").read_text().splitlines()
+    records = [{k: v for k, v in json.loads(line).items() if k != "answer"} for line in lines]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    batch = next(iter(questions_data(exported, path, exported.test / "images").test_dataloader()))
+    assert batch["answers"] == [None] * BATCH and "labels" not in batch and "prompt_input_ids" in batch
+
+
+def write_instructions(path: Path, records) -> Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+def conversation(record_id, image, *turns, first_role="human"):
+    roles = [first_role, "gpt" if first_role == "human" else "human"]
+    return {"id": record_id, "image": image,
+            "conversations": [{"from": roles[i % 2], "value": text} for i, text in enumerate(turns)]}
+
+
+def test_multi_turn_labels_cover_every_gpt_turn(exported, tmp_path):
+    samples = exported.synthetic.samples("train")
+    turns = [(s.question, s.answer) for s in samples[:3]]
+    image = f"{samples[0].question_id}.png"
+    flat = [text for pair in turns for text in pair]
+    first, *rest = flat
+    records = [
+        conversation("multi", image, f"<image>\n{first}", *rest),
+        conversation("placeholder-last", image, f"{first}\n<image>", *rest),  # LLaVA moves it to the front
+        conversation("single", f"{samples[3].question_id}.png", f"<image>\n{samples[3].question}", samples[3].answer),
+    ]
+    data = instruction_data(exported, write_instructions(tmp_path / "multi.json", records), group_by_length=False)
+    examples = [data.train_dataloader().dataset[i] for i in range(3)]
+    assert examples[0].extra_turns == tuple(turns[1:]) and examples[2].extra_turns == ()
+    batch = data.collator(examples)
+
+    reference = VQAExample("multi", examples[0].image, turns[0][0], turns[0][1], extra_turns=tuple(turns[1:]))
+    expected = exported.synthetic.collator([reference])
+    length = expected["input_ids"].shape[1]
+    assert torch.equal(batch["input_ids"][0, :length], expected["input_ids"][0])
+    assert torch.equal(batch["labels"][0, :length], expected["labels"][0])
+    assert torch.equal(batch["input_ids"][1], batch["input_ids"][0])
+
+    tokenizer = exported.synthetic.processor.tokenizer
+    labels = batch["labels"][0]
+    supervised = (labels != IGNORE_INDEX).int()
+    starts = ((supervised[1:] - supervised[:-1]) == 1).nonzero().squeeze(1) + 1
+    assert len(starts) == 3  # one labelled run per gpt turn
+    answer_tokens = [tokenizer(f" {answer}</s>", add_special_tokens=False)["input_ids"] for _, answer in turns]
+    runs = [labels[start : start + len(tokens)].tolist() for start, tokens in zip(starts.tolist(), answer_tokens)]
+    assert runs == answer_tokens
+    assert int(supervised.sum()) == sum(len(tokens) for tokens in answer_tokens)
+
+
+def test_length_grouped_sampler_is_deterministic_and_groups_lengths():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 200, (203,), generator=generator).tolist()
+    sampler = LengthGroupedSampler(lengths, group_size=8, seed=3, window_groups=5)
+    first = list(sampler)
+    assert sorted(first) == list(range(203)) and len(sampler) == 203
+    assert list(LengthGroupedSampler(lengths, group_size=8, seed=3, window_groups=5)) == first
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first and sorted(second) == list(range(203))
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+    assert list(LengthGroupedSampler(lengths, group_size=8, seed=4, window_groups=5)) != first
+
+    groups = sampler.groups()
+    assert all(len(g) == 8 for g in groups[:-1]) and len(groups[-1]) == 203 % 8  # short group last
+    assert lengths.index(max(lengths)) in groups[0]  # an out-of-memory shows at step 1
+    spread = sum(max(lengths[i] for i in g) - min(lengths[i] for i in g) for g in groups[:-1]) / (len(groups) - 1)
+    random_groups = torch.randperm(200, generator=generator).view(-1, 8).tolist()
+    random_spread = sum(max(lengths[i] for i in g) - min(lengths[i] for i in g) for g in random_groups) / 25
+    assert spread < random_spread / 3
+
+
+def test_lightning_sets_the_sampler_epoch(exported):
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+            self.seen: list[list[str]] = []
+
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 0:
+                self.seen.append([])
+            self.seen[-1] += batch["question_ids"]
+            return (self.weight - batch["pixel_values"].mean()) ** 2
+
+        def validation_step(self, batch, batch_idx):
+            raise AssertionError("there is no validation file, so no validation batch")
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = instruction_data(exported, seed=1)
+    model = Recorder()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    assert len(model.seen) == 2 and model.seen[0] != model.seen[1]
+    sampler = LengthGroupedSampler([r.length for r in data.train_records], BATCH, seed=1)
+    for epoch, seen in enumerate(model.seen):
+        sampler.set_epoch(epoch)
+        assert seen == [data.train_records[i].question_id for i in sampler]
+
+
+def test_subset_is_seeded_and_sized(exported):
+    def subset(seed):
+        data = instruction_data(exported, subset_size=10, subset_seed=seed)
+        return [r.question_id for r in data.train_records]
+
+    assert len(subset(0)) == 10 and subset(0) == subset(0) and set(subset(0)) != set(subset(1))
+    assert subset(0) == sorted(subset(0))  # file order
+    with pytest.raises(ValueError, match=r"instructions.json has 24 usable records; data.subset_size=20 with "
+                                         r"data.val_size=5 needs 25"):
+        _ = instruction_data(exported, subset_size=20, val_size=5).train_records
+
+
+def test_val_size_holds_out_records_disjoint_from_training(exported):
+    data = instruction_data(exported, subset_size=16, subset_seed=2, val_size=8)
+    train_ids = [r.question_id for r in data.train_records]
+    assert train_ids == [r.question_id for r in instruction_data(exported, subset_size=16, subset_seed=2).train_records]
+    batch = next(iter(data.val_dataloader()))
+    assert len(batch["question_ids"]) == 8 and not set(batch["question_ids"]) & set(train_ids)
+    synthetic = {s.question_id: s for s in exported.synthetic.samples("train")}
+    assert batch["answers"] == [synthetic[qid].answer for qid in batch["question_ids"]]
+    assert "labels" in batch and data.categories == []
+    with pytest.raises(ValueError, match=r"data.val_size=8: .* 0 when data.val_question_file is set"):
+        instruction_data(exported, val_size=8, val_question_file=str(exported.val / "questions.jsonl"),
+                         val_image_root=str(exported.val / "images"))
+
+
+def test_expand_to_square_pads_with_the_mean_colour_like_llava():
+    image = Image.new("RGB", (6, 4), (10, 20, 30))
+    square = expand_to_square(image, (1, 2, 3))
+    assert square.size == (6, 6)
+    assert square.getpixel((0, 0)) == (1, 2, 3) and square.getpixel((5, 5)) == (1, 2, 3)
+    assert square.getpixel((0, 1)) == (10, 20, 30) and square.getpixel((5, 4)) == (10, 20, 30)
+    assert expand_to_square(square, (0, 0, 0)) is square
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def good_records(exported, count=3):
+    return [conversation(s.question_id, f"{s.question_id}.png", f"<image>\n{s.question}", s.answer)
+            for s in exported.synthetic.samples("train")[:count]]
+
+
+def bad_instruction(kind, exported, tmp_path):
+    sample = exported.synthetic.samples("train")[5]
+    question, answer = sample.question, sample.answer
+    if kind == "missing image":
+        return conversation("bad", "nowhere.png", f"<image>\n{question}", answer), "image file not found"
+    if kind == "unreadable image":
+        (exported.train / "images" / "broken.png").write_bytes(b"not a png")
+        return conversation("bad", "broken.png", f"<image>\n{question}", answer), "image unreadable"
+    if kind == "no placeholder":
+        return conversation("bad", f"{sample.question_id}.png", question, answer), "0 <image> placeholder"
+    if kind == "first turn not human":
+        return (conversation("bad", f"{sample.question_id}.png", answer, f"<image>\n{question}", first_role="gpt"),
+                "the first turn is from 'gpt', expected 'human'")
+    if kind == "empty question":
+        return conversation("bad", f"{sample.question_id}.png", "<image>\n  ", answer), "empty question"
+    if kind == "id twice":
+        duplicate = good_records(exported, 1)[0]
+        return duplicate, "appears twice"
+    raise AssertionError(kind)
+
+
+INSTRUCTION_CASES = ["missing image", "unreadable image", "no placeholder", "first turn not human",
+                     "empty question", "id twice"]
+
+
+@pytest.mark.parametrize("kind", INSTRUCTION_CASES)
+def test_bad_instruction_record_errors_naming_file_and_id(kind, exported, tmp_path):
+    record, problem = bad_instruction(kind, exported, tmp_path)
+    path = write_instructions(tmp_path / "instructions.json", good_records(exported) + [record])
+    data = instruction_data(exported, path)
+    with pytest.raises(ValueError) as raised:
+        data.setup("fit")
+    message = str(raised.value)
+    assert str(path) in message and f"(id {record['id']!r})" in message and problem in message
+
+
+@pytest.mark.parametrize("kind", INSTRUCTION_CASES)
+def test_bad_instruction_record_is_skipped_and_counted(kind, exported, tmp_path, caplog):
+    record, problem = bad_instruction(kind, exported, tmp_path)
+    path = write_instructions(tmp_path / "instructions.json", good_records(exported) + [record])
+    data = instruction_data(exported, path, on_bad_record="skip")
+    with caplog.at_level(logging.WARNING):
+        records = data.train_records
+    assert [r.question_id for r in records] == [r["id"] for r in good_records(exported)]
+    assert len(data.skipped["train"]) == 1 and problem in data.skipped["train"][0]
+    assert "skipped 1 bad record" in caplog.text
+
+
+def bad_question(kind, exported):
+    line = json.loads((exported.test / "questions.jsonl").read_text().splitlines()[0])
+    if kind == "missing image":
+        return {**line, "question_id": "bad", "image": "nowhere.png"}, "image file not found"
+    if kind == "unreadable image":
+        (exported.test / "images" / "broken.png").write_bytes(b"not a png")
+        return {**line, "question_id": "bad", "image": "broken.png"}, "image unreadable"
+    if kind == "empty question":
+        return {**line, "question_id": "bad", "text": "<image>\n "}, "empty question"
+    if kind == "id twice":
+        return line, "appears twice"
+    raise AssertionError(kind)
+
+
+QUESTION_CASES = ["missing image", "unreadable image", "empty question", "id twice"]
+
+
+@pytest.mark.parametrize("kind", QUESTION_CASES)
+@pytest.mark.parametrize("module", ["questions", "instruction"])
+def test_bad_question_record_errors_or_is_skipped(kind, module, exported, tmp_path):
+    record, problem = bad_question(kind, exported)
+    lines = (exported.test / "questions.jsonl").read_text().splitlines()[:3]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("\n".join(lines + [json.dumps(record)]) + "\n")
+
+    def build(on_bad_record):
+        if module == "questions":
+            return questions_data(exported, path, exported.test / "images", on_bad_record=on_bad_record)
+        return instruction_data(exported, test_question_file=str(path), test_image_root=str(exported.test / "images"),
+                                on_bad_record=on_bad_record)
+
+    with pytest.raises(ValueError) as raised:
+        build("error")
+    message = str(raised.value)
+    assert str(path) in message and f"question id {record['question_id']!r}" in message and problem in message
+    data = build("skip")
+    assert len(data.skipped["test"]) == 1 and problem in data.skipped["test"][0]
+    batch = next(iter(data.test_dataloader()))
+    assert batch["question_ids"] == [json.loads(line)["question_id"] for line in lines]
+
+
+def test_settings_are_checked(exported):
+    with pytest.raises(ValueError, match="on_bad_record must be one of"):
+        instruction_data(exported, on_bad_record="ignore")
+    with pytest.raises(ValueError, match=r"data.subset_size=0"):
+        instruction_data(exported, subset_size=0)
+    with pytest.raises(ValueError, match="unknown conversation template"):
+        instruction_data(exported, template="chatml")
+    with pytest.raises(ValueError, match=r"data.benchmark='coco'"):
+        questions_data(exported, exported.test / "questions.jsonl", exported.test / "images", benchmark="coco")
+    with pytest.raises(ValueError, match=r"data.annotation=.* needs data.benchmark"):
+        questions_data(exported, exported.test / "questions.jsonl", exported.test / "images",
+                       annotation=str(exported.test / "questions.jsonl"))
+    with pytest.raises(FileNotFoundError, match=r"data.image_root='/nonexistent/images' \(no such directory\)"):
+        questions_data(exported, exported.test / "questions.jsonl", "/nonexistent/images")
+
+
+# ------------------------------------------------------------------------------------------ benchmark files
+BENCHMARK_FILES = {
+    "gqa": ("gqa/llava_gqa_testdev_balanced.jsonl", "gqa/testdev_balanced_questions.json", "acc"),
+    "pope": ("pope/llava_pope_test.jsonl", "pope", "acc"),
+    "mme": ("mme/llava_mme.jsonl", "mme/eval_tool", "artwork/acc"),
+    "scienceqa": ("scienceqa/llava_test_CQM-A.json", "scienceqa/problems.json", "acc/img"),
+    "vqav2": ("vqav2/llava_vqav2_val.jsonl", "vqav2/v2_mscoco_val2014_annotations.json", None),
+    "textvqa": ("textvqa/llava_textvqa_val.jsonl", "textvqa/TextVQA_0.5.1_val.json", None),
+}
+
+
+@pytest.mark.parametrize("benchmark", sorted(BENCHMARK_FILES))
+def test_reference_answers_come_from_the_benchmark_annotation(benchmark, exported, tmp_path):
+    question_name, annotation_name, metric = BENCHMARK_FILES[benchmark]
+    question_file, annotation = EVAL_FIXTURES / question_name, EVAL_FIXTURES / annotation_name
+    questions = read_questions(question_file, require_image=False, key_by_text=benchmark == "mme")
+    for question in questions:
+        if question.image is not None:
+            (tmp_path / question.image).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / question.image)
+    data = questions_data(exported, question_file, tmp_path, benchmark=benchmark, annotation=str(annotation))
+    with_image = [q for q in questions if q.image is not None]
+    assert [r.question_id for r in data.records] == [str(q.question_id) for q in with_image]
+    assert all(r.answer is not None for r in data.records)
+    if metric is None:  # VQA: the most frequent human answer
+        humans = read_vqa_annotations(annotation)
+        assert [r.answer for r in data.records] == [
+            Counter(humans[r.question_id].answers).most_common(1)[0][0] for r in data.records]
+        return
+    # answering with the reference answers scores 100% under the official protocol
+    answers = [AnswerRecord(question_id=q.question_id, text=r.answer, prompt=q.text)
+               for q, r in zip(with_image, data.records)]
+    write_answers_jsonl(tmp_path / "answers.jsonl", answers)
+    scores = score_answer_file(benchmark, question_file, tmp_path / "answers.jsonl", annotation,
+                               on_bad_record="skip")
+    assert scores[metric] in (1.0, 100.0)
+    if benchmark == "scienceqa":
+        assert all(r.question.endswith(LETTER_PROMPT) and r.question.count(LETTER_PROMPT) == 1 for r in data.records)
+
+
+def test_annotation_without_an_answer_is_a_bad_record(exported, tmp_path):
+    lines = (exported.test / "questions.jsonl").read_text().splitlines()[:3]
+    annotation = {json.loads(line)["question_id"]: {"answer": json.loads(line)["answer"]} for line in lines[:2]}
+    (tmp_path / "gqa.json").write_text(json.dumps(annotation))
+    missing = json.loads(lines[2])["question_id"]
+    with pytest.raises(ValueError, match=rf"question id '{missing}'\): .*gqa.json has no answer"):
+        questions_data(exported, exported.test / "questions.jsonl", exported.test / "images", benchmark="gqa",
+                       annotation=str(tmp_path / "gqa.json"))
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_mmbench_tsv_prompts_carry_hint_options_and_letter_instruction(exported, tmp_path):
+    image = Image.open(exported.test / "images" / "test-000000.png")
+    rows = [
+        "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage",
+        f"0\twhat is the color ?\tnan\tred\tblue\t\t\tB\tcolor\t{png_base64(image)}",
+        f"1\thow many objects are there ?\tadditional information : two\tone\ttwo\tthree\t\tB\tcount\t"
+        f"{png_base64(image)}",
+    ]
+    path = tmp_path / "mmbench_dev_en.tsv"
+    path.write_text("\n".join(rows) + "\n")
+    data = questions_data(exported, path, None, template="tiny")
+    assert data.categories == ["color", "count"]
+    assert [(r.question_id, r.answer, r.context) for r in data.records] == [
+        ("0", "B", None), ("1", "B", "additional information : two")]
+    assert data.records[0].question == f"what is the color ?\nA. red\nB. blue\n{LETTER_PROMPT}"
+    batch = next(iter(data.test_dataloader()))
+    expected_pixels = exported.synthetic.collator([VQAExample("x", image.convert("RGB"), "what ?")])["pixel_values"]
+    assert torch.allclose(batch["pixel_values"][0], expected_pixels[0])
+    assert batch["contexts"] == [None, "additional information : two"]

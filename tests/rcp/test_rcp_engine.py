@@ -1,0 +1,98 @@
+"""RCP on the engine: masks, gradients, soft/physical agreement, frozen base, a short fit."""
+
+import pytest
+import torch
+
+from datamodules.synthetic import SyntheticVQADataModule
+from lvlm_prune.engine import PrunedLlava
+from lvlm_prune.modeling.loading import freeze, load_base_model
+from lvlm_prune.rcp.compensation import RCPCompensation, RCPPruning, scale_layers
+
+
+@pytest.fixture
+def setup(tiny_base_dir):
+    from conftest import TINY_DATA_ARGS
+
+    torch.manual_seed(0)
+    base = freeze(load_base_model(tiny_base_dir))
+    engine = PrunedLlava(base)
+    data = SyntheticVQADataModule(processor_path=str(tiny_base_dir), **TINY_DATA_ARGS)
+    batch = next(iter(data.train_dataloader()))
+    plugin = RCPCompensation(target_prune_ratio=0.75, pruning_layers=[0, 1, 2], repair_layers=[2, 3],
+                             bottleneck=16, num_queries=4, context_dim=16, adapter_bottleneck=8)
+    plugin.attach(engine)
+    return engine, plugin, batch
+
+
+def test_paper_layers_scale_with_depth():
+    assert scale_layers((1, 13, 25), 32) == (1, 13, 25)
+    assert scale_layers((1, 13, 25), 12) == (0, 5, 9)
+    assert scale_layers((22, 29), 12) == (8, 11)
+
+
+def test_initial_pruner_keeps_almost_everything_and_counts_never_grow(setup):
+    engine, plugin, batch = setup
+    with torch.no_grad():
+        out = engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
+                     method=plugin.inference_method(0.75), logits="none")
+    counts = out.visual_tokens_per_layer
+    assert (counts[:, 1:] <= counts[:, :-1]).all(), "a dropped token came back"
+    assert counts.mean() / engine.info.num_visual_tokens > 0.8
+
+
+def test_gradients_reach_pruners_and_adapters_never_the_base(setup):
+    engine, plugin, batch = setup
+    losses = plugin.training_losses(engine, batch, progress=0.3)
+    losses["loss"].backward()
+    assert all(p.grad is None for p in engine.model.parameters())
+    assert not any(p.requires_grad for p in engine.model.parameters())
+    pruner_grads = [p.grad for p in plugin.pruners.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in pruner_grads)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in plugin.adapters.parameters())
+    assert torch.isfinite(losses["loss"]) and set(losses) >= {"ce", "repair", "sparsity", "keep_fraction"}
+
+
+def test_soft_and_physical_paths_agree_for_the_same_hard_mask(setup):
+    engine, plugin, batch = setup
+    for pruner in plugin.pruners:  # make the pruners drop a good share of tokens
+        pruner.bias.data.fill_(-0.5)
+    args = (batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"], batch["prompt_position_ids"])
+    with torch.no_grad():
+        hard = engine(*args, method=RCPPruning(plugin, training=False, temperature=0.2), logits="last")
+        soft = engine(*args, method=RCPPruning(plugin, training=True, temperature=0.2, noise=False), soft=True,
+                      logits="last")
+    assert hard.visual_tokens_per_layer.mean() < engine.info.num_visual_tokens * 0.9
+    torch.testing.assert_close(hard.visual_tokens_per_layer, soft.visual_tokens_per_layer)
+    torch.testing.assert_close(hard.logits, soft.logits, atol=2e-4, rtol=1e-4)
+
+
+def test_calibration_hits_a_requested_budget(setup):
+    engine, plugin, batch = setup
+    offset = plugin.calibrate(engine, [batch], prune_ratio=0.6)
+    with torch.no_grad():
+        out = engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
+                     method=plugin.inference_method(0.6), logits="none")
+    realised = 1 - out.visual_tokens_per_layer.mean().item() / engine.info.num_visual_tokens
+    assert plugin.logit_offsets[0.6] == offset
+    assert abs(realised - 0.6) < 0.08
+
+
+def test_a_short_fit_lowers_the_loss(setup):
+    engine, plugin, batch = setup
+    optimizer = torch.optim.Adam(plugin.parameters(), lr=3e-3)
+    history = []
+    for _ in range(12):
+        losses = plugin.training_losses(engine, batch, progress=0.9)  # noise off: a deterministic objective
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        history.append(losses["loss"].item())
+    assert history[-1] < history[0]
+
+
+def test_bad_layers_are_named(tiny_base_dir):
+    engine = PrunedLlava(freeze(load_base_model(tiny_base_dir)))
+    with pytest.raises(ValueError, match=r"rcp pruning_layers=\[0, 7\]"):
+        RCPCompensation(pruning_layers=[0, 7]).attach(engine)
+    with pytest.raises(ValueError, match="target_prune_ratio=1.2"):
+        RCPCompensation(target_prune_ratio=1.2)

@@ -1,0 +1,84 @@
+"""The real CLI in process: fit, resume, test, config parsing, bad input."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_BASE_ARGS = [
+    "--model.init_args.spec.image_size", "32", "--model.init_args.spec.patch_size", "8",
+    "--model.init_args.spec.vision_hidden_size", "32", "--model.init_args.spec.hidden_size", "32",
+    "--model.init_args.spec.intermediate_size", "64", "--model.init_args.spec.num_layers", "2",
+    "--data.init_args.grid", "4", "--data.init_args.cell_size", "8", "--data.init_args.max_objects", "5",
+    "--data.init_args.num_train", "32", "--data.init_args.num_val", "8", "--data.init_args.num_test", "8",
+    "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "8",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]
+
+
+def run_dir_args(tmp_path):
+    return ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--model.init_args.export_dir", str(tmp_path / "export")]
+
+
+def test_fast_dev_run_fit(tmp_path):
+    cli = cli_main(["fit", "--config", "configs/synthetic/base.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+                    "--trainer.fast_dev_run", "1"])
+    assert cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_resume_continues_the_step_count_and_exports(tmp_path):
+    args = ["fit", "--config", "configs/synthetic/base.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--checkpoint.every_n_train_steps", "2"]
+    cli_main([*args, "--trainer.max_steps", "2"])
+    last = tmp_path / "base" / "run" / "checkpoints" / "last.ckpt"
+    assert last.exists()
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    cli = cli_main([*args, "--trainer.max_steps", "4", "--ckpt_path", str(last)])
+    assert cli.trainer.global_step == 4
+    assert (tmp_path / "export" / "config.json").exists() and (tmp_path / "export" / "tokenizer.json").exists()
+    test = cli_main(["test", "--config", "configs/synthetic/base.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+                     "--ckpt_path", str(last), "--trainer.callbacks+=callbacks.answer_writer.AnswerFileWriter"])
+    assert 0.0 <= float(test.trainer.callback_metrics["test/acc"]) <= 1.0
+    answers = list((tmp_path / "base" / "run").glob("answers_test.jsonl"))
+    assert answers and len(answers[0].read_text().splitlines()) == 8
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
+def test_every_config_starts_with_its_command_and_parses(path, capsys):
+    text = (ROOT / path).read_text()
+    assert text.startswith("# python cli.py ") or text.startswith("# lvlm-prune "), path
+    yaml.safe_load(text)
+    command = text.splitlines()[0].removeprefix("# python cli.py ").removeprefix("# lvlm-prune ").split()
+    subcommand, args = command[0], command[1:]
+    if "--config" not in args:
+        pytest.skip("fragment without a --config of its own")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([subcommand, *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert "model" in printed and "trainer" in printed
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", "configs/synthetic/base.yaml", "--model.init_args.learnig_rate", "1e-3"])
+    assert "learnig_rate" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
+        cli_main(["fit", "--config", "configs/synthetic/base.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+                  "--trainer.max_steps", "1", "--ckpt_path", str(tmp_path / "nowhere.ckpt")])
+
+
+def test_missing_base_model_directory_is_named(tmp_path):
+    with pytest.raises((SystemExit, FileNotFoundError, ValueError)) as info:
+        cli_main(["test", "--config", "configs/synthetic/sweep.yaml", "--model.init_args.base_model_path",
+                  str(tmp_path / "no_base"), "--data.init_args.processor_path", str(tmp_path / "no_base")])
+    assert "no_base" in str(info.value) or info.type is SystemExit

@@ -1,0 +1,58 @@
+"""Tiny model, tokenizer, processor: round trips through save_pretrained / from_pretrained."""
+
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.synthetic_vqa import SyntheticVQAConfig, vocabulary
+from lvlm_prune.modeling.loading import load_base_model, load_processor
+from lvlm_prune.modeling.prompt import TINY_DEFAULT, VICUNA_V1
+from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
+
+
+def test_tokenizer_and_processor_round_trip(tmp_path):
+    tokenizer = build_word_tokenizer(vocabulary(SyntheticVQAConfig()))
+    processor = build_processor(tokenizer, image_size=64, patch_size=8)
+    text = TINY_DEFAULT.prompt("what is the color of the object at row 2 column 3 ?") + TINY_DEFAULT.target("red")
+    image = Image.new("RGB", (64, 64), (200, 10, 10))
+    before = processor(images=[image], text=[text], return_tensors="pt")
+    processor.save_pretrained(tmp_path)
+    loaded = load_processor(tmp_path)
+    after = loaded(images=[image], text=[text], return_tensors="pt")
+    assert torch.equal(before["input_ids"], after["input_ids"])
+    assert torch.allclose(before["pixel_values"], after["pixel_values"])
+    assert (before["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")).sum() == 64
+    assert before["input_ids"][0, 0] == tokenizer.bos_token_id and before["input_ids"][0, -1] == tokenizer.eos_token_id
+    decoded = tokenizer.decode(before["input_ids"][0, -3:], skip_special_tokens=True)
+    assert decoded == "ASSISTANT : red"
+
+
+def test_save_pretrained_then_from_pretrained_gives_identical_logits(tiny_base_dir):
+    from conftest import make_batch
+
+    model = load_base_model(tiny_base_dir).eval()
+    again = load_base_model(tiny_base_dir).eval()
+    config = model.config
+    ids = torch.randint(3, 60, (2, 24))
+    ids[:, 1:17] = config.image_token_id
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a = model(input_ids=ids, pixel_values=pixels).logits
+        b = again(input_ids=ids, pixel_values=pixels).logits
+    assert torch.equal(a, b)
+
+
+def test_vicuna_template_matches_llava15():
+    prompt = VICUNA_V1.prompt("What is shown?")
+    assert prompt.startswith("A chat between a curious human and an artificial intelligence assistant.")
+    assert prompt.endswith(" USER: <image>\nWhat is shown? ASSISTANT:")
+    assert VICUNA_V1.target("A cat.") == " A cat.</s>"
+
+
+def test_missing_or_incomplete_directories_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_base_model(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_base_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds no processor"):
+        load_processor(tmp_path)
