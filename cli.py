@@ -7,8 +7,13 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
+
+from callbacks.resume import ResumableDataOrder, resume_checkpoint  # noqa: E402
+from lightning_modules.strategies import AtomicCheckpointIO  # noqa: E402
 
 
 class LVLMPruneCLI(LightningCLI):
@@ -17,6 +22,11 @@ class LVLMPruneCLI(LightningCLI):
     - The datamodule owns the processor (tokenizer + image processor) and the question categories; the
       model receives them at instantiation, so a YAML names them once.
     - A `ModelCheckpoint` is always present (`--checkpoint.*`) and keeps `last.ckpt` for resuming.
+    - A TQDM progress bar is always present (`--progress_bar.*`): it also prints progress when the output is a
+      log file, which Rich's bar does not.
+    - Resuming is exact and automatic: `ResumableDataOrder` (`--data_order.*`) continues the data order
+      mid-epoch, checkpoint files are written atomically, and `fit --ckpt_path auto` resumes from the newest
+      of the SLURM requeue checkpoint and `last.ckpt` (or starts fresh when there is none).
     """
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -24,6 +34,26 @@ class LVLMPruneCLI(LightningCLI):
         parser.link_arguments("data.categories", "model.init_args.categories", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.add_lightning_class_args(TQDMProgressBar, "progress_bar")
+        parser.set_defaults({"progress_bar.refresh_rate": 10})
+        parser.add_lightning_class_args(ResumableDataOrder, "data_order")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO is kept
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "auto":
+            return
+        config["ckpt_path"] = resume_checkpoint(self.trainer)
+        if config["ckpt_path"] is None:
+            rank_zero_warn("--ckpt_path auto: no checkpoint of this run yet, starting from scratch (a requeued run "
+                           "finds its checkpoints only under a fixed logger version or checkpoint.dirpath)")
+        else:
+            rank_zero_info(f"--ckpt_path auto: resuming from {config['ckpt_path']}")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LVLMPruneCLI:

@@ -1,12 +1,16 @@
-"""The main job on the embedded default: data -> base LVLM -> evaluation -> summary.
+"""The main job on the embedded default.
 
-Every stage writes under one run directory and is skipped when its output exists, so re-running
-continues where a previous run stopped (an interrupted base training resumes from its last.ckpt).
+    data -> base LVLM (trained from scratch) -> its evaluation -> training-free pruning sweep
+         -> RCP (trained on the frozen base) -> ACCM (trained on the frozen base) -> summary
+
+Every stage writes under one run directory and is skipped when its output exists, so re-running continues
+where a previous run stopped (an interrupted training resumes from its last.ckpt).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -17,10 +21,10 @@ sys.path.insert(0, str(ROOT))
 
 from cli import cli_main  # noqa: E402
 
-BASE_CONFIG = "configs/synthetic/base.yaml"
+STAGES = ("data", "base", "base_eval", "sweep", "rcp", "accm")
 
 
-def stage(title: str) -> None:
+def banner(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
@@ -29,87 +33,139 @@ def run_cli(args: list[str]) -> dict[str, float]:
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
 
 
-def export_data(run_dir: Path) -> Path:
-    from datamodules.synthetic import SyntheticVQADataModule
-
-    data_dir = run_dir / "data"
-    if (data_dir / "test" / "questions.jsonl").exists():
-        print(f"reusing {data_dir}")
-        return data_dir
-    data = SyntheticVQADataModule(num_test=1024)
-    for split in ("test",):
-        data.export_llava_format(split, data_dir / split)
-    print(f"wrote the test split in LLaVA formats to {data_dir}")
-    return data_dir
-
-
-def train_base(run_dir: Path) -> float:
-    export_dir = run_dir / "base_model"
-    if (export_dir / "config.json").exists():
-        print(f"reusing the trained base model in {export_dir}")
-        return float("nan")
-    last = run_dir / "base" / "run" / "checkpoints" / "last.ckpt"
-    args = ["fit", "--config", BASE_CONFIG, *_run_dir_args(run_dir)]
+def resume_args(run_dir: Path, name: str) -> list[str]:
+    last = run_dir / name / "run" / "checkpoints" / "last.ckpt"
     if last.exists():
-        print(f"resuming base training from {last}")
-        args += ["--ckpt_path", str(last)]
-    start = time.perf_counter()
-    run_cli(args)
-    return time.perf_counter() - start
+        print(f"resuming from {last}")
+        return ["--ckpt_path", str(last)]
+    return []
 
 
-def _run_dir_args(run_dir: Path) -> list[str]:
-    return [
-        "--trainer.logger.init_args.save_dir", str(run_dir),
-        "--trainer.default_root_dir", str(run_dir / "base"),
-        "--model.init_args.export_dir", str(run_dir / "base_model"),
-    ]
+def logger_args(run_dir: Path, name: str, version: str = "run") -> list[str]:
+    return ["--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.logger.init_args.name", name,
+            "--trainer.logger.init_args.version", version, "--trainer.default_root_dir", str(run_dir / name)]
 
 
-def evaluate_base(run_dir: Path) -> dict[str, dict[str, float]]:
-    results_path = run_dir / "base_eval.json"
-    if results_path.exists():
-        print(f"reusing {results_path}")
-        return json.loads(results_path.read_text())
-    last = run_dir / "base" / "run" / "checkpoints" / "last.ckpt"
-    settings = {
-        "all visual tokens": [],
-        "random 11% of visual tokens": ["--data.init_args.eval_hidden_visual_fraction", "0.889"],
-        "description, no image": ["--data.init_args.eval_context", "relevant",
-                                  "--data.init_args.eval_hidden_visual_fraction", "1.0"],
-    }
-    results = {}
-    for name, extra in settings.items():
-        print(f"-- test: {name}")
-        metrics = run_cli(["test", "--config", BASE_CONFIG, *_run_dir_args(run_dir), "--ckpt_path", str(last),
-                           "--trainer.logger.init_args.version", "test", *extra])
-        results[name] = {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
-    results_path.write_text(json.dumps(results, indent=2))
-    return results
+def base_args(run_dir: Path) -> list[str]:
+    path = str(run_dir / "base_model")
+    return ["--model.init_args.base_model_path", path, "--data.init_args.processor_path", path]
+
+
+class Demo:
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.timings: dict[str, float] = {}
+
+    def timed(self, name: str, fn) -> None:
+        start = time.perf_counter()
+        fn()
+        self.timings[name] = time.perf_counter() - start
+
+    def data(self) -> None:
+        from datamodules.synthetic import SyntheticVQADataModule
+
+        target = self.run_dir / "data" / "test"
+        if (target / "questions.jsonl").exists():
+            print(f"reusing {target}")
+            return
+        SyntheticVQADataModule(num_test=1024).export_llava_format("test", target)
+        print(f"wrote the test split in LLaVA formats (questions.jsonl, instructions.json, images/) to {target}")
+
+    def base(self) -> None:
+        if (self.run_dir / "base_model" / "config.json").exists():
+            print(f"reusing the trained base model in {self.run_dir / 'base_model'}")
+            return
+        run_cli(["fit", "--config", "configs/synthetic/base.yaml", *logger_args(self.run_dir, "base"),
+                 "--model.init_args.export_dir", str(self.run_dir / "base_model"), *resume_args(self.run_dir, "base")])
+
+    def base_eval(self) -> None:
+        path = self.run_dir / "base_eval.json"
+        if path.exists():
+            print(f"reusing {path}")
+            return
+        settings = {
+            "all visual tokens": [],
+            "random 11% of visual tokens (before the LLM)": ["--data.init_args.eval_hidden_visual_fraction", "0.889"],
+            "description of the objects that matter, no image": [
+                "--data.init_args.eval_context", "relevant", "--data.init_args.eval_hidden_visual_fraction", "1.0"],
+        }
+        results = {}
+        for name, extra in settings.items():
+            print(f"-- test: {name}")
+            metrics = run_cli(["test", "--config", "configs/synthetic/sweep.yaml", *base_args(self.run_dir),
+                               *logger_args(self.run_dir, "base_eval", name.split()[0]),
+                               "--trainer.callbacks", "[]", *extra])
+            results[name] = {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
+        path.write_text(json.dumps(results, indent=2))
+
+    def sweep(self) -> None:
+        if (self.run_dir / "sweep" / "run" / "sweep.csv").exists():
+            print(f"reusing {self.run_dir / 'sweep' / 'run' / 'sweep.csv'}")
+            return
+        run_cli(["test", "--config", "configs/synthetic/sweep.yaml", *base_args(self.run_dir),
+                 *logger_args(self.run_dir, "sweep")])
+
+    def _compensation(self, config: str, name: str) -> None:
+        if (self.run_dir / name / "run" / "sweep.csv").exists():
+            print(f"reusing {self.run_dir / name}")
+            return
+        run_cli(["fit", "--config", config, *base_args(self.run_dir), *logger_args(self.run_dir, name),
+                 "--model.init_args.plugin_export_path", str(self.run_dir / name / "plugin.safetensors"),
+                 *resume_args(self.run_dir, name)])
+
+    def rcp(self) -> None:
+        self._compensation("configs/synthetic/rcp.yaml", "rcp_r0.889")
+
+    def accm(self) -> None:
+        self._compensation("configs/synthetic/accm.yaml", "accm_r0.969")
+
+    def summary(self) -> None:
+        banner("summary")
+        base_eval = self.run_dir / "base_eval.json"
+        if base_eval.exists():
+            print(f"{'base LVLM, test split':52s} {'accuracy':>9s}")
+            for name, metrics in json.loads(base_eval.read_text()).items():
+                print(f"{name:52s} {metrics.get('acc', float('nan')):9.3f}")
+        rows = []
+        for name in ("sweep", "rcp_r0.889", "accm_r0.969"):
+            path = self.run_dir / name / "run" / "sweep.csv"
+            if path.exists():
+                rows += [r for r in csv.DictReader(path.open()) if r["status"] == "ok"]
+        if rows:
+            print(f"\n{'method':>16s} {'r':>7s} {'realised':>8s} {'visual':>7s} {'GFLOPs(LLM)':>11s} "
+                  f"{'GFLOPs(total)':>13s} {'acc':>6s}")
+            seen = set()
+            for r in rows:
+                key = (r["method"], r["prune_ratio"])
+                if key in seen:
+                    continue
+                seen.add(key)
+                print(f"{r['method']:>16s} {float(r['prune_ratio']):7.4f} {float(r['realised_prune_ratio']):8.3f} "
+                      f"{float(r['avg_visual_tokens']):7.1f} {float(r['tflops']) * 1e3:11.3f} "
+                      f"{float(r['tflops_total']) * 1e3:13.3f} {float(r['accuracy']):6.3f}")
+        print("\nstage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.timings.items()))
+        print(f"outputs in {self.run_dir} (TensorBoard: tensorboard --logdir {self.run_dir})")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/demo", help="where every output goes")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run, in order")
     args = parser.parse_args()
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    demo = Demo(run_dir)
     start = time.perf_counter()
-
-    stage("1/3 synthetic benchmark")
-    export_data(run_dir)
-    stage("2/3 base LVLM (tiny LLaVA, trained from scratch)")
-    train_seconds = train_base(run_dir)
-    stage("3/3 evaluation of the base")
-    results = evaluate_base(run_dir)
-
-    stage("summary")
-    print(f"{'setting':32s} {'accuracy':>9s}")
-    for name, metrics in results.items():
-        print(f"{name:32s} {metrics.get('acc', float('nan')):9.3f}")
-    if train_seconds == train_seconds:
-        print(f"base training: {train_seconds / 60:.1f} min")
-    print(f"total: {(time.perf_counter() - start) / 60:.1f} min; outputs in {run_dir}")
+    titles = {"data": "synthetic benchmark", "base": "base LVLM (tiny LLaVA, trained from scratch)",
+              "base_eval": "evaluation of the base", "sweep": "training-free pruning sweep",
+              "rcp": "RCP (frozen base, r = 0.889)", "accm": "ACCM (frozen base, r = 0.969)"}
+    for index, stage in enumerate(args.stages, 1):
+        banner(f"{index}/{len(args.stages)} {titles[stage]}")
+        demo.timed(stage, getattr(demo, stage))
+    demo.summary()
+    total = time.perf_counter() - start
+    print(f"total: {total / 60:.1f} min")
+    (run_dir / "timings.json").write_text(json.dumps({**demo.timings, "total": total}, indent=2))
 
 
 if __name__ == "__main__":

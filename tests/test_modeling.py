@@ -23,7 +23,7 @@ def test_tokenizer_and_processor_round_trip(tmp_path):
     assert torch.allclose(before["pixel_values"], after["pixel_values"])
     assert (before["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")).sum() == 64
     assert before["input_ids"][0, 0] == tokenizer.bos_token_id and before["input_ids"][0, -1] == tokenizer.eos_token_id
-    decoded = tokenizer.decode(before["input_ids"][0, -3:], skip_special_tokens=True)
+    decoded = tokenizer.decode(before["input_ids"][0, -4:], skip_special_tokens=True)
     assert decoded == "ASSISTANT : red"
 
 

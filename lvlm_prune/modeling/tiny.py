@@ -30,6 +30,9 @@ class TinyLlavaSpec:
         num_kv_heads: Llama key/value heads (fewer than num_heads = grouped-query attention).
         max_position_embeddings: longest sequence.
         vision_feature_layer: which CLIP layer LLaVA reads (-2 in LLaVA-1.5).
+        initializer_range: std of the normal initialisation of weights; None = 1 / sqrt(width) per tower.
+            transformers' default 0.02 suits widths near 768: at width 128 it shrinks every linear layer's
+            output about 4x, attention logits start near zero and learning to attend crawls.
     """
 
     image_size: int = 64
@@ -44,6 +47,7 @@ class TinyLlavaSpec:
     num_kv_heads: int = 2
     max_position_embeddings: int = 512
     vision_feature_layer: int = -1
+    initializer_range: float | None = None
 
     @property
     def num_visual_tokens(self) -> int:
@@ -75,6 +79,7 @@ def build_tiny_llava_config(
         image_size=spec.image_size,
         patch_size=spec.patch_size,
         projection_dim=spec.vision_hidden_size,
+        initializer_range=spec.initializer_range or spec.vision_hidden_size**-0.5,
     )
     text = LlamaConfig(
         vocab_size=vocab_size,
@@ -88,6 +93,7 @@ def build_tiny_llava_config(
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         tie_word_embeddings=False,
+        initializer_range=spec.initializer_range or spec.hidden_size**-0.5,
     )
     return LlavaConfig(
         vision_config=vision,
