@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +18,18 @@ from safetensors.torch import load_file, save_file
 from lightning_modules.common import warmup_cosine
 from lightning_modules.frozen_base import FrozenBaseModule
 from lvlm_prune.compensation import Compensation
-from lvlm_prune.runner import GenerationResult
+from lvlm_prune.runner import GenerationResult, generate_with_method
 
 log = logging.getLogger(__name__)
 
 BASE_PREFIX = "base."
+
+OUT_OF_MEMORY_ADVICE = (
+    "out of memory in {where}. Lower data.init_args.batch_size (raise trainer.accumulate_grad_batches to keep "
+    "the effective batch), lower data.init_args.max_length, load the base quantised "
+    "(model.init_args.quantization: 4bit or 8bit), or add a DeepSpeed preset (--config "
+    "configs/trainer/deepspeed_zero2.yaml, or deepspeed_zero3.yaml, which also partitions the frozen base)"
+)
 
 
 class CompensationModule(FrozenBaseModule):
@@ -83,9 +93,11 @@ class CompensationModule(FrozenBaseModule):
         self.compensation = compensation
         self.compensation.attach(self.engine, self.tokenizer)
         self.base_fingerprint = fingerprint(self.base)
+        keep_quantized_base_differentiable(self.base)
         if plugin_weights_path:
             load_plugin_weights(self.compensation, plugin_weights_path)
         self.skipped_steps = 0
+        self._skip_step = False
 
     @property
     def compensation_name(self) -> str:
@@ -126,17 +138,27 @@ class CompensationModule(FrozenBaseModule):
 
     @torch.no_grad()
     def generate_with(self, batch: dict[str, Any], name: str, prune_ratio: float) -> GenerationResult:
-        if name not in self.plugin_method_names():
-            return super().generate_with(batch, name, prune_ratio)
-        self._calibrate(prune_ratio)
-        variant = {} if name == self.compensation_name else {"variant": name}
-        return self.compensation.generate(self.engine, batch, prune_ratio, self.hparams.max_new_tokens,
-                                          self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, **variant)
+        # Under ZeRO-3 every submodule call gathers its weights collectively, so all ranks must make the same
+        # calls: they decode max_new_tokens steps whatever EOS says, and the tokens after EOS are padded here.
+        lockstep = _partitioned(self.parameters()) and self._trainer is not None and self.trainer.world_size > 1
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        with out_of_memory_advice("generation"):
+            if name not in self.plugin_method_names():
+                result = generate_with_method(self.engine, batch, self.make_method(name, prune_ratio),
+                                              self.hparams.max_new_tokens, None if lockstep else eos, pad)
+            else:
+                self._calibrate(prune_ratio)
+                variant = {} if name == self.compensation_name else {"variant": name}
+                result = self.compensation.generate(self.engine, batch, prune_ratio, self.hparams.max_new_tokens,
+                                                    None if lockstep else eos, pad, **variant)
+        if lockstep and eos is not None:
+            result.tokens = pad_after_eos(result.tokens, eos, pad)
+        return result
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        trainable = sum(_numel(p) for p in self.parameters() if p.requires_grad)
+        frozen = sum(_numel(p) for p in self.parameters() if not p.requires_grad)
         message = (f"{self.compensation_name}: {trainable:,} trainable plug-in parameters, {frozen:,} frozen base "
                    f"parameters ({100 * trainable / max(1, trainable + frozen):.2f}% trainable)")
         log.info(message)
@@ -148,21 +170,50 @@ class CompensationModule(FrozenBaseModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         progress = min(1.0, self.global_step / total)
-        losses = self.compensation.training_losses(self.engine, batch, progress)
+        # The plug-in's random draws (RCP's Gumbel noise) use the global generator reseeded from (seed, rank,
+        # step, batch) inside fork_rng: a resumed run draws what the uninterrupted run drew at the same step.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), out_of_memory_advice("the training step"):
+            torch.manual_seed(self._step_seed(batch_idx))
+            losses = self.compensation.training_losses(self.engine, batch, progress)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            message = (f"non-finite loss at step {self.global_step} "
-                       f"({ {k: float(v) for k, v in losses.items() if v.numel() == 1} }); ")
+        # every rank skips together: a rank without backward would leave the others waiting in the all-reduce
+        finite = bool(torch.isfinite(loss))
+        self._skip_step = not self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if self._skip_step:
+            message = (f"non-finite loss{'' if not finite else ' on another rank'} at step {self.global_step} "
+                       f"(this rank: { {k: float(v.detach()) for k, v in losses.items() if v.numel() == 1} }); ")
             if self.hparams.nonfinite_loss == "raise":
                 raise FloatingPointError(message + "set model.nonfinite_loss=skip to skip such steps")
             self.skipped_steps += 1
-            log.warning(message + "step skipped (model.nonfinite_loss=skip)")
+            log.warning(message + "step skipped: no weight or optimiser-state update (model.nonfinite_loss=skip)")
             self.log("train/skipped_steps", float(self.skipped_steps))
-            return None
+            if self.trainer.world_size == 1:
+                return None
+            # Lightning needs a loss from every rank under DDP/DeepSpeed: a zero one whose backward completes the
+            # gradient all-reduce; optimizer_step then skips the update itself.
+            return sum((p * 0.0).sum() for p in self.compensation.parameters() if p.requires_grad)
         size = batch["input_ids"].shape[0]
         self.log_dict({f"train/{k}": v.float() for k, v in losses.items() if k != "loss"}, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        # The closure runs first so a skipped step (non-finite loss) never reaches optimizer.step: AdamW would
+        # still decay the weights and move its moments, and DeepSpeed refuses a step without backward.
+        with out_of_memory_advice("the training step or its backward pass"):
+            loss = optimizer_closure() if optimizer_closure is not None else None
+        if self._skip_step:
+            return
+        optimizer.step(closure=lambda: loss)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        with out_of_memory_advice("the validation step"):
+            super().validation_step(batch, batch_idx)
+
+    def _step_seed(self, batch_idx: int) -> int:
+        key = f"{os.environ.get('PL_GLOBAL_SEED', 0)}/{self.global_rank}/{self.global_step}/{batch_idx}"
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
 
     def configure_optimizers(self):
         parameters = [p for p in self.compensation.parameters() if p.requires_grad]
@@ -174,9 +225,13 @@ class CompensationModule(FrozenBaseModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        if self.hparams.plugin_export_path and self.trainer.is_global_zero:
-            export_plugin_weights(self.compensation, self.hparams.plugin_export_path,
-                                  {"base_model_path": self.hparams.base_model_path, "base_fingerprint": self.base_fingerprint})
+        if not self.hparams.plugin_export_path:
+            return
+        with gathered(self.compensation.parameters()):  # ZeRO-3: every rank takes part in the gather
+            if self.trainer.is_global_zero:
+                export_plugin_weights(self.compensation, self.hparams.plugin_export_path,
+                                      {"base_model_path": self.hparams.base_model_path,
+                                       "base_fingerprint": self.base_fingerprint})
 
     # ------------------------------------------------------------------ lean checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -202,6 +257,51 @@ class CompensationModule(FrozenBaseModule):
             self.compensation.logit_offsets.update(checkpoint.get("calibration", {}))
 
 
+@contextlib.contextmanager
+def out_of_memory_advice(where: str) -> Iterator[None]:
+    """Re-raise an out-of-memory error (CUDA, or the CPU allocator's) with the settings that lower memory."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
+        advised = str(error).startswith("out of memory in ")
+        if advised or not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
+            raise
+        raise type(error)(f"{OUT_OF_MEMORY_ADVICE.format(where=where)}\n{error}") from error
+
+
+def pad_after_eos(tokens: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """(B, T) generated ids with every token after each row's first EOS replaced by padding."""
+    after = (tokens == eos_token_id).long().cumsum(1) - (tokens == eos_token_id).long() > 0
+    return tokens.masked_fill(after, pad_token_id)
+
+
+def _partitioned(parameters: Iterable[torch.nn.Parameter]) -> bool:
+    return any(hasattr(p, "ds_id") for p in parameters)
+
+
+def _numel(parameter: torch.nn.Parameter) -> int:
+    return getattr(parameter, "ds_numel", parameter.numel())  # a ZeRO-3 partitioned parameter has numel 0
+
+
+def gathered(parameters: Iterable[torch.nn.Parameter]):
+    """Context in which ZeRO-3 partitioned `parameters` are whole on every rank (a no-op otherwise)."""
+    parameters = list(parameters)
+    if not _partitioned(parameters):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+
+
+def keep_quantized_base_differentiable(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks a 4-bit Linear for AVX512-BF16 CPUs at its first no-grad eval-mode call and from then
+    on runs a kernel without backward, so the plug-ins' gradients through the frozen base would be silently
+    wrong (the teacher pass is such a call). Off for every 4-bit layer of the base."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
 def fingerprint(model: torch.nn.Module) -> str:
     """A short hash of the base's config and a sample of its weights (first/last values of every tensor)."""
     digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
@@ -217,7 +317,8 @@ def export_plugin_weights(plugin: Compensation, path: str | Path, metadata: dict
     """The plug-in alone: `<path>` (safetensors) + `<path>.json` (its constructor arguments + the base it fits)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in plugin.state_dict().items()}
+    # clone: tied weights (e.g. a GPT-2 caption model's wte and lm_head) share memory, which safetensors refuses
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in plugin.state_dict().items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={"plugin": plugin.name})
     tmp.replace(path)

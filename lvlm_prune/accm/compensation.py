@@ -13,9 +13,11 @@ Training is self-supervised. Stage 1 (progress < warmup_fraction) warm-starts th
 descriptions the frozen LVLM itself writes from all visual tokens for `describe_instruction`. Stage 2 ranks
 the M candidates by the mean KL(full-token reference || pruned + candidate) of the frozen LVLM's answer
 distributions and trains the caption model (margin-weighted CE on the best candidate, or DPO) and the
-selector (CE toward the best candidate). The dataset's answer text is used only to mark *where* the answer
-positions are in the teacher-forced sequence (the KL compares two distributions of the frozen model at
-those positions, never a distribution against the label); no label trains anything directly.
+selector (CE toward the best candidate). The dataset's answer tokens serve only as the teacher-forced
+continuation that marks where the answer positions are: both runs read the same answer tokens and the KL
+compares the frozen model's two distributions there, never a distribution against the label, so no label is
+ever a training target (as in the paper's self-supervision; a question-only variant would need the frozen
+model's own greedy answer instead).
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ class VisualSelection:
         keep: (B, N) bool, kept tokens.
         discarded: (B, Nd, d) the discarded tokens' original features, packed in raster order.
         discarded_mask: (B, Nd) bool, real entries of `discarded`.
+        discarded_index: (B, Nd) original index (raster position) of each discarded token.
     """
 
     features: torch.Tensor
@@ -137,6 +140,7 @@ class VisualSelection:
     keep: torch.Tensor
     discarded: torch.Tensor
     discarded_mask: torch.Tensor
+    discarded_index: torch.Tensor
 
 
 @dataclass
@@ -225,6 +229,8 @@ class ACCMCompensation(Compensation):
         caption_prefix_length: P prefix embeddings made from the discarded visual tokens.
         caption_mapper_layers: transformer layers of the prefix mapper.
         caption_dropout: dropout of the caption decoder and mapper.
+        caption_position_embedding: add a learned embedding of each discarded token's grid position (zero at the
+            start) before the mapper, which is otherwise a set model: it sees what was discarded, not where.
         max_caption_tokens: longest caption, EOS included (warm-start targets are cut to it as well).
         max_instruction_tokens: the caption model's instruction (describe_instruction with the question) is cut
             to this many tokens.
@@ -244,6 +250,9 @@ class ACCMCompensation(Compensation):
         describe_instruction: format string with {question}: the instruction of the caption model, and the
             question the frozen LVLM answers with all visual tokens to make the warm-start captions.
         conversation_template: template of the data's prompts ('tiny', 'vicuna_v1'); builds the describe prompts.
+        question_suffixes: answer-format instructions cut from the end of a question before it goes into
+            describe_instruction and the selector's input (e.g. LLaVA's "Answer the question using a single word
+            or phrase.", which would make the frozen LVLM's description one word long).
         warmup_fraction: fraction of training (progress) spent in stage 1, the caption warm start.
         objective: stage-2 caption objective: 'kl_ce' (margin-weighted CE on the lowest-KL candidate) or 'dpo'
             (lowest vs highest KL candidate against a frozen copy of the caption model taken at the stage-2 start).
@@ -266,6 +275,7 @@ class ACCMCompensation(Compensation):
         caption_prefix_length: int = 8,
         caption_mapper_layers: int = 2,
         caption_dropout: float = 0.1,
+        caption_position_embedding: bool = True,
         max_caption_tokens: int = 24,
         max_instruction_tokens: int = 32,
         num_candidates: int = 3,
@@ -282,6 +292,7 @@ class ACCMCompensation(Compensation):
         context_prefix: str = "additional information:",
         describe_instruction: str = "describe the objects that matter for : {question}",
         conversation_template: str = "tiny",
+        question_suffixes: list[str] | None = None,
         warmup_fraction: float = 0.3,
         objective: str = "kl_ce",
         dpo_beta: float = 0.1,
@@ -327,14 +338,18 @@ class ACCMCompensation(Compensation):
         self.caption_embed_dim, self.caption_num_layers = caption_embed_dim, caption_num_layers
         self.caption_num_heads, self.caption_prefix_length = caption_num_heads, caption_prefix_length
         self.caption_mapper_layers, self.caption_dropout = caption_mapper_layers, caption_dropout
+        self.caption_position_embedding = caption_position_embedding
         self.max_caption_tokens, self.max_instruction_tokens = max_caption_tokens, max_instruction_tokens
         self.num_candidates, self.num_beams, self.strategy = num_candidates, num_beams, strategy
         self.sample_temperature, self.sample_top_p = sample_temperature, sample_top_p
-        self.selector_hidden, self.selector_layers, self.selector_heads = selector_hidden, selector_layers, selector_heads
+        self.selector_hidden, self.selector_layers = selector_hidden, selector_layers
+        self.selector_heads = selector_heads
         self.selector_encoder = selector_encoder
-        self.selector_question_prefix, self.selector_supplement_prefix = selector_question_prefix, selector_supplement_prefix
+        self.selector_question_prefix = selector_question_prefix
+        self.selector_supplement_prefix = selector_supplement_prefix
         self.context_prefix = context_prefix
         self.describe_instruction = describe_instruction
+        self.question_suffixes = [x.strip() for x in (question_suffixes or []) if x.strip()]
         self.warmup_fraction = warmup_fraction
         self.objective, self.dpo_beta = objective, dpo_beta
         self.caption_weight, self.selector_weight = caption_weight, selector_weight
@@ -372,8 +387,13 @@ class ACCMCompensation(Compensation):
             bos_token_id=bos, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
             dropout=self.caption_dropout,
         )
+        if self.caption_position_embedding:
+            self.discarded_positions = nn.Embedding(self.info.num_visual_tokens, self.info.hidden_size)
+            nn.init.zeros_(self.discarded_positions.weight)
         if self.objective == "dpo":
             self.reference_caption_model = copy.deepcopy(self.caption_model).requires_grad_(False)
+            if self.caption_position_embedding:
+                self.reference_discarded_positions = copy.deepcopy(self.discarded_positions).requires_grad_(False)
             self.register_buffer("reference_ready", torch.zeros((), dtype=torch.bool))
         lm = engine.language_model
         # the frozen encoder is held outside the module tree: the base never becomes a plug-in parameter
@@ -402,10 +422,18 @@ class ACCMCompensation(Compensation):
             mask[i, : len(row)] = 1
         return ids.to(device), mask.to(device)
 
+    def question_text(self, question: str) -> str:
+        """The question without surrounding space and without a trailing `question_suffixes` entry."""
+        question = question.strip()
+        for suffix in self.question_suffixes:
+            if question.endswith(suffix):
+                question = question[: -len(suffix)].strip()
+        return question
+
     def instructions(self, questions: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Q) ids and mask of the caption model's instruction (describe_instruction with each question)."""
-        rows = [self._token_ids(self.describe_instruction.format(question=q.strip()))[: self.max_instruction_tokens]
-                for q in questions]
+        rows = [self._token_ids(self.describe_instruction.format(question=self.question_text(q)))
+                [: self.max_instruction_tokens] for q in questions]
         return self._pad_rows(rows, self.pad_token_id, device)
 
     # ------------------------------------------------------------------ pruning
@@ -431,7 +459,18 @@ class ACCMCompensation(Compensation):
         keep = method.before_llm(ctx)
         keep = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device) if keep is None else keep.bool()
         discarded, discarded_mask = gather_rows(features, ~keep)
-        return VisualSelection(features, vision_hidden, ctx.visual_features, keep, discarded, discarded_mask)
+        positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+        discarded_index = gather_rows(positions, ~keep)[0]
+        return VisualSelection(features, vision_hidden, ctx.visual_features, keep, discarded, discarded_mask,
+                               discarded_index)
+
+    def caption_visual(self, selection: VisualSelection, reference: bool = False) -> torch.Tensor:
+        """(B, Nd, d) what the caption model reads: the discarded tokens (+ their grid-position embedding); with
+        `reference`, through the DPO reference's frozen copy of that embedding."""
+        if not self.caption_position_embedding:
+            return selection.discarded
+        table = self.reference_discarded_positions if reference else self.discarded_positions
+        return selection.discarded + table(selection.discarded_index).to(selection.discarded.dtype)
 
     # ------------------------------------------------------------------ captions
     def _sampling_generator(self, device: torch.device) -> torch.Generator | None:
@@ -445,7 +484,7 @@ class ACCMCompensation(Compensation):
         """M candidate captions per sample from the discarded visual tokens (no grad)."""
         ids, mask = self.instructions(batch["questions"], selection.features.device)
         return self.caption_model.generate_candidates(
-            ids, mask, selection.discarded, selection.discarded_mask, num_candidates=self.num_candidates,
+            ids, mask, self.caption_visual(selection), selection.discarded_mask, num_candidates=self.num_candidates,
             num_beams=self.num_beams, max_new_tokens=self.max_caption_tokens, strategy=self.strategy,
             temperature=self.sample_temperature, top_p=self.sample_top_p,
             suppress_token_ids=self.suppressed_token_ids, generator=self._sampling_generator(ids.device),
@@ -506,15 +545,16 @@ class ACCMCompensation(Compensation):
                              labels=spliced.labels, logits="none",
                              method=KeptVisualTokens(selection.keep.repeat_interleave(num, 0), prune_ratio),
                              visual_inputs=(selection.kept_features.repeat_interleave(num, 0), ()))
-        candidate_logits, candidate_mask = answer_logits(engine, out)
+        candidate_logits, _ = answer_logits(engine, out)
         if candidate_logits.shape[1] != reference_logits.shape[1]:
             raise RuntimeError("spliced sequences lost answer positions: inserted tokens must carry label -100")
         return {"kl": answer_kl(reference_logits, candidate_logits, answer_mask), "kl_no_caption": no_caption}
 
-    def selector_scores(self, batch: dict[str, Any], candidates: CaptionCandidates) -> tuple[torch.Tensor, torch.Tensor]:
+    def selector_scores(self, batch: dict[str, Any],
+                        candidates: CaptionCandidates) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M) selector scores and (B, M) token counts of the encoded selector inputs."""
         batch_size, num = candidates.lengths.shape
-        questions = [torch.tensor(self._token_ids(q.strip()), dtype=torch.long) for q in batch["questions"]]
+        questions = [torch.tensor(self._token_ids(self.question_text(q)), dtype=torch.long) for q in batch["questions"]]
         ids, mask = build_selector_inputs(questions, candidates.token_ids, self.question_prefix_ids,
                                           self.supplement_prefix_ids, self.pad_token_id, self.eos_token_id)
         features = self.text_encoder(ids, mask).reshape(batch_size, num, -1)
@@ -539,7 +579,7 @@ class ACCMCompensation(Compensation):
         for b in rows:
             real = ids[b][(mask[b] > 0) | (ids[b] == self.image_token_id)].tolist()
             last_image = max(i for i, t in enumerate(real) if t == self.image_token_id)
-            question = self.describe_instruction.format(question=batch["questions"][b].strip())
+            question = self.describe_instruction.format(question=self.question_text(batch["questions"][b]))
             after = self.template.prompt(question).split(IMAGE_PLACEHOLDER, 1)[1]
             prompts.append(real[: last_image + 1] + self._token_ids(after))
         width = max(len(p) for p in prompts)
@@ -570,13 +610,18 @@ class ACCMCompensation(Compensation):
 
     # ------------------------------------------------------------------ training
     def training_losses(self, engine: PrunedLlava, batch: dict[str, Any], progress: float) -> dict[str, torch.Tensor]:
+        """Stage 1 (progress < warmup_fraction): 'caption_warmup', the caption model's token CE on the frozen LVLM's
+        own descriptions. Stage 2: 'caption' (margin-weighted CE on the lowest-KL candidate) or 'dpo', 'selector'
+        (CE toward that candidate), and for logging 'kl_best', 'kl_mean', 'kl_margin', 'kl_no_caption' (the pruned
+        prompt without caption) and 'selector_accuracy'. 'loss' is the weighted total; 'stage' is 1 or 2."""
         self._check_teacher_forced(batch, "training")
         selection = self.select_visual_tokens(engine, batch, self.target_prune_ratio)
         instruction_ids, instruction_mask = self.instructions(batch["questions"], selection.features.device)
         if progress < self.warmup_fraction:
             targets, target_mask = self.warm_start_captions(engine, batch, selection)
             logprobs, mask = self.caption_model.caption_token_logprobs(
-                instruction_ids, instruction_mask, selection.discarded, selection.discarded_mask, targets, target_mask)
+                instruction_ids, instruction_mask, self.caption_visual(selection), selection.discarded_mask, targets,
+                target_mask)
             warm = -logprobs.sum() / mask.sum().clamp_min(1)
             return {"loss": self.caption_weight * warm, "caption_warmup": warm.detach(),
                     "stage": torch.tensor(1.0)}
@@ -588,20 +633,19 @@ class ACCMCompensation(Compensation):
         caption_mask = (torch.arange(candidates.token_ids.shape[2], device=kl.device)[None, None]
                         < candidates.lengths[..., None])
         logprobs, caption_mask = self.caption_model.caption_token_logprobs(
-            instruction_ids, instruction_mask, selection.discarded, selection.discarded_mask,
+            instruction_ids, instruction_mask, self.caption_visual(selection), selection.discarded_mask,
             candidates.token_ids, caption_mask)
         nll = -logprobs.sum(-1) / caption_mask.sum(-1).clamp_min(1)
         scores, _ = self.selector_scores(batch, candidates)
         terms = caption_and_selector_losses(nll, scores, kl)
         best, margin = pseudo_labels(kl)
-        losses: dict[str, torch.Tensor] = {"selector": terms["selector"]}
         if self.objective == "kl_ce":
-            losses["caption"] = terms["caption"]
+            caption_name, caption_term = "caption", terms["caption"]
         else:
-            losses["dpo"] = self._dpo_term(logprobs.sum(-1), kl, margin, instruction_ids, instruction_mask,
-                                           selection, candidates, caption_mask)
-        caption_term = losses["caption"] if self.objective == "kl_ce" else losses["dpo"]
-        losses["loss"] = self.caption_weight * caption_term + self.selector_weight * terms["selector"]
+            caption_name, caption_term = "dpo", self._dpo_term(logprobs.sum(-1), kl, margin, instruction_ids,
+                                                               instruction_mask, selection, candidates, caption_mask)
+        losses = {"loss": self.caption_weight * caption_term + self.selector_weight * terms["selector"],
+                  caption_name: caption_term.detach(), "selector": terms["selector"].detach()}
         losses.update(
             kl_best=kl.min(-1).values.mean(), kl_mean=kl.mean(), kl_margin=margin.mean(),
             kl_no_caption=ranking["kl_no_caption"].mean(),
@@ -615,13 +659,15 @@ class ACCMCompensation(Compensation):
         reference = self.reference_caption_model
         if not bool(self.reference_ready):
             reference.load_state_dict(self.caption_model.state_dict())
+            if self.caption_position_embedding:
+                self.reference_discarded_positions.load_state_dict(self.discarded_positions.state_dict())
             self.reference_ready.fill_(True)
         was_training = reference.training
         reference.eval()
         with torch.no_grad():
             reference_logp, _ = reference.caption_token_logprobs(
-                instruction_ids, instruction_mask, selection.discarded, selection.discarded_mask,
-                candidates.token_ids, caption_mask)
+                instruction_ids, instruction_mask, self.caption_visual(selection, reference=True),
+                selection.discarded_mask, candidates.token_ids, caption_mask)
         reference.train(was_training)
         reference_logp = reference_logp.sum(-1)
         chosen, rejected = preference_pairs(kl)
