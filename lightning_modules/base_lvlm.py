@@ -51,6 +51,8 @@ class BaseLVLMModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        if isinstance(spec, dict):  # restored from a checkpoint's hyper-parameters
+            spec = TinyLlavaSpec(**spec)
         if processor is None:
             raise ValueError("model.processor is missing: it is linked from the datamodule (data.processor)")
         self.save_hyperparameters(ignore=["processor"])

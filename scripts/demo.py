@@ -143,6 +143,14 @@ class Demo:
                 print(f"{r['method']:>16s} {float(r['prune_ratio']):7.4f} {float(r['realised_prune_ratio']):8.3f} "
                       f"{float(r['avg_visual_tokens']):7.1f} {float(r['tflops']) * 1e3:11.3f} "
                       f"{float(r['tflops_total']) * 1e3:13.3f} {float(r['accuracy']):6.3f}")
+            from callbacks.sweep import accuracy_vs_flops_figure
+
+            unique = {(r["method"], r["prune_ratio"]): r for r in rows}
+            figure_rows = [{**r, "status": "ok", **{k: float(r[k]) for k in ("tflops_total", "accuracy")}}
+                           for r in unique.values()]
+            accuracy_vs_flops_figure(figure_rows, "fastv").savefig(self.run_dir / "accuracy_vs_flops.png", dpi=120,
+                                                                 bbox_inches="tight")
+            print(f"\nall methods on one plot: {self.run_dir / 'accuracy_vs_flops.png'}")
         print("\nstage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.timings.items()))
         print(f"outputs in {self.run_dir} (TensorBoard: tensorboard --logdir {self.run_dir})")
 
