@@ -38,6 +38,11 @@ class LVLMPruneCLI(LightningCLI):
         parser.set_defaults({"progress_bar.refresh_rate": 10})
         parser.add_lightning_class_args(ResumableDataOrder, "data_order")
 
+    def _instantiate_trainer(self, config, callbacks):
+        if config.get("enable_progress_bar") is False:  # the forced bar would contradict the setting
+            callbacks = [c for c in callbacks if not isinstance(c, TQDMProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO is kept
