@@ -8,24 +8,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.strategies.deepspeed import _validate_checkpoint_directory
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeed strategy that also runs on CPU processes (gloo), for tests and CPU clusters.
 
-    On a CUDA accelerator it is exactly the stock `DeepSpeedStrategy`. On CPU three stock steps assume a CUDA
+    On a CUDA accelerator it behaves as the stock `DeepSpeedStrategy`. On CPU three stock steps assume a CUDA
     device and are replaced: the accelerator check, the device-index check (a CPU device has no index) and the
     device rank passed to `deepspeed.initialize`. Set `DS_ACCELERATOR=cpu` before launching so DeepSpeed itself
-    picks its CPU accelerator. Takes every argument of `DeepSpeedStrategy` (`stage`, `offload_optimizer`,
-    `exclude_frozen_parameters`, `config`, ...).
+    picks its CPU accelerator. On every device, torchmetrics states keep their dtype when the module is cast to
+    the training precision, and 0-dim parameters (which DeepSpeed cannot broadcast) are refused by name.
+    With `exclude_frozen_parameters=True` (the presets) checkpoints hold no frozen weights, and loading one checks
+    strictly that every trainable parameter is in it while the frozen ones come from the model as built.
+    Takes every argument of `DeepSpeedStrategy` (`stage`, `offload_optimizer`, `exclude_frozen_parameters`, ...).
     """
-
-    strategy_name = "cpu_deepspeed"
 
     @property
     def _on_cuda(self) -> bool:
@@ -45,7 +48,14 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         self.set_world_ranks()
         self._init_deepspeed_distributed()
 
+    def setup(self, trainer) -> None:
+        self.precision_plugin.convert_module = _convert_module_keeping_metric_states(self.precision_plugin.precision)
+        super().setup(trainer)
+
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
+        if scalars:
+            raise ValueError(f"DeepSpeed cannot broadcast or partition 0-dim parameters {scalars[:5]}: give them shape (1,)")
         if self._on_cuda:
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
         import deepspeed
@@ -60,6 +70,45 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
             dist_init_required=False,
         )
         return engine, deepspeed_optimizer
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
+        if not self.exclude_frozen_parameters or (self.load_full_weights and self.zero_stage_3):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        _validate_checkpoint_directory(checkpoint_path)
+        module = self.lightning_module
+        frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+        strict = module.strict_loading
+
+        def load_trainable(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+            result = dst.load_state_dict(src, strict=False)
+            missing = sorted(set(result.missing_keys) - frozen)
+            if strict and (missing or result.unexpected_keys):
+                raise RuntimeError(f"the DeepSpeed checkpoint {str(checkpoint_path)!r} does not fit this model: "
+                                   f"missing {missing[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+
+        _, client_state = self.deepspeed_engine.load_checkpoint(
+            checkpoint_path,
+            load_optimizer_states=module.trainer.state.fn == TrainerFn.FITTING,
+            load_lr_scheduler_states=False,
+            custom_load_fn=load_trainable,
+        )
+        if client_state is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {str(checkpoint_path)!r}")
+        return client_state
+
+
+_CAST_METHODS = {"32-true": "float", "bf16-true": "bfloat16", "16-true": "half"}
+
+
+def _convert_module_keeping_metric_states(precision: str):
+    """The stock DeepSpeed precision casts with `module.to(dtype)`, which also casts torchmetrics states (float64
+    sums become float32 or bf16); torchmetrics leaves its states alone under `.float()` / `.half()` / `.bfloat16()`."""
+
+    def convert_module(module: torch.nn.Module) -> torch.nn.Module:
+        method = _CAST_METHODS.get(precision)
+        return getattr(module, method)() if method else module
+
+    return convert_module
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -116,7 +116,8 @@ class DelayedRepairAdapter(nn.Module):
         self.cond_proj = nn.Linear(hidden_size, context_dim)
         self.film_gamma = nn.Linear(context_dim, bottleneck)
         self.film_beta = nn.Linear(context_dim, bottleneck)
-        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        # shape (1,), not 0-d: DeepSpeed's parameter broadcast cannot view a 0-d tensor as bytes
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
         nn.init.normal_(self.up.weight, std=up_init_std)
         nn.init.zeros_(self.up.bias)
         for layer in (self.film_gamma, self.film_beta):

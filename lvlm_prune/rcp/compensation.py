@@ -130,6 +130,7 @@ class RCPCompensation(Compensation):
         repair_layers: layers whose output the repair adapter modulates; None = 22/29 of 32, scaled.
         bottleneck: pruner cross-attention width.
         num_queries: pruner learnable queries.
+        init_bias: initial keep-logit bias of every pruner (+2: training starts near keep-all).
         context_dim: width of the cached pruned-token context.
         adapter_bottleneck: width of the adapter's Down/Up.
         ce_weight: weight of the answer cross entropy.
@@ -153,6 +154,7 @@ class RCPCompensation(Compensation):
         repair_layers: list[int] | None = None,
         bottleneck: int = 512,
         num_queries: int = 16,
+        init_bias: float = 2.0,
         context_dim: int = 512,
         adapter_bottleneck: int = 64,
         ce_weight: float = 1.5,
@@ -175,6 +177,7 @@ class RCPCompensation(Compensation):
         self.requested_pruning_layers = tuple(pruning_layers) if pruning_layers else None
         self.requested_repair_layers = tuple(repair_layers) if repair_layers else None
         self.bottleneck, self.num_queries, self.context_dim = bottleneck, num_queries, context_dim
+        self.init_bias = init_bias
         self.adapter_bottleneck = adapter_bottleneck
         self.ce_weight, self.repair_weight, self.variance_weight = ce_weight, repair_weight, variance_weight
         self.repair_statistic = repair_statistic
@@ -198,7 +201,7 @@ class RCPCompensation(Compensation):
                 raise ValueError(f"rcp {name}={list(layers)} must be increasing layers in [0, {info.num_layers - 1}]")
         d, n = info.hidden_size, info.num_visual_tokens
         self.pruners = nn.ModuleList(
-            CrossAttentionPruner(d, bottleneck=self.bottleneck, num_queries=self.num_queries,
+            CrossAttentionPruner(d, bottleneck=self.bottleneck, num_queries=self.num_queries, init_bias=self.init_bias,
                                  use_cross_attention=self.use_learned_score, use_mlp=self.use_learned_score)
             for _ in self.pruning_layers
         )

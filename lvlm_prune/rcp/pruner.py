@@ -114,7 +114,8 @@ class CrossAttentionPruner(nn.Module):
             )
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
-        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+        # shape (1,), not 0-d: DeepSpeed's parameter broadcast cannot view a 0-d tensor as bytes
+        self.bias = nn.Parameter(torch.full((1,), float(init_bias)))
 
     def _centered_log(self, probabilities: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         log_p = probabilities.clamp_min(self.attention_floor).log()
@@ -149,7 +150,7 @@ class CrossAttentionPruner(nn.Module):
         question_mask: torch.Tensor | None,
         keep_mask: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """The enabled logit terms, each (B, N) (`bias` is a 0-d tensor); see `forward`."""
+        """The enabled logit terms, each (B, N) (`bias` has shape (1,)); see `forward`."""
         self._validate(visual, q2v, question, question_mask, keep_mask)
         dtype = self.bias.dtype
         kept = keep_mask > 0.5 if keep_mask.dtype != torch.bool else keep_mask

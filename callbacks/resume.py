@@ -1,0 +1,163 @@
+"""Exact, automatic resumption: a training data order that continues mid-epoch, and `--ckpt_path auto`."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
+
+
+class ResumableSampler(DistributedSampler):
+    """A `DistributedSampler` (permutation seeded by `seed + epoch`, one shard per rank) that can start its next
+    epoch at `start_index`, so a run resumed mid-epoch sees exactly the samples it had not seen yet.
+
+    Args:
+        dataset: the map-style dataset.
+        num_replicas: processes that share the data.
+        rank: this process's shard.
+        shuffle: permute (training) or keep the dataset order.
+        seed: permutation seed (the same on every rank).
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int, rank: int, shuffle: bool, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.start_index = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        start, self.start_index = self.start_index, 0
+        return iter(indices[start:])
+
+
+class _ResumableDataLoader(DataLoader):
+    """Marks the loader as resumable for Lightning (no 'dataloader is not resumable' warning on a mid-epoch
+    resume); the position itself is `ResumableDataOrder`'s checkpointed state."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+class ResumableDataOrder(L.Callback):
+    """Makes the training batches a function of (seed, epoch, position) and resumes them mid-epoch.
+
+    The datamodule's training DataLoader is rebuilt around a `ResumableSampler`; the callback's checkpointed
+    state (data epoch, batches consumed) tells a resumed run where to start. The data epoch is counted here, not
+    taken from Lightning, whose epoch counter skips one when a run resumes from a checkpoint written at the last
+    batch of an epoch. Used with the compensation module's
+    per-step random seed, a run killed between checkpoints and resumed from its last one ends with the same
+    weights as an uninterrupted run. Loaders it cannot rebuild (iterable datasets, custom batch samplers) are
+    left unchanged with a warning.
+
+    Args:
+        seed: permutation seed; None takes the run's `seed_everything` value.
+    """
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+        self.epoch = 0
+        self.batches_done = 0
+        self._sampler: ResumableSampler | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if stage != "fit" or datamodule is None or getattr(datamodule.train_dataloader, "resumable", False):
+            return
+        make_loader = datamodule.train_dataloader
+
+        def train_dataloader() -> Any:
+            return self.resumable(make_loader(), trainer)
+
+        train_dataloader.resumable = True  # type: ignore[attr-defined]
+        datamodule.train_dataloader = train_dataloader
+
+    def resumable(self, loader: Any, trainer: L.Trainer) -> Any:
+        """`loader` rebuilt around a `ResumableSampler` positioned for the current epoch."""
+        reason = _not_rebuildable(loader)
+        if reason:
+            rank_zero_warn(f"ResumableDataOrder leaves the training loader unchanged ({reason}): a run resumed "
+                           "mid-epoch will not see exactly the batches an uninterrupted run sees")
+            return loader
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        shards = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        sampler = ResumableSampler(loader.dataset, num_replicas=shards.get("num_replicas", 1),
+                                   rank=shards.get("rank", 0), shuffle=not isinstance(loader.sampler, SequentialSampler),
+                                   seed=seed)
+        sampler.set_epoch(self.epoch)
+        sampler.start_index = self.batches_done * loader.batch_size
+        self._sampler = sampler
+        return _ResumableDataLoader(
+            loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+            timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+            prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
+        )
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # not called when a run resumes mid-epoch; after Lightning's own set_epoch, before the epoch's iterator
+        if self.batches_done > 0:
+            self.epoch, self.batches_done = self.epoch + 1, 0
+        if self._sampler is not None:
+            self._sampler.set_epoch(self.epoch)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Lightning runs ModelCheckpoint's hooks after every other callback's, so a checkpoint written at this
+        # batch already counts it.
+        self.batches_done = batch_idx + 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.epoch, self.batches_done = int(state_dict["epoch"]), int(state_dict["batches_done"])
+
+
+def _not_rebuildable(loader: Any) -> str | None:
+    if not isinstance(loader, DataLoader):
+        return f"not a DataLoader but {type(loader).__name__}"
+    if isinstance(loader.dataset, IterableDataset):
+        return "iterable dataset"
+    if type(loader.batch_sampler) is not BatchSampler or loader.batch_size is None:
+        return "custom batch sampler"
+    if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
+        return f"custom sampler {type(loader.sampler).__name__}"
+    return None
+
+
+def resume_checkpoint(trainer: L.Trainer) -> str | None:
+    """The newest checkpoint a restarted run of this configuration should resume from, or None.
+
+    Candidates: Lightning's SLURM requeue checkpoint (`<default_root_dir>/hpc_ckpt_<n>.ckpt`, written on the
+    requeue signal) and `last*.ckpt` of every `ModelCheckpoint` (a file, or a DeepSpeed directory). The run
+    directory must be stable across launches: a fixed logger `version` or a `checkpoint.dirpath`.
+    """
+    candidates = list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+    for callback in trainer.checkpoint_callbacks:
+        directory = Path(checkpoint_directory(trainer, callback))
+        if directory.is_dir():
+            candidates += [p for p in directory.iterdir() if re.fullmatch(r"last(-v\d+)?\.ckpt", p.name)]
+    candidates = [p for p in candidates if p.is_file() or (p / "latest").is_file()]  # a DeepSpeed dir is complete
+    if not candidates:
+        return None
+    return str(max(candidates, key=lambda p: (p / "latest" if p.is_dir() else p).stat().st_mtime))
+
+
+def checkpoint_directory(trainer: L.Trainer, callback: Any) -> str:
+    """Where a `ModelCheckpoint` writes, resolved as Lightning does at setup (dirpath, else the first logger's
+    `<save_dir>/<name>/<version>/checkpoints`, else `<default_root_dir>/checkpoints`)."""
+    if getattr(callback, "dirpath", None):
+        return str(callback.dirpath)
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version, "checkpoints")
+    return os.path.join(trainer.default_root_dir, "checkpoints")

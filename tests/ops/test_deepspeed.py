@@ -1,0 +1,106 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 through the presets, on CPU processes (`CPUDeepSpeedStrategy`, gloo): the frozen
+base has no optimiser state and no place in the checkpoint directory, ZeRO-3 partitions it and the teacher pass
+still runs, the plug-in weights export from the (sharded) directory, a run resumes from it, and a checkpoint
+refuses a different base. The first DeepSpeed run on a machine JIT-compiles a communication op (~45 s, cached in
+.torch_extensions/)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ops_helpers import ROOT, metric_rows, other_base_dir, run_cli, tiny_experiment  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+
+ZERO2 = str(ROOT / "configs" / "trainer" / "deepspeed_zero2.yaml")
+ZERO3 = str(ROOT / "configs" / "trainer" / "deepspeed_zero3.yaml")
+EXPORT = ROOT / "scripts" / "export_plugin.py"
+
+
+def export_from_checkpoint(checkpoint, output):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_plugin", EXPORT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return load_file(module.export_plugin(checkpoint, output))
+
+
+def assert_same_weights(first, second):
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def model_states(checkpoint_dir):
+    files = sorted((checkpoint_dir / "checkpoint").glob("*model_states.pt"))
+    assert files, f"no model states in {checkpoint_dir}"
+    return [torch.load(f, weights_only=False) for f in files]
+
+
+def test_zero2_one_process_checkpoint_export_resume_and_wrong_base(tiny_base_dir, other_base_dir, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    config = str(tiny_experiment(run_dir, tiny_base_dir, max_steps=4, limit_val_batches=1))
+    run_cli(["fit", "--config", config, "--config", ZERO2, "--checkpoint.every_n_train_steps", "2"], timeout=180)
+
+    checkpoint = run_dir / "logs" / "run" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_dir()
+    states = model_states(checkpoint)
+    assert len(states) == 1 and states[0]["global_step"] == 4
+    assert states[0]["module"] and all(k.startswith("compensation.") for k in states[0]["module"])
+    assert states[0]["base_model"]["path"] == str(tiny_base_dir)
+    optimizer_files = list((checkpoint / "checkpoint").glob("*optim_states.pt"))
+    plugin_values = sum(t.numel() for t in load_file(run_dir / "plugin.safetensors").values())
+    # fp32 master weights + two AdamW moments of the plug-in alone, not of the 76k-parameter base
+    assert sum(f.stat().st_size for f in optimizer_files) < 4 * 4 * plugin_values + 200_000
+    assert_same_weights(export_from_checkpoint(checkpoint, tmp_path / "exported.safetensors"),
+                        load_file(run_dir / "plugin.safetensors"))
+    info = json.loads((tmp_path / "exported.safetensors.json").read_text())
+    assert info["plugin"] == "rcp" and info["base_fingerprint"] == states[0]["base_model"]["fingerprint"]
+
+    wrong = run_cli(["fit", "--config", config, "--config", ZERO2, "--ckpt_path", "auto", "--trainer.max_steps", "6",
+                     "--model.init_args.base_model_path", str(other_base_dir)], timeout=180, expect_success=False)
+    assert "this checkpoint belongs to the base model at" in wrong and "point model.base_model_path" in wrong
+
+    resumed = run_cli(["fit", "--config", config, "--config", ZERO2, "--ckpt_path", "auto",
+                       "--trainer.max_steps", "6", "--checkpoint.every_n_train_steps", "2"], timeout=180)
+    assert f"--ckpt_path auto: resuming from {checkpoint}" in resumed
+    assert model_states(checkpoint)[0]["global_step"] == 6
+    assert [int(r["step"]) for r in metric_rows(run_dir) if r["train/loss"]] == [4, 5]
+
+
+def test_zero3_two_processes_partition_the_base_train_validate_skip_export_and_resume(tiny_base_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    config = str(tiny_experiment(run_dir, tiny_base_dir, max_steps=4, limit_val_batches=1))
+    # DeepSpeed keeps parameters under 1e5 values whole on every rank: with threshold 0 the tiny base is partitioned
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+             "zero_allow_untested_optimizer": True}
+    common = ["fit", "--config", config, "--config", ZERO3, "--trainer.devices", "2",
+              f"--trainer.strategy.init_args.config={json.dumps(zero3)}", "--checkpoint.every_n_train_steps", "2"]
+    run_cli(common + ["--trainer.callbacks+=ops_helpers.PartitionProbe",
+                      f"--trainer.callbacks.init_args.record={run_dir / 'partition'}",
+                      "--trainer.callbacks+=ops_helpers.NaNAt", "--trainer.callbacks.init_args.step=1",
+                      "--trainer.callbacks.init_args.rank=1",
+                      f"--trainer.callbacks.init_args.record={run_dir / 'checksums'}"], timeout=240)
+
+    for rank in (0, 1):  # each rank holds about half of the frozen base
+        probe = json.loads((run_dir / f"partition.{rank}.json").read_text())
+        assert 0.45 * probe["total"] < probe["held"] < 0.6 * probe["total"]
+    rows = metric_rows(run_dir)
+    assert all(float(r["train/repair"]) >= 0 for r in rows if r["train/repair"])  # the teacher pass ran
+    assert [r for r in rows if r.get("val/avg_visual_tokens")], "no validation (generation under ZeRO-3) was logged"
+    ranks = [[json.loads(line) for line in (run_dir / f"checksums.{rank}.jsonl").read_text().splitlines()]
+             for rank in (0, 1)]
+    checksums = {entry["step"]: entry["checksum"] for entry in ranks[0]}
+    assert ranks[0] == ranks[1] and checksums[2] == checksums[1] != checksums[3]
+
+    checkpoint = run_dir / "logs" / "run" / "checkpoints" / "last.ckpt"
+    states = model_states(checkpoint)
+    assert len(states) == 2 and not [k for s in states for k in s["module"] if not k.startswith("compensation.")]
+    assert_same_weights(export_from_checkpoint(checkpoint, tmp_path / "exported.safetensors"),
+                        load_file(run_dir / "plugin.safetensors"))
+
+    resumed = run_cli(common + ["--ckpt_path", "auto", "--trainer.max_steps", "6"], timeout=240)
+    assert f"--ckpt_path auto: resuming from {checkpoint}" in resumed
+    assert model_states(checkpoint)[0]["global_step"] == 6

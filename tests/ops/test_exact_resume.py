@@ -1,0 +1,50 @@
+"""A run killed between checkpoints and resumed from its last one ends exactly as the uninterrupted run: same
+plug-in weights (bitwise) and the same logged metrics, step by step; the data order, the Gumbel noise, and the
+temperature, sparsity and learning-rate schedules all continue where the checkpoint was written."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ops_helpers import metric_rows, run_cli, tiny_experiment
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 10  # 4 batches per epoch: the runs cross two epoch boundaries
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_base_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    config = tiny_experiment(run_dir, tiny_base_dir, max_steps=MAX_STEPS, val_check_interval=5)
+    run_cli(["fit", "--config", str(config), "--checkpoint.every_n_train_steps", "2"])
+    return run_dir
+
+
+@pytest.mark.parametrize("signal_name, kill_step", [
+    ("SIGKILL", 7),   # last checkpoint at step 6, in the middle of the second epoch
+    ("SIGTERM", 5),   # last checkpoint at step 4, written at the last batch of the first epoch
+])
+def test_killed_and_resumed_run_matches_the_uninterrupted_one(uninterrupted, tiny_base_dir, tmp_path, signal_name,
+                                                               kill_step):
+    run_dir = tmp_path / "run"
+    config = tiny_experiment(run_dir, tiny_base_dir, max_steps=MAX_STEPS, val_check_interval=5)
+    common = ["fit", "--config", str(config), "--checkpoint.every_n_train_steps", "2"]
+    run_cli(common + ["--trainer.callbacks+=ops_helpers.KillAt", f"--trainer.callbacks.init_args.step={kill_step}",
+                      f"--trainer.callbacks.init_args.signal_name={signal_name}"], expect_success=False)
+    assert not (run_dir / "plugin.safetensors").exists(), "the run was not interrupted"
+    saved = torch.load(run_dir / "logs" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert saved == kill_step - 1
+
+    output = run_cli(common + ["--ckpt_path", "auto"])
+    assert "--ckpt_path auto: resuming from" in output and "not resumable" not in output
+
+    expected, resumed = load_file(uninterrupted / "plugin.safetensors"), load_file(run_dir / "plugin.safetensors")
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    reference = metric_rows(uninterrupted)
+    rows = metric_rows(run_dir)  # the resumed run's log: steps from the checkpoint on, validations included
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == list(range(saved, MAX_STEPS))
+    assert any(r["val/avg_visual_tokens"] for r in rows)
+    for row in rows:
+        assert row in reference, f"step {row['step']} differs from the uninterrupted run"

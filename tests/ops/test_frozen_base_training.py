@@ -1,0 +1,151 @@
+"""Training plug-ins on a frozen base, in process: skipped non-finite steps, lean checkpoints that refuse a
+different base, and a bitsandbytes-quantised (8-bit, 4-bit NF4) base under fp32 plug-ins."""
+
+import copy
+import io
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from conftest import TINY_DATA_ARGS
+from datamodules.synthetic import SyntheticVQADataModule
+from lightning_modules.compensation import BASE_PREFIX, CompensationModule
+from lvlm_prune.rcp.compensation import RCPCompensation
+from ops_helpers import one_thread, other_base_dir  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make_module(base_dir, data, **kwargs) -> CompensationModule:
+    plugin = RCPCompensation(target_prune_ratio=0.75, pruning_layers=[0, 1, 2], repair_layers=[2, 3], bottleneck=16,
+                             num_queries=4, context_dim=16, adapter_bottleneck=8)
+    return CompensationModule(str(base_dir), plugin, processor=data.processor, categories=data.categories,
+                              learning_rate=1e-3, max_new_tokens=2, **kwargs)
+
+
+def make_trainer(tmp_path, max_steps, callbacks=(), checkpoint=False) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=checkpoint,
+                     callbacks=list(callbacks), default_root_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_base_dir):
+    return SyntheticVQADataModule(processor_path=str(tiny_base_dir), **{**TINY_DATA_ARGS, "batch_size": 4})
+
+
+def plugin_state(module):
+    return {k: v.detach().clone() for k, v in module.compensation.state_dict().items()}
+
+
+class Snapshots(L.Callback):
+    """Plug-in weights and optimiser state before and after every training batch."""
+
+    def __init__(self):
+        self.before, self.after = {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before[trainer.global_step] = (plugin_state(pl_module), copy.deepcopy(trainer.optimizers[0].state_dict()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after[trainer.global_step - 1] = (plugin_state(pl_module), copy.deepcopy(trainer.optimizers[0].state_dict()))
+
+
+def poison_step(module, step):
+    original = module.compensation.training_losses
+
+    def training_losses(engine, batch, progress):
+        losses = original(engine, batch, progress)
+        if module.trainer.global_step == step:
+            losses["loss"] = losses["loss"] + float("inf")
+        return losses
+
+    module.compensation.training_losses = training_losses
+
+
+def test_a_non_finite_step_moves_neither_weights_nor_optimiser_state(tiny_base_dir, data, tmp_path):
+    module = make_module(tiny_base_dir, data, weight_decay=0.1)  # decay would move weights even with zero grads
+    poison_step(module, step=1)
+    snapshots = Snapshots()
+    make_trainer(tmp_path, max_steps=3, callbacks=[snapshots]).fit(module, datamodule=data)
+    weights_before, optimizer_before = snapshots.before[1]
+    weights_after, optimizer_after = snapshots.after[1]
+    assert all(torch.equal(weights_before[k], weights_after[k]) for k in weights_before)
+    # AdamW's moments and step counts stay; the step still counts, so the learning-rate schedule moves on
+    torch.testing.assert_close(optimizer_after["state"], optimizer_before["state"], rtol=0, atol=0)
+    assert module.skipped_steps == 1
+    for step in (0, 2):  # the neighbouring steps do train
+        assert any(not torch.equal(snapshots.before[step][0][k], snapshots.after[step][0][k]) for k in weights_before)
+
+
+def test_non_finite_loss_can_stop_the_run_with_the_setting_named(tiny_base_dir, data, tmp_path):
+    module = make_module(tiny_base_dir, data, nonfinite_loss="raise")
+    poison_step(module, step=0)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0.*model.nonfinite_loss=skip"):
+        make_trainer(tmp_path, max_steps=1).fit(module, datamodule=data)
+    with pytest.raises(ValueError, match="model.nonfinite_loss='ignore'"):
+        make_module(tiny_base_dir, data, nonfinite_loss="ignore")
+
+
+def test_checkpoints_are_lean_and_refuse_another_base(tiny_base_dir, other_base_dir, data, tmp_path):  # noqa: F811
+    module = make_module(tiny_base_dir, data)
+    checkpointing = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=0)
+    make_trainer(tmp_path, max_steps=1, callbacks=[checkpointing], checkpoint=True).fit(module, datamodule=data)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    assert not [k for k in checkpoint["state_dict"] if k.startswith(BASE_PREFIX)]
+    assert checkpoint["base_model"] == {"path": str(tiny_base_dir), "fingerprint": module.base_fingerprint}
+    with_base = dict(checkpoint, state_dict={**checkpoint["state_dict"], **{
+        k: v for k, v in module.state_dict().items() if k.startswith(BASE_PREFIX)}})
+    buffer = io.BytesIO()
+    torch.save(with_base, buffer)
+    base_bytes = sum(p.numel() * p.element_size() for p in module.base.parameters())
+    assert path.stat().st_size < buffer.getbuffer().nbytes - 0.9 * base_bytes
+
+    same = make_module(tiny_base_dir, data)
+    same.on_load_checkpoint(checkpoint)
+    same.load_state_dict(checkpoint["state_dict"])  # strict: the base comes from the model as loaded
+    trained = plugin_state(module)
+    assert all(torch.equal(v, trained[k]) for k, v in plugin_state(same).items())
+
+    other = make_module(other_base_dir, data)
+    assert other.base_fingerprint != module.base_fingerprint
+    with pytest.raises(ValueError, match=r"belongs to the base model at .*point model.base_model_path at the original"):
+        other.on_load_checkpoint(torch.load(path, weights_only=False))
+
+
+@pytest.mark.parametrize("quantization, layer_type", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
+def test_fp32_plugins_train_on_a_quantised_base(tiny_base_dir, data, tmp_path, quantization, layer_type):
+    module = make_module(tiny_base_dir, data, quantization=quantization)
+    quantised = [m for m in module.base.modules() if type(m).__name__ == layer_type]
+    assert len(quantised) >= 20  # every Linear of the vision tower, projector and LLM except lm_head
+    full_precision = make_module(tiny_base_dir, data)
+    assert module.base.get_memory_footprint() < 0.5 * full_precision.base.get_memory_footprint()
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in module.compensation.parameters())
+    assert not any(p.requires_grad for p in module.base.parameters())
+    base_before = {k: v.clone() for k, v in module.base.state_dict().items() if isinstance(v, torch.Tensor)}
+    plugin_before = plugin_state(module)
+    make_trainer(tmp_path, max_steps=1).fit(module, datamodule=data)
+    plugin_after = plugin_state(module)
+    assert any(not torch.equal(plugin_before[k], plugin_after[k]) for k in plugin_before)
+    assert all(torch.isfinite(v).all() for v in plugin_after.values())
+    base_after = module.base.state_dict()
+    assert all(torch.equal(v, base_after[k]) for k, v in base_before.items())
+
+
+def test_gradients_through_a_4bit_layer_stay_right_after_a_no_grad_pass(tiny_base_dir, data):
+    import bitsandbytes.functional as bnb_functional
+
+    module = make_module(tiny_base_dir, data, quantization="4bit")
+    layer = module.base.model.language_model.layers[0].mlp.down_proj
+    x = torch.randn(3, 5, layer.in_features)
+    with torch.no_grad():
+        layer(x)  # the teacher pass: bitsandbytes would repack the layer for its backward-less CPU kernel here
+    x.requires_grad_(True)
+    layer(x).square().sum().backward()
+    weight = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    reference = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(reference, weight, layer.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad, rtol=1e-3, atol=1e-4)

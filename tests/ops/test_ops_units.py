@@ -1,0 +1,187 @@
+"""Pieces of the operations support, one at a time: atomic checkpoint files, the resumable sampler, the choice
+of the checkpoint to resume from, the DeepSpeed strategy's guards, generation cut after EOS, OOM advice."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torchmetrics import SumMetric
+
+from callbacks.resume import ResumableSampler, resume_checkpoint
+from lightning_modules.compensation import out_of_memory_advice, pad_after_eos
+from lightning_modules.strategies import AtomicCheckpointIO, CPUDeepSpeedStrategy, _convert_module_keeping_metric_states
+from ops_helpers import ROOT
+
+
+def test_atomic_save_failing_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.arange(10)}, path)
+
+    def crash_after_some_bytes(obj, handle):
+        handle.write(b"partial checkpoint bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_after_some_bytes)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(10)}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no staging file left behind
+
+
+def test_atomic_save_killed_while_writing_leaves_a_whole_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    script = (
+        "import sys, torch\n"
+        "from lightning_modules.strategies import AtomicCheckpointIO\n"
+        "io, step = AtomicCheckpointIO(), 0\n"
+        "while True:\n"
+        "    io.save_checkpoint({'step': step, 'w': torch.full((2_000_000,), float(step))}, sys.argv[1])\n"
+        "    print(step, flush=True)\n"
+        "    step += 1\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    try:
+        for _ in range(3):
+            assert child.stdout.readline(), "the saving process died"
+        deadline = time.monotonic() + 10
+        while not list(tmp_path.glob(".last.ckpt.*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert list(tmp_path.glob(".last.ckpt.*.tmp")), "no save under way to interrupt"
+        child.send_signal(signal.SIGKILL)  # while a save is being written
+        child.wait(timeout=30)
+    finally:
+        child.kill()
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["step"] >= 2 and torch.equal(checkpoint["w"], torch.full((2_000_000,), float(checkpoint["step"])))
+
+
+def test_resumable_sampler_is_seeded_per_epoch_and_starts_where_asked():
+    data = list(range(20))
+    first = ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+    second = ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+    epoch0 = list(first)
+    assert sorted(epoch0) == data and epoch0 == list(second)
+    first.set_epoch(1)
+    assert list(first) != epoch0
+    second.set_epoch(1)
+    second.start_index = 12
+    assert list(second) == list(first)[12:]
+    assert len(list(second)) == 20, "start_index applies to one epoch only"
+    shards = [list(ResumableSampler(data, num_replicas=2, rank=r, shuffle=True, seed=7)) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == data
+
+
+def _touch(path, mtime, directory=False):
+    if directory:
+        path.mkdir(parents=True)
+        (path / "latest").write_text("checkpoint")
+        os.utime(path / "latest", (mtime, mtime))
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (mtime, mtime))
+
+
+def test_resume_checkpoint_picks_the_newest_of_requeue_and_last(tmp_path):
+    logger = SimpleNamespace(save_dir=str(tmp_path), name="logs", version="run")
+    callback = SimpleNamespace(dirpath=None)
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path), loggers=[logger], checkpoint_callbacks=[callback])
+    assert resume_checkpoint(trainer) is None
+    last = tmp_path / "logs" / "run" / "checkpoints" / "last.ckpt"
+    _touch(last, 1000)
+    assert resume_checkpoint(trainer) == str(last)
+    _touch(tmp_path / "hpc_ckpt_1.ckpt", 2000)
+    assert resume_checkpoint(trainer) == str(tmp_path / "hpc_ckpt_1.ckpt")
+    _touch(last, 3000)
+    assert resume_checkpoint(trainer) == str(last)
+    deepspeed_dir = tmp_path / "ds" / "last.ckpt"
+    _touch(deepspeed_dir, 4000, directory=True)
+    (tmp_path / "ds" / "last-v1.ckpt").mkdir()  # no `latest` file: an unfinished DeepSpeed save
+    callback.dirpath = str(tmp_path / "ds")
+    assert resume_checkpoint(trainer) == str(deepspeed_dir)
+
+
+def test_deepspeed_strategy_names_zero_dim_parameters():
+    class WithScalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(1.0))
+            self.linear = nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match=r"0-dim parameters \['scale'\].*shape \(1,\)"):
+        CPUDeepSpeedStrategy(stage=2)._setup_model_and_optimizer(WithScalar(), None)
+
+
+def test_precision_cast_leaves_metric_states_alone():
+    module = nn.Module()
+    module.linear = nn.Linear(2, 2).double()
+    module.total = SumMetric()
+    module.total.set_dtype(torch.float64)
+    module.total.update(torch.tensor(1.5, dtype=torch.float64))
+    _convert_module_keeping_metric_states("32-true")(module)
+    assert module.linear.weight.dtype == torch.float32
+    assert module.total.sum_value.dtype == torch.float64
+
+
+def test_tokens_after_eos_become_padding():
+    tokens = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
+    assert pad_after_eos(tokens, eos_token_id=2, pad_token_id=0).tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory")])
+def test_out_of_memory_names_the_settings_to_lower(error):
+    with pytest.raises(type(error)) as caught:
+        with out_of_memory_advice("the training step"):
+            raise error
+    message = str(caught.value)
+    for setting in ("data.init_args.batch_size", "data.init_args.max_length", "trainer.accumulate_grad_batches",
+                    "model.init_args.quantization", "configs/trainer/deepspeed_zero2.yaml"):
+        assert setting in message
+    assert str(error) in message and "in the training step" in message
+
+
+def test_other_runtime_errors_pass_unchanged():
+    with pytest.raises(RuntimeError, match="^shape mismatch$"):
+        with out_of_memory_advice("the training step"):
+            raise RuntimeError("shape mismatch")
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("deepspeed_zero2.yaml", {"class_path": "lightning_modules.strategies.CPUDeepSpeedStrategy", "stage": 2}),
+    ("deepspeed_zero3.yaml", {"class_path": "lightning_modules.strategies.CPUDeepSpeedStrategy", "stage": 3}),
+    ("ddp.yaml", {"strategy": "ddp", "devices": 2}),
+    ("debug.yaml", {"max_steps": 4}),
+])
+def test_trainer_presets_state_their_command_and_combine_with_an_experiment(preset, expected, tmp_path, capsys):
+    import yaml
+
+    from cli import cli_main
+
+    path = ROOT / "configs" / "trainer" / preset
+    assert path.read_text().startswith(f"# python cli.py fit --config configs/synthetic/rcp.yaml --config configs/trainer/{preset}\n")
+    with pytest.raises(SystemExit) as done:
+        cli_main(["fit", "--config", str(ROOT / "configs" / "synthetic" / "rcp.yaml"), "--config", str(path),
+                  "--print_config"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed[printed.index("# lightning.pytorch=="):])  # after import-time log lines
+    trainer = config["trainer"]
+    strategy = trainer["strategy"]
+    for key, value in expected.items():
+        if key == "class_path":
+            assert strategy["class_path"] == value
+        elif key == "stage":
+            assert strategy["init_args"]["stage"] == value and strategy["init_args"]["exclude_frozen_parameters"]
+        else:
+            assert trainer[key] == value
+    assert config["model"]["class_path"] == "lightning_modules.compensation.CompensationModule"  # the experiment stays

@@ -1,0 +1,62 @@
+"""SLURM requeue, simulated: a training task under a SLURM environment gets SIGUSR1 (what `--signal=SIGUSR1@90`
+sends before the time limit), writes its requeue checkpoint and calls `scontrol requeue <job id>` (a stand-in on
+PATH that records the call and kills the job, as SLURM ends a requeued job's tasks); launched again with the same
+command, the job resumes from that checkpoint in the same run directory and finishes."""
+
+import os
+import signal
+import stat
+import time
+
+import pytest
+import torch
+
+from ops_helpers import ROOT, cli_env, finish, launch, run_cli, tiny_experiment
+
+pytestmark = pytest.mark.slow
+
+SCONTROL = """#!/bin/sh
+echo "$@" >> "$SCONTROL_LOG"
+kill -KILL $PPID
+"""
+
+
+def test_sbatch_template_launches_cli_fit_with_requeue_settings():
+    template = (ROOT / "configs" / "slurm" / "train.sbatch").read_text()
+    for line in ("#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=",
+                 "srun python cli.py fit", '--trainer.devices "$SLURM_NTASKS_PER_NODE"', "--ckpt_path auto"):
+        assert line in template
+    assert (ROOT / "configs" / "slurm" / "README.md").is_file()
+
+
+def test_requeued_job_resumes_from_its_requeue_checkpoint(tiny_base_dir, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(SCONTROL)
+    (bin_dir / "scontrol").chmod(stat.S_IRWXU)
+    calls = tmp_path / "scontrol.log"
+    env = cli_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SCONTROL_LOG=str(calls), SLURM_JOB_ID="4242",
+                  SLURM_JOB_NAME="lvlm-prune", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_PROCID="0",
+                  SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="localhost")
+    run_dir = tmp_path / "run"
+    config = tiny_experiment(run_dir, tiny_base_dir, max_steps=40, limit_val_batches=0)
+    command = ["fit", "--config", str(config), "--ckpt_path", "auto"]
+
+    first = launch(command, env)
+    last = run_dir / "logs" / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 90
+    while not last.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert last.exists(), "training never wrote a checkpoint"
+    first.send_signal(signal.SIGUSR1)
+    code, output = finish(first, timeout=60)
+    assert calls.read_text().split() == ["requeue", "4242"], output[-3000:]
+    requeue_checkpoint = run_dir / "hpc_ckpt_1.ckpt"
+    stopped_at = torch.load(requeue_checkpoint, weights_only=False)["global_step"]
+    assert 0 < stopped_at < 40
+    assert not (run_dir / "plugin.safetensors").exists(), "the first launch ran to the end"
+
+    output = run_cli(command, env=env)
+    assert f"--ckpt_path auto: resuming from {requeue_checkpoint}" in output
+    assert torch.load(last, weights_only=False)["global_step"] == 40
+    assert (run_dir / "plugin.safetensors").exists()
