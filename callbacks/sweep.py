@@ -181,18 +181,20 @@ def accuracy_vs_flops_figure(rows: list[dict[str, Any]], convention: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    figure, axis = plt.subplots(figsize=(7.2, 4.2))
     ok = [r for r in rows if r.get("status") == "ok"]
     full = [r for r in ok if r["method"] == "full"]
-    for method in dict.fromkeys(r["method"] for r in ok if r["method"] != "full"):
+    colors = plt.get_cmap("tab20").colors
+    for index, method in enumerate(dict.fromkeys(r["method"] for r in ok if r["method"] != "full")):
         points = sorted(((r["tflops_total"], r["accuracy"]) for r in ok if r["method"] == method))
-        axis.plot([p[0] * 1e3 for p in points], [p[1] for p in points], marker="o", label=method)
+        axis.plot([p[0] * 1e3 for p in points], [p[1] for p in points], marker="o", label=method,
+                  color=colors[index % len(colors)])
     for row in full:
         axis.scatter([row["tflops_total"] * 1e3], [row["accuracy"]], marker="*", s=150, color="black", label="full", zorder=5)
     axis.set_xlabel("total GFLOPs per sample (LLM prefill [%s] + vision + plug-ins)" % convention)
     axis.set_ylabel("accuracy")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     if ok and not math.isnan(sum(r["accuracy"] for r in ok)):
         axis.set_ylim(0, 1.02)
     return figure

@@ -50,7 +50,6 @@ class CompensationModule(FrozenBaseModule):
         final_lr_ratio: learning rate at the end, relative to the peak.
         plugin_weights_path: load plug-in weights exported by a previous run (safetensors) before anything else.
         plugin_export_path: where the trained plug-in weights are written at the end of fit.
-        calibration_batches: validation batches used to calibrate budgets of trained methods.
         nonfinite_loss: 'skip' (drop the step, warn) or 'raise' when a loss is NaN/inf.
         dtype: base dtype. attn_implementation: base attention. quantization: None | 8bit | 4bit.
         max_new_tokens: longest generated answer.
@@ -70,7 +69,6 @@ class CompensationModule(FrozenBaseModule):
         final_lr_ratio: float = 0.1,
         plugin_weights_path: str | None = None,
         plugin_export_path: str | None = None,
-        calibration_batches: int = 2,
         nonfinite_loss: str = "skip",
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
@@ -120,21 +118,7 @@ class CompensationModule(FrozenBaseModule):
             return super().make_method(name, prune_ratio)
         if not 0.0 <= prune_ratio < 1.0:
             raise ValueError(f"prune_ratio={prune_ratio} must be in [0, 1)")
-        self._calibrate(prune_ratio)
         return self.engine.bind(self.compensation.inference_method(prune_ratio))
-
-    def _calibrate(self, prune_ratio: float) -> None:
-        calibrate = getattr(self.compensation, "calibrate", None)
-        offsets = getattr(self.compensation, "logit_offsets", {})
-        if calibrate is None or round(prune_ratio, 4) in offsets or self._trainer is None or self.trainer.datamodule is None:
-            return
-        batches = []
-        for index, batch in enumerate(self.trainer.datamodule.val_dataloader()):
-            if index >= self.hparams.calibration_batches:
-                break
-            batches.append(self.transfer_batch_to_device(batch, self.device, 0))
-        offset = calibrate(self.engine, batches, prune_ratio)
-        log.info("%s: calibrated logit offset %.3f for prune_ratio %s", self.compensation_name, offset, prune_ratio)
 
     @torch.no_grad()
     def generate_with(self, batch: dict[str, Any], name: str, prune_ratio: float) -> GenerationResult:
@@ -147,7 +131,6 @@ class CompensationModule(FrozenBaseModule):
                 result = generate_with_method(self.engine, batch, self.make_method(name, prune_ratio),
                                               self.hparams.max_new_tokens, None if lockstep else eos, pad)
             else:
-                self._calibrate(prune_ratio)
                 variant = {} if name == self.compensation_name else {"variant": name}
                 result = self.compensation.generate(self.engine, batch, prune_ratio, self.hparams.max_new_tokens,
                                                     None if lockstep else eos, pad, **variant)
@@ -239,7 +222,6 @@ class CompensationModule(FrozenBaseModule):
         for key in [k for k in state if k.startswith(BASE_PREFIX)]:
             del state[key]
         checkpoint["base_model"] = {"path": self.hparams.base_model_path, "fingerprint": self.base_fingerprint}
-        checkpoint["calibration"] = dict(getattr(self.compensation, "logit_offsets", {}))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         recorded = checkpoint.get("base_model")
@@ -253,8 +235,6 @@ class CompensationModule(FrozenBaseModule):
         for key, value in self.state_dict().items():
             if key.startswith(BASE_PREFIX):
                 state[key] = value
-        if hasattr(self.compensation, "logit_offsets"):
-            self.compensation.logit_offsets.update(checkpoint.get("calibration", {}))
 
 
 @contextlib.contextmanager
@@ -323,7 +303,7 @@ def export_plugin_weights(plugin: Compensation, path: str | Path, metadata: dict
     save_file(tensors, str(tmp), metadata={"plugin": plugin.name})
     tmp.replace(path)
     info = {"plugin": plugin.name, "config": plugin.export_config(), **metadata,
-            "calibration": getattr(plugin, "logit_offsets", {})}
+}
     Path(str(path) + ".json").write_text(json.dumps(info, indent=2, default=str))
     return path
 
@@ -337,6 +317,3 @@ def load_plugin_weights(plugin: Compensation, path: str | Path) -> None:
     if missing or unexpected:
         raise ValueError(f"plug-in weights {str(path)!r} do not fit this {plugin.name} configuration: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    info_path = Path(str(path) + ".json")
-    if info_path.exists() and hasattr(plugin, "logit_offsets"):
-        plugin.logit_offsets.update({float(k): v for k, v in json.loads(info_path.read_text()).get("calibration", {}).items()})

@@ -173,7 +173,13 @@ def main() -> None:
     demo.summary()
     total = time.perf_counter() - start
     print(f"total: {total / 60:.1f} min")
-    (run_dir / "timings.json").write_text(json.dumps({**demo.timings, "total": total}, indent=2))
+    # stages run by earlier invocations (a resumed or partial demo) keep their measured times
+    path = run_dir / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    timings.pop("total", None)
+    timings.update(demo.timings)
+    timings["total"] = sum(v for k, v in timings.items())
+    path.write_text(json.dumps(timings, indent=2))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 The checkpoint is either a Lightning file (`last.ckpt`) or a DeepSpeed ZeRO-2/3 directory (`last.ckpt/` with
 `checkpoint/` and `latest` inside; its shards are merged on CPU, no GPU or process group needed). The output is
 what `CompensationModule(plugin_weights_path=...)` loads: `<output>` (safetensors, the plug-in's own parameter
-names) + `<output>.json` (base model path and fingerprint, calibration offsets, and the plug-in's constructor
+names) + `<output>.json` (base model path and fingerprint, and the plug-in's constructor
 arguments when the run's `config.yaml` is found beside the checkpoint).
 """
 
@@ -79,7 +79,7 @@ def export_plugin(checkpoint: str | Path, output: str | Path) -> Path:
     staging.replace(output)
     base = entries.get("base_model") or {}
     info = {"plugin": name, "config": (compensation or {}).get("init_args"), "base_model_path": base.get("path"),
-            "base_fingerprint": base.get("fingerprint"), "calibration": entries.get("calibration", {}),
+            "base_fingerprint": base.get("fingerprint"),
             "source_checkpoint": str(checkpoint), "global_step": entries.get("global_step")}
     Path(str(output) + ".json").write_text(json.dumps(info, indent=2, default=str))
     return output

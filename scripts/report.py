@@ -66,7 +66,10 @@ def main() -> None:
                   "tokens removed; latency is generation time per sample at the sweep's batch size.", "",
                   table(["method", "r", "realised r", "visual tokens", "text tokens", "GFLOPs LLM", "GFLOPs total",
                          "latency ms", "accuracy"], body), "",
-                  "![accuracy vs FLOPs](../runs/demo/accuracy_vs_flops.png) (written by `make demo`, not committed)", ""]
+                  "![accuracy vs FLOPs](accuracy_vs_flops.png)", ""]
+        figure = run / "accuracy_vs_flops.png"
+        if figure.exists():
+            (Path(args.out).parent / "accuracy_vs_flops.png").write_bytes(figure.read_bytes())
         unreachable = [r for r in rows if r["status"].startswith("unreachable")]
         if unreachable:
             parts += ["Unreachable budgets (the method's schedule cannot remove that many tokens on the 12-layer model):",

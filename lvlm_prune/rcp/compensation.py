@@ -9,7 +9,7 @@ from torch import nn
 
 from lvlm_prune.compensation import Compensation
 from lvlm_prune.data import answer_generation_mask
-from lvlm_prune.engine import LayerContext, ModelInfo, PrunedLlava, PruningMethod
+from lvlm_prune.engine import LayerContext, ModelInfo, PrunedLlava, PruningMethod, top_k_mask
 from lvlm_prune.flops import module_flops
 from lvlm_prune.rcp.adapter import DelayedRepairAdapter, PrunedContextEncoder
 from lvlm_prune.rcp.losses import answer_ce, repair_loss, sparsity_loss
@@ -46,19 +46,20 @@ class RCPPruning(PruningMethod):
         training: soft Gumbel-sigmoid straight-through masks (engine's soft path) or thresholded inference.
         temperature: Gumbel temperature (training) / final temperature (inference).
         noise: logistic noise on (training).
-        logit_offset: added to every keep logit; inference uses it to hit a requested budget.
+        keep_counts: inference with a budget: tokens kept at each pruning layer (the k highest keep logits
+            among the tokens still present); None keeps where sigmoid(logit / temperature) > 0.5.
     """
 
     name = "rcp"
 
     def __init__(self, plugin: "RCPCompensation", training: bool, temperature: float, noise: bool = False,
-                 logit_offset: float = 0.0, prune_ratio: float = 0.0):
+                 keep_counts: list[int] | None = None, prune_ratio: float = 0.0):
         super().__init__(prune_ratio)
         self.plugin = plugin
         self.training = training
         self.temperature = temperature
         self.noise = noise
-        self.logit_offset = logit_offset
+        self.keep_counts = keep_counts
         self.prune_layers = plugin.pruning_layers
         self.cumulative: list[torch.Tensor] = []
         self.context: torch.Tensor | None = None
@@ -80,13 +81,14 @@ class RCPPruning(PruningMethod):
         previous = self.cumulative[-1] if self.cumulative else present.to(visual.dtype)
         q2v, _ = visual_view(ctx.question_to_visual(), state.visual_index, n)
         question, question_mask = _gather_rows(ctx.normed, state.question_mask)
-        logits = plugin.pruners[position](visual, q2v, question, question_mask, previous) + self.logit_offset
+        logits = plugin.pruners[position](visual, q2v, question, question_mask, previous)
         if self.training:
             _, layer_mask = gumbel_sigmoid(logits, self.temperature, noise=self.noise)
-            current = previous * layer_mask
+        elif self.keep_counts is not None:
+            layer_mask = top_k_mask(logits, previous > 0.5, self.keep_counts[position]).to(visual.dtype)
         else:
             layer_mask = threshold_keep(logits, self.temperature).to(visual.dtype)
-            current = previous * layer_mask
+        current = previous * layer_mask
         pruned_here = present & (current <= 0.5)
         context = plugin.context_encoders[position](raw, pruned_here, current)
         self.context = context if self.context is None else self.context + context
@@ -184,7 +186,6 @@ class RCPCompensation(Compensation):
         self.sparsity_weight = sparsity_weight
         self.schedule = RCPSchedule(1.0 - target_prune_ratio, temperature_start, temperature_end)
         self.use_adapter, self.use_repair_loss, self.use_learned_score = use_adapter, use_repair_loss, use_learned_score
-        self.logit_offsets: dict[float, float] = {}
         self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
 
     def export_config(self) -> dict[str, Any]:
@@ -242,39 +243,35 @@ class RCPCompensation(Compensation):
 
     # ------------------------------------------------------------------ inference
     def inference_method(self, prune_ratio: float | None = None) -> RCPPruning:
-        """Thresholded pruning; a ratio other than the trained one uses its calibrated logit offset."""
-        ratio = self.target_prune_ratio if prune_ratio is None else prune_ratio
-        offset = self.logit_offsets.get(round(ratio, 4), 0.0)
-        return RCPPruning(self, training=False, temperature=self.schedule.temperature_end, logit_offset=offset,
-                          prune_ratio=ratio)
+        """Pruning with the trained modules. With a ratio: each pruning layer keeps its k highest-scoring tokens,
+        the counts k_i = N * lam^(i+1) solved so that the layer average is exactly (1 - r) N (per-layer
+        thresholds at the k-th logit of each sample: a single logit offset cannot hit a budget when a layer's
+        logits are nearly tied). Without: the trained threshold sigmoid(logit / tau_end) > 0.5."""
+        if prune_ratio is None:
+            return RCPPruning(self, training=False, temperature=self.schedule.temperature_end,
+                              prune_ratio=self.target_prune_ratio)
+        return RCPPruning(self, training=False, temperature=self.schedule.temperature_end,
+                          keep_counts=self.keep_counts(prune_ratio), prune_ratio=prune_ratio)
 
-    @torch.no_grad()
-    def calibrate(self, engine: PrunedLlava, batches: list[dict[str, Any]], prune_ratio: float,
-                  iterations: int = 14) -> float:
-        """Find the logit offset whose realised layer-averaged ratio on `batches` is closest to `prune_ratio`
-        (bisection; keep fraction decreases monotonically as the offset falls). Cached per ratio."""
-        n = engine.info.num_visual_tokens
+    def keep_counts(self, prune_ratio: float) -> list[int]:
+        """Tokens kept at each pruning layer for a layer-averaged `prune_ratio` (geometric over the stages)."""
+        n, depth = self.info.num_visual_tokens, self.info.num_layers
+        spans = [b - a for a, b in zip(self.pruning_layers, (*self.pruning_layers[1:], depth))]
+        full = self.pruning_layers[0]  # layers before the first pruner see every token
 
-        def realised(offset: float) -> float:
-            kept, count = 0.0, 0
-            for batch in batches:
-                method = RCPPruning(self, training=False, temperature=self.schedule.temperature_end, logit_offset=offset)
-                out = engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
-                             batch.get("prompt_position_ids"), method=method, logits="none")
-                kept += out.visual_tokens_per_layer.mean(1).sum().item()
-                count += out.visual_tokens_per_layer.shape[0]
-            return 1.0 - kept / count / n
+        def average(lam: float) -> float:
+            return (full + sum(span * lam ** (i + 1) for i, span in enumerate(spans))) / depth
 
-        low, high = -40.0, 40.0  # realised ratio is high at low offsets
-        for _ in range(iterations):
+        target = 1.0 - prune_ratio
+        if average(0.0) > target + 1e-9:
+            raise ValueError(f"rcp: prune_ratio={prune_ratio} cannot be reached with pruning layers "
+                             f"{list(self.pruning_layers)} of {depth} (largest reachable ratio {1 - average(0.0):.3f})")
+        low, high = 0.0, 1.0
+        for _ in range(60):
             mid = (low + high) / 2
-            if realised(mid) > prune_ratio:
-                low = mid
-            else:
-                high = mid
-        offset = (low + high) / 2
-        self.logit_offsets[round(prune_ratio, 4)] = offset
-        return offset
+            low, high = (mid, high) if average(mid) < target else (low, mid)
+        lam = (low + high) / 2
+        return [max(1, round(n * lam ** (i + 1))) for i in range(len(spans))]
 
     def flops_per_sample(self, text_tokens: int) -> dict[str, float]:
         """Exact FLOPs of pruners (at full N, an upper bound) and adapters (on one answer position)."""
