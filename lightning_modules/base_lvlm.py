@@ -14,11 +14,11 @@ from lightning_modules.common import (
     log_accuracy,
     prediction_records,
     score,
-    warmup_cosine,
 )
 from lvlm_prune.data import answer_cross_entropy
 from lvlm_prune.generation import stock_greedy_generate
 from lvlm_prune.modeling.tiny import TinyLlavaSpec, build_tiny_llava
+from lvlm_prune.rcp.schedules import WarmupCosineLambda
 
 
 class BaseLVLMModule(L.LightningModule):
@@ -128,7 +128,7 @@ class BaseLVLMModule(L.LightningModule):
             lr=self.hparams.learning_rate, betas=(0.9, 0.98),
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(self.trainer.estimated_stepping_batches, self.hparams.warmup_steps)
+            optimizer, WarmupCosineLambda(int(self.trainer.estimated_stepping_batches), self.hparams.warmup_steps, 0.1)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

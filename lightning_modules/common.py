@@ -40,18 +40,6 @@ def score(metric: ExactMatchAccuracy, predictions: list[str], batch: dict[str, A
                   [normalize_answer(batch["answers"][i]) for i in keep], categories)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, final_ratio: float = 0.1):
-    """LambdaLR factor: linear warm-up, then cosine from 1 to `final_ratio`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
 def log_accuracy(module: Any, metric: ExactMatchAccuracy, stage: str) -> dict[str, float]:
     """Log `{stage}/acc` (progress bar) and `{stage}/acc/<category>`; categories never seen are skipped."""
     values = {k: float(v) for k, v in metric.compute().items() if not math.isnan(float(v))}

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_modules.common import warmup_cosine
 from lightning_modules.frozen_base import FrozenBaseModule
 from lvlm_prune.compensation import Compensation
+from lvlm_prune.rcp.schedules import WarmupCosineLambda
 from lvlm_prune.runner import GenerationResult, generate_with_method
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class CompensationModule(FrozenBaseModule):
         optimizer = torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(total, math.ceil(self.hparams.warmup_fraction * total), self.hparams.final_lr_ratio)
+            optimizer, WarmupCosineLambda(total, math.ceil(self.hparams.warmup_fraction * total), self.hparams.final_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -55,17 +55,12 @@ class FrozenBaseModule(L.LightningModule):
         self.val_accuracy = exact_match(self.categories)
         self.test_accuracy = exact_match(self.categories)
         self.test_predictions: list[dict[str, Any]] = []
-        self.last_cost: GenerationResult | None = None
 
     def setup(self, stage: str) -> None:
         if stage in ("validate", "test", "fit"):  # fail before any work on an unknown name or a bad ratio
             self.make_method(self.hparams.eval_method, self.hparams.eval_prune_ratio)
 
     # ------------------------------------------------------------------ methods
-    @property
-    def compensation_name(self) -> str | None:
-        return None
-
     def make_method(self, name: str, prune_ratio: float):
         method = build_method(name, prune_ratio)
         return self.engine.bind(method)
@@ -85,7 +80,6 @@ class FrozenBaseModule(L.LightningModule):
     # ------------------------------------------------------------------ evaluation loop
     def _evaluate(self, batch: dict[str, Any], stage: str) -> list[str]:
         predictions, result, _ = self.run_method(batch, self.hparams.eval_method, self.hparams.eval_prune_ratio)
-        self.last_cost = result
         metric = self.val_accuracy if stage == "val" else self.test_accuracy
         score(metric, predictions, batch)
         size = len(predictions)

@@ -52,6 +52,7 @@ def main() -> None:
 
     rows = sweep_rows(run / "sweep" / "run" / "sweep.csv")
     rows += sweep_rows(run / "rcp_r0.889" / "run" / "sweep.csv")
+    rows += [{**r, "method": "rcp@0.778"} for r in sweep_rows(run / "rcp_r0.778" / "run" / "sweep.csv")]
     rows += sweep_rows(run / "accm_r0.969" / "run" / "sweep.csv")
     ok = [r for r in rows if r["status"] == "ok"]
     if ok:

@@ -1,0 +1,102 @@
+"""Cost of RCP: one training step (no-grad teacher pass + soft student pass + backward into the plug-in) and
+inference at a ratio, each relative to one full-token forward of the same frozen base, measured in one run.
+
+    python benchmarks/rcp_cost.py [--base runs/demo/base_model] [--plugin runs/demo/rcp_r0.889/plugin.safetensors]
+
+Without --plugin the RCP modules are freshly initialised (cost does not depend on their values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules.synthetic import SyntheticVQADataModule  # noqa: E402
+from lightning_modules.compensation import load_plugin_weights  # noqa: E402
+from lvlm_prune.engine import PrunedLlava  # noqa: E402
+from lvlm_prune.modeling.loading import freeze, load_base_model  # noqa: E402
+from lvlm_prune.rcp.compensation import RCPCompensation  # noqa: E402
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="runs/demo/base_model")
+    parser.add_argument("--plugin", default=None)
+    parser.add_argument("--ratio", type=float, default=0.889)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    engine = PrunedLlava(freeze(load_base_model(args.base)))
+    plugin = RCPCompensation(target_prune_ratio=args.ratio, bottleneck=64, num_queries=16, context_dim=64,
+                             adapter_bottleneck=32)
+    plugin.attach(engine)
+    if args.plugin:
+        load_plugin_weights(plugin, args.plugin)
+    data = SyntheticVQADataModule(processor_path=args.base, num_train=args.batch, batch_size=args.batch,
+                                  num_test=args.batch, eval_batch_size=args.batch)
+    batch = next(iter(data.train_dataloader()))
+    test = next(iter(data.test_dataloader()))
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"])
+    optimizer = torch.optim.AdamW(plugin.parameters(), lr=1e-4)
+
+    def full_forward():
+        with torch.no_grad():
+            engine(*inputs, logits="all")
+
+    def train_step():
+        losses = plugin.training_losses(engine, batch, progress=0.5)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+
+    prompt = (test["prompt_input_ids"], test["prompt_attention_mask"], test["pixel_values"])
+
+    def generate_full():
+        engine.generate(*prompt, position_ids=test["prompt_position_ids"], max_new_tokens=4)
+
+    method = plugin.inference_method(args.ratio)
+
+    def generate_rcp():
+        with torch.no_grad():
+            engine.generate(*prompt, position_ids=test["prompt_position_ids"], method=method, max_new_tokens=4)
+
+    forward = median_seconds(full_forward, args.repeats)
+    step = median_seconds(train_step, args.repeats)
+    full_gen = median_seconds(generate_full, args.repeats)
+    rcp_gen = median_seconds(generate_rcp, args.repeats)
+    result = {"threads": torch.get_num_threads(), "batch": args.batch, "ratio": args.ratio,
+              "full_forward_ms": forward * 1e3, "rcp_train_step_ms": step * 1e3,
+              "train_step_over_forward": step / forward, "full_generate_ms": full_gen * 1e3,
+              "rcp_generate_ms": rcp_gen * 1e3, "rcp_over_full_generate": rcp_gen / full_gen}
+    print(f"CPU, {torch.get_num_threads()} threads, batch {args.batch}, base {args.base}")
+    print(f"full-token forward (teacher-forced): {forward * 1e3:8.1f} ms")
+    print(f"RCP training step (teacher + student + backward + AdamW): {step * 1e3:8.1f} ms "
+          f"= {step / forward:.2f} x the full forward")
+    print(f"generation, 4 new tokens: full {full_gen * 1e3:.1f} ms, RCP at r={args.ratio} {rcp_gen * 1e3:.1f} ms "
+          f"= {rcp_gen / full_gen:.2f} x")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
