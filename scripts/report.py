@@ -28,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/demo")
     parser.add_argument("--benchmark", default="docs/benchmark_prefill.json")
+    parser.add_argument("--rcp-cost", default="docs/benchmark_rcp_cost.json")
     parser.add_argument("--out", default="docs/results.md")
     args = parser.parse_args()
     run = Path(args.run_dir)
@@ -100,6 +101,19 @@ def main() -> None:
                          "latency red. / FLOPs red.", "scoring overhead"], body), "",
                   f"Eval throughput (generate 8 tokens, FastV): batch 1 {float(tp['1']):.2f} samples/s, batch 8 "
                   f"{float(tp['8']):.2f} samples/s.", ""]
+
+    cost = Path(args.rcp_cost)
+    if cost.exists():
+        c = json.loads(cost.read_text())
+        parts += ["## RCP cost (`python benchmarks/rcp_cost.py --out docs/benchmark_rcp_cost.json`)", "",
+                  f"Tiny base of `make demo`, CPU ({c['threads']} threads), batch {c['batch']}, measured in one run.", "",
+                  table(["measurement", "ms", "relative"], [
+                      ["full-token forward (teacher-forced)", f"{c['full_forward_ms']:.1f}", "1.00"],
+                      ["RCP training step (teacher + soft student + backward + AdamW)", f"{c['rcp_train_step_ms']:.1f}",
+                       f"{c['train_step_over_forward']:.2f} x forward"],
+                      ["generation, full tokens (4 new tokens)", f"{c['full_generate_ms']:.1f}", "1.00"],
+                      [f"generation, RCP at r = {c['ratio']}", f"{c['rcp_generate_ms']:.1f}",
+                       f"{c['rcp_over_full_generate']:.2f} x full"]]), ""]
 
     Path(args.out).write_text("\n".join(parts))
     print(f"wrote {args.out}")
