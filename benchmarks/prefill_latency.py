@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import median_seconds  # noqa: E402
 from lvlm_prune.baselines import build_method  # noqa: E402
 from lvlm_prune.engine import PrunedLlava  # noqa: E402
 from lvlm_prune.flops import LLMShape, llm_prefill_flops  # noqa: E402
@@ -55,14 +55,6 @@ class TimedScores:
             setattr(method, hook, timed)
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

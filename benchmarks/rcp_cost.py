@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import median_seconds  # noqa: E402
 from datamodules.synthetic import SyntheticVQADataModule  # noqa: E402
 from lightning_modules.compensation import load_plugin_weights  # noqa: E402
 from lvlm_prune.engine import PrunedLlava  # noqa: E402
@@ -26,14 +25,6 @@ from lvlm_prune.modeling.loading import freeze, load_base_model  # noqa: E402
 from lvlm_prune.rcp.compensation import RCPCompensation  # noqa: E402
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
