@@ -38,7 +38,7 @@ from lvlm_prune.accm.splice import splice_after_image
 from lvlm_prune.accm.vision_pruning import cls_attention_from_layer, prumerge_plus_select, text_relevance_scores
 from lvlm_prune.baselines import build_method, pre_llm_keep_count
 from lvlm_prune.compensation import Compensation
-from lvlm_prune.engine import EngineOutput, ModelInfo, PreLLMContext, PrunedLlava, PruningMethod
+from lvlm_prune.engine import EngineOutput, ModelInfo, PreLLMContext, PrunedLlava, PruningMethod, gather_rows
 from lvlm_prune.flops import LLMShape, llm_prefill_flops, module_flops
 from lvlm_prune.modeling.prompt import IMAGE_PLACEHOLDER, get_template
 from lvlm_prune.runner import GenerationResult, prompt_text_tokens
@@ -186,15 +186,6 @@ def splice_context(
     mask[hidden_rows, spliced.positions[hidden_rows, hidden_cols]] = 0
     positions = (spliced.attention_mask.long().cumsum(1) - 1).clamp(min=0)
     return SplicedSequences(spliced.input_ids, mask, spliced.labels, positions, spliced.inserted_mask())
-
-
-def gather_rows(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T, ...) -> (B, A, ...) the rows where `mask` (B, T) is True, in order, right-padded; and (B, A) validity."""
-    counts = mask.sum(1)
-    width = int(counts.max().item()) if mask.numel() else 0
-    index = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    expanded = index.reshape(*index.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
-    return values.gather(1, expanded), torch.arange(width, device=mask.device)[None] < counts[:, None]
 
 
 def answer_logits(engine: PrunedLlava, output: EngineOutput) -> tuple[torch.Tensor, torch.Tensor]:

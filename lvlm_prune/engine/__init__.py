@@ -2,7 +2,7 @@
 
 from lvlm_prune.engine.engine import EngineOutput, PrunedLlava
 from lvlm_prune.engine.methods import LayerContext, ModelInfo, PreLLMContext, PruningMethod, top_k_mask
-from lvlm_prune.engine.state import SequenceState
+from lvlm_prune.engine.state import SequenceState, gather_rows
 
 __all__ = ["EngineOutput", "LayerContext", "ModelInfo", "PreLLMContext", "PrunedLlava", "PruningMethod",
-           "SequenceState", "top_k_mask"]
+           "SequenceState", "gather_rows", "top_k_mask"]

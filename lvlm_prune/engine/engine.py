@@ -337,8 +337,6 @@ def _to_sequence(keep_visual: torch.Tensor, state: SequenceState) -> torch.Tenso
     """(B, N) mask over visual tokens -> (B, T) mask over the sequence (True on text)."""
     index = state.visual_index.clamp(min=0)
     per_token = keep_visual.gather(1, index)
-    if per_token.dtype == torch.bool:
-        return torch.where(state.visual_index >= 0, per_token, torch.ones_like(per_token))
     return torch.where(state.visual_index >= 0, per_token, torch.ones_like(per_token))
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from lvlm_prune.engine.attention import attention_rows, layer_keys
-from lvlm_prune.engine.state import SequenceState
+from lvlm_prune.engine.state import SequenceState, gather_rows
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,8 @@ class LayerContext:
         """(B, T) attention to each present visual token, averaged over heads and question rows."""
         question = self.state.question_mask
         counts = question.sum(1)
-        width = max(1, int(counts.max().item()))
-        index = torch.sort((~question).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        row_valid = torch.arange(width, device=question.device)[None] < counts[:, None]
+        positions = torch.arange(question.shape[1], device=question.device).expand_as(question)
+        index, row_valid = gather_rows(positions, question, min_width=1)
         probs = self.attention_probs(index).mean(1)  # (B, Q, T)
         probs = (probs * row_valid[..., None]).sum(1) / counts.clamp(min=1)[:, None]
         # no question token (e.g. an empty prompt): fall back to the last prompt token

@@ -72,3 +72,13 @@ class SequenceState:
 
     def with_hidden(self, hidden: torch.Tensor) -> "SequenceState":
         return replace(self, hidden=hidden)
+
+
+def gather_rows(values: torch.Tensor, mask: torch.Tensor, min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, ...) -> (B, A, ...): the rows where `mask` (B, T) is True, in order, right-padded to the longest
+    sample (at least `min_width` rows); and (B, A) validity of each gathered row."""
+    counts = mask.sum(1)
+    width = max(min_width, int(counts.max().item()) if mask.numel() else 0)
+    index = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    expanded = index.reshape(*index.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+    return values.gather(1, expanded), torch.arange(width, device=mask.device)[None] < counts[:, None]

@@ -9,7 +9,7 @@ from torch import nn
 
 from lvlm_prune.compensation import Compensation
 from lvlm_prune.data import answer_generation_mask
-from lvlm_prune.engine import LayerContext, ModelInfo, PrunedLlava, PruningMethod, top_k_mask
+from lvlm_prune.engine import LayerContext, ModelInfo, PrunedLlava, PruningMethod, gather_rows, top_k_mask
 from lvlm_prune.flops import module_flops
 from lvlm_prune.rcp.adapter import DelayedRepairAdapter, PrunedContextEncoder
 from lvlm_prune.rcp.losses import answer_ce, repair_loss, sparsity_loss
@@ -80,7 +80,7 @@ class RCPPruning(PruningMethod):
             self._start = present
         previous = self.cumulative[-1] if self.cumulative else present.to(visual.dtype)
         q2v, _ = visual_view(ctx.question_to_visual(), state.visual_index, n)
-        question, question_mask = _gather_rows(ctx.normed, state.question_mask)
+        question, question_mask = gather_rows(ctx.normed, state.question_mask, min_width=1)
         logits = plugin.pruners[position](visual, q2v, question, question_mask, previous)
         if self.training:
             _, layer_mask = gumbel_sigmoid(logits, self.temperature, noise=self.noise)
@@ -111,14 +111,6 @@ class RCPPruning(PruningMethod):
 
     def plugin_flops(self, text_tokens: int) -> dict[str, float]:
         return self.plugin.flops_per_sample(text_tokens)
-
-
-def _gather_rows(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    counts = mask.sum(1)
-    width = max(1, int(counts.max().item()))
-    index = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    rows = values.gather(1, index[..., None].expand(-1, -1, values.shape[-1]))
-    return rows, torch.arange(width, device=mask.device)[None] < counts[:, None]
 
 
 class RCPCompensation(Compensation):
