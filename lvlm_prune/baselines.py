@@ -3,17 +3,23 @@
 Budget convention (METHODS.md section 0): `prune_ratio` r is the fraction of visual tokens removed,
 averaged over all decoder layers. Each method turns r into its own schedule; a schedule that cannot reach
 r on the given model raises ValueError with the largest reachable ratio.
+
+Model families: random, FastV, PyramidDrop and DART budget each sample from its own visual-token count N_i (a
+sample's schedule is the plan for a model with N_i tokens), so they also run on LLaVA-NeXT, whose images give
+different counts. Pool and VisionZip need LLaVA-1.5's single CLIP grid and its [CLS] attention; the engine
+refuses them on LLaVA-NeXT with a ValueError naming the method and the family.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from lvlm_prune.accm.vision_pruning import cls_attention_from_layer
-from lvlm_prune.engine.methods import LayerContext, ModelInfo, PreLLMContext, PruningMethod, top_k_mask
+from lvlm_prune.engine.methods import LayerContext, ModelInfo, PreLLMContext, PruningMethod, per_sample, top_k_mask
 
 
 def scaled_layer(layer_of_32: int, num_layers: int) -> int:
@@ -39,9 +45,10 @@ def single_stage_keep_count(prune_ratio: float, info: ModelInfo, layer: int, nam
 
 
 class RandomPruning(PruningMethod):
-    """Keeps a seeded random subset of the visual tokens before the LLM."""
+    """Keeps a seeded random subset of the visual tokens before the LLM (max(1, round((1 - r) N_i)) per sample)."""
 
     name = "random"
+    handles_varying_visual_tokens = True
 
     def __init__(self, prune_ratio: float = 0.0, seed: int = 0):
         super().__init__(prune_ratio)
@@ -58,12 +65,14 @@ class RandomPruning(PruningMethod):
     def before_llm(self, ctx: PreLLMContext) -> torch.Tensor:
         b, n, _ = ctx.visual_features.shape
         scores = torch.rand(b, n, generator=self.generator).to(ctx.visual_features.device)
-        return top_k_mask(scores, torch.ones(b, n, dtype=torch.bool, device=scores.device), self.keep)
+        keep = per_sample(ctx.num_visual, lambda count: pre_llm_keep_count(self.prune_ratio, count))
+        return top_k_mask(scores, ctx.visual_valid, keep)
 
 
 class PoolPruning(PruningMethod):
     """Average-pools the visual grid to about the budget (h x w cells, h * w closest to the budget); each pooled
-    token takes the slot (and position id) of the grid token nearest its cell centre."""
+    token takes the slot (and position id) of the grid token nearest its cell centre. LLaVA-1.5 only: needs one
+    square grid per image (the engine raises ValueError on LLaVA-NeXT)."""
 
     name = "pool"
 
@@ -97,9 +106,11 @@ class PoolPruning(PruningMethod):
 
 class FastV(PruningMethod):
     """FastV (ECCV'24): after decoder layer K, keep the visual tokens the last prompt token attends to most
-    (heads averaged) in layer K-1's attention; K = 2 for 32 layers, scaled with depth by default."""
+    (heads averaged) in layer K-1's attention; K = 2 for 32 layers, scaled with depth by default. The budget is
+    per sample, from its own visual-token count (runs on LLaVA-NeXT)."""
 
     name = "fastv"
+    handles_varying_visual_tokens = True
 
     def __init__(self, prune_ratio: float = 0.0, layer: int | None = None):
         super().__init__(prune_ratio)
@@ -111,7 +122,11 @@ class FastV(PruningMethod):
         if not 1 <= self.k_layer < info.num_layers:
             raise ValueError(f"fastv: layer={self.k_layer} must be in [1, {info.num_layers - 1}]")
         self.prune_layers = (self.k_layer - 1, self.k_layer)
-        self.keep = single_stage_keep_count(self.prune_ratio, info, self.k_layer, self.name)
+        self.keep = self._keep(info.num_visual_tokens)
+
+    def _keep(self, num_visual: int) -> int:
+        return single_stage_keep_count(self.prune_ratio, replace(self.info, num_visual_tokens=num_visual),
+                                       self.k_layer, self.name)
 
     def planned_visual_tokens(self) -> list[float]:
         n = self.info.num_visual_tokens
@@ -121,15 +136,18 @@ class FastV(PruningMethod):
         if ctx.layer_idx == self.k_layer - 1:
             self._scores = ctx.last_token_to_visual()
             return None
-        return top_k_mask(self._scores, ctx.state.visual_mask, self.keep) | (ctx.state.visual_index < 0)
+        keep = per_sample(ctx.num_visual, self._keep)
+        return top_k_mask(self._scores, ctx.state.visual_mask, keep) | (ctx.state.visual_index < 0)
 
 
 class PyramidDrop(PruningMethod):
     """PyramidDrop (CVPR'25): stages end at layers L/4, L/2, 3L/4 (8/16/24 of 32); at each stage end keep a
     fraction lambda of the remaining visual tokens by the last prompt token's attention at that layer;
-    lambda is solved from the layer-averaged budget."""
+    lambda is solved from the layer-averaged budget. Stage counts are per sample, round(N_i lambda^s) (runs on
+    LLaVA-NeXT)."""
 
     name = "pdrop"
+    handles_varying_visual_tokens = True
 
     def __init__(self, prune_ratio: float = 0.0, stage_ends: tuple[int, ...] | None = None):
         super().__init__(prune_ratio)
@@ -158,7 +176,10 @@ class PyramidDrop(PruningMethod):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if average(mid) < target else (lo, mid)
         self.ratio = (lo + hi) / 2
-        self.counts = [max(1, round(n * self.ratio ** (i + 1))) for i in range(len(ends))]
+        self.counts = [self._stage_count(n, i) for i in range(len(ends))]
+
+    def _stage_count(self, num_visual: int, stage: int) -> int:
+        return max(1, round(num_visual * self.ratio ** (stage + 1)))
 
     def planned_visual_tokens(self) -> list[float]:
         counts, current = [], float(self.info.num_visual_tokens)
@@ -169,14 +190,16 @@ class PyramidDrop(PruningMethod):
         return counts
 
     def at_layer(self, ctx: LayerContext) -> torch.Tensor:
-        keep = self.counts[self.prune_layers.index(ctx.layer_idx)]
+        stage = self.prune_layers.index(ctx.layer_idx)
+        keep = per_sample(ctx.num_visual, lambda count: self._stage_count(count, stage))
         return top_k_mask(ctx.last_token_to_visual(), ctx.state.visual_mask, keep) | (ctx.state.visual_index < 0)
 
 
 class VisionZip(PruningMethod):
     """VisionZip (CVPR'25), before the LLM: dominant tokens = the patches with the highest [CLS] attention at
     the vision layer LLaVA reads; contextual tokens = the rest merged by key similarity into a few uniformly
-    strided targets. The split follows the paper's 54 + 10 of 64."""
+    strided targets. The split follows the paper's 54 + 10 of 64. LLaVA-1.5 only: needs the [CLS] attention of one
+    CLIP grid per image (the engine raises ValueError on LLaVA-NeXT)."""
 
     name = "visionzip"
 
@@ -226,9 +249,10 @@ class VisionZip(PruningMethod):
 class DART(PruningMethod):
     """DART (EMNLP'25): after layer K (2 of 32, scaled), pick pivot tokens with the largest key norm and keep
     the visual tokens least similar (cosine of the layer's normed hidden states) to the pivots; needs no
-    attention map."""
+    attention map. Budget and pivot count are per sample, from its own visual-token count (runs on LLaVA-NeXT)."""
 
     name = "dart"
+    handles_varying_visual_tokens = True
 
     def __init__(self, prune_ratio: float = 0.0, layer: int | None = None, num_pivots: int | None = None):
         super().__init__(prune_ratio)
@@ -241,9 +265,13 @@ class DART(PruningMethod):
         if not 1 <= self.k_layer < info.num_layers:
             raise ValueError(f"dart: layer={self.k_layer} must be in [1, {info.num_layers - 1}]")
         self.prune_layers = (self.k_layer,)
-        self.keep = single_stage_keep_count(self.prune_ratio, info, self.k_layer, self.name)
-        pivots = self.num_pivots or max(1, round(8 * info.num_visual_tokens / 576))
-        self.pivots = min(pivots, self.keep)
+        self.keep, self.pivots = self._budget(info.num_visual_tokens)
+
+    def _budget(self, num_visual: int) -> tuple[int, int]:
+        """(tokens kept, pivots among them) for a sample with `num_visual` visual tokens."""
+        keep = single_stage_keep_count(self.prune_ratio, replace(self.info, num_visual_tokens=num_visual),
+                                       self.k_layer, self.name)
+        return keep, min(self.num_pivots or max(1, round(8 * num_visual / 576)), keep)
 
     def planned_visual_tokens(self) -> list[float]:
         n = self.info.num_visual_tokens
@@ -251,12 +279,14 @@ class DART(PruningMethod):
 
     def at_layer(self, ctx: LayerContext) -> torch.Tensor:
         visual = ctx.state.visual_mask
+        keep = per_sample(ctx.num_visual, lambda count: self._budget(count)[0])
+        num_pivots = per_sample(ctx.num_visual, lambda count: self._budget(count)[1])
         key_norm = ctx.keys().float().norm(dim=-1).mean(1)  # (B, T), heads averaged
-        pivots = top_k_mask(key_norm, visual, self.pivots)
+        pivots = top_k_mask(key_norm, visual, num_pivots)
         hidden = F.normalize(ctx.normed.float(), dim=-1)
         similarity = torch.einsum("btd,bsd->bts", hidden, hidden)
         max_to_pivot = similarity.masked_fill(~pivots[:, None, :], float("-inf")).max(-1).values
-        rest = top_k_mask(-max_to_pivot, visual & ~pivots, self.keep - self.pivots)
+        rest = top_k_mask(-max_to_pivot, visual & ~pivots, keep - num_pivots)
         return pivots | rest | (ctx.state.visual_index < 0)
 
 

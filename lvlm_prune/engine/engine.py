@@ -4,6 +4,10 @@ Instance-scoped: the engine wraps a model object without changing its class or i
 student and an unpruned teacher can use the same weights in one process. Each decoder layer is the stock
 module, called with an additive (B, 1, T, T) mask that the engine builds itself, so the model keeps its own
 attention implementation (SDPA or eager).
+
+Families (`families.py`): LLaVA-1.5 gives every sample the same N visual tokens, LLaVA-NeXT gives each sample
+its own count. The engine carries the visual features padded to the batch's largest count together with each
+sample's count (`num_visual`); from the scatter into the image-token positions on, both run the same code.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from lvlm_prune.data import IGNORE_INDEX
+from lvlm_prune.engine.families import visual_family
 from lvlm_prune.engine.methods import LayerContext, ModelInfo, PreLLMContext, PruningMethod
 from lvlm_prune.engine.state import SequenceState
 
@@ -44,10 +49,17 @@ class _DecodeState:
     cache: DynamicCache
     layer_key_valid: list[torch.Tensor]
     next_position: torch.Tensor
+    num_visual: torch.Tensor
 
 
 class PrunedLlava:
-    """Runs `model` (a `LlavaForConditionalGeneration`) with a `PruningMethod`.
+    """Runs `model` (a `LlavaForConditionalGeneration` or a `LlavaNextForConditionalGeneration`) with a
+    `PruningMethod`.
+
+    `info.num_visual_tokens` is N on LLaVA-1.5 and, on LLaVA-NeXT, the most visual tokens one image can give under
+    the config's grid pinpoints (a per-model constant, so plug-in sizes and bind-time checks do not depend on the
+    batch); each sample's own count is its number of image tokens in `input_ids`, handed to the method's hooks as
+    `num_visual`.
 
     Args:
         model: the base model; never modified.
@@ -60,18 +72,25 @@ class PrunedLlava:
         self.layers = self.language_model.layers
         self.config = model.config
         self.image_token_id = self.config.image_token_id
-        vision = self.config.vision_config
-        n_patches = (vision.image_size // vision.patch_size) ** 2
-        strategy = getattr(self.config, "vision_feature_select_strategy", "default")
+        self.family = visual_family(model)
         self.info = ModelInfo(
             num_layers=len(self.layers),
-            num_visual_tokens=n_patches if strategy == "default" else n_patches + 1,
+            num_visual_tokens=self.family.max_visual_tokens(),
             hidden_size=self.config.get_text_config().hidden_size,
             vision_feature_layer=self.config.vision_feature_layer,
+            model_type=self.config.model_type,
+            varying_visual_tokens=self.family.varying_visual_tokens,
         )
 
     def bind(self, method: PruningMethod | None) -> PruningMethod:
         method = method if method is not None else PruningMethod()
+        if self.info.varying_visual_tokens and not method.handles_varying_visual_tokens:
+            raise ValueError(
+                f"{method.name}: not supported on {self.info.model_type}, whose images give different numbers of "
+                "visual tokens (anyres crops packed with newline tokens): the method assumes LLaVA-1.5's fixed layout "
+                "(one CLIP grid with its [CLS] attention, one budget for every sample); use a method that budgets "
+                "per sample (training-free: random, fastv, pdrop, dart)"
+            )
         for layer in method.prune_layers:
             if not 0 <= layer < self.info.num_layers:
                 raise ValueError(
@@ -81,27 +100,37 @@ class PrunedLlava:
         return method
 
     # ------------------------------------------------------------------ inputs
-    def visual_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def visual_features(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """(B, N, d) projected visual tokens, exactly as the stock forward computes them, and the vision
-        tower's hidden states (embeddings + every layer's output, each (B, 1 + N, C))."""
-        out = self.llava.get_image_features(pixel_values=pixel_values, return_dict=True, output_hidden_states=True)
-        features = out.pooler_output
-        if isinstance(features, (list, tuple)):
-            features = torch.stack(list(features))
-        return features, tuple(out.hidden_states or ())
+        tower's hidden states (embeddings + every layer's output, each (B, 1 + N, C)).
+
+        LLaVA-NeXT: `image_sizes` (B, 2) is required; sample b's tokens are rows [0, N_b) (N_b: its image tokens
+        in `input_ids`), zero-padded to the largest N_b; the hidden states are () (they are per anyres crop)."""
+        tokens = self.family.encode(pixel_values, image_sizes)
+        return tokens.features, tokens.vision_hidden_states
 
     def _visual_inputs(
         self,
         pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
         visual_inputs: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None,
-        batch: int,
+        num_visual: torch.Tensor,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         if visual_inputs is None:
             if pixel_values is None:
                 raise ValueError("pass pixel_values or precomputed visual_inputs")
-            return self.visual_features(pixel_values)
+            tokens = self.family.encode(pixel_values, image_sizes)
+            if tokens.counts.shape != num_visual.shape or not torch.equal(tokens.counts, num_visual):
+                raise ValueError(
+                    f"the images give {tokens.counts.tolist()} visual tokens but input_ids hold {num_visual.tolist()} "
+                    f"image tokens (id {self.image_token_id}): one image per sample, its <image> expanded by this "
+                    "model's processor (for llava_next, pass the image_sizes that processor returned)"
+                )
+            return tokens.features, tokens.vision_hidden_states
         features, vision_hidden = visual_inputs
-        expected = (batch, self.info.num_visual_tokens, self.info.hidden_size)
+        expected = (num_visual.shape[0], int(num_visual.max()), self.info.hidden_size)
         if tuple(features.shape) != expected:
             raise ValueError(f"visual_inputs features have shape {tuple(features.shape)}, expected {expected}")
         return features, tuple(vision_hidden)
@@ -116,7 +145,7 @@ class PrunedLlava:
     ) -> SequenceState:
         is_image = input_ids == self.image_token_id
         n_visual = is_image.sum(1)
-        if (n_visual != self.info.num_visual_tokens).any():
+        if not self.info.varying_visual_tokens and (n_visual != self.info.num_visual_tokens).any():
             raise ValueError(
                 f"each sample needs exactly {self.info.num_visual_tokens} image tokens (id {self.image_token_id}) "
                 f"in input_ids, got {n_visual.tolist()}: the processor's image_seq_length does not match the model"
@@ -173,14 +202,16 @@ class PrunedLlava:
         capture_layers: tuple[int, ...] = (),
         logits: str = "all",
         visual_inputs: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None,
+        image_sizes: torch.Tensor | None = None,
         _decode: _DecodeState | None = None,
     ) -> EngineOutput:
         """One prefill/teacher-forced pass.
 
         Args:
-            input_ids: (B, T) with N image tokens per sample.
+            input_ids: (B, T) with N image tokens per sample (LLaVA-NeXT: as many as the sample's image gives).
             attention_mask: (B, T) 1 = real token; 0 = padding or a visual token hidden from the LLM.
-            pixel_values: (B, 3, H, W); may be None when `visual_inputs` is given.
+            pixel_values: (B, 3, H, W) (LLaVA-NeXT: (B, crops, 3, H, W)); may be None when `visual_inputs` is
+                given.
             position_ids: (B, T) RoPE positions (default: cumsum of the mask).
             labels: (B, T) answer labels (-100 elsewhere): mark answer-generation positions for the method.
             method: the pruning method (bound to this model); None keeps all tokens.
@@ -190,21 +221,23 @@ class PrunedLlava:
             logits: 'all' (every input position), 'last' (the last real token of each sample) or 'none'.
             visual_inputs: precomputed `visual_features(pixel_values)` ((B, N, d) features, vision hidden
                 states); skips the vision tower (e.g. one image encoded once for several prompts).
+            image_sizes: LLaVA-NeXT only: (B, 2) original (height, width) of each image, from the processor.
         """
         method = self.bind(method)
         batch = input_ids.shape[0]
         embed = self.language_model.embed_tokens
         inputs_embeds = embed(input_ids)
-        features, vision_hidden = self._visual_inputs(pixel_values, visual_inputs, batch)
-        features = features.to(inputs_embeds.dtype)
         state = self.initial_state(input_ids, attention_mask, position_ids, labels, inputs_embeds)
         in_length = input_ids.shape[1]
         is_image = state.visual_index >= 0
+        num_visual = is_image.sum(1)
+        features, vision_hidden = self._visual_inputs(pixel_values, image_sizes, visual_inputs, num_visual)
+        features = features.to(inputs_embeds.dtype)
 
         pre = PreLLMContext(self.model, pixel_values, features, inputs_embeds, state, vision_hidden)
         keep_visual = method.before_llm(pre)
         features = pre.visual_features
-        state.hidden = inputs_embeds.masked_scatter(is_image[..., None], features.reshape(-1, features.shape[-1]))
+        state.hidden = inputs_embeds.masked_scatter(is_image[..., None], features[pre.visual_valid])
         if keep_visual is not None:
             state = self._apply_keep(state, _to_sequence(keep_visual, state), soft)
 
@@ -214,14 +247,14 @@ class PrunedLlava:
         bias = self.attention_bias(state)
         position_embeddings = self.language_model.rotary_emb(state.hidden, position_ids=state.position_ids)
         for idx, layer in enumerate(self.layers):
-            ctx = LayerContext(idx, layer, state, position_embeddings, bias, soft)
+            ctx = LayerContext(idx, layer, state, position_embeddings, bias, soft, num_visual)
             if idx in method.prune_layers:
                 keep = method.at_layer(ctx)
                 if keep is not None:
                     state = self._apply_keep(state, keep, soft)
                     bias = self.attention_bias(state)
                     position_embeddings = self.language_model.rotary_emb(state.hidden, position_ids=state.position_ids)
-                    ctx = LayerContext(idx, layer, state, position_embeddings, bias, soft)
+                    ctx = LayerContext(idx, layer, state, position_embeddings, bias, soft, num_visual)
             counts[:, idx] = state.visual_counts()
             if _decode is not None:
                 _decode.layer_key_valid.append(state.key_valid.clone())
@@ -281,17 +314,19 @@ class PrunedLlava:
         eos_token_id: int | None = None,
         pad_token_id: int = 0,
         visual_inputs: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy decoding on the pruned KV cache (`visual_inputs`: see `forward`).
+        """Greedy decoding on the pruned KV cache (`visual_inputs`, `image_sizes`: see `forward`).
 
         Returns:
             tokens (B, T_new) (rows that ended are padded with `pad_token_id`) and the prefill's
             `visual_tokens_per_layer` (B, num_layers).
         """
         method = self.bind(method)
-        decode = _DecodeState(DynamicCache(config=self.config.get_text_config()), [], torch.empty(0))
-        out = self.forward(input_ids, attention_mask, pixel_values, position_ids, method=method,
-                           logits="last", visual_inputs=visual_inputs, _decode=decode)
+        decode = _DecodeState(DynamicCache(config=self.config.get_text_config()), [], torch.empty(0),
+                              (input_ids == self.image_token_id).sum(1))
+        out = self.forward(input_ids, attention_mask, pixel_values, position_ids, method=method, logits="last",
+                           visual_inputs=visual_inputs, image_sizes=image_sizes, _decode=decode)
         state = out.state
         decode.next_position = state.position_ids.max(1).values + 1
         batch = input_ids.shape[0]
@@ -326,7 +361,7 @@ class PrunedLlava:
             bias = bias.masked_fill(~valid[:, None, None, :], torch.finfo(hidden.dtype).min)
             hidden = layer(hidden, attention_mask=bias, position_ids=position_ids, past_key_values=decode.cache,
                            use_cache=True, position_embeddings=position_embeddings)
-            ctx = LayerContext(idx, layer, step_state, position_embeddings, bias, False)
+            ctx = LayerContext(idx, layer, step_state, position_embeddings, bias, False, decode.num_visual)
             hidden = method.after_layer(ctx, hidden)
             step_state = step_state.with_hidden(hidden)
         decode.next_position = decode.next_position + 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -13,12 +13,26 @@ from lvlm_prune.engine.state import SequenceState, gather_rows
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a method needs to know about the base model to plan its schedule."""
+    """What a method needs to know about the base model to plan its schedule.
+
+    Args:
+        num_layers: decoder layers.
+        num_visual_tokens: N, the visual tokens of one image. Where images give different counts
+            (`varying_visual_tokens`, LLaVA-NeXT) it is the most one image can give: a model-level constant, so
+            module sizes and bind-time checks stay per model; each sample's own count is `num_visual` of the
+            hook contexts, and budgets are computed from that.
+        hidden_size: LLM width.
+        vision_feature_layer: the vision layer(s) the projector reads.
+        model_type: the model family (`config.model_type`: 'llava', 'llava_next'), for error messages.
+        varying_visual_tokens: images give different numbers of visual tokens (LLaVA-NeXT's anyres packing).
+    """
 
     num_layers: int
     num_visual_tokens: int
     hidden_size: int
     vision_feature_layer: int | list[int]
+    model_type: str = "llava"
+    varying_visual_tokens: bool = False
 
 
 @dataclass
@@ -27,11 +41,14 @@ class PreLLMContext:
 
     Args:
         model: the base LLaVA model.
-        pixel_values: (B, 3, H, W).
+        pixel_values: (B, 3, H, W) (LLaVA-NeXT: (B, crops, 3, H, W)).
         visual_features: (B, N, d) projected visual tokens; a merging method may write merged features here.
+            Sample b's tokens are rows [0, num_visual[b]); where counts differ (LLaVA-NeXT) N is the batch's
+            largest count and the rows after a sample's count are zero padding.
         text_embeds: (B, T, d) input embeddings of the prompt (visual positions hold the visual features).
         state: the sequence before the LLM.
-        vision_hidden_states: the vision tower's hidden states (embeddings + each layer's output).
+        vision_hidden_states: the vision tower's hidden states (embeddings + each layer's output); () on
+            LLaVA-NeXT, where they are per anyres crop.
     """
 
     model: Any
@@ -40,6 +57,17 @@ class PreLLMContext:
     text_embeds: torch.Tensor
     state: SequenceState
     vision_hidden_states: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def num_visual(self) -> torch.Tensor:
+        """(B,) long: visual tokens of each sample (its image-token positions in the input)."""
+        return (self.state.visual_index >= 0).sum(1)
+
+    @property
+    def visual_valid(self) -> torch.Tensor:
+        """(B, N) bool: rows of `visual_features` that are real tokens of their sample (not padding)."""
+        n = self.visual_features.shape[1]
+        return torch.arange(n, device=self.visual_features.device)[None] < self.num_visual[:, None]
 
     def vision_read_layer(self) -> tuple[torch.nn.Module, torch.Tensor]:
         """The vision encoder layer whose output LLaVA reads (`vision_feature_layer`) and that layer's input."""
@@ -56,7 +84,8 @@ class PreLLMContext:
 class LayerContext:
     """The input of decoder layer `layer_idx`, with helpers for attention-based scores.
 
-    `attention_bias` is the (B, 1, T, T) additive mask the layer is about to use.
+    `attention_bias` is the (B, 1, T, T) additive mask the layer is about to use; `num_visual` (B,) the visual
+    tokens each sample had before the LLM (its own count on LLaVA-NeXT), what per-sample budgets start from.
     """
 
     layer_idx: int
@@ -65,6 +94,7 @@ class LayerContext:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     attention_bias: torch.Tensor
     soft: bool
+    num_visual: torch.Tensor
     _normed: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -111,10 +141,20 @@ class PruningMethod:
     prune ratio, and is then called by the engine: `before_llm` (selection/merging after the projector),
     `at_layer` for each layer in `prune_layers` (which present visual tokens to keep from that layer's input
     on), and `after_layer` (e.g. adapters). All hooks see whole batches.
+
+    `handles_varying_visual_tokens`: the method budgets each sample from its own visual-token count
+    (`num_visual` of the contexts) and needs nothing of LLaVA-1.5's fixed layout (the CLIP grid, [CLS]
+    attention), so the engine runs it on LLaVA-NeXT. It is not inherited: a subclass declares it in its own
+    body, because a subclass may plan from `info.num_visual_tokens`, which there is only an upper bound.
     """
 
     name = "full"
     prune_layers: tuple[int, ...] = ()
+    handles_varying_visual_tokens = True
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        cls.handles_varying_visual_tokens = cls.__dict__.get("handles_varying_visual_tokens", False)
 
     def __init__(self, prune_ratio: float = 0.0):
         if not 0.0 <= prune_ratio < 1.0:
@@ -146,6 +186,13 @@ class PruningMethod:
     def plugin_flops(self, text_tokens: int) -> dict[str, float]:
         """FLOPs of the method's own modules per sample (scoring, pruners, adapters)."""
         return {}
+
+
+def per_sample(num_visual: torch.Tensor, count: Callable[[int], int]) -> torch.Tensor:
+    """(B,) long: `count(n)` for each sample's visual-token count n. Evaluated on Python ints, so a sample gets
+    exactly the integer the fixed-count plan gives for its n (on LLaVA-1.5 the same for every sample)."""
+    values = {n: count(n) for n in set(num_visual.tolist())}
+    return torch.tensor([values[n] for n in num_visual.tolist()], dtype=torch.long, device=num_visual.device)
 
 
 def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:

@@ -15,7 +15,7 @@ class SequenceState:
         hidden: (B, T, d) residual stream.
         position_ids: original RoPE positions (never renumbered after removal).
         key_valid: bool, the token may be attended to (real, not padding, not hidden, not removed).
-        visual_index: index of the token among the original N visual tokens, -1 for text and padding.
+        visual_index: index of the token among its sample's original visual tokens, -1 for text and padding.
         question_mask: bool, question tokens (text after the image, before the answer).
         answer_mask: bool, answer-generation positions (last prompt token + answer tokens).
         source_index: index of the token in the input sequence, -1 for padding added by the engine.

@@ -39,13 +39,18 @@ def load_base_model(
 ) -> torch.nn.Module:
     """A LLaVA-family model from a local Hugging Face directory.
 
+    LLaVA-NeXT (`model_type` 'llava_next', e.g. llava-hf/llava-v1.6-vicuna-7b-hf) loads as
+    `LlavaNextForConditionalGeneration`, the class the engine's anyres path is written for; every other type goes
+    through `AutoModelForImageTextToText` (LLaVA-1.5: `LlavaForConditionalGeneration`). The processor of either
+    loads with `load_processor` (`AutoProcessor`).
+
     Args:
         path: directory with config.json and weights (e.g. llava-hf/llava-1.5-7b-hf downloaded beforehand).
         dtype: float32 | bfloat16 | float16.
         attn_implementation: sdpa | eager | flash_attention_2.
         quantization: None | '8bit' | '4bit' (NF4, bitsandbytes; needs accelerate).
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText, LlavaNextForConditionalGeneration
 
     path = _require_dir(path, "base model")
     if not (path / "config.json").exists():
@@ -56,8 +61,9 @@ def load_base_model(
     if quantization is not None:
         kwargs.update(quantization_kwargs(quantization, DTYPES[dtype]))
     config = AutoConfig.from_pretrained(str(path))
-    model = AutoModelForImageTextToText.from_pretrained(str(path), config=config, **kwargs)
-    return model
+    is_next = config.model_type == "llava_next"
+    model_class = LlavaNextForConditionalGeneration if is_next else AutoModelForImageTextToText
+    return model_class.from_pretrained(str(path), config=config, **kwargs)
 
 
 def quantization_kwargs(quantization: str, compute_dtype: torch.dtype) -> dict[str, Any]:
