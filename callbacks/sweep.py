@@ -110,7 +110,7 @@ class PruningSweep(L.Callback):
 
     def _evaluate_pair(self, pl_module, loader, name: str, ratio: float, rank: int, world: int) -> dict[str, Any]:
         metric = exact_match(pl_module.categories).to(pl_module.device)
-        sums = torch.zeros(7, dtype=torch.float64, device=pl_module.device)
+        sums = torch.zeros(8, dtype=torch.float64, device=pl_module.device)
         for index, batch in enumerate(loader):
             if self.limit_batches is not None and index >= self.limit_batches:
                 break
@@ -122,20 +122,21 @@ class PruningSweep(L.Callback):
             flops = per_sample_flops(pl_module.base.config, result, self.flops_convention)
             n = len(predictions)
             counts = result.visual_tokens_per_layer.double()
+            # each sample's own input count: LLaVA-NeXT images give different numbers of visual tokens
+            inputs = (batch["prompt_input_ids"] == pl_module.engine.image_token_id).sum(1).double().to(counts.device)
             sums += torch.tensor([
                 n, counts.mean(1).sum().item(), result.text_tokens.double().sum().item(),
                 sum(f["llm_prefill"] for f in flops), sum(f["total"] - f["llm_prefill"] - f["vision"] - f["projector"] for f in flops),
-                sum(f["total"] for f in flops), seconds * 1000.0,
+                sum(f["total"] for f in flops), seconds * 1000.0, (counts.mean(1) / inputs).sum().item(),
             ], dtype=torch.float64, device=sums.device)
         if world > 1:
             dist.all_reduce(sums)
         values = {k: float(v) for k, v in metric.compute().items()}
         n = max(1.0, float(sums[0]))
-        num_visual = pl_module.engine.info.num_visual_tokens
         return {
             "method": name,
             "prune_ratio": ratio,
-            "realised_prune_ratio": 1.0 - float(sums[1]) / n / num_visual,
+            "realised_prune_ratio": 1.0 - float(sums[7]) / n,
             "avg_visual_tokens": float(sums[1]) / n,
             "text_tokens": float(sums[2]) / n,
             "tflops": float(sums[3]) / n / 1e12,

@@ -77,6 +77,8 @@ class VQACollator:
         }
         generation = self._encode(images, prompts, side="left")
         batch["pixel_values"] = generation["pixel_values"]
+        if "image_sizes" in generation:  # LLaVA-NeXT processors: the anyres layout depends on each image's size
+            batch["image_sizes"] = generation["image_sizes"]
         batch["prompt_input_ids"] = generation["input_ids"]
         batch["prompt_position_ids"] = (generation["attention_mask"].cumsum(1) - 1).clamp(min=0)
         batch["prompt_attention_mask"] = self._hide_visual(generation["input_ids"], generation["attention_mask"], examples)

@@ -44,7 +44,7 @@ def generate_with_method(
     tokens, counts = engine.generate(
         batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
         position_ids=batch.get("prompt_position_ids"), method=method, max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, image_sizes=batch.get("image_sizes"),
     )
     text = prompt_text_tokens(batch["prompt_input_ids"], batch["prompt_attention_mask"], engine.image_token_id)
     plugin = {name: torch.full_like(text, value, dtype=torch.float)

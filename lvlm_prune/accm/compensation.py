@@ -440,9 +440,9 @@ class ACCMCompensation(Compensation):
     def select_visual_tokens(self, engine: PrunedLlava, batch: dict[str, Any], prune_ratio: float) -> VisualSelection:
         """Runs the vision tower once and the pre-LLM selection on the generation prompts (the question is what
         the text-guided share looks at, so training and inference select alike)."""
+        method = engine.bind(self.inference_method(prune_ratio))  # first: refuses unsupported model families by name
         features, vision_hidden = engine.visual_features(batch["pixel_values"])
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-        method = engine.bind(self.inference_method(prune_ratio))
         embeds = engine.language_model.embed_tokens(ids)
         state = engine.initial_state(ids, mask, batch.get("prompt_position_ids"), None, embeds)
         ctx = PreLLMContext(engine.model, batch["pixel_values"], features.to(embeds.dtype), embeds, state,
