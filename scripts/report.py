@@ -24,6 +24,38 @@ def sweep_rows(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open())) if path.exists() else []
 
 
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Piecewise-linear y at x over (x, y) points; None outside their range."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def accm_on_flops_plane(baseline_rows: list[dict], accm_rows: list[dict]) -> list[str]:
+    """ACCM's accuracy against each training-free baseline's accuracy-vs-total-FLOPs curve, read at ACCM's own
+    total FLOPs (every baseline curve includes the full-token point)."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    full = [r for r in baseline_rows if r["method"] == "full"]
+    for r in baseline_rows:
+        if r["method"] != "full":
+            curves.setdefault(r["method"], []).append((float(r["tflops_total"]), float(r["accuracy"])))
+    for points in curves.values():
+        points += [(float(r["tflops_total"]), float(r["accuracy"])) for r in full]
+    methods = sorted(curves)
+    body = []
+    for r in sorted(accm_rows, key=lambda r: (float(r["prune_ratio"]), r["method"])):
+        x = float(r["tflops_total"])
+        read = {m: interpolate(curves[m], x) for m in methods}
+        known = [v for v in read.values() if v is not None]
+        margin = f"{100 * (float(r['accuracy']) - max(known)):+.1f}" if known else "-"
+        body.append([r["method"], f"{float(r['prune_ratio']):.4f}", f"{x * 1e3:.3f}", f"{float(r['accuracy']):.3f}",
+                     *["-" if read[m] is None else f"{read[m]:.3f}" for m in methods], margin])
+    return [table(["method", "r", "GFLOPs total", "accuracy", *[f"{m} at same FLOPs" for m in methods],
+                   "points over best"], body)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/demo")
@@ -76,6 +108,16 @@ def main() -> None:
         if unreachable:
             parts += ["Unreachable budgets (the method's schedule cannot remove that many tokens on the 12-layer model):",
                       "", *[f"- {r['method']} at r = {r['prune_ratio']}" for r in unreachable], ""]
+
+    baselines = [r for r in sweep_rows(run / "sweep" / "run" / "sweep.csv") if r["status"] == "ok"]
+    accm = [r for r in sweep_rows(run / "accm_r0.969" / "run" / "sweep.csv")
+            if r["status"] == "ok" and r["method"] != "accm_prune_only"]
+    if baselines and accm:
+        parts += ["## ACCM on the accuracy-vs-total-FLOPs plane", "",
+                  "Each training-free baseline's accuracy read off its curve (linear between its swept points and the "
+                  "full-token point) at ACCM's own total FLOPs (caption model, selector and caption tokens included); "
+                  "'-' where ACCM's FLOPs lie outside that curve. Target: at r = 0.969, at least +10 points over "
+                  "the best.", "", *accm_on_flops_plane(baselines, accm), ""]
 
     ablations = run / "rcp_ablations.md"
     if ablations.exists():
