@@ -56,3 +56,28 @@ def test_missing_or_incomplete_directories_are_named(tmp_path):
         load_base_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="holds no processor"):
         load_processor(tmp_path)
+
+
+def test_zero_residual_init_makes_every_block_the_identity(tiny_spec):
+    from dataclasses import replace
+
+    from lvlm_prune.modeling.tiny import build_tiny_llava
+
+    model = build_tiny_llava(replace(tiny_spec, residual_init="zero"), vocab_size=40, image_token_id=3, seed=0)
+    ids = torch.randint(4, 40, (2, 7))
+    hidden = model.model.language_model(input_ids=ids, output_hidden_states=True).hidden_states
+    for layer_output in hidden[1:-1]:  # the last entry is after the final norm
+        torch.testing.assert_close(layer_output, hidden[0], rtol=0, atol=0)
+    pixels = torch.randn(2, 3, tiny_spec.image_size, tiny_spec.image_size)
+    vision = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(vision[-1], vision[0], rtol=0, atol=0)
+    # the projector is not a residual block: visual tokens still differ from image to image
+    features = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    assert not torch.allclose(features[0], features[1])
+
+
+def test_unknown_residual_init_is_named(tiny_spec):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="residual_init"):
+        replace(tiny_spec, residual_init="xavier")
