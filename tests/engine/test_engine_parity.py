@@ -9,9 +9,11 @@ from lvlm_prune.generation import stock_greedy_generate
 
 
 class KeepFixed(PruningMethod):
-    """Drops a fixed set of visual tokens at the input of one layer (or before the LLM)."""
+    """Drops a fixed set of visual tokens per sample at the input of one layer (or before the LLM); also used by
+    the LLaVA-NeXT tests, where samples have different visual counts."""
 
     name = "fixed"
+    handles_varying_visual_tokens = True
 
     def __init__(self, layer, drop_per_sample):
         super().__init__(0.0)
@@ -29,8 +31,8 @@ class KeepFixed(PruningMethod):
     def before_llm(self, ctx):
         if self.layer is not None:
             return None
-        n = ctx.visual_features.shape[1]
-        return self._keep(torch.arange(n).expand(len(self.drop), -1))
+        index = torch.arange(ctx.visual_features.shape[1]).expand(len(self.drop), -1)
+        return self._keep(index) & ctx.visual_valid
 
     def at_layer(self, ctx):
         keep = self._keep(ctx.state.visual_index)

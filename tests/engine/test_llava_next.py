@@ -18,9 +18,10 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 
 from lvlm_prune.accm.compensation import PruMergePlusPruning
 from lvlm_prune.baselines import FastV, build_method
-from lvlm_prune.engine import PrunedLlava, PruningMethod
+from lvlm_prune.engine import PrunedLlava
 from lvlm_prune.modeling.loading import load_base_model, load_processor
 from lvlm_prune.modeling.tokenizer import build_word_tokenizer
+from test_engine_parity import KeepFixed  # tests/engine is on sys.path (pytest's rootdir-relative imports)
 
 PINPOINTS = [[16, 32], [32, 16], [32, 32]]
 IMAGE_SIZES = [(20, 40), (30, 28)]  # (height, width)
@@ -76,36 +77,6 @@ def inputs(processor):
 
 def engine_args(inputs):
     return inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
-
-
-class KeepFixed(PruningMethod):
-    """Drops a fixed set of visual tokens per sample at the input of one layer (or before the LLM)."""
-
-    name = "fixed"
-    handles_varying_visual_tokens = True
-
-    def __init__(self, layer, drop_per_sample):
-        super().__init__(0.0)
-        self.layer = layer
-        self.prune_layers = (layer,) if layer is not None else ()
-        self.drop = drop_per_sample
-
-    def _keep(self, visual_index):
-        keep = torch.ones_like(visual_index, dtype=torch.bool)
-        for b, drop in enumerate(self.drop):
-            for v in drop:
-                keep[b] &= visual_index[b] != v
-        return keep
-
-    def before_llm(self, ctx):
-        if self.layer is not None:
-            return None
-        index = torch.arange(ctx.visual_features.shape[1]).expand(len(self.drop), -1)
-        return self._keep(index) & ctx.visual_valid
-
-    def at_layer(self, ctx):
-        keep = self._keep(ctx.state.visual_index)
-        return keep if not ctx.soft else keep.float()
 
 
 def test_processor_and_engine_agree_on_per_sample_counts(model, inputs):
