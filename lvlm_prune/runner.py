@@ -20,12 +20,24 @@ class GenerationResult:
         visual_tokens_per_layer: (B, num_layers) visual tokens each sample had in each decoder layer.
         text_tokens: (B,) non-visual prompt tokens prefilled by the LLM (spliced captions included).
         plugin_flops: name -> (B,) FLOPs of the method's own modules per sample.
+        vision_crops: images the vision tower encoded per sample (LLaVA-NeXT's anyres crops); None: one each.
     """
 
     tokens: torch.Tensor
     visual_tokens_per_layer: torch.Tensor
     text_tokens: torch.Tensor
     plugin_flops: dict[str, torch.Tensor] = field(default_factory=dict)
+    vision_crops: list[int] | None = None
+
+
+def vision_crops(config: Any, image_sizes: torch.Tensor | None) -> list[int] | None:
+    """Crops the vision tower encodes per sample: LLaVA-NeXT's base crop + its anyres grid, from each image's size."""
+    if image_sizes is None or getattr(config, "model_type", "llava") != "llava_next":
+        return None
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return [image_size_to_num_patches(tuple(size), config.image_grid_pinpoints, config.vision_config.image_size)
+            for size in image_sizes.tolist()]
 
 
 def prompt_text_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -49,7 +61,7 @@ def generate_with_method(
     text = prompt_text_tokens(batch["prompt_input_ids"], batch["prompt_attention_mask"], engine.image_token_id)
     plugin = {name: torch.full_like(text, value, dtype=torch.float)
               for name, value in method.plugin_flops(int(text.float().mean().round())).items()}
-    return GenerationResult(tokens, counts, text, plugin)
+    return GenerationResult(tokens, counts, text, plugin, vision_crops(engine.config, batch.get("image_sizes")))
 
 
 def per_sample_flops(config: Any, result: GenerationResult, convention: str = "fastv") -> list[dict[str, float]]:
@@ -60,6 +72,7 @@ def per_sample_flops(config: Any, result: GenerationResult, convention: str = "f
         report = llava_prefill_report(
             config, float(result.text_tokens[b]), result.visual_tokens_per_layer[b].tolist(),
             convention=convention, plugins=plugins,
+            num_images=result.vision_crops[b] if result.vision_crops is not None else 1,
         )
         reports.append(report.to_metrics())
     return reports

@@ -237,3 +237,36 @@ def test_save_and_load_round_trip(model, processor, inputs, tmp_path):
         before = PrunedLlava(model)(*engine_args(inputs), image_sizes=inputs["image_sizes"]).logits
         after = PrunedLlava(loaded.eval())(*engine_args(again), image_sizes=again["image_sizes"]).logits
     assert torch.equal(before, after)
+
+
+def test_flops_charge_the_vision_tower_once_per_anyres_crop(model, inputs):
+    from lvlm_prune.runner import generate_with_method, per_sample_flops
+
+    batch = {"prompt_input_ids": inputs["input_ids"], "prompt_attention_mask": inputs["attention_mask"],
+             "pixel_values": inputs["pixel_values"], "image_sizes": inputs["image_sizes"]}
+    result = generate_with_method(PrunedLlava(model), batch, build_method("fastv", 0.5), max_new_tokens=2,
+                                  eos_token_id=None, pad_token_id=0)
+    # (20, 40) fits the 16x32 pinpoint (base + 2 crops); (30, 28) the 32x32 one (base + 4 crops)
+    assert result.vision_crops == [3, 5]
+    flops = per_sample_flops(model.config, result)
+    assert flops[1]["vision"] == pytest.approx(flops[0]["vision"] * 5 / 3)
+
+
+def test_saved_llava_next_runs_through_the_collator_and_the_frozen_base_module(model, processor, tmp_path):
+    from lightning_modules.frozen_base import FrozenBaseModule
+    from lvlm_prune.data import VQACollator, VQAExample
+    from lvlm_prune.modeling.prompt import get_template
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    rng = np.random.default_rng(1)
+    examples = [VQAExample(f"q{i}", Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
+                           "what is this ?", "red", "x") for i, (h, w) in enumerate(IMAGE_SIZES)]
+    loaded = load_processor(str(tmp_path))
+    batch = VQACollator(loaded, get_template("tiny"), loaded.tokenizer.convert_tokens_to_ids("<image>"))(examples)
+    assert batch["image_sizes"].tolist() == [list(s) for s in IMAGE_SIZES]
+    module = FrozenBaseModule(base_model_path=str(tmp_path), processor=loaded, categories=["x"])
+    _, full, _ = module.run_method(batch, "full", 0.0)
+    assert full.visual_tokens_per_layer[:, 0].tolist() == COUNTS
+    _, pruned, _ = module.run_method(batch, "random", 0.5)
+    assert pruned.visual_tokens_per_layer[:, 0].tolist() == [round(0.5 * n) for n in COUNTS]
