@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from lightning_modules.common import decode_answers, exact_match, log_accuracy, prediction_records, score
-from lvlm_prune.baselines import build_method
+from lvlm_prune.baselines import TRAINING_FREE_METHODS, build_method
 from lvlm_prune.engine import PrunedLlava
 from lvlm_prune.modeling.loading import freeze, load_base_model
 from lvlm_prune.runner import GenerationResult, generate_with_method
@@ -29,6 +29,8 @@ class FrozenBaseModule(L.LightningModule):
         attn_implementation: sdpa | eager.
         quantization: None | 8bit | 4bit (bitsandbytes) for the frozen base.
         max_new_tokens: longest generated answer.
+        method_options: keyword arguments of training-free methods by name, e.g. `{pdrop: {stage_ends: [1, 4, 8]}}`
+            (PyramidDrop's default stages cannot remove more than 75 % of the tokens).
     """
 
     def __init__(
@@ -42,8 +44,13 @@ class FrozenBaseModule(L.LightningModule):
         attn_implementation: str = "sdpa",
         quantization: str | None = None,
         max_new_tokens: int = 8,
+        method_options: dict[str, dict[str, Any]] | None = None,
     ):
         super().__init__()
+        unknown = sorted(set(method_options or {}) - set(TRAINING_FREE_METHODS))
+        if unknown:
+            raise ValueError(f"model.method_options names unknown methods {unknown}; known: {sorted(TRAINING_FREE_METHODS)}")
+        self.method_options = {name: dict(options) for name, options in (method_options or {}).items()}
         if processor is None:
             raise ValueError("model.processor is missing: it is linked from the datamodule (data.processor)")
         self.save_hyperparameters(ignore=["processor"])
@@ -62,7 +69,7 @@ class FrozenBaseModule(L.LightningModule):
 
     # ------------------------------------------------------------------ methods
     def make_method(self, name: str, prune_ratio: float):
-        method = build_method(name, prune_ratio)
+        method = build_method(name, prune_ratio, **self.method_options.get(name, {}))
         return self.engine.bind(method)
 
     def run_method(self, batch: dict[str, Any], name: str, prune_ratio: float) -> tuple[list[str], GenerationResult, float]:

@@ -78,3 +78,18 @@ def test_bad_settings_are_named():
         build_method("fastv", -0.1)
     with pytest.raises(ValueError, match="layer=40"):
         build_method("fastv", 0.5, layer=40).bind(INFO_7B)
+
+
+def test_frozen_base_module_passes_method_options_from_the_config(tiny_base_dir):
+    from lightning_modules.frozen_base import FrozenBaseModule
+    from lvlm_prune.modeling.loading import load_processor
+
+    processor = load_processor(str(tiny_base_dir))
+    default = FrozenBaseModule(str(tiny_base_dir), processor)
+    assert default.make_method("pdrop", 0.6).prune_layers == (1, 2, 3)  # 4 layers: stage ends L/4, L/2, 3L/4
+    late = FrozenBaseModule(str(tiny_base_dir), processor, method_options={"pdrop": {"stage_ends": [2, 3]}})
+    assert late.make_method("pdrop", 0.4).prune_layers == (2, 3)
+    with pytest.raises(ValueError, match="cannot be reached"):
+        late.make_method("pdrop", 0.6)  # the first 2 of 4 layers keep every token: at most r = 0.5
+    with pytest.raises(ValueError, match="method_options names unknown methods \\['pdorp'\\]"):
+        FrozenBaseModule(str(tiny_base_dir), processor, method_options={"pdorp": {}})
