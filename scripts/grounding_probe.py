@@ -42,7 +42,8 @@ def datamodule(args: argparse.Namespace) -> SyntheticVQADataModule:
     low, high = args.objects
     dm = SyntheticVQADataModule(
         num_train=args.steps * args.batch_size, num_val=args.num_val, batch_size=args.batch_size,
-        eval_batch_size=128, min_objects=low, max_objects=high, families=tuple(args.families),
+        eval_batch_size=128, min_objects=low, max_objects=high, train_min_objects=args.train_min_objects,
+        families=tuple(args.families),
         turns_per_image=args.turns, describe_fraction=args.describe_fraction, context_fraction=args.context_fraction,
     )
     if args.key_last:
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--llm-layers", type=int, default=12)
     parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--objects", type=int, nargs=2, default=(4, 7), metavar=("MIN", "MAX"))
+    parser.add_argument("--train-min-objects", type=int, default=None, help="fewest objects of a training scene")
     parser.add_argument("--families", nargs="+", default=["query_ref"])
     parser.add_argument("--key-last", action="store_true")
     parser.add_argument("--residual-init", choices=RESIDUAL_INITS, default="normal",
