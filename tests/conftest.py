@@ -57,26 +57,28 @@ def make_batch(spec, batch_size=2, text_len=6, left_pad=(0, 2), seed=0):
     return torch.stack(rows), torch.stack(masks), pixels
 
 
-@pytest.fixture(scope="session")
-def tiny_base_dir(tmp_path_factory):
-    """A saved random tiny LLaVA + processor on the synthetic benchmark's vocabulary (grid 4 x 8 px = 16 visual
-    tokens): what `base_model_path` / `processor_path` point at in module tests."""
+def save_tiny_base(directory, seed: int = 0):
+    """Saves a random tiny LLaVA + processor on the synthetic benchmark's vocabulary (grid 4 x 8 px = 16 visual
+    tokens) to `directory`: what `base_model_path` / `processor_path` point at in module tests."""
     from datamodules.synthetic_vqa import SyntheticVQAConfig, vocabulary
     from lvlm_prune.modeling import TinyLlavaSpec, build_tiny_llava
     from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
 
-    directory = tmp_path_factory.mktemp("tiny_base")
     tokenizer = build_word_tokenizer(vocabulary(SyntheticVQAConfig(grid=4, cell_size=8, max_objects=5)))
-    processor = build_processor(tokenizer, image_size=32, patch_size=8)
     spec = TinyLlavaSpec(image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=2, vision_heads=2,
                          hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                          max_position_embeddings=256)
     model = build_tiny_llava(spec, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, seed=0)
+                             eos_token_id=tokenizer.eos_token_id, seed=seed)
     model.save_pretrained(directory)
-    processor.save_pretrained(directory)
+    build_processor(tokenizer, image_size=32, patch_size=8).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    return save_tiny_base(tmp_path_factory.mktemp("tiny_base"), seed=0)
 
 
 TINY_DATA_ARGS = dict(grid=4, cell_size=8, max_objects=5, num_train=32, num_val=16, num_test=16, batch_size=8,

@@ -179,21 +179,9 @@ def metric_rows(run_dir: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="session")
 def other_base_dir(tmp_path_factory):
     """A second tiny base of the same shape and vocabulary as `tiny_base_dir`, with different random weights."""
-    from datamodules.synthetic_vqa import SyntheticVQAConfig, vocabulary
-    from lvlm_prune.modeling import TinyLlavaSpec, build_tiny_llava
-    from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
+    from conftest import save_tiny_base  # imported here: subprocess runs load this module without tests/ on the path
 
-    directory = tmp_path_factory.mktemp("other_base")
-    tokenizer = build_word_tokenizer(vocabulary(SyntheticVQAConfig(grid=4, cell_size=8, max_objects=5)))
-    spec = TinyLlavaSpec(image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=2, vision_heads=2,
-                         hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
-                         max_position_embeddings=256)
-    model = build_tiny_llava(spec, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, seed=1)
-    model.save_pretrained(directory)
-    build_processor(tokenizer, image_size=32, patch_size=8).save_pretrained(directory)
-    return directory
+    return save_tiny_base(tmp_path_factory.mktemp("other_base"), seed=1)
 
 
 @pytest.fixture
