@@ -91,3 +91,28 @@ def test_bad_settings_are_named():
         from lvlm_prune.modeling.prompt import TINY_DEFAULT
 
         TINY_DEFAULT.prompt("   ")
+
+
+def test_training_batches_group_examples_of_similar_length():
+    settings = dict(num_train=256, batch_size=16, turns_per_image=3, describe_fraction=0.5, context_fraction=0.2,
+                    train_min_objects=1)
+    grouped = SyntheticVQADataModule(**settings)
+    shuffled = SyntheticVQADataModule(**settings, group_by_length=False)
+    lengths = grouped.train_text_lengths()
+    first = [batch["question_ids"] for batch in grouped.train_dataloader()]
+    assert first == [batch["question_ids"] for batch in SyntheticVQADataModule(**settings).train_dataloader()]
+    assert sorted(q for ids in first for q in ids) == sorted(s.question_id for s in grouped.samples("train"))
+
+    index = {s.question_id: i for i, s in enumerate(grouped.samples("train"))}
+
+    def spread(loader) -> float:  # mean (longest - shortest) text length within a batch
+        spans = [max(lengths[index[q]] for q in b["question_ids"]) - min(lengths[index[q]] for q in b["question_ids"])
+                 for b in loader]
+        return sum(spans) / len(spans)
+
+    assert spread(grouped.train_dataloader()) < 0.5 * spread(shuffled.train_dataloader())
+    # the length follows the text the collator tokenizes (the word-level tokenizer: one token per word)
+    batch = next(iter(shuffled.train_dataloader()))
+    text_tokens = (batch["input_ids"] != grouped.processor.tokenizer.pad_token_id).sum(1).float()
+    counted = torch.tensor([float(lengths[index[q]]) for q in batch["question_ids"]])
+    assert torch.corrcoef(torch.stack([text_tokens, counted]))[0, 1] > 0.95
