@@ -43,7 +43,8 @@ class RCPPruning(PruningMethod):
 
     Args:
         plugin: the trained modules.
-        training: soft Gumbel-sigmoid straight-through masks (engine's soft path) or thresholded inference.
+        training: soft Gumbel-sigmoid straight-through masks (engine's soft path) or thresholded inference; with
+            `keep_counts` the forward keeps the top-k and the gradient is the relaxation's.
         temperature: Gumbel temperature (training) / final temperature (inference).
         noise: logistic noise on (training).
         keep_counts: inference with a budget: tokens kept at each pruning layer (the k highest keep logits
@@ -82,7 +83,12 @@ class RCPPruning(PruningMethod):
         q2v, _ = visual_view(ctx.question_to_visual(), state.visual_index, n)
         question, question_mask = gather_rows(ctx.normed, state.question_mask, min_width=1)
         logits = plugin.pruners[position](visual, q2v, question, question_mask, previous)
-        if self.training:
+        if self.training and self.keep_counts is not None:
+            # straight-through top-k: forward keeps exactly the inference budget, backward is the soft relaxation's
+            soft, _ = gumbel_sigmoid(logits, self.temperature, noise=False, hard=False)
+            hard = top_k_mask(logits, previous > 0.5, self.keep_counts[position]).to(soft.dtype)
+            layer_mask = hard + (soft - soft.detach())
+        elif self.training:
             _, layer_mask = gumbel_sigmoid(logits, self.temperature, noise=self.noise)
         elif self.keep_counts is not None:
             layer_mask = top_k_mask(logits, previous > 0.5, self.keep_counts[position]).to(visual.dtype)
@@ -137,6 +143,11 @@ class RCPCompensation(Compensation):
         use_adapter: ablation switch for the delayed repair adapter.
         use_repair_loss: ablation switch for the repair loss.
         use_learned_score: ablation switch: False keeps only the LLM-attention baseline + bias.
+        noise_free_keep: what the hard mask keeps once the noise is off (the last 20 % of training): 'threshold'
+            (the paper: sigmoid(logit / tau) > 0.5) or 'budget' (each pruning layer keeps the k highest-scoring
+            tokens that inference with a ratio keeps for `target_prune_ratio`, straight-through). Without noise the
+            threshold's keep fraction can fall far below the target (a pruner trained with noise keeps tokens whose
+            logits sit below 0); 'budget' trains the last phase on the token counts it is evaluated at.
     """
 
     name = "rcp"
@@ -161,10 +172,14 @@ class RCPCompensation(Compensation):
         use_adapter: bool = True,
         use_repair_loss: bool = True,
         use_learned_score: bool = True,
+        noise_free_keep: str = "threshold",
     ):
         super().__init__()
         if not 0.0 <= target_prune_ratio < 1.0:
             raise ValueError(f"rcp target_prune_ratio={target_prune_ratio} must be in [0, 1)")
+        if noise_free_keep not in ("threshold", "budget"):
+            raise ValueError(f"rcp noise_free_keep={noise_free_keep!r}; choose 'threshold' or 'budget'")
+        self.noise_free_keep = noise_free_keep
         if repair_statistic not in ("mean_var", "mean_std"):
             raise ValueError(f"rcp repair_statistic={repair_statistic!r}; choose 'mean_var' or 'mean_std'")
         self.target_prune_ratio = target_prune_ratio
@@ -209,7 +224,11 @@ class RCPCompensation(Compensation):
     def training_losses(self, engine: PrunedLlava, batch: dict[str, Any], progress: float) -> dict[str, torch.Tensor]:
         schedule = self.schedule(progress)
         inputs = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"])
-        method = engine.bind(RCPPruning(self, training=True, temperature=schedule.temperature, noise=schedule.noise))
+        budget = None
+        if not schedule.noise and self.noise_free_keep == "budget":
+            budget = self.keep_counts(self.target_prune_ratio)
+        method = engine.bind(RCPPruning(self, training=True, temperature=schedule.temperature, noise=schedule.noise,
+                                        keep_counts=budget))
         capture = self.repair_layers if self.use_repair_loss else ()
         student = engine(*inputs, labels=batch["labels"], method=method, soft=True, capture_layers=capture)
         losses = {"ce": answer_ce(student.logits, batch["labels"])}

@@ -85,6 +85,32 @@ def test_budgeted_inference_realises_the_requested_ratio(setup, ratio):
         late.keep_counts(0.9)
 
 
+def test_budget_phase_trains_on_the_inference_token_counts(setup):
+    engine, _, batch = setup
+    keep = {}
+    for mode in ("budget", "threshold"):
+        torch.manual_seed(0)
+        plugin = RCPCompensation(target_prune_ratio=0.6, pruning_layers=[0, 1, 2], repair_layers=[2, 3],
+                                 bottleneck=16, num_queries=4, context_dim=16, adapter_bottleneck=8,
+                                 noise_free_keep=mode)
+        plugin.attach(engine)
+        for pruner in plugin.pruners:  # logits above 0: the threshold keeps (nearly) every token
+            pruner.bias.data.fill_(1.0)
+        losses = plugin.training_losses(engine, batch, progress=0.9)  # noise off
+        keep[mode] = losses["keep_fraction"].item()
+        if mode == "budget":
+            losses["loss"].backward()
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in plugin.pruners.parameters())
+            planned, starts = plugin.keep_counts(0.6), plugin.pruning_layers
+            n, layers = engine.info.num_visual_tokens, engine.info.num_layers
+            spans = [b - a for a, b in zip(starts, (*starts[1:], layers))]
+            expected = (starts[0] * n + sum(k * span for k, span in zip(planned, spans))) / (layers * n)
+    assert keep["budget"] == pytest.approx(expected, abs=1e-6)
+    assert keep["threshold"] > 0.9
+    with pytest.raises(ValueError, match="noise_free_keep"):
+        RCPCompensation(noise_free_keep="topk")
+
+
 def test_a_short_fit_lowers_the_loss(setup):
     engine, plugin, batch = setup
     optimizer = torch.optim.Adam(plugin.parameters(), lr=3e-3)
