@@ -2,8 +2,9 @@
 
 Trains a fresh tiny LLaVA (no Lightning, one process) on a slice of the synthetic benchmark and prints the
 validation accuracy of the first answer token (teacher-forced argmax, per family) every `--eval-every` steps.
-It is the tool behind the base-model analysis in docs/findings.md: it varies one thing at a time (depth, scene
-size, prompt layout, residual initialisation) at a fraction of the main job's cost.
+It is the tool behind the base-model analysis in docs/findings.md: it varies one thing at a time (depth, width, scene
+size, prompt layout, residual initialisation, a per-patch recognition loss on the projector output) at a fraction
+of the main job's cost.
 
     OMP_NUM_THREADS=1 python scripts/grounding_probe.py --llm-layers 1 --vision-layers 1 --objects 2 2 \
         --families query_ref --key-last --steps 1000
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.synthetic import SyntheticVQADataModule  # noqa: E402
+from datamodules.synthetic_vqa import COLORS, SHAPES, SIZES  # noqa: E402
 from lvlm_prune.data import answer_cross_entropy  # noqa: E402
 from lvlm_prune.modeling.tiny import RESIDUAL_INITS, TinyLlavaSpec, build_tiny_llava  # noqa: E402
 from lvlm_prune.rcp.schedules import WarmupCosineLambda  # noqa: E402
@@ -53,6 +55,22 @@ def datamodule(args: argparse.Namespace) -> SyntheticVQADataModule:
     return dm
 
 
+def patch_targets(scenes, question_ids: list[str], grid: int, position: bool) -> torch.Tensor:
+    """(B, grid*grid, 3 or 5) class ids per patch: colour, shape, size (0 = no object) [, row, col]."""
+    fields = 5 if position else 3
+    targets = torch.zeros(len(question_ids), grid * grid, fields, dtype=torch.long)
+    for i, qid in enumerate(question_ids):
+        for obj in scenes[qid].objects:
+            cell = obj.row * grid + obj.col
+            targets[i, cell, 0] = 1 + list(COLORS).index(obj.color)
+            targets[i, cell, 1] = 1 + SHAPES.index(obj.shape)
+            targets[i, cell, 2] = 1 + SIZES.index(obj.size)
+    if position:
+        cells = torch.arange(grid * grid)
+        targets[:, :, 3], targets[:, :, 4] = cells // grid, cells % grid
+    return targets
+
+
 def first_answer_accuracy(model, batches) -> tuple[float, dict[str, float]]:
     correct: dict[str, int] = {}
     total: dict[str, int] = {}
@@ -75,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--llm-layers", type=int, default=12)
     parser.add_argument("--vision-layers", type=int, default=2)
+    parser.add_argument("--hidden-size", type=int, default=128, help="LLM width (the MLP is twice as wide)")
     parser.add_argument("--objects", type=int, nargs=2, default=(4, 7), metavar=("MIN", "MAX"))
     parser.add_argument("--train-min-objects", type=int, default=None, help="fewest objects of a training scene")
     parser.add_argument("--families", nargs="+", default=["query_ref"])
@@ -87,33 +106,55 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=1)
     parser.add_argument("--describe-fraction", type=float, default=0.0)
     parser.add_argument("--context-fraction", type=float, default=0.0)
+    parser.add_argument("--patch-aux", type=float, default=0.0,
+                        help="weight of a per-patch colour/shape/size loss on the projector output (0: off)")
+    parser.add_argument("--patch-aux-position", action="store_true", help="the per-patch loss also predicts row/col")
     parser.add_argument("--num-val", type=int, default=384)
     parser.add_argument("--eval-every", type=int, default=100)
     args = parser.parse_args()
 
     dm = datamodule(args)
     tokenizer = dm.processor.tokenizer
-    spec = TinyLlavaSpec(num_layers=args.llm_layers, vision_layers=args.vision_layers, residual_init=args.residual_init)
+    spec = TinyLlavaSpec(num_layers=args.llm_layers, vision_layers=args.vision_layers, residual_init=args.residual_init,
+                         hidden_size=args.hidden_size, intermediate_size=2 * args.hidden_size)
     model = build_tiny_llava(spec, len(tokenizer), dm.image_token_id, tokenizer.pad_token_id,
                              tokenizer.bos_token_id, tokenizer.eos_token_id, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.98), weight_decay=0.01)
+    params = list(model.parameters())
+    projected: list[torch.Tensor] = []
+    if args.patch_aux > 0:
+        classes = [len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1] + ([dm.config.grid] * 2 if args.patch_aux_position else [])
+        aux_head = torch.nn.Linear(spec.hidden_size, sum(classes))
+        params += list(aux_head.parameters())
+        model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: projected.append(o))
+        scenes = {s.question_id: s.scene for s in dm.samples("train")}
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.98), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosineLambda(args.steps, 50, 0.1))
     val = list(dm.val_dataloader())
     start, step = time.time(), 0
     for batch in dm.train_dataloader():
+        projected.clear()
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"], pixel_values=batch["pixel_values"]).logits
         loss = answer_cross_entropy(logits, batch["labels"])
+        if projected:
+            targets = patch_targets(scenes, batch["question_ids"], dm.config.grid, args.patch_aux_position)
+            pieces = aux_head(projected.pop()).split(classes, dim=-1)
+            aux = sum(torch.nn.functional.cross_entropy(p.flatten(0, 1), targets[..., k].flatten())
+                      for k, p in enumerate(pieces)) / len(pieces)
+            loss_total = loss + args.patch_aux * aux
+        else:
+            loss_total = loss
         optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss_total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         step += 1
         if step % args.eval_every == 0 or step == args.steps:
             accuracy, per_family = first_answer_accuracy(model, val)
             families = " ".join(f"{f} {a:.2f}" for f, a in per_family.items())
-            print(f"step {step:5d}  loss {loss.item():.3f}  val {accuracy:.3f}  ({families})  "
+            aux_text = f"  aux {aux.item():.3f}" if args.patch_aux > 0 else ""
+            print(f"step {step:5d}  loss {loss.item():.3f}{aux_text}  val {accuracy:.3f}  ({families})  "
                   f"{time.time() - start:.0f}s", flush=True)
         if step >= args.steps:
             break
