@@ -15,3 +15,18 @@ def median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def matmul_gflops(size: int = 512, seconds: float = 1.0) -> float:
+    """fp32 matrix-multiply throughput of this process (its torch threads), in GFLOP/s: a one-second reference
+    that makes wall times taken on different machines (or on one shared machine at different times) comparable."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9

@@ -164,6 +164,19 @@ class Demo:
         print(f"outputs in {self.run_dir} (TensorBoard: tensorboard --logdir {self.run_dir})")
 
 
+def record_machine_speed(path: Path, stages: list[str]) -> None:
+    """Appends this invocation's fp32 matmul GFLOP/s to `path`: stage times are only comparable at equal speed (a
+    shared 2-core machine measured 130-210 GFLOP/s within minutes, and half that on another day)."""
+    import torch
+
+    from benchmarks.timing import matmul_gflops
+
+    records = json.loads(path.read_text()) if path.exists() else []
+    records.append({"stages": list(stages), "threads": torch.get_num_threads(),
+                    "fp32_matmul_gflops": round(matmul_gflops(), 1), "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    path.write_text(json.dumps(records, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/demo", help="where every output goes")
@@ -172,6 +185,7 @@ def main() -> None:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     demo = Demo(run_dir)
+    record_machine_speed(run_dir / "machine.json", args.stages)
     start = time.perf_counter()
     titles = {"data": "synthetic benchmark", "base": "base LVLM (tiny LLaVA, trained from scratch)",
               "base_eval": "evaluation of the base", "sweep": "training-free pruning sweep",

@@ -74,6 +74,12 @@ def main() -> None:
         t = json.loads(timings.read_text())
         parts += ["## Main job (`make demo`) stage times", "",
                   table(["stage", "minutes"], [[k, f"{v / 60:.1f}"] for k, v in t.items()]), ""]
+    machine = run / "machine.json"
+    if machine.exists():
+        speeds = [f"{r['fp32_matmul_gflops']:.0f} ({r['threads']} threads, {r['time']}, stages {' '.join(r['stages'])})"
+                  for r in json.loads(machine.read_text())]
+        parts += ["Machine speed at the start of each `scripts/demo.py` invocation, fp32 512x512 matmul GFLOP/s "
+                  "(stage times scale with it): " + "; ".join(speeds) + ".", ""]
 
     base_eval = run / "base_eval.json"
     if base_eval.exists():
