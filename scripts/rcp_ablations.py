@@ -43,6 +43,10 @@ def last_validation_accuracy(log_dir: Path) -> float | None:
     return events.Scalars("val/acc")[-1].value
 
 
+def percent(value: str) -> str:
+    return f"{float(value):.3f}" if value else "n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/demo")
@@ -77,7 +81,7 @@ def main() -> None:
         writer.writerows(rows)
     lines = ["| variant | test accuracy | validation accuracy | realised r | visual tokens (layer avg) |",
              "|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {float(r['accuracy']):.3f} | {r['val_accuracy'][:5] or 'n/a'} | "
+    lines += [f"| {r['variant']} | {float(r['accuracy']):.3f} | {percent(r['val_accuracy'])} | "
               f"{float(r['realised_prune_ratio']):.3f} | {float(r['avg_visual_tokens']):.1f} |" for r in rows]
     (run_dir / "rcp_ablations.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
