@@ -111,11 +111,14 @@ class PruningSweep(L.Callback):
     def _evaluate_pair(self, pl_module, loader, name: str, ratio: float, rank: int, world: int) -> dict[str, Any]:
         metric = exact_match(pl_module.categories).to(pl_module.device)
         sums = torch.zeros(8, dtype=torch.float64, device=pl_module.device)
+        evaluated, spare = 0, None
         for index, batch in enumerate(loader):
             if self.limit_batches is not None and index >= self.limit_batches:
                 break
             if index % world != rank:  # shard batches over ranks; the metric and sums are reduced below
+                spare = batch if spare is None else spare
                 continue
+            evaluated += 1
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             predictions, result, seconds = pl_module.run_method(batch, name, ratio)
             score(metric, predictions, batch)
@@ -130,6 +133,12 @@ class PruningSweep(L.Callback):
                 sum(f["total"] for f in flops), seconds * 1000.0, (counts.mean(1) / inputs).sum().item(),
             ], dtype=torch.float64, device=sums.device)
         if world > 1:
+            # Every rank runs as many batches as the busiest one: under ZeRO-3 each module call gathers weights
+            # collectively, so a rank with one batch fewer would leave the others waiting. The extra run (another
+            # rank's batch) is discarded.
+            rounds = math.ceil(sweep_batch_count(loader, self.limit_batches) / world)
+            for _ in range(rounds - evaluated):
+                pl_module.run_method(pl_module.transfer_batch_to_device(spare, pl_module.device, 0), name, ratio)
             dist.all_reduce(sums)
         values = {k: float(v) for k, v in metric.compute().items()}
         n = max(1.0, float(sums[0]))
@@ -174,6 +183,11 @@ class PruningSweep(L.Callback):
         import matplotlib.pyplot as plt
 
         plt.close(figure)
+
+
+def sweep_batch_count(loader, limit: int | None) -> int:
+    """Batches the sweep takes from `loader` (all of them, or the first `limit`)."""
+    return len(loader) if limit is None else min(len(loader), limit)
 
 
 def accuracy_vs_flops_figure(rows: list[dict[str, Any]], convention: str):

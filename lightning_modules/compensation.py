@@ -124,7 +124,7 @@ class CompensationModule(FrozenBaseModule):
     def generate_with(self, batch: dict[str, Any], name: str, prune_ratio: float) -> GenerationResult:
         # Under ZeRO-3 every submodule call gathers its weights collectively, so all ranks must make the same
         # calls: they decode max_new_tokens steps whatever EOS says, and the tokens after EOS are padded here.
-        lockstep = _partitioned(self.parameters()) and self._trainer is not None and self.trainer.world_size > 1
+        lockstep = self.compensation.lockstep = self._lockstep()
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         with out_of_memory_advice("generation"):
             if name not in self.plugin_method_names():
@@ -137,6 +137,10 @@ class CompensationModule(FrozenBaseModule):
         if lockstep and eos is not None:
             result.tokens = pad_after_eos(result.tokens, eos, pad)
         return result
+
+    def _lockstep(self) -> bool:
+        """Whether every rank must make the same module calls: ZeRO-3 partitioned weights, several processes."""
+        return _partitioned(self.parameters()) and self._trainer is not None and self.trainer.world_size > 1
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
@@ -158,6 +162,7 @@ class CompensationModule(FrozenBaseModule):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), out_of_memory_advice("the training step"):
             torch.manual_seed(self._step_seed(batch_idx))
+            self.compensation.lockstep = self._lockstep()
             losses = self.compensation.training_losses(self.engine, batch, progress)
         loss = losses["loss"]
         # every rank skips together: a rank without backward would leave the others waiting in the all-reduce

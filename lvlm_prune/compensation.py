@@ -20,6 +20,10 @@ class Compensation(nn.Module, ABC):
     """
 
     name = "compensation"
+    # Set by the training module when every process must make the same module calls (ZeRO-3 with several
+    # processes gathers each submodule's weights collectively): loops whose length depends on the data (decoding
+    # until EOS, beam search until every beam is done) then run to their maximum length, discarding the extra steps.
+    lockstep: bool = False
 
     @abstractmethod
     def attach(self, engine: PrunedLlava, tokenizer: Any) -> None:

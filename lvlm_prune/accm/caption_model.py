@@ -346,6 +346,7 @@ class CaptionModel(nn.Module):
         min_new_tokens: int = 1,
         suppress_token_ids: Sequence[int] = (),
         generator: torch.Generator | None = None,
+        lockstep: bool = False,
     ) -> CaptionCandidates:
         """Generates M distinct captions per sample with the KV cache.
 
@@ -368,6 +369,8 @@ class CaptionModel(nn.Module):
             min_new_tokens: EOS is blocked before this many tokens (1 = no empty caption).
             suppress_token_ids: ids never generated (e.g. the image token).
             generator: random generator for "sample".
+            lockstep: decode `max_new_tokens` steps even when every candidate has ended (the extra steps change
+                nothing), so that processes whose weights are gathered collectively (ZeRO-3) make the same calls.
 
         Returns:
             CaptionCandidates (token ids (B, M, T) plus lengths and costs).
@@ -412,7 +415,7 @@ class CaptionModel(nn.Module):
             run = _Decoding(
                 model=self, cache=out.past_key_values, attention_mask=prefix_mask,
                 first_logits=out.logits[:, -1], banned=sorted(banned),
-                max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, lockstep=lockstep,
             )
             if strategy == "beam":
                 finished, decode_tokens = run.beam_search(num_beams, length_penalty)
@@ -468,8 +471,10 @@ class _Decoding:
         banned: list[int],
         max_new_tokens: int,
         min_new_tokens: int,
+        lockstep: bool = False,
     ) -> None:
         self.model = model
+        self.lockstep = lockstep
         self.cache = cache
         self.attention_mask = attention_mask
         self.next_position = attention_mask.sum(1).long()
@@ -565,7 +570,7 @@ class _Decoding:
                 done[b] = self._beam_done(finished[b], alive, num_beams, step + 1, length_penalty)
                 if not done[b] and step < self.max_new_tokens - 1:
                     decode_tokens[b] += num_beams
-            if all(done) or step == self.max_new_tokens - 1:
+            if (all(done) and not self.lockstep) or step == self.max_new_tokens - 1:
                 break
             sequences = [sequences[r] + [t] for r, t in zip(rows, next_tokens)]
             beam_scores = torch.tensor(next_scores, device=device).reshape(batch, num_beams)
@@ -612,7 +617,7 @@ class _Decoding:
                     active[r] = False
                 elif step < self.max_new_tokens - 1:
                     decode_tokens[r // num_candidates] += 1
-            if not any(active):
+            if step == self.max_new_tokens - 1 or (not any(active) and not self.lockstep):
                 break
             # Finished rows keep feeding EOS; their outputs are ignored and not counted.
             feed = torch.tensor(

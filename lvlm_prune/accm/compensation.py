@@ -479,6 +479,7 @@ class ACCMCompensation(Compensation):
             num_beams=self.num_beams, max_new_tokens=self.max_caption_tokens, strategy=self.strategy,
             temperature=self.sample_temperature, top_p=self.sample_top_p,
             suppress_token_ids=self.suppressed_token_ids, generator=self._sampling_generator(ids.device),
+            lockstep=self.lockstep,
         )
 
     def caption_inserts(self, candidates: CaptionCandidates, pick: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -588,13 +589,15 @@ class ACCMCompensation(Compensation):
         tokens, cut at EOS (kept) or at max_caption_tokens; cached per question id."""
         question_ids = [str(q) for q in batch["question_ids"]]
         missing = [b for b, q in enumerate(question_ids) if q not in self._describe_cache]
-        if missing:
-            ids, mask = self.describe_prompts(batch, missing)
-            index = torch.tensor(missing, device=selection.features.device)
+        # lockstep: every rank generates (a cached batch regenerates its first row) for the full length
+        rows = missing or ([0] if self.lockstep else [])
+        if rows:
+            ids, mask = self.describe_prompts(batch, rows)
+            index = torch.tensor(rows, device=selection.features.device)
             tokens, _ = engine.generate(ids, mask, None, method=None, max_new_tokens=self.max_caption_tokens,
-                                        eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                                        visual_inputs=(selection.features[index], ()))
-            for row, b in enumerate(missing):
+                                        eos_token_id=None if self.lockstep else self.eos_token_id,
+                                        pad_token_id=self.pad_token_id, visual_inputs=(selection.features[index], ()))
+            for row, b in enumerate(rows):
                 self._describe_cache[question_ids[b]] = self._caption_from_generation(tokens[row].tolist())
         return self._pad_rows([self._describe_cache[q] for q in question_ids], self.pad_token_id,
                               selection.features.device)

@@ -226,6 +226,28 @@ def test_sampling_gives_distinct_reproducible_candidates_and_restores_train_mode
     handle.remove()
 
 
+@pytest.mark.parametrize("strategy", ["beam", "sample"])
+def test_lockstep_decodes_every_step_and_changes_no_candidate(strategy):
+    model = make_model()
+    handle = _boost_eos(model, 6.0)  # every candidate ends after a token or two
+    instruction, instruction_mask, visual, visual_mask, _, _ = make_inputs()
+    calls = []
+    counter = model.decoder.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    runs, forwards = {}, {}
+    for lockstep in (False, True):
+        calls.clear()
+        runs[lockstep] = model.generate_candidates(
+            instruction, instruction_mask, visual, visual_mask, num_candidates=2, num_beams=3, max_new_tokens=8,
+            strategy=strategy, generator=torch.Generator().manual_seed(0), lockstep=lockstep)
+        forwards[lockstep] = len(calls)
+    counter.remove()
+    handle.remove()
+    assert forwards[False] < 8, "the candidates should end early for this test to mean anything"
+    assert forwards[True] == 8  # the prefix pass + one forward per step but the forced-EOS last
+    for field in ("token_ids", "lengths", "logprobs", "decode_tokens"):
+        assert torch.equal(getattr(runs[True], field), getattr(runs[False], field)), field
+
+
 def test_generate_candidates_validates_settings():
     model = make_model()
     instruction, instruction_mask, visual, visual_mask, _, _ = make_inputs()

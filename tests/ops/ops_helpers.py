@@ -62,6 +62,27 @@ class NaNAt(L.Callback):
             handle.write(json.dumps({"step": trainer.global_step, "checksum": plugin_checksum(pl_module)}) + "\n")
 
 
+class EndGenerationEarly(L.Callback):
+    """On rank `rank`, makes EOS by far the likeliest token of the base's and the ACCM caption model's heads, so
+    that rank's generations end long before the other ranks' (a rank that stops calling a ZeRO-3 partitioned module
+    early leaves the others waiting in the weight gather)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if trainer.global_rank != self.rank:
+            return
+        eos = pl_module.tokenizer.eos_token_id
+
+        def boost(module, args, output):
+            output[..., eos] += 1e4
+            return output
+
+        pl_module.base.lm_head.register_forward_hook(boost)
+        pl_module.compensation.caption_model.decoder.lm_head.register_forward_hook(boost)
+
+
 class PartitionProbe(L.Callback):
     """After the first training step, writes to `<record>.<rank>.json` how many values of the frozen base this rank
     holds and how many the base has (ZeRO-3 keeps a 1/world_size shard per rank)."""

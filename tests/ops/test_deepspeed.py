@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from ops_helpers import ROOT, metric_rows, other_base_dir, run_cli, tiny_experiment  # noqa: F401  (fixture)
@@ -104,3 +105,38 @@ def test_zero3_two_processes_partition_the_base_train_validate_skip_export_and_r
     resumed = run_cli(common + ["--ckpt_path", "auto", "--trainer.max_steps", "6"], timeout=240)
     assert f"--ckpt_path auto: resuming from {checkpoint}" in resumed
     assert model_states(checkpoint)[0]["global_step"] == 6
+
+
+def test_zero3_two_processes_keep_accm_and_an_uneven_sweep_in_step(tiny_base_dir, tmp_path):
+    """Under ZeRO-3 every module call gathers weights collectively, so the ranks must make the same calls: ACCM's
+    warm-start descriptions and beam search decode their full length even when (as made here on rank 1) every
+    sequence ends at once, and a sweep split of 3 batches over 2 ranks gives the rank with fewer batches a discarded
+    extra run. Without either the run hangs (the timeout fails it)."""
+    run_dir = tmp_path / "run"
+    config_path = tiny_experiment(run_dir, tiny_base_dir, max_steps=4, limit_val_batches=1)
+    config = yaml.safe_load(config_path.read_text())
+    config["model"]["init_args"]["compensation"] = {
+        "class_path": "lvlm_prune.accm.compensation.ACCMCompensation",
+        "init_args": {"target_prune_ratio": 0.875, "caption_embed_dim": 32, "caption_num_layers": 1,
+                      "caption_num_heads": 2, "caption_prefix_length": 2, "caption_mapper_layers": 1,
+                      "max_caption_tokens": 6, "max_instruction_tokens": 16, "selector_hidden": 16,
+                      "selector_heads": 2, "selector_question_prefix": "",
+                      "selector_supplement_prefix": "additional information :", "warmup_fraction": 0.5}}
+    config["data"]["init_args"]["num_val"] = 24  # 3 batches of 8: rank 0 evaluates two, rank 1 one
+    config["trainer"]["callbacks"] = [
+        {"class_path": "callbacks.sweep.PruningSweep",
+         "init_args": {"methods": ["accm", "accm_prune_only"], "prune_ratios": [0.875], "split": "val",
+                       "run_after_fit": True, "run_after_test": False, "dirpath": str(run_dir / "sweep")}},
+        {"class_path": "ops_helpers.EndGenerationEarly", "init_args": {"rank": 1}},
+    ]
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+             "zero_allow_untested_optimizer": True}
+    run_cli(["fit", "--config", str(config_path), "--config", ZERO3, "--trainer.devices", "2",
+             f"--trainer.strategy.init_args.config={json.dumps(zero3)}"], timeout=300)
+
+    stages = [float(r["train/stage"]) for r in metric_rows(run_dir) if r.get("train/stage")]
+    assert stages == [1.0, 1.0, 2.0, 2.0]  # the warm start, then the KL-ranked stage with beam search
+    assert [r for r in metric_rows(run_dir) if r.get("val/acc")], "no validation (ACCM generation) was logged"
+    rows = json.loads((run_dir / "sweep" / "sweep.json").read_text())["rows"]
+    assert {(r["method"], r["num_samples"]) for r in rows} == {("accm", 24), ("accm_prune_only", 24)}
