@@ -11,6 +11,8 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
+from lvlm_prune.data import LengthGroupedSampler
+
 
 class ResumableSampler(DistributedSampler):
     """A `DistributedSampler` (permutation seeded by `seed + epoch`, one shard per rank) that can start its next
@@ -34,6 +36,34 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[start:])
 
 
+class ResumableGroupedSampler(DistributedSampler):
+    """A `LengthGroupedSampler`'s order for the epoch, dealt over ranks as Lightning's `DistributedSamplerWrapper`
+    deals a custom sampler (positions r, r + W, ...; the order padded with its first indices to a multiple of W),
+    that can start its next epoch at `start_index`. A `DistributedSampler`, so Lightning does not shard it again.
+
+    Args:
+        grouped: the data module's sampler (its seed and group size fix the order per epoch).
+        num_replicas: processes that share the data.
+        rank: this process's shard.
+    """
+
+    def __init__(self, grouped: LengthGroupedSampler, num_replicas: int, rank: int):
+        super().__init__(range(len(grouped)), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.grouped = grouped
+        self.start_index = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.grouped.set_epoch(epoch)
+
+    def __iter__(self):
+        order = [index for group in self.grouped.groups() for index in group]
+        while order and len(order) < self.total_size:
+            order += order[: self.total_size - len(order)]
+        start, self.start_index = self.start_index, 0
+        return iter(order[self.rank : self.total_size : self.num_replicas][start:])
+
+
 class _ResumableDataLoader(DataLoader):
     """Marks the loader as resumable for Lightning (no 'dataloader is not resumable' warning on a mid-epoch
     resume); the position itself is `ResumableDataOrder`'s checkpointed state."""
@@ -53,8 +83,9 @@ class ResumableDataOrder(L.Callback):
     taken from Lightning, whose epoch counter skips one when a run resumes from a checkpoint written at the last
     batch of an epoch. Used with the compensation module's
     per-step random seed, a run killed between checkpoints and resumed from its last one ends with the same
-    weights as an uninterrupted run. Loaders it cannot rebuild (iterable datasets, custom batch samplers) are
-    left unchanged with a warning.
+    weights as an uninterrupted run. A length-grouped loader (`LengthGroupedSampler`) keeps its grouped order
+    (`ResumableGroupedSampler`). Loaders it cannot rebuild (iterable datasets, other custom samplers or batch
+    samplers) are left unchanged with a warning.
 
     Args:
         seed: permutation seed; None takes the run's `seed_everything` value.
@@ -64,7 +95,7 @@ class ResumableDataOrder(L.Callback):
         self.seed = seed
         self.epoch = 0
         self.batches_done = 0
-        self._sampler: ResumableSampler | None = None
+        self._sampler: ResumableSampler | ResumableGroupedSampler | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
@@ -87,9 +118,12 @@ class ResumableDataOrder(L.Callback):
             return loader
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         shards = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        sampler = ResumableSampler(loader.dataset, num_replicas=shards.get("num_replicas", 1),
-                                   rank=shards.get("rank", 0), shuffle=not isinstance(loader.sampler, SequentialSampler),
-                                   seed=seed)
+        replicas, rank = shards.get("num_replicas", 1), shards.get("rank", 0)
+        if isinstance(loader.sampler, LengthGroupedSampler):  # its own seed fixes the grouped order
+            sampler: DistributedSampler = ResumableGroupedSampler(loader.sampler, replicas, rank)
+        else:
+            sampler = ResumableSampler(loader.dataset, num_replicas=replicas, rank=rank,
+                                       shuffle=not isinstance(loader.sampler, SequentialSampler), seed=seed)
         sampler.set_epoch(self.epoch)
         sampler.start_index = self.batches_done * loader.batch_size
         self._sampler = sampler
@@ -128,7 +162,7 @@ def _not_rebuildable(loader: Any) -> str | None:
         return "iterable dataset"
     if type(loader.batch_sampler) is not BatchSampler or loader.batch_size is None:
         return "custom batch sampler"
-    if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
+    if not isinstance(loader.sampler, (RandomSampler, SequentialSampler, LengthGroupedSampler)):
         return f"custom sampler {type(loader.sampler).__name__}"
     return None
 

@@ -12,7 +12,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lvlm_prune.data import VQACollator, VQAExample
+from lvlm_prune.data import LengthGroupedSampler, VQACollator, VQAExample
 from lvlm_prune.evaluation.readers import (
     IMAGE_PLACEHOLDER,
     BadRecords,
@@ -133,64 +133,6 @@ class LlavaRecordDataset(Dataset):
             image = expand_to_square(image, self.pad_fill)
         return VQAExample(record.question_id, image, record.question, record.answer, record.category,
                           context=record.context, extra_turns=record.extra_turns)
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Every index once per epoch, ordered so that each run of `group_size` consecutive indices holds samples
-    of similar text length (less padding per batch); the order is fixed by (seed, epoch).
-
-    Per epoch: a seeded random permutation is cut into windows of `group_size * window_groups` indices; each
-    window is sorted by length (longest first) and cut into groups of `group_size`; the full groups are shuffled,
-    the one holding the longest sample is moved first (an out-of-memory shows at the first step), and an
-    incomplete last group stays last (so later batches stay aligned with groups). With `group_size = batch_size *
-    world_size` a batch is one group in one process; under DDP, Lightning's `DistributedSamplerWrapper` deals
-    positions r, r + W, ... to rank r, so each rank's batch is a slice of one group. Lightning calls `set_epoch`.
-
-    Args:
-        lengths: text length of each sample (any unit).
-        group_size: indices per group: the batch size times the number of processes.
-        seed: fixes the order together with the epoch.
-        window_groups: groups per sorting window (more: tighter grouping, less randomness).
-    """
-
-    def __init__(self, lengths: Sequence[int], group_size: int, seed: int = 0, window_groups: int = 50):
-        if group_size < 1 or window_groups < 1:
-            raise ValueError(f"group_size={group_size} and window_groups={window_groups} must be at least 1")
-        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
-        self.group_size = group_size
-        self.seed = seed
-        self.window_groups = window_groups
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def groups(self) -> list[list[int]]:
-        """This epoch's groups, in order."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        permutation = torch.randperm(len(self.lengths), generator=generator)
-        window = self.group_size * self.window_groups
-        groups: list[list[int]] = []
-        for start in range(0, len(permutation), window):
-            chunk = permutation[start : start + window]
-            # stable sort on a random permutation: ties keep a seeded random order
-            ordered = chunk[torch.sort(self.lengths[chunk], descending=True, stable=True).indices].tolist()
-            groups += [ordered[i : i + self.group_size] for i in range(0, len(ordered), self.group_size)]
-        tail = groups.pop() if groups and len(groups[-1]) < self.group_size else None
-        order = torch.randperm(len(groups), generator=generator).tolist()
-        groups = [groups[i] for i in order]
-        longest_sample = int(torch.argmax(self.lengths)) if len(self.lengths) else -1
-        for position, group in enumerate(groups):
-            if longest_sample in group:
-                groups.insert(0, groups.pop(position))
-                break
-        return groups + ([tail] if tail else [])
-
-    def __iter__(self) -> Iterator[int]:
-        return (index for group in self.groups() for index in group)
 
 
 # ------------------------------------------------------------------------------------------- instruction data

@@ -20,8 +20,7 @@ from datamodules.synthetic_vqa import (
     render,
     vocabulary,
 )
-from datamodules.llava import LengthGroupedSampler
-from lvlm_prune.data import VQACollator, VQAExample
+from lvlm_prune.data import LengthGroupedSampler, VQACollator, VQAExample
 from lvlm_prune.modeling.loading import load_processor
 from lvlm_prune.modeling.prompt import get_template
 from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer

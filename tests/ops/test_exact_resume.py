@@ -13,23 +13,36 @@ pytestmark = pytest.mark.slow
 MAX_STEPS = 10  # 4 batches per epoch: the runs cross two epoch boundaries
 
 
+GROUPED = ["--data.init_args.group_by_length", "true"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_base_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    config = tiny_experiment(run_dir, tiny_base_dir, max_steps=MAX_STEPS, val_check_interval=5)
-    run_cli(["fit", "--config", str(config), "--checkpoint.every_n_train_steps", "2"])
-    return run_dir
+    """The uninterrupted run's directory for a data setting (made once per setting)."""
+    runs = {}
+
+    def run(data_args: tuple[str, ...]):
+        if data_args not in runs:
+            run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+            config = tiny_experiment(run_dir, tiny_base_dir, max_steps=MAX_STEPS, val_check_interval=5)
+            run_cli(["fit", "--config", str(config), "--checkpoint.every_n_train_steps", "2", *data_args])
+            runs[data_args] = run_dir
+        return runs[data_args]
+
+    return run
 
 
-@pytest.mark.parametrize("signal_name, kill_step", [
-    ("SIGKILL", 7),   # last checkpoint at step 6, in the middle of the second epoch
-    ("SIGTERM", 5),   # last checkpoint at step 4, written at the last batch of the first epoch
-])
+@pytest.mark.parametrize("signal_name, kill_step, data_args", [
+    ("SIGKILL", 7, ()),   # last checkpoint at step 6, in the middle of the second epoch
+    ("SIGTERM", 5, ()),   # last checkpoint at step 4, written at the last batch of the first epoch
+    ("SIGKILL", 7, tuple(GROUPED)),  # length-grouped batches (LengthGroupedSampler) resume mid-epoch too
+], ids=["SIGKILL", "SIGTERM", "SIGKILL-length-grouped"])
 def test_killed_and_resumed_run_matches_the_uninterrupted_one(uninterrupted, tiny_base_dir, tmp_path, signal_name,
-                                                               kill_step):
+                                                               kill_step, data_args):
+    reference_dir = uninterrupted(data_args)
     run_dir = tmp_path / "run"
     config = tiny_experiment(run_dir, tiny_base_dir, max_steps=MAX_STEPS, val_check_interval=5)
-    common = ["fit", "--config", str(config), "--checkpoint.every_n_train_steps", "2"]
+    common = ["fit", "--config", str(config), "--checkpoint.every_n_train_steps", "2", *data_args]
     run_cli(common + ["--trainer.callbacks+=ops_helpers.KillAt", f"--trainer.callbacks.init_args.step={kill_step}",
                       f"--trainer.callbacks.init_args.signal_name={signal_name}"], expect_success=False)
     assert not (run_dir / "plugin.safetensors").exists(), "the run was not interrupted"
@@ -38,11 +51,12 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_one(uninterrupted, tin
 
     output = run_cli(common + ["--ckpt_path", "auto"])
     assert "--ckpt_path auto: resuming from" in output and "not resumable" not in output
+    assert "leaves the training loader unchanged" not in output
 
-    expected, resumed = load_file(uninterrupted / "plugin.safetensors"), load_file(run_dir / "plugin.safetensors")
+    expected, resumed = load_file(reference_dir / "plugin.safetensors"), load_file(run_dir / "plugin.safetensors")
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
-    reference = metric_rows(uninterrupted)
+    reference = metric_rows(reference_dir)
     rows = metric_rows(run_dir)  # the resumed run's log: steps from the checkpoint on, validations included
     assert [int(r["step"]) for r in rows if r["train/loss"]] == list(range(saved, MAX_STEPS))
     assert any(r["val/avg_visual_tokens"] for r in rows)

@@ -6,16 +6,19 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from torchmetrics import SumMetric
 
-from callbacks.resume import ResumableSampler, resume_checkpoint
+from callbacks.resume import ResumableDataOrder, ResumableGroupedSampler, ResumableSampler, resume_checkpoint
 from lightning_modules.compensation import out_of_memory_advice, pad_after_eos
 from lightning_modules.strategies import AtomicCheckpointIO, CPUDeepSpeedStrategy, _convert_module_keeping_metric_states
+from lvlm_prune.data import LengthGroupedSampler
 from ops_helpers import ROOT
 
 
@@ -78,6 +81,36 @@ def test_resumable_sampler_is_seeded_per_epoch_and_starts_where_asked():
     assert len(list(second)) == 20, "start_index applies to one epoch only"
     shards = [list(ResumableSampler(data, num_replicas=2, rank=r, shuffle=True, seed=7)) for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == data
+
+
+def test_length_grouped_order_is_kept_sharded_and_resumable():
+    lengths = [(7 * i) % 23 for i in range(40)]
+
+    def grouped():
+        return LengthGroupedSampler(lengths, group_size=8, seed=3, window_groups=2)
+
+    reference = grouped()
+    reference.set_epoch(1)
+    full = list(reference)
+    one = ResumableGroupedSampler(grouped(), num_replicas=1, rank=0)
+    one.set_epoch(1)
+    assert list(one) == full
+    one.start_index = 13
+    assert list(one) == full[13:] and list(one) == full, "start_index applies to one epoch only"
+    shards = []
+    for rank in (0, 1):  # groups of 8 = batch 4 x 2 ranks: each rank's k-th batch comes from the k-th group
+        sampler = ResumableGroupedSampler(grouped(), num_replicas=2, rank=rank)
+        sampler.set_epoch(1)
+        shards.append(list(sampler))
+        assert shards[-1] == full[rank::2] and len(sampler) == 20
+    assert sorted(shards[0] + shards[1]) == list(range(40))
+
+    loader = DataLoader(list(range(40)), batch_size=8, sampler=grouped())
+    trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs=None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 'leaves the training loader unchanged'
+        rebuilt = ResumableDataOrder(seed=0).resumable(loader, trainer)
+    assert isinstance(rebuilt.sampler, ResumableGroupedSampler)
 
 
 def _touch(path, mtime, directory=False):
