@@ -166,7 +166,7 @@ class Demo:
 
 def record_machine_speed(path: Path, stages: list[str]) -> None:
     """Appends this invocation's fp32 matmul GFLOP/s to `path`: stage times are only comparable at equal speed (a
-    shared 2-core machine measured 130-210 GFLOP/s within minutes, and half that on another day)."""
+    shared 2-core machine measured 130-210 GFLOP/s within minutes, and a base step twice as slow on another day)."""
     import torch
 
     from benchmarks.timing import matmul_gflops
