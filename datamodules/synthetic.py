@@ -69,8 +69,8 @@ class SyntheticVQADataModule(L.LightningDataModule):
         eval_context: 'none' (image only), 'relevant' or 'scene' (a description in the prompt) for val/test.
         eval_hidden_visual_fraction: fraction of visual tokens hidden in val/test prompts (1.0 = text only).
         max_length: longest teacher-forced sequence accepted.
-        group_by_length: training batches of examples with similar text length (`LengthGroupedSampler`: 1.36x
-            faster base steps from less padding; the order is fixed by the seed and the epoch). Off by default: on
+        group_by_length: training batches of examples with similar text length (`LengthGroupedSampler`: about
+            1.4x faster base steps from less padding; the order is fixed by the seed and the epoch). Off by default: on
             this benchmark the length follows the kind of example (description turns, context), so grouped batches
             are far less mixed, and the base trained so was worse (docs/findings.md). False shuffles.
         num_workers: DataLoader workers.
