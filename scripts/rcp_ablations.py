@@ -43,7 +43,7 @@ def last_validation_accuracy(log_dir: Path) -> float | None:
     return events.Scalars("val/acc")[-1].value
 
 
-def percent(value: str) -> str:
+def three_decimals(value: str) -> str:
     return f"{float(value):.3f}" if value else "n/a"
 
 
@@ -81,7 +81,7 @@ def main() -> None:
         writer.writerows(rows)
     lines = ["| variant | test accuracy | validation accuracy | realised r | visual tokens (layer avg) |",
              "|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {float(r['accuracy']):.3f} | {percent(r['val_accuracy'])} | "
+    lines += [f"| {r['variant']} | {float(r['accuracy']):.3f} | {three_decimals(r['val_accuracy'])} | "
               f"{float(r['realised_prune_ratio']):.3f} | {float(r['avg_visual_tokens']):.1f} |" for r in rows]
     (run_dir / "rcp_ablations.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
