@@ -55,6 +55,8 @@ class SyntheticVQADataModule(L.LightningDataModule):
         train_min_objects: fewest objects of a training scene (None: min_objects); see SyntheticVQAConfig.
         families: question families.
         seed: fixes every sample of every split.
+        train_skip: training samples start after this many of the seeded training stream, so a later training
+            stage (the grown base of configs/synthetic/base.yaml) sees fresh scenes; val/test do not change.
         processor_path: directory with a saved LlavaProcessor (a trained base model's export). None builds
             the word-level tokenizer from the benchmark vocabulary (only for training the base from scratch).
         template: conversation template name ('tiny': LLaVA-1.5 layout without the system message).
@@ -90,6 +92,7 @@ class SyntheticVQADataModule(L.LightningDataModule):
         train_min_objects: int | None = None,
         families: tuple[str, ...] = FAMILIES,
         seed: int = 0,
+        train_skip: int = 0,
         processor_path: str | None = None,
         template: str = "tiny",
         context_fraction: float = 0.0,
@@ -106,6 +109,8 @@ class SyntheticVQADataModule(L.LightningDataModule):
                             ("eval_hidden_visual_fraction", eval_hidden_visual_fraction)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.{name}={value} must be in [0, 1]")
+        if train_skip < 0:
+            raise ValueError(f"data.train_skip={train_skip} must be at least 0")
         if turns_per_image < 1:
             raise ValueError(f"data.turns_per_image={turns_per_image} must be at least 1")
         if eval_context not in EVAL_CONTEXTS:
@@ -128,7 +133,8 @@ class SyntheticVQADataModule(L.LightningDataModule):
     def samples(self, split: str) -> list[VQASample]:
         if split not in self._splits:
             count = {"train": self.hparams.num_train, "val": self.hparams.num_val, "test": self.hparams.num_test}[split]
-            self._splits[split] = generate_samples(self.config, split, count)
+            skip = self.hparams.train_skip if split == "train" else 0
+            self._splits[split] = generate_samples(self.config, split, skip + count)[skip:]
         return self._splits[split]
 
     def _train_conversation(self, sample: VQASample) -> dict:

@@ -17,7 +17,8 @@ from lightning_modules.common import (
 )
 from lvlm_prune.data import answer_cross_entropy
 from lvlm_prune.generation import stock_greedy_generate
-from lvlm_prune.modeling.tiny import TinyLlavaSpec, build_tiny_llava
+from lvlm_prune.modeling.loading import load_base_model
+from lvlm_prune.modeling.tiny import TinyLlavaSpec, build_tiny_llava, build_tiny_llava_config, grow_llava_depth
 from lvlm_prune.rcp.schedules import WarmupCosineLambda
 
 
@@ -35,6 +36,12 @@ class BaseLVLMModule(L.LightningModule):
         attn_implementation: sdpa | eager.
         export_dir: where the trained model + processor are saved (`save_pretrained`) at the end of fit.
         seed: initialisation seed of the model weights.
+        init_from: directory of an earlier stage's export to start from instead of random weights. Its shape
+            must be `spec`'s, except that it may have fewer LLM layers: it is then grown to `spec.num_layers`
+            (`grow_llava_depth`: the trained layers spread out, new layers start as the identity, the function is
+            unchanged). The embedded default trains a 4-layer LLM, grows it to 12 and trains on
+            (configs/synthetic/base_shallow.yaml, then base.yaml).
+        grow_placement: where the trained layers go when growing: 'spread' or 'bottom'.
     """
 
     def __init__(
@@ -49,6 +56,8 @@ class BaseLVLMModule(L.LightningModule):
         attn_implementation: str = "sdpa",
         export_dir: str | None = None,
         seed: int = 0,
+        init_from: str | None = None,
+        grow_placement: str = "spread",
     ):
         super().__init__()
         if isinstance(spec, dict):  # restored from a checkpoint's hyper-parameters
@@ -62,11 +71,12 @@ class BaseLVLMModule(L.LightningModule):
         crop = processor.image_processor.crop_size["height"]
         if crop != spec.image_size:
             raise ValueError(f"model.spec.image_size={spec.image_size} but the processor crops images to {crop}")
-        self.model = build_tiny_llava(
-            spec, vocab_size=len(tokenizer), image_token_id=self.image_token_id,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, attn_implementation=attn_implementation, seed=seed,
-        )
+        ids = dict(vocab_size=len(tokenizer), image_token_id=self.image_token_id, pad_token_id=tokenizer.pad_token_id,
+                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        if init_from is None:
+            self.model = build_tiny_llava(spec, **ids, attn_implementation=attn_implementation, seed=seed)
+        else:
+            self.model = _initial_model(init_from, spec, ids, attn_implementation, grow_placement, seed)
         self.categories = list(categories or [])
         self.val_accuracy = exact_match(self.categories)
         self.test_accuracy = exact_match(self.categories)
@@ -138,3 +148,32 @@ class BaseLVLMModule(L.LightningModule):
             export_dir.mkdir(parents=True, exist_ok=True)
             self.model.save_pretrained(export_dir)
             self.processor.save_pretrained(export_dir)
+
+
+def _initial_model(path: str, spec: TinyLlavaSpec, ids: dict, attn_implementation: str, placement: str, seed: int):
+    """The model of an earlier training stage, checked against `spec` and grown to its depth."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"model.init_from={path!r} is not a directory: it is an earlier stage's export (for the embedded default: "
+            "python cli.py fit --config configs/synthetic/base_stage1.yaml)"
+        )
+    model = load_base_model(path, attn_implementation=attn_implementation)
+    depth = model.config.text_config.num_hidden_layers
+    expected = build_tiny_llava_config(TinyLlavaSpec(**{**spec.to_dict(), "num_layers": depth}), **ids).to_dict()
+    found = model.config.to_dict()
+    mismatches = [
+        f"{tower}.{key} is {found[tower].get(key)!r}, the spec gives {value!r}"
+        for tower in ("text_config", "vision_config") for key, value in sorted(expected[tower].items())
+        if key not in ("initializer_range", "dtype", "torch_dtype") and not key.startswith("_")
+        and found[tower].get(key) != value
+    ]
+    if mismatches:
+        raise ValueError(
+            f"model.init_from={path!r} does not match model.spec and the processor: {'; '.join(mismatches)}. "
+            "init_from must be an earlier stage of the same spec (only the LLM depth may be smaller)"
+        )
+    if depth > spec.num_layers:
+        raise ValueError(f"model.init_from={path!r} has {depth} LLM layers, more than model.spec.num_layers={spec.num_layers}")
+    if depth < spec.num_layers:
+        model = grow_llava_depth(model, spec.num_layers, placement, seed=seed)
+    return model.float()

@@ -1,6 +1,6 @@
 """The main job on the embedded default.
 
-    data -> base LVLM (trained from scratch) -> its evaluation -> training-free pruning sweep
+    data -> base LVLM (trained from scratch: 4 LLM layers, then grown to 12) -> its evaluation -> training-free pruning sweep
          -> RCP (trained on the frozen base) -> ACCM (trained on the frozen base) -> summary
 
 Every stage writes under one run directory and is skipped when its output exists, so re-running continues
@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from cli import cli_main  # noqa: E402
 
-STAGES = ("data", "base", "base_eval", "sweep", "rcp", "rcp_r0.778", "accm")
+STAGES = ("data", "base_stage1", "base", "base_eval", "sweep", "rcp", "rcp_r0.778", "accm")
 
 
 def banner(title: str) -> None:
@@ -71,11 +71,21 @@ class Demo:
         SyntheticVQADataModule(num_test=1024).export_llava_format("test", target)
         print(f"wrote the test split in LLaVA formats (questions.jsonl, instructions.json, images/) to {target}")
 
+    def base_stage1(self) -> None:
+        for done in ("base_model", "base_stage1_model"):  # a finished stage 2 needs no stage 1 any more
+            if (self.run_dir / done / "config.json").exists():
+                print(f"reusing the trained base in {self.run_dir / done}")
+                return
+        run_cli(["fit", "--config", "configs/synthetic/base_stage1.yaml", *logger_args(self.run_dir, "base_stage1"),
+                 "--model.init_args.export_dir", str(self.run_dir / "base_stage1_model"),
+                 *resume_args(self.run_dir, "base_stage1")])
+
     def base(self) -> None:
         if (self.run_dir / "base_model" / "config.json").exists():
             print(f"reusing the trained base model in {self.run_dir / 'base_model'}")
             return
         run_cli(["fit", "--config", "configs/synthetic/base.yaml", *logger_args(self.run_dir, "base"),
+                 "--model.init_args.init_from", str(self.run_dir / "base_stage1_model"),
                  "--model.init_args.export_dir", str(self.run_dir / "base_model"), *resume_args(self.run_dir, "base")])
 
     def base_eval(self) -> None:
@@ -187,7 +197,8 @@ def main() -> None:
     demo = Demo(run_dir)
     record_machine_speed(run_dir / "machine.json", args.stages)
     start = time.perf_counter()
-    titles = {"data": "synthetic benchmark", "base": "base LVLM (tiny LLaVA, trained from scratch)",
+    titles = {"data": "synthetic benchmark", "base_stage1": "base LVLM, stage 1 (4 LLM layers, from scratch)",
+              "base": "base LVLM, stage 2 (grown to 12 LLM layers)",
               "base_eval": "evaluation of the base", "sweep": "training-free pruning sweep",
               "rcp": "RCP (frozen base, r = 0.889)", "rcp_r0.778": "RCP trained for r = 0.778",
               "accm": "ACCM (frozen base, r = 0.969)"}

@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules.synthetic import SyntheticVQADataModule  # noqa: E402
 from datamodules.synthetic_vqa import COLORS, SHAPES, SIZES  # noqa: E402
 from lvlm_prune.data import answer_cross_entropy  # noqa: E402
-from lvlm_prune.modeling.tiny import RESIDUAL_INITS, TinyLlavaSpec, build_tiny_llava  # noqa: E402
+from lvlm_prune.modeling.tiny import (  # noqa: E402
+    GROWTH_PLACEMENTS, RESIDUAL_INITS, TinyLlavaSpec, build_tiny_llava, grow_llava_depth,
+)
 from lvlm_prune.rcp.schedules import WarmupCosineLambda  # noqa: E402
 
 def key_last_prompt(question: str, context: str | None = None, with_image: bool = True) -> str:
@@ -47,6 +49,7 @@ def datamodule(args: argparse.Namespace) -> SyntheticVQADataModule:
         eval_batch_size=128, min_objects=low, max_objects=high, train_min_objects=args.train_min_objects,
         families=tuple(args.families),
         turns_per_image=args.turns, describe_fraction=args.describe_fraction, context_fraction=args.context_fraction,
+        train_skip=args.train_skip,
     )
     if args.key_last:
         dm.template = replace(dm.template)
@@ -111,14 +114,30 @@ def main() -> None:
     parser.add_argument("--patch-aux-position", action="store_true", help="the per-patch loss also predicts row/col")
     parser.add_argument("--num-val", type=int, default=384)
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--save", type=Path, default=None, help="write the trained model's state dict here")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from a state dict written by --save (of a model with --init-layers LLM layers)")
+    parser.add_argument("--init-layers", type=int, default=None,
+                        help="LLM depth of --init-from; fewer than --llm-layers grows it (grow_llava_depth)")
+    parser.add_argument("--train-skip", type=int, default=0, help="skip this many training samples (a later stage)")
+    parser.add_argument("--grow-placement", choices=GROWTH_PLACEMENTS, default="spread")
     args = parser.parse_args()
 
     dm = datamodule(args)
     tokenizer = dm.processor.tokenizer
     spec = TinyLlavaSpec(num_layers=args.llm_layers, vision_layers=args.vision_layers, residual_init=args.residual_init,
                          hidden_size=args.hidden_size, intermediate_size=2 * args.hidden_size)
+    if args.init_from is not None:
+        spec = replace(spec, num_layers=args.init_layers or args.llm_layers)
     model = build_tiny_llava(spec, len(tokenizer), dm.image_token_id, tokenizer.pad_token_id,
                              tokenizer.bos_token_id, tokenizer.eos_token_id, seed=0)
+    if args.init_from is not None:
+        model.load_state_dict(torch.load(args.init_from))
+        if spec.num_layers < args.llm_layers:
+            model = grow_llava_depth(model, args.llm_layers, args.grow_placement, seed=1)
+        print(f"start: {spec.num_layers}-layer model from {args.init_from}, val {first_answer_accuracy(model, list(dm.val_dataloader()))[0]:.3f}",
+              flush=True)
     params = list(model.parameters())
     projected: list[torch.Tensor] = []
     if args.patch_aux > 0:
@@ -128,7 +147,7 @@ def main() -> None:
         model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: projected.append(o))
         scenes = {s.question_id: s.scene for s in dm.samples("train")}
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.98), weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosineLambda(args.steps, 50, 0.1))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosineLambda(args.steps, args.warmup_steps, 0.1))
     val = list(dm.val_dataloader())
     start, step = time.time(), 0
     for batch in dm.train_dataloader():
@@ -160,6 +179,8 @@ def main() -> None:
             break
     if not math.isfinite(loss.item()):
         raise SystemExit("training diverged")
+    if args.save is not None:
+        torch.save(model.state_dict(), args.save)
 
 
 if __name__ == "__main__":

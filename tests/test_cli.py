@@ -26,26 +26,26 @@ def run_dir_args(tmp_path):
 
 
 def test_fast_dev_run_fit(tmp_path):
-    cli = cli_main(["fit", "--config", "configs/synthetic/base.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+    cli = cli_main(["fit", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
                     "--trainer.fast_dev_run", "1"])
     assert cli.trainer.global_step == 1
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
 def test_resume_continues_the_step_count_and_exports(tmp_path):
-    args = ["fit", "--config", "configs/synthetic/base.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+    args = ["fit", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--checkpoint.every_n_train_steps", "2"]
     cli_main([*args, "--trainer.max_steps", "2"])
-    last = tmp_path / "base" / "run" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "base_stage1" / "run" / "checkpoints" / "last.ckpt"
     assert last.exists()
     assert torch.load(last, weights_only=False)["global_step"] == 2
     cli = cli_main([*args, "--trainer.max_steps", "4", "--ckpt_path", str(last)])
     assert cli.trainer.global_step == 4
     assert (tmp_path / "export" / "config.json").exists() and (tmp_path / "export" / "tokenizer.json").exists()
-    test = cli_main(["test", "--config", "configs/synthetic/base.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+    test = cli_main(["test", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
                      "--ckpt_path", str(last), "--trainer.callbacks+=callbacks.answer_writer.AnswerFileWriter"])
     assert 0.0 <= float(test.trainer.callback_metrics["test/acc"]) <= 1.0
-    answers = list((tmp_path / "base" / "run").glob("answers_test.jsonl"))
+    answers = list((tmp_path / "base_stage1" / "run").glob("answers_test.jsonl"))
     assert answers and len(answers[0].read_text().splitlines()) == 8
 
 
@@ -67,6 +67,28 @@ def test_every_config_starts_with_its_command_and_parses(path, capsys):
     assert "model" in printed and "trainer" in printed
 
 
+def test_second_stage_grows_the_first_stage_export_and_trains_on(tmp_path):
+    """base_stage1.yaml -> export -> base.yaml grows it (2 -> 3 LLM layers here) and trains on fresh scenes."""
+    from lvlm_prune.modeling.loading import load_base_model
+
+    stage1 = tmp_path / "stage1"
+    cli_main(["fit", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS, *run_dir_args(stage1),
+              "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+    stage2 = tmp_path / "stage2"
+    grown_args = [*TINY_BASE_ARGS, *run_dir_args(stage2), "--model.init_args.spec.num_layers", "3",
+                  "--model.init_args.init_from", str(stage1 / "export"), "--trainer.limit_val_batches", "0"]
+    cli = cli_main(["fit", "--config", "configs/synthetic/base.yaml", *grown_args, "--trainer.max_steps", "1"])
+    assert cli.trainer.global_step == 1
+    assert cli.datamodule.samples("train")[0].question_id == f"train-{cli.datamodule.hparams.train_skip:06d}"
+    assert load_base_model(stage2 / "export").config.text_config.num_hidden_layers == 3
+    with pytest.raises(ValueError, match="text_config.hidden_size is 32, the spec gives 64"):
+        cli_main(["fit", "--config", "configs/synthetic/base.yaml", *grown_args,
+                  "--model.init_args.spec.hidden_size", "64", "--trainer.max_steps", "1"])
+    with pytest.raises((FileNotFoundError, ValueError), match="model.init_from=.*no_stage1.* is not a directory"):
+        cli_main(["fit", "--config", "configs/synthetic/base.yaml", *grown_args,
+                  "--model.init_args.init_from", str(tmp_path / "no_stage1"), "--trainer.max_steps", "1"])
+
+
 def test_unknown_config_key_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", "configs/synthetic/base.yaml", "--model.init_args.learnig_rate", "1e-3"])
@@ -75,7 +97,7 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
 
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
-        cli_main(["fit", "--config", "configs/synthetic/base.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+        cli_main(["fit", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
                   "--trainer.max_steps", "1", "--ckpt_path", str(tmp_path / "nowhere.ckpt")])
 
 

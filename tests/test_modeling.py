@@ -81,3 +81,39 @@ def test_unknown_residual_init_is_named(tiny_spec):
 
     with pytest.raises(ValueError, match="residual_init"):
         replace(tiny_spec, residual_init="xavier")
+
+
+@pytest.mark.parametrize("placement", ["spread", "bottom"])
+def test_growing_the_llm_keeps_its_function_and_generation(tiny_spec, placement):
+    from conftest import TINY_IMAGE_TOKEN, make_batch, make_tiny_llava
+
+    from lvlm_prune.modeling.tiny import grow_llava_depth, grown_layer_positions
+
+    model = make_tiny_llava(tiny_spec)  # normal init: every trained layer does something
+    grown = grow_llava_depth(model, 10, placement, seed=1).eval()
+    assert grown.config.text_config.num_hidden_layers == 10
+    assert [layer.self_attn.layer_idx for layer in grown.model.language_model.layers] == list(range(10))
+    positions = grown_layer_positions(4, 10, placement)
+    assert positions == ([0, 2, 5, 7] if placement == "spread" else [0, 1, 2, 3])
+    for old, new in enumerate(positions):
+        torch.testing.assert_close(grown.model.language_model.layers[new].self_attn.q_proj.weight,
+                                   model.model.language_model.layers[old].self_attn.q_proj.weight, rtol=0, atol=0)
+    new_layer = next(i for i in range(10) if i not in positions)
+    assert not grown.model.language_model.layers[new_layer].mlp.down_proj.weight.any()
+    assert grown.model.language_model.layers[new_layer].self_attn.q_proj.weight.any()  # attention can still learn
+    ids, mask, pixels = make_batch(tiny_spec)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(**inputs).logits, model(**inputs).logits)
+        kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(grown.generate(**inputs, **kwargs), model.generate(**inputs, **kwargs))
+    assert (ids == TINY_IMAGE_TOKEN).any()
+
+
+def test_impossible_growth_is_named():
+    from lvlm_prune.modeling.tiny import grown_layer_positions
+
+    with pytest.raises(ValueError, match="cannot grow a 6-layer LLM to 4"):
+        grown_layer_positions(6, 4)
+    with pytest.raises(ValueError, match="placement='middle'"):
+        grown_layer_positions(2, 4, "middle")

@@ -148,3 +148,57 @@ def build_tiny_llava(
                 if name.endswith(_RESIDUAL_OUTPUTS) and ".layers." in name:
                     parameter.zero_()
     return model.float()
+
+
+GROWTH_PLACEMENTS = ("spread", "bottom")
+
+
+def grown_layer_positions(old_layers: int, new_layers: int, placement: str = "spread") -> list[int]:
+    """Where the trained layers of an `old_layers`-deep LLM sit in the grown `new_layers`-deep one.
+
+    'spread': evenly, first at 0 (4 -> 12: 0, 3, 6, 9), each followed by new layers; 'bottom': 0 .. old - 1.
+    """
+    if placement not in GROWTH_PLACEMENTS:
+        raise ValueError(f"growth placement={placement!r}; choose one of {GROWTH_PLACEMENTS}")
+    if not 1 <= old_layers <= new_layers:
+        raise ValueError(f"cannot grow a {old_layers}-layer LLM to {new_layers} layers")
+    if placement == "bottom":
+        return list(range(old_layers))
+    return [i * new_layers // old_layers for i in range(old_layers)]
+
+
+def grow_llava_depth(
+    model: LlavaForConditionalGeneration, num_layers: int, placement: str = "spread", seed: int | None = None
+) -> LlavaForConditionalGeneration:
+    """A deeper copy of `model` that computes exactly the same function (progressive depth growth).
+
+    The trained decoder layers move to `grown_layer_positions`; every new layer is freshly initialised with its
+    residual output projections at zero, so it starts as the identity; everything else is copied. Training a
+    shallow LLM and growing it lets a CPU budget buy several times more optimisation steps (docs/findings.md).
+    """
+    import copy
+
+    import torch
+
+    text = model.config.text_config
+    positions = grown_layer_positions(text.num_hidden_layers, num_layers, placement)
+    config = copy.deepcopy(model.config)
+    config.text_config.num_hidden_layers = num_layers
+    if seed is not None:
+        torch.manual_seed(seed)
+    grown = LlavaForConditionalGeneration._from_config(config, attn_implementation=model.config._attn_implementation)
+    grown = grown.to(dtype=model.dtype)
+    source = {position: old for old, position in enumerate(positions)}
+    old_state = model.state_dict()
+    prefix = "model.language_model.layers."
+    with torch.no_grad():
+        for name, parameter in grown.state_dict().items():
+            if name.startswith(prefix):
+                index, rest = name[len(prefix):].split(".", 1)
+                if int(index) in source:
+                    parameter.copy_(old_state[f"{prefix}{source[int(index)]}.{rest}"])
+                elif name.endswith(_RESIDUAL_OUTPUTS):
+                    parameter.zero_()
+            else:
+                parameter.copy_(old_state[name])
+    return grown

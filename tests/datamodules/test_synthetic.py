@@ -80,6 +80,17 @@ def test_text_only_evaluation_hides_every_visual_token():
     assert torch.equal(batch["prompt_position_ids"][:, -1], (batch["prompt_input_ids"] != 0).sum(1) - 1)
 
 
+def test_a_later_training_stage_draws_fresh_training_scenes_and_the_same_eval_splits():
+    first = SyntheticVQADataModule(num_train=40, num_val=8, num_test=8)
+    later = SyntheticVQADataModule(num_train=20, num_val=8, num_test=8, train_skip=30)
+    assert [s.question_id for s in later.samples("train")] == [f"train-{i:06d}" for i in range(30, 50)]
+    overlap = SyntheticVQADataModule(num_train=50).samples("train")[30:40]
+    assert [s.question for s in later.samples("train")[:10]] == [s.question for s in overlap]
+    for split in ("val", "test"):
+        assert [s.question_id + s.question for s in later.samples(split)] == [
+            s.question_id + s.question for s in first.samples(split)]
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="unknown question families"):
         SyntheticVQAConfig(families=("colour",))
@@ -87,6 +98,8 @@ def test_bad_settings_are_named():
         SyntheticVQADataModule(eval_context="all")
     with pytest.raises(ValueError, match="context_fraction"):
         SyntheticVQADataModule(context_fraction=1.5)
+    with pytest.raises(ValueError, match="train_skip"):
+        SyntheticVQADataModule(train_skip=-1)
     with pytest.raises(ValueError, match="empty question"):
         from lvlm_prune.modeling.prompt import TINY_DEFAULT
 
