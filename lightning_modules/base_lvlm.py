@@ -18,7 +18,13 @@ from lightning_modules.common import (
 from lvlm_prune.data import answer_cross_entropy
 from lvlm_prune.generation import stock_greedy_generate
 from lvlm_prune.modeling.loading import load_base_model
-from lvlm_prune.modeling.tiny import TinyLlavaSpec, build_tiny_llava, build_tiny_llava_config, grow_llava_depth
+from lvlm_prune.modeling.tiny import (
+    GROWTH_PLACEMENTS,
+    TinyLlavaSpec,
+    build_tiny_llava,
+    build_tiny_llava_config,
+    grow_llava_depth,
+)
 from lvlm_prune.rcp.schedules import WarmupCosineLambda
 
 
@@ -40,7 +46,7 @@ class BaseLVLMModule(L.LightningModule):
             must be `spec`'s, except that it may have fewer LLM layers: it is then grown to `spec.num_layers`
             (`grow_llava_depth`: the trained layers spread out, new layers start as the identity, the function is
             unchanged). The embedded default trains a 4-layer LLM, grows it to 12 and trains on
-            (configs/synthetic/base_shallow.yaml, then base.yaml).
+            (configs/synthetic/base_stage1.yaml, then base.yaml).
         grow_placement: where the trained layers go when growing: 'spread' or 'bottom'.
     """
 
@@ -62,6 +68,8 @@ class BaseLVLMModule(L.LightningModule):
         super().__init__()
         if isinstance(spec, dict):  # restored from a checkpoint's hyper-parameters
             spec = TinyLlavaSpec(**spec)
+        if grow_placement not in GROWTH_PLACEMENTS:
+            raise ValueError(f"model.grow_placement={grow_placement!r}; choose one of {GROWTH_PLACEMENTS}")
         if processor is None:
             raise ValueError("model.processor is missing: it is linked from the datamodule (data.processor)")
         self.save_hyperparameters(ignore=["processor"])

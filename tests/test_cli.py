@@ -84,6 +84,9 @@ def test_second_stage_grows_the_first_stage_export_and_trains_on(tmp_path):
     with pytest.raises(ValueError, match="text_config.hidden_size is 32, the spec gives 64"):
         cli_main(["fit", "--config", "configs/synthetic/base.yaml", *grown_args,
                   "--model.init_args.spec.hidden_size", "64", "--trainer.max_steps", "1"])
+    with pytest.raises(ValueError, match="model.grow_placement='middle'"):
+        cli_main(["fit", "--config", "configs/synthetic/base.yaml", *grown_args,
+                  "--model.init_args.grow_placement", "middle", "--trainer.max_steps", "1"])
     with pytest.raises((FileNotFoundError, ValueError), match="model.init_from=.*no_stage1.* is not a directory"):
         cli_main(["fit", "--config", "configs/synthetic/base.yaml", *grown_args,
                   "--model.init_args.init_from", str(tmp_path / "no_stage1"), "--trainer.max_steps", "1"])
