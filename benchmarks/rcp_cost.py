@@ -32,14 +32,16 @@ def main() -> None:
     parser.add_argument("--base", default="runs/demo/base_model")
     parser.add_argument("--plugin", default=None)
     parser.add_argument("--ratio", type=float, default=0.889)
+    parser.add_argument("--pruning-layers", type=int, nargs="+", default=[0],
+                        help="RCP pruning layers (default: the embedded default's, configs/synthetic/rcp.yaml)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     engine = PrunedLlava(freeze(load_base_model(args.base)))
-    plugin = RCPCompensation(target_prune_ratio=args.ratio, bottleneck=64, num_queries=16, context_dim=64,
-                             adapter_bottleneck=32)
+    plugin = RCPCompensation(target_prune_ratio=args.ratio, pruning_layers=args.pruning_layers, bottleneck=64,
+                             num_queries=16, context_dim=64, adapter_bottleneck=32)
     plugin.attach(engine)
     if args.plugin:
         load_plugin_weights(plugin, args.plugin)
@@ -76,6 +78,7 @@ def main() -> None:
     full_gen = median_seconds(generate_full, args.repeats)
     rcp_gen = median_seconds(generate_rcp, args.repeats)
     result = {"threads": torch.get_num_threads(), "batch": args.batch, "ratio": args.ratio,
+              "pruning_layers": list(plugin.pruning_layers),
               "full_forward_ms": forward * 1e3, "rcp_train_step_ms": step * 1e3,
               "train_step_over_forward": step / forward, "full_generate_ms": full_gen * 1e3,
               "rcp_generate_ms": rcp_gen * 1e3, "rcp_over_full_generate": rcp_gen / full_gen}

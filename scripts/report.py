@@ -157,8 +157,9 @@ def main() -> None:
     if cost.exists():
         c = json.loads(cost.read_text())
         parts += ["## RCP cost (`python benchmarks/rcp_cost.py --out docs/benchmark_rcp_cost.json`)", "",
-                  f"A tiny base of `make demo` (the earlier 1500-step one; cost does not depend on the weights), CPU "
-                  f"({c['threads']} threads), batch {c['batch']}, measured in one run.", "",
+                  f"The tiny base of `make demo` (cost does not depend on the weights), RCP pruning layers "
+                  f"{c.get('pruning_layers', 'of the paper, scaled')}, CPU ({c['threads']} threads), batch {c['batch']}, "
+                  "measured in one run.", "",
                   table(["measurement", "ms", "relative"], [
                       ["full-token forward (teacher-forced)", f"{c['full_forward_ms']:.1f}", "1.00"],
                       ["RCP training step (teacher + soft student + backward + AdamW)", f"{c['rcp_train_step_ms']:.1f}",
