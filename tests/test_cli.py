@@ -80,7 +80,14 @@ def test_second_stage_grows_the_first_stage_export_and_trains_on(tmp_path):
     cli = cli_main(["fit", "--config", "configs/synthetic/base.yaml", *grown_args, "--trainer.max_steps", "1"])
     assert cli.trainer.global_step == 1
     assert cli.datamodule.samples("train")[0].question_id == f"train-{cli.datamodule.hparams.train_skip:06d}"
-    assert load_base_model(stage2 / "export").config.text_config.num_hidden_layers == 3
+    first, grown = load_base_model(stage1 / "export"), load_base_model(stage2 / "export")
+    assert grown.config.text_config.num_hidden_layers == 3
+    # stage 2 started from stage 1 (layers spread to 0 and 1, a new identity layer at 2), one small step away
+    old_layers, new_layers = first.model.language_model.layers, grown.model.language_model.layers
+    for old, new in ((0, 0), (1, 1)):
+        torch.testing.assert_close(new_layers[new].self_attn.q_proj.weight, old_layers[old].self_attn.q_proj.weight,
+                                   rtol=0, atol=1e-2)
+    assert new_layers[2].mlp.down_proj.weight.abs().max() < 1e-2 < new_layers[2].mlp.up_proj.weight.abs().max()
     with pytest.raises(ValueError, match="text_config.hidden_size is 32, the spec gives 64"):
         cli_main(["fit", "--config", "configs/synthetic/base.yaml", *grown_args,
                   "--model.init_args.spec.hidden_size", "64", "--trainer.max_steps", "1"])
