@@ -26,6 +26,7 @@ from lvlm_prune.modeling.prompt import get_template
 from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
 
 EVAL_CONTEXTS = ("none", "relevant", "scene")
+EVAL_VISUAL_TOKENS = ("all", "objects", "relevant")
 
 
 class _ExampleDataset(Dataset):
@@ -66,10 +67,19 @@ class SyntheticVQADataModule(L.LightningDataModule):
         describe_fraction: fraction of training examples with a description turn: of the whole image
             (dense supervision of recognition and positions, as LLaVA's caption pre-training) or of the
             objects that matter for a question (the frozen base later writes ACCM's warm-start captions so).
+        token_drop_fraction: fraction of the other training examples (those without a context) in which a random
+            50-100 % of the visual tokens that no answer of the conversation depends on are hidden (the objects the
+            answers need stay). Without it the base answers from the objects and the empty cells around them
+            together and breaks when a pruner keeps the objects alone (docs/findings.md); a real LVLM is expected to
+            answer from the tokens that carry the answer. Needs one visual token per grid cell (cell_size = the
+            vision tower's patch size).
         turns_per_image: questions per training image (multi-turn conversations, as in LLaVA's instruction
             data): the image is encoded once for several supervised answers.
         eval_context: 'none' (image only), 'relevant' or 'scene' (a description in the prompt) for val/test.
         eval_hidden_visual_fraction: fraction of visual tokens hidden in val/test prompts (1.0 = text only).
+        eval_visual_tokens: which visual tokens val/test prompts show: 'all', 'objects' (every empty cell hidden) or
+            'relevant' (only the objects the answer depends on: an oracle pruner). Measures whether the base answers
+            from the tokens that carry the answer; needs one visual token per grid cell.
         max_length: longest teacher-forced sequence accepted.
         group_by_length: training batches of examples with similar text length (`LengthGroupedSampler`: about
             1.4x faster base steps from less padding; the order is fixed by the seed and the epoch). Off by default: on
@@ -97,15 +107,18 @@ class SyntheticVQADataModule(L.LightningDataModule):
         template: str = "tiny",
         context_fraction: float = 0.0,
         describe_fraction: float = 0.0,
+        token_drop_fraction: float = 0.0,
         turns_per_image: int = 1,
         eval_context: str = "none",
         eval_hidden_visual_fraction: float = 0.0,
+        eval_visual_tokens: str = "all",
         max_length: int = 512,
         group_by_length: bool = False,
         num_workers: int = 0,
     ):
         super().__init__()
         for name, value in (("context_fraction", context_fraction), ("describe_fraction", describe_fraction),
+                            ("token_drop_fraction", token_drop_fraction),
                             ("eval_hidden_visual_fraction", eval_hidden_visual_fraction)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.{name}={value} must be in [0, 1]")
@@ -115,6 +128,11 @@ class SyntheticVQADataModule(L.LightningDataModule):
             raise ValueError(f"data.turns_per_image={turns_per_image} must be at least 1")
         if eval_context not in EVAL_CONTEXTS:
             raise ValueError(f"data.eval_context={eval_context!r}; choose one of {EVAL_CONTEXTS}")
+        if eval_visual_tokens not in EVAL_VISUAL_TOKENS:
+            raise ValueError(f"data.eval_visual_tokens={eval_visual_tokens!r}; choose one of {EVAL_VISUAL_TOKENS}")
+        if eval_visual_tokens != "all" and eval_hidden_visual_fraction > 0:
+            raise ValueError(f"data.eval_visual_tokens={eval_visual_tokens!r} already chooses the hidden visual tokens; "
+                             f"leave data.eval_hidden_visual_fraction at 0 (got {eval_hidden_visual_fraction})")
         self.save_hyperparameters()
         self.config = SyntheticVQAConfig(grid=grid, cell_size=cell_size, min_objects=min_objects,
                                          max_objects=max_objects, families=tuple(families), seed=seed,
@@ -125,6 +143,12 @@ class SyntheticVQADataModule(L.LightningDataModule):
         else:
             tokenizer = build_word_tokenizer(vocabulary(self.config))
             self.processor = build_processor(tokenizer, self.config.image_size, patch_size=cell_size)
+        patch = getattr(self.processor, "patch_size", None)
+        for name, active in (("token_drop_fraction", token_drop_fraction > 0),
+                             ("eval_visual_tokens", eval_visual_tokens != "all")):
+            if active and patch != cell_size:
+                raise ValueError(f"data.{name}={self.hparams[name]!r} needs one visual token per grid cell, "
+                                 f"but data.cell_size={cell_size} and the processor's patch_size={patch}")
         self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
         self.collator = VQACollator(self.processor, self.template, self.image_token_id, max_length, seed)
         self.categories = list(families)
@@ -139,29 +163,33 @@ class SyntheticVQADataModule(L.LightningDataModule):
 
     def _train_conversation(self, sample: VQASample) -> dict:
         """The text of a training example (its image aside): question, answer, category, context, hidden visual
-        fraction and extra turns. Fixed per sample (not per epoch): resumed runs see exactly the same examples."""
+        tokens and extra turns. Fixed per sample (not per epoch): resumed runs see exactly the same examples."""
         rng = random.Random(f"{self.hparams.seed}/view/{sample.question_id}")
-        turns = [(sample.question, sample.answer, sample)]
+        turns = [(sample.question, sample.answer, sample.relevant)]
         while len(turns) < self.hparams.turns_per_image:
             made = make_question(sample.scene, rng.choice(self.config.families), rng)
             if made is not None and made[0] not in [t[0] for t in turns]:
-                turns.append((made[0], made[1], None))
+                turns.append(made)
         if rng.random() < self.hparams.describe_fraction:
             if rng.random() < 0.5:
-                describe = (DESCRIBE_SCENE, sample.scene.description(), None)
+                describe = (DESCRIBE_SCENE, sample.scene.description(), sample.scene.objects)
             else:
-                describe = (f"{DESCRIBE_PREFIX} {sample.question}", sample.relevant_description, None)
+                describe = (f"{DESCRIBE_PREFIX} {sample.question}", sample.relevant_description, sample.relevant)
             turns.insert(rng.randrange(len(turns) + 1), describe)
-        context, hidden = None, 0.0
+        context, hidden, protected = None, 0.0, ()
         if rng.random() < self.hparams.context_fraction:
             text = sample.relevant_description if rng.random() < 0.7 else sample.scene.description()
             context = f"{CONTEXT_PREFIX} {text}"
             hidden = 1.0 if rng.random() < 0.5 else rng.uniform(0.5, 1.0)
             turns = turns[:1]  # the description only covers the first question's objects
+        elif rng.random() < self.hparams.token_drop_fraction:
+            grid = self.config.grid
+            protected = tuple(sorted({o.row * grid + o.col for _, _, relevant in turns for o in relevant}))
+            hidden = rng.uniform(0.5, 1.0)
         (question, answer, _), extra = turns[0], tuple((q, a) for q, a, _ in turns[1:])
         category = sample.family if question == sample.question else "describe"
         return dict(question=question, answer=answer, category=category, context=context,
-                    hidden_visual_fraction=hidden, extra_turns=extra)
+                    hidden_visual_fraction=hidden, extra_turns=extra, protected_visual=protected)
 
     def _train_example(self, sample: VQASample, index: int) -> VQAExample:
         return VQAExample(sample.question_id, render(sample.scene, self.config.cell_size),
@@ -183,9 +211,13 @@ class SyntheticVQADataModule(L.LightningDataModule):
         if mode != "none":
             text = sample.relevant_description if mode == "relevant" else sample.scene.description()
             context = f"{CONTEXT_PREFIX} {text}"
+        hidden, protected = self.hparams.eval_hidden_visual_fraction, ()
+        if self.hparams.eval_visual_tokens != "all":
+            shown = sample.scene.objects if self.hparams.eval_visual_tokens == "objects" else sample.relevant
+            hidden, protected = 1.0, tuple(sorted(o.row * self.config.grid + o.col for o in shown))
         return VQAExample(sample.question_id, render(sample.scene, self.config.cell_size), sample.question,
-                          sample.answer, sample.family, context=context,
-                          hidden_visual_fraction=self.hparams.eval_hidden_visual_fraction)
+                          sample.answer, sample.family, context=context, hidden_visual_fraction=hidden,
+                          protected_visual=protected)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         make = self._train_example if split == "train" else self._eval_example

@@ -30,6 +30,9 @@ class VQAExample:
         hidden_visual_fraction: fraction of visual tokens hidden from the LLM in this example
             (training-time augmentation; 1.0 = the LLM sees no visual token).
         extra_turns: later (question, answer) turns about the same image (multi-turn training data).
+        protected_visual: indices (in the image's visual-token order) that hiding never touches: the tokens the
+            answers depend on, so a partly hidden image still supports its answers. When some are given,
+            `hidden_visual_fraction` is the share of the other tokens that is hidden.
     """
 
     question_id: str
@@ -40,6 +43,7 @@ class VQAExample:
     context: str | None = None
     hidden_visual_fraction: float = 0.0
     extra_turns: tuple[tuple[str, str], ...] = ()
+    protected_visual: tuple[int, ...] = ()
 
 
 class VQACollator:
@@ -128,8 +132,15 @@ class VQACollator:
         for i, e in enumerate(examples):
             if e.hidden_visual_fraction > 0:
                 image_positions = (input_ids[i] == self.image_token_id).nonzero().squeeze(1).tolist()
-                n_hide = round(e.hidden_visual_fraction * len(image_positions))
-                order = random.Random(f"{self.seed}/{e.question_id}").sample(range(len(image_positions)), n_hide)
+                outside = [j for j in e.protected_visual if not 0 <= j < len(image_positions)]
+                if outside:
+                    raise ValueError(f"sample {e.question_id}: protected visual tokens {outside} outside the image's "
+                                     f"{len(image_positions)} visual tokens")
+                protected = set(e.protected_visual)
+                candidates = [j for j in range(len(image_positions)) if j not in protected]
+                share = len(candidates) if protected else len(image_positions)
+                n_hide = round(e.hidden_visual_fraction * share)
+                order = random.Random(f"{self.seed}/{e.question_id}").sample(candidates, n_hide)
                 attention_mask[i, [image_positions[j] for j in order]] = 0
         return attention_mask
 

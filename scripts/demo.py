@@ -96,6 +96,8 @@ class Demo:
         settings = {
             "all visual tokens": [],
             "random 11% of visual tokens (before the LLM)": ["--data.init_args.eval_hidden_visual_fraction", "0.889"],
+            "object tokens only (empty cells hidden)": ["--data.init_args.eval_visual_tokens", "objects"],
+            "tokens of the objects that matter only (oracle pruner)": ["--data.init_args.eval_visual_tokens", "relevant"],
             "description of the objects that matter, no image": [
                 "--data.init_args.eval_context", "relevant", "--data.init_args.eval_hidden_visual_fraction", "1.0"],
         }

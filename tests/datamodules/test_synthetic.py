@@ -80,6 +80,42 @@ def test_text_only_evaluation_hides_every_visual_token():
     assert torch.equal(batch["prompt_position_ids"][:, -1], (batch["prompt_input_ids"] != 0).sum(1) - 1)
 
 
+def test_token_drop_hides_only_tokens_no_answer_needs():
+    data = SyntheticVQADataModule(num_train=96, batch_size=32, token_drop_fraction=1.0, turns_per_image=3,
+                                  describe_fraction=0.5, train_min_objects=1)
+    samples = {s.question_id: s for s in data.samples("train")}
+    dropped = 0
+    for batch in data.train_dataloader():
+        visual = batch["input_ids"] == data.image_token_id
+        for i, question_id in enumerate(batch["question_ids"]):
+            conversation = data._train_conversation(samples[question_id])
+            visible = batch["attention_mask"][i][visual[i]] > 0  # (64,) in the image's token order
+            questions = [conversation["question"]] + [q for q, _ in conversation["extra_turns"]]
+            needed = {o.row * data.config.grid + o.col for o in samples[question_id].relevant}
+            if any(q.startswith("describe the image") for q in questions):
+                needed |= {o.row * data.config.grid + o.col for o in samples[question_id].scene.objects}
+            assert needed <= set(conversation["protected_visual"])
+            assert visible[list(conversation["protected_visual"])].all()
+            hidden = int((~visible).sum())
+            others = visible.numel() - len(conversation["protected_visual"])
+            assert round(0.5 * others) <= hidden <= others
+            dropped += hidden > 0
+    assert dropped == 96
+    # the generation prompts hide the same tokens as the teacher-forced layout
+    prompt_visual = batch["prompt_input_ids"] == data.image_token_id
+    assert torch.equal(batch["prompt_attention_mask"][prompt_visual], batch["attention_mask"][visual])
+
+
+def test_token_drop_is_off_by_default_and_leaves_conversations_unchanged():
+    settings = dict(num_train=64, turns_per_image=3, describe_fraction=0.5, context_fraction=0.2)
+    plain = SyntheticVQADataModule(**settings)
+    assert all(plain._train_conversation(s)["protected_visual"] == () for s in plain.samples("train"))
+    dropping = SyntheticVQADataModule(**settings, token_drop_fraction=0.5)
+    for sample in plain.samples("train"):
+        a, b = plain._train_conversation(sample), dropping._train_conversation(sample)
+        assert (a["question"], a["extra_turns"], a["context"]) == (b["question"], b["extra_turns"], b["context"])
+
+
 def test_a_later_training_stage_draws_fresh_training_scenes_and_the_same_eval_splits():
     first = SyntheticVQADataModule(num_train=40, num_val=8, num_test=8)
     later = SyntheticVQADataModule(num_train=20, num_val=8, num_test=8, train_skip=30)
@@ -98,6 +134,12 @@ def test_bad_settings_are_named():
         SyntheticVQADataModule(eval_context="all")
     with pytest.raises(ValueError, match="context_fraction"):
         SyntheticVQADataModule(context_fraction=1.5)
+    with pytest.raises(ValueError, match="token_drop_fraction"):
+        SyntheticVQADataModule(token_drop_fraction=-0.1)
+    with pytest.raises(ValueError, match="eval_visual_tokens='background'"):
+        SyntheticVQADataModule(eval_visual_tokens="background")
+    with pytest.raises(ValueError, match="leave data.eval_hidden_visual_fraction at 0"):
+        SyntheticVQADataModule(eval_visual_tokens="objects", eval_hidden_visual_fraction=0.5)
     with pytest.raises(ValueError, match="train_skip"):
         SyntheticVQADataModule(train_skip=-1)
     with pytest.raises(ValueError, match="empty question"):
@@ -130,3 +172,31 @@ def test_training_batches_group_examples_of_similar_length():
     text_tokens = (batch["input_ids"] != grouped.processor.tokenizer.pad_token_id).sum(1).float()
     counted = torch.tensor([float(lengths[index[q]]) for q in batch["question_ids"]])
     assert torch.corrcoef(torch.stack([text_tokens, counted]))[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("shown", ["objects", "relevant"])
+def test_evaluation_can_show_only_the_object_tokens(shown):
+    data = SyntheticVQADataModule(num_test=16, eval_batch_size=16, eval_visual_tokens=shown)
+    batch = next(iter(data.test_dataloader()))
+    samples = {s.question_id: s for s in data.samples("test")}
+    visual = batch["prompt_input_ids"] == data.image_token_id
+    for i, question_id in enumerate(batch["question_ids"]):
+        sample = samples[question_id]
+        objects = sample.scene.objects if shown == "objects" else sample.relevant
+        visible = (batch["prompt_attention_mask"][i][visual[i]] > 0).nonzero().flatten().tolist()
+        assert visible == sorted(o.row * data.config.grid + o.col for o in objects)
+
+
+def test_token_drop_needs_one_visual_token_per_cell(tmp_path):
+    SyntheticVQADataModule(num_train=8).processor.save_pretrained(tmp_path)  # 8-pixel patches
+    with pytest.raises(ValueError, match="token_drop_fraction=0.3 needs one visual token per grid cell"):
+        SyntheticVQADataModule(processor_path=str(tmp_path), cell_size=16, token_drop_fraction=0.3)
+
+
+def test_protected_tokens_outside_the_image_are_named():
+    data = SyntheticVQADataModule(num_train=8)
+    sample = data.samples("train")[0]
+    example = data._train_example(sample, 0)
+    example.hidden_visual_fraction, example.protected_visual = 0.5, (3, 64)
+    with pytest.raises(ValueError, match=rf"sample {sample.question_id}: protected visual tokens \[64\]"):
+        data.collator([example])
