@@ -64,7 +64,7 @@ def save_tiny_base(directory, seed: int = 0):
     from lvlm_prune.modeling import TinyLlavaSpec, build_tiny_llava
     from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
 
-    tokenizer = build_word_tokenizer(vocabulary(SyntheticVQAConfig(grid=4, cell_size=8, max_objects=5)))
+    tokenizer = build_word_tokenizer(vocabulary(SyntheticVQAConfig(grid=4, cell_size=8, min_objects=4, max_objects=5)))
     spec = TinyLlavaSpec(image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=2, vision_heads=2,
                          hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                          max_position_embeddings=256)
@@ -81,5 +81,5 @@ def tiny_base_dir(tmp_path_factory):
     return save_tiny_base(tmp_path_factory.mktemp("tiny_base"), seed=0)
 
 
-TINY_DATA_ARGS = dict(grid=4, cell_size=8, max_objects=5, num_train=32, num_val=16, num_test=16, batch_size=8,
+TINY_DATA_ARGS = dict(grid=4, cell_size=8, min_objects=4, max_objects=5, num_train=32, num_val=16, num_test=16, batch_size=8,
                       eval_batch_size=8)

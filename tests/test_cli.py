@@ -13,7 +13,7 @@ TINY_BASE_ARGS = [
     "--model.init_args.spec.image_size", "32", "--model.init_args.spec.patch_size", "8",
     "--model.init_args.spec.vision_hidden_size", "32", "--model.init_args.spec.hidden_size", "32",
     "--model.init_args.spec.intermediate_size", "64", "--model.init_args.spec.num_layers", "2",
-    "--data.init_args.grid", "4", "--data.init_args.cell_size", "8", "--data.init_args.max_objects", "5",
+    "--data.init_args.grid", "4", "--data.init_args.cell_size", "8", "--data.init_args.min_objects", "4", "--data.init_args.max_objects", "5",
     "--data.init_args.num_train", "32", "--data.init_args.num_val", "8", "--data.init_args.num_test", "8",
     "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "8",
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -314,7 +314,7 @@ def test_compensation_module_routes_variants_and_exports_tied_weights(tiny_base_
     from datamodules.synthetic import SyntheticVQADataModule
     from lightning_modules.compensation import CompensationModule, export_plugin_weights, load_plugin_weights
 
-    data = SyntheticVQADataModule(grid=4, cell_size=8, max_objects=5, num_test=4, eval_batch_size=4,
+    data = SyntheticVQADataModule(grid=4, cell_size=8, min_objects=4, max_objects=5, num_test=4, eval_batch_size=4,
                                   processor_path=str(tiny_base_dir))
     tokenizer = data.processor.tokenizer
     plugin = ACCMCompensation(target_prune_ratio=RATIO, caption_embed_dim=32, caption_num_layers=1, caption_num_heads=2,

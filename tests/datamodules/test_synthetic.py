@@ -38,13 +38,13 @@ def test_answers_are_closed_and_every_family_appears():
     samples = generate_samples(SyntheticVQAConfig(), "test", 120)
     assert {s.family for s in samples} == set(FAMILIES)
     assert {s.answer for s in samples} <= set(ANSWER_VOCABULARY)
-    assert all(4 <= len(s.scene.objects) <= 7 for s in samples)
+    assert all(8 <= len(s.scene.objects) <= 12 for s in samples)
 
 
 def test_training_curriculum_only_touches_the_training_split():
     config = SyntheticVQAConfig(train_min_objects=1)
-    assert min(len(s.scene.objects) for s in generate_samples(config, "train", 200)) < 4
-    assert min(len(s.scene.objects) for s in generate_samples(config, "test", 100)) >= 4
+    assert min(len(s.scene.objects) for s in generate_samples(config, "train", 200)) < 8
+    assert min(len(s.scene.objects) for s in generate_samples(config, "test", 100)) >= 8
 
 
 def test_every_word_is_in_the_tokenizer():
