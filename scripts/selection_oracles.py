@@ -1,0 +1,120 @@
+"""Which visual tokens does a trained base answer from? Oracle selections beside real methods, on the synthetic test split.
+
+    python scripts/selection_oracles.py --run-dir runs/demo [--num 512] [--keep 7] [--objects LOW HIGH]
+        [--methods full random relevant_fill relevant_objects visionzip rcp]
+
+The oracles use the generator's knowledge of which objects each answer needs (so they exist only on the synthetic
+benchmark) and keep `--keep` visual tokens before the LLM: 'relevant_fill' the tokens of those objects, then random
+other tokens; 'relevant_objects' those objects, then the other objects first, then random tokens. Any training-free
+method of the engine runs at the ratio that keeps the same count; 'rcp' loads `<run-dir>/rcp_r0.889/plugin.safetensors`
+and also prints what its pruner kept (tokens of the objects that matter / other objects / empty cells) and the share
+of the needed tokens it kept. Prints accuracy overall and per question family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from datamodules.synthetic import SyntheticVQADataModule  # noqa: E402
+from lightning_modules.compensation import CompensationModule  # noqa: E402
+from lvlm_prune.baselines import build_method  # noqa: E402
+from lvlm_prune.engine import PrunedLlava  # noqa: E402
+from lvlm_prune.engine.methods import PruningMethod, top_k_mask  # noqa: E402
+from lvlm_prune.modeling.loading import load_base_model  # noqa: E402
+from lvlm_prune.rcp.compensation import RCPCompensation  # noqa: E402
+from lvlm_prune.runner import generate_with_method  # noqa: E402
+
+
+class OracleSelection(PruningMethod):
+    """Keeps `keep` tokens before the LLM: the needed objects' first, then (optionally) other objects, then random."""
+
+    def __init__(self, keep: int, objects_next: bool, cells: dict[str, tuple[list[int], list[int]]], seed: int = 0):
+        super().__init__(0.0)
+        self.keep, self.objects_next, self.cells = keep, objects_next, cells
+        self.question_ids: list[str] = []
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def planned_visual_tokens(self) -> list[float]:
+        return [float(self.keep)] * self.info.num_layers
+
+    def before_llm(self, ctx):
+        scores = torch.rand(ctx.visual_features.shape[:2], generator=self.generator)
+        for row, question_id in enumerate(self.question_ids):
+            needed, objects = self.cells[question_id]
+            if self.objects_next:
+                scores[row, objects] += 5.0
+            scores[row, needed] = 10.0
+        return top_k_mask(scores, ctx.visual_valid, self.keep)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", default="runs/demo")
+    parser.add_argument("--num", type=int, default=512, help="test questions")
+    parser.add_argument("--keep", type=int, default=7, help="visual tokens kept (7 of 64 is r = 0.889)")
+    parser.add_argument("--objects", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="objects per test scene (default: the benchmark's; 4 7 for runs before session 5)")
+    parser.add_argument("--methods", nargs="+",
+                        default=["full", "random", "relevant_fill", "relevant_objects", "visionzip", "rcp"])
+    args = parser.parse_args()
+    run = Path(args.run_dir)
+    base = str(run / "base_model")
+    scenes = dict(min_objects=args.objects[0], max_objects=args.objects[1]) if args.objects else {}
+    data = SyntheticVQADataModule(processor_path=base, num_test=args.num, eval_batch_size=128, **scenes)
+    grid = data.config.grid
+    samples = {s.question_id: s for s in data.samples("test")}
+    cells = {q: ([o.row * grid + o.col for o in s.relevant], [o.row * grid + o.col for o in s.scene.objects])
+             for q, s in samples.items()}
+    tokenizer = data.processor.tokenizer
+    ratio = 1.0 - args.keep / grid**2
+
+    rcp_module = None
+    if "rcp" in args.methods:
+        plugin = run / "rcp_r0.889" / "plugin.safetensors"
+        config = json.loads(Path(str(plugin) + ".json").read_text())["config"]
+        rcp_module = CompensationModule(base, RCPCompensation(**config), processor=data.processor,
+                                        categories=data.categories, plugin_weights_path=str(plugin)).eval()
+    engine = PrunedLlava(load_base_model(base).eval()) if set(args.methods) - {"rcp"} else None
+
+    for name in args.methods:
+        correct: dict[str, int] = {}
+        total: dict[str, int] = {}
+        kept = [0, 0, 0]  # needed objects, other objects, empty cells
+        for batch in data.test_dataloader():
+            if name == "rcp":
+                method, runner = rcp_module.compensation.inference_method(ratio), rcp_module.engine
+            elif name in ("relevant_fill", "relevant_objects"):
+                method, runner = OracleSelection(args.keep, name == "relevant_objects", cells), engine
+                method.question_ids = batch["question_ids"]
+            else:
+                method, runner = (PruningMethod(0.0) if name == "full" else build_method(name, ratio)), engine
+            with torch.no_grad():
+                result = generate_with_method(runner, batch, method, 4, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            for row, question_id in enumerate(batch["question_ids"]):
+                sample = samples[question_id]
+                words = tokenizer.decode([t for t in result.tokens[row].tolist()
+                                          if t not in (tokenizer.pad_token_id, tokenizer.eos_token_id)]).split()
+                correct[sample.family] = correct.get(sample.family, 0) + bool(words and words[0] == sample.answer)
+                total[sample.family] = total.get(sample.family, 0) + 1
+                if name == "rcp":
+                    needed, objects = cells[question_id]
+                    for index in method.cumulative[0][row].nonzero().flatten().tolist():
+                        kept[0 if index in needed else 1 if index in objects else 2] += 1
+        families = " ".join(f"{f} {correct[f] / total[f]:.3f}" for f in sorted(total))
+        print(f"{name:17s} {sum(correct.values()) / sum(total.values()):.3f}   ({families})", flush=True)
+        if name == "rcp":
+            needed_total = sum(len(cells[q][0]) for q in samples)
+            print(f"{'':17s} kept tokens: {kept[0]} of the objects that matter ({kept[0] / needed_total:.1%} of them), "
+                  f"{kept[1]} other objects, {kept[2]} empty cells")
+
+
+if __name__ == "__main__":
+    main()
