@@ -31,8 +31,8 @@ class VQAExample:
             (training-time augmentation; 1.0 = the LLM sees no visual token).
         extra_turns: later (question, answer) turns about the same image (multi-turn training data).
         protected_visual: indices (in the image's visual-token order) that hiding never touches: the tokens the
-            answers depend on, so a partly hidden image still supports its answers. When some are given,
-            `hidden_visual_fraction` is the share of the other tokens that is hidden.
+            answers depend on, so a partly hidden image still supports its answers; `hidden_visual_fraction` is the
+            share of the other tokens that is hidden.
     """
 
     question_id: str
@@ -138,8 +138,7 @@ class VQACollator:
                                      f"{len(image_positions)} visual tokens")
                 protected = set(e.protected_visual)
                 candidates = [j for j in range(len(image_positions)) if j not in protected]
-                share = len(candidates) if protected else len(image_positions)
-                n_hide = round(e.hidden_visual_fraction * share)
+                n_hide = round(e.hidden_visual_fraction * len(candidates))
                 order = random.Random(f"{self.seed}/{e.question_id}").sample(candidates, n_hide)
                 attention_mask[i, [image_positions[j] for j in order]] = 0
         return attention_mask

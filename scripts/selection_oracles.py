@@ -82,7 +82,8 @@ def main() -> None:
         config = json.loads(Path(str(plugin) + ".json").read_text())["config"]
         rcp_module = CompensationModule(base, RCPCompensation(**config), processor=data.processor,
                                         categories=data.categories, plugin_weights_path=str(plugin)).eval()
-    engine = PrunedLlava(load_base_model(base).eval()) if set(args.methods) - {"rcp"} else None
+    # one frozen base for every method: the RCP module's own when it is loaded
+    engine = rcp_module.engine if rcp_module is not None else PrunedLlava(load_base_model(base).eval())
 
     for name in args.methods:
         correct: dict[str, int] = {}
@@ -90,7 +91,7 @@ def main() -> None:
         kept = [0, 0, 0]  # needed objects, other objects, empty cells
         for batch in data.test_dataloader():
             if name == "rcp":
-                method, runner = rcp_module.compensation.inference_method(ratio), rcp_module.engine
+                method, runner = rcp_module.compensation.inference_method(ratio), engine
             elif name in ("relevant_fill", "relevant_objects"):
                 method, runner = OracleSelection(args.keep, name == "relevant_objects", cells), engine
                 method.question_ids = batch["question_ids"]
