@@ -1,14 +1,17 @@
 """Which visual tokens does a trained base answer from? Oracle selections beside real methods, on the synthetic test split.
 
     python scripts/selection_oracles.py --run-dir runs/demo [--num 512] [--keep 7] [--objects LOW HIGH]
-        [--methods full random relevant_fill relevant_objects visionzip rcp]
+        [--methods full random relevant_fill relevant_objects visionzip rcp q2v_by_layer] [--rcp-plugin FILE]
 
 The oracles use the generator's knowledge of which objects each answer needs (so they exist only on the synthetic
 benchmark) and keep `--keep` visual tokens before the LLM: 'relevant_fill' the tokens of those objects, then random
 other tokens; 'relevant_objects' those objects, then the other objects first, then random tokens. Any training-free
 method of the engine runs at the ratio that keeps the same count; 'rcp' loads `<run-dir>/rcp_r0.889/plugin.safetensors`
-and also prints what its pruner kept (tokens of the objects that matter / other objects / empty cells) and the share
-of the needed tokens it kept. Prints accuracy overall and per question family.
+and also prints what its pruner kept (tokens of the objects that matter / other objects / empty cells), the share
+of the needed tokens it kept, and how well each term of its keep logit ranks the needed objects' tokens above the other
+objects' (pairwise AUC per question, averaged; 0.5 = no question conditioning). 'q2v_by_layer' prints the same AUC for
+the base's own question->visual attention at every decoder layer (where in the LLM the question finds its objects).
+Prints accuracy overall and per question family.
 """
 
 from __future__ import annotations
@@ -29,8 +32,29 @@ from lvlm_prune.baselines import build_method  # noqa: E402
 from lvlm_prune.engine import PrunedLlava  # noqa: E402
 from lvlm_prune.engine.methods import PruningMethod, top_k_mask  # noqa: E402
 from lvlm_prune.modeling.loading import load_base_model  # noqa: E402
-from lvlm_prune.rcp.compensation import RCPCompensation  # noqa: E402
+from lvlm_prune.rcp.compensation import RCPCompensation, visual_view  # noqa: E402
 from lvlm_prune.runner import generate_with_method  # noqa: E402
+
+
+def ranking_auc(scores: torch.Tensor, needed: list[int], others: list[int]) -> float | None:
+    """P(score of a needed token > score of another object's token) for one question; None without both."""
+    if not needed or not others:
+        return None
+    return (scores[needed][:, None] > scores[others][None, :]).float().mean().item()
+
+
+class QuestionAttentionByLayer(PruningMethod):
+    """Keeps every token; records the base's question->visual attention (original visual order) at every layer."""
+
+    def __init__(self, num_layers: int):
+        super().__init__(0.0)
+        self.prune_layers = tuple(range(num_layers))
+        self.attention: dict[int, torch.Tensor] = {}
+
+    def at_layer(self, ctx):
+        self.attention[ctx.layer_idx] = visual_view(ctx.question_to_visual(), ctx.state.visual_index,
+                                                    ctx.num_visual.max().item())[0]
+        return None
 
 
 class OracleSelection(PruningMethod):
@@ -63,7 +87,10 @@ def main() -> None:
     parser.add_argument("--objects", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="objects per test scene (default: the benchmark's; 4 7 for runs before session 5)")
     parser.add_argument("--methods", nargs="+",
-                        default=["full", "random", "relevant_fill", "relevant_objects", "visionzip", "rcp"])
+                        default=["full", "random", "relevant_fill", "relevant_objects", "visionzip", "rcp"],
+                        help="also: q2v_by_layer, and any training-free method of the engine")
+    parser.add_argument("--rcp-plugin", default=None,
+                        help="RCP plug-in weights (default: <run-dir>/rcp_r0.889/plugin.safetensors)")
     args = parser.parse_args()
     run = Path(args.run_dir)
     base = str(run / "base_model")
@@ -78,10 +105,21 @@ def main() -> None:
 
     rcp_module = None
     if "rcp" in args.methods:
-        plugin = run / "rcp_r0.889" / "plugin.safetensors"
+        plugin = Path(args.rcp_plugin) if args.rcp_plugin else run / "rcp_r0.889" / "plugin.safetensors"
         config = json.loads(Path(str(plugin) + ".json").read_text())["config"]
         rcp_module = CompensationModule(base, RCPCompensation(**config), processor=data.processor,
                                         categories=data.categories, plugin_weights_path=str(plugin)).eval()
+        first_pruner = rcp_module.compensation.pruners[0]
+        components = first_pruner.components
+
+        def recorded_components(*args, **kwargs):
+            result = components(*args, **kwargs)
+            if len(terms) == 0:  # the prefill's decisions (generation steps reuse them)
+                terms.append({k: v.detach() for k, v in result.items()})
+            return result
+
+        first_pruner.components = recorded_components
+    terms: list[dict[str, torch.Tensor]] = []
     # one frozen base for every method: the RCP module's own when it is loaded
     engine = rcp_module.engine if rcp_module is not None else PrunedLlava(load_base_model(base).eval())
 
@@ -89,9 +127,24 @@ def main() -> None:
         correct: dict[str, int] = {}
         total: dict[str, int] = {}
         kept = [0, 0, 0]  # needed objects, other objects, empty cells
+        chance_needed = 0.0
+        aucs: dict[str, list[float]] = {}
         for batch in data.test_dataloader():
+            if name == "q2v_by_layer":
+                method = QuestionAttentionByLayer(engine.info.num_layers)
+                with torch.no_grad():
+                    engine(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"],
+                           method=method, logits="none")
+                for row, question_id in enumerate(batch["question_ids"]):
+                    needed, objects = cells[question_id]
+                    for layer, attention in method.attention.items():
+                        auc = ranking_auc(attention[row], needed, [c for c in objects if c not in needed])
+                        if auc is not None:
+                            aucs.setdefault(f"layer {layer:2d}", []).append(auc)
+                continue
             if name == "rcp":
                 method, runner = rcp_module.compensation.inference_method(ratio), engine
+                terms.clear()
             elif name in ("relevant_fill", "relevant_objects"):
                 method, runner = OracleSelection(args.keep, name == "relevant_objects", cells), engine
                 method.question_ids = batch["question_ids"]
@@ -107,14 +160,30 @@ def main() -> None:
                 total[sample.family] = total.get(sample.family, 0) + 1
                 if name == "rcp":
                     needed, objects = cells[question_id]
-                    for index in method.cumulative[0][row].nonzero().flatten().tolist():
+                    kept_here = method.cumulative[0][row].nonzero().flatten().tolist()
+                    for index in kept_here:
                         kept[0 if index in needed else 1 if index in objects else 2] += 1
+                    # what picking the same number of object tokens at random would keep of the needed ones
+                    chance_needed += len(needed) * sum(index in objects for index in kept_here) / max(1, len(objects))
+                    others = [c for c in objects if c not in needed]
+                    layer_terms = {**terms[0], "keep logit": sum(v for k, v in terms[0].items() if k != "bias")}
+                    for term, values in layer_terms.items():
+                        auc = ranking_auc(values[row], needed, others) if term != "bias" else None
+                        if auc is not None:
+                            aucs.setdefault(term, []).append(auc)
+        if name == "q2v_by_layer":
+            print("base question->visual attention, AUC needed objects > other objects, by layer: "
+                  + " ".join(f"{k.split()[1]}:{sum(v) / len(v):.2f}" for k, v in aucs.items()), flush=True)
+            continue
         families = " ".join(f"{f} {correct[f] / total[f]:.3f}" for f in sorted(total))
         print(f"{name:17s} {sum(correct.values()) / sum(total.values()):.3f}   ({families})", flush=True)
         if name == "rcp":
             needed_total = sum(len(cells[q][0]) for q in samples)
-            print(f"{'':17s} kept tokens: {kept[0]} of the objects that matter ({kept[0] / needed_total:.1%} of them), "
+            print(f"{'':17s} kept tokens: {kept[0]} of the objects that matter ({kept[0] / needed_total:.1%} of them; "
+                  f"as many object tokens picked at random: {chance_needed / needed_total:.1%}), "
                   f"{kept[1]} other objects, {kept[2]} empty cells")
+            print(f"{'':17s} AUC needed objects > other objects (first pruning layer): "
+                  + ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in aucs.items()) + f" (n = {len(aucs['keep logit'])})")
 
 
 if __name__ == "__main__":

@@ -40,11 +40,14 @@ class CrossAttentionPruner(nn.Module):
             + bias                                    (init `init_bias`: starts near keep-all)
 
     The cross-attention score is put on the same scale as the baseline: the head-averaged
-    attention weights (B, heads, queries, N) are combined over queries by a Linear
-    (num_queries -> 1, initialised uniform 1/num_queries), and the result a_i enters as
-    log(a_i) - mean_kept(log a), a log ratio against the kept tokens. Being scale-free, it does not
-    grow with N, and it is close to 0 at init (small random queries attend almost uniformly).
-    Both logs floor their argument at `attention_floor` (the learned combination may leave a_i <= 0).
+    attention weights a_qi (B, queries, N) are combined over queries in log space by a Linear
+    (num_queries -> 1, initialised uniform 1/num_queries), s_i = sum_q w_q log a_qi, and enter as
+    s_i - mean_kept(s), a log ratio against the kept tokens. Being scale-free, it does not grow with
+    N, and it is close to 0 at init (small random queries attend almost uniformly). Combining the
+    weights themselves and taking the log afterwards is ill-posed: a learned combination can be
+    <= 0, and a floored log then gives most tokens the same value (no gradient) and a few a huge
+    one (measured on the embedded default: most tokens at -0.5, two or three at +13).
+    The LLM baseline floors its probabilities at `attention_floor`.
     Attention and both means are restricted to tokens with keep_mask > 0.5; no gradient flows
     through keep_mask here (the straight-through masks reach the loss through the engine).
 
@@ -184,9 +187,10 @@ class CrossAttentionPruner(nn.Module):
         scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
         # A finite fill keeps a row with no kept token finite (uniform) instead of NaN.
         scores = scores.masked_fill(~kept[:, None, None, :], torch.finfo(scores.dtype).min)
-        weights = scores.softmax(dim=-1).mean(dim=1)
-        combined = self.query_combine(weights.transpose(1, 2)).squeeze(-1)
-        return self._centered_log(combined, kept)
+        log_weights = torch.logsumexp(scores.log_softmax(dim=-1), dim=1) - math.log(self.num_heads)
+        log_weights = log_weights.masked_fill(~kept[:, None, :], 0.0)  # dropped tokens: finite, unused
+        combined = self.query_combine(log_weights.transpose(1, 2)).squeeze(-1)
+        return combined - _masked_mean(combined, kept, dim=1).unsqueeze(1)
 
     def forward(
         self,

@@ -101,6 +101,33 @@ def test_llm_baseline_is_centered_log_attention_over_kept_tokens():
     assert torch.allclose((logits * keep).sum(1), torch.zeros(B), atol=1e-4)
 
 
+def test_cross_attention_score_combines_log_attention_over_queries_and_keeps_every_token_distinct():
+    pruner = make_pruner(use_llm_baseline=False, use_mlp=False, init_bias=0.0)
+    visual, _, question, question_mask, keep = make_inputs()
+    keep[2, : N // 3] = False
+    with torch.no_grad():
+        pruner.queries.normal_(0.0, 3.0)  # sharp attention
+        pruner.query_combine.weight.copy_(torch.linspace(-1.0, 1.0, 4)[None])  # a combination with negative weights
+        pruner.query_combine.bias.fill_(-0.5)
+    score = pruner.components(visual, None, question, question_mask, keep)["cross_attention"]
+
+    head_dim = pruner.bottleneck // pruner.num_heads
+    projected = pruner.visual_proj(visual)
+    question_state = torch.stack([question[b][question_mask[b]].mean(0) for b in range(B)])
+    queries = pruner.query_proj(pruner.queries[None] + pruner.question_proj(question_state)[:, None])
+    keys = pruner.key_proj(projected)
+    for b in range(B):
+        kept = keep[b]
+        q = queries[b].view(4, pruner.num_heads, head_dim).transpose(0, 1)
+        k = keys[b][kept].view(-1, pruner.num_heads, head_dim).transpose(0, 1)
+        weights = (q @ k.transpose(-1, -2) / math.sqrt(head_dim)).softmax(-1).mean(0)  # (queries, kept)
+        combined = pruner.query_combine(weights.log().T).squeeze(-1)
+        assert torch.allclose(score[b][kept], combined - combined.mean(), atol=1e-4)
+        # no floor: every kept token keeps its own value (a floored log of a negative combination tied them)
+        assert score[b][kept].unique().numel() == int(kept.sum())
+    assert torch.isfinite(score).all()
+
+
 def test_ablation_switches_change_logit_composition():
     inputs = make_inputs()
     full = make_pruner()
