@@ -1,7 +1,7 @@
 """Which visual tokens does a trained base answer from? Oracle selections beside real methods, on the synthetic test split.
 
     python scripts/selection_oracles.py --run-dir runs/demo [--num 512] [--keep 7] [--objects LOW HIGH]
-        [--methods full random relevant_fill relevant_objects visionzip rcp q2v_by_layer] [--rcp-plugin FILE]
+        [--methods full random relevant_fill relevant_objects visionzip rcp q2v_by_layer gradient_signal] [--rcp-plugin FILE]
 
 The oracles use the generator's knowledge of which objects each answer needs (so they exist only on the synthetic
 benchmark) and keep `--keep` visual tokens before the LLM: 'relevant_fill' the tokens of those objects, then random
@@ -10,7 +10,9 @@ method of the engine runs at the ratio that keeps the same count; 'rcp' loads `<
 and also prints what its pruner kept (tokens of the objects that matter / other objects / empty cells), the share
 of the needed tokens it kept, and how well each term of its keep logit ranks the needed objects' tokens above the other
 objects' (pairwise AUC per question, averaged; 0.5 = no question conditioning). 'q2v_by_layer' prints the same AUC for
-the base's own question->visual attention at every decoder layer (where in the LLM the question finds its objects).
+the base's own question->visual attention at every decoder layer (where in the LLM the question finds its objects);
+'gradient_signal' the same AUC for the gradient of the answer loss with respect to each token's keep weight (on
+training questions, random object tokens kept), the signal RCP's straight-through pruner learns from.
 Prints accuracy overall and per question family.
 """
 
@@ -33,6 +35,7 @@ from lvlm_prune.engine import PrunedLlava  # noqa: E402
 from lvlm_prune.engine.methods import PruningMethod, top_k_mask  # noqa: E402
 from lvlm_prune.modeling.loading import load_base_model  # noqa: E402
 from lvlm_prune.rcp.compensation import RCPCompensation, visual_view  # noqa: E402
+from lvlm_prune.rcp.losses import answer_ce  # noqa: E402
 from lvlm_prune.runner import generate_with_method  # noqa: E402
 
 
@@ -55,6 +58,59 @@ class QuestionAttentionByLayer(PruningMethod):
         self.attention[ctx.layer_idx] = visual_view(ctx.question_to_visual(), ctx.state.visual_index,
                                                     ctx.num_visual.max().item())[0]
         return None
+
+
+class FixedSoftKeep(PruningMethod):
+    """Soft keep weights (B, N) at the first decoder layer's input, a leaf tensor: its gradient is what RCP learns from."""
+
+    prune_layers = (0,)
+
+    def __init__(self, weights: torch.Tensor):
+        super().__init__(0.0)
+        self.weights = weights
+
+    def at_layer(self, ctx):
+        return self.weights.gather(1, ctx.state.visual_index.clamp(min=0))
+
+
+def gradient_signal(engine: PrunedLlava, base: str, num: int, keep: int, scenes: dict) -> None:
+    """Does the answer loss's gradient with respect to each token's keep weight single out the objects that matter?
+
+    Teacher-forced training questions; `keep` object tokens kept at random (RCP's pruner keeps objects); the soft path
+    of RCP's training (`soft=True`). Prints the AUC of -dCE/dw (needed objects vs other objects), among the kept and
+    among the dropped tokens: the signal a straight-through pruner can learn question conditioning from."""
+    data = SyntheticVQADataModule(processor_path=base, num_train=num, batch_size=64, **scenes)
+    data.setup("fit")
+    grid = data.config.grid
+    samples = {s.question_id: s for s in data.samples("train")}
+    generator = torch.Generator().manual_seed(0)
+    aucs: dict[str, list[float]] = {"kept": [], "dropped": []}
+    for parameter in engine.model.parameters():
+        parameter.requires_grad_(False)
+    for batch in data.train_dataloader():
+        rows = len(batch["question_ids"])
+        needed = torch.zeros(rows, grid * grid, dtype=torch.bool)
+        objects = torch.zeros_like(needed)
+        for row, question_id in enumerate(batch["question_ids"]):
+            sample = samples[question_id]
+            for obj in sample.relevant:
+                needed[row, obj.row * grid + obj.col] = True
+            for obj in sample.scene.objects:
+                objects[row, obj.row * grid + obj.col] = True
+        chosen = (torch.rand(needed.shape, generator=generator) + objects.float()).topk(keep, dim=1).indices
+        weights = torch.zeros(needed.shape).scatter_(1, chosen, 1.0).requires_grad_(True)
+        output = engine(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"],
+                        labels=batch["labels"], method=FixedSoftKeep(weights), soft=True)
+        answer_ce(output.logits, batch["labels"]).backward()
+        helps = -weights.grad
+        for row in range(rows):
+            for where, selected in (("kept", weights[row] > 0.5), ("dropped", weights[row] < 0.5)):
+                auc = ranking_auc(helps[row], (needed[row] & selected).nonzero().flatten().tolist(),
+                                  (objects[row] & ~needed[row] & selected).nonzero().flatten().tolist())
+                if auc is not None:
+                    aucs[where].append(auc)
+    print("gradient signal, AUC of -dCE/d(keep weight), needed objects > other objects: "
+          + ", ".join(f"{k} tokens {sum(v) / len(v):.3f} (n = {len(v)})" for k, v in aucs.items()), flush=True)
 
 
 class OracleSelection(PruningMethod):
@@ -88,7 +144,7 @@ def main() -> None:
                         help="objects per test scene (default: the benchmark's; 4 7 for runs before session 5)")
     parser.add_argument("--methods", nargs="+",
                         default=["full", "random", "relevant_fill", "relevant_objects", "visionzip", "rcp"],
-                        help="also: q2v_by_layer, and any training-free method of the engine")
+                        help="also: q2v_by_layer, gradient_signal, and any training-free method of the engine")
     parser.add_argument("--rcp-plugin", default=None,
                         help="RCP plug-in weights (default: <run-dir>/rcp_r0.889/plugin.safetensors)")
     args = parser.parse_args()
@@ -124,6 +180,9 @@ def main() -> None:
     engine = rcp_module.engine if rcp_module is not None else PrunedLlava(load_base_model(base).eval())
 
     for name in args.methods:
+        if name == "gradient_signal":
+            gradient_signal(engine, base, args.num, args.keep, scenes)
+            continue
         correct: dict[str, int] = {}
         total: dict[str, int] = {}
         kept = [0, 0, 0]  # needed objects, other objects, empty cells
