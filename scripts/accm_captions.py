@@ -7,7 +7,10 @@ the first `--num` test questions prints the question, the description of the obj
 generator: what a perfect caption would carry), the frozen base's own answer to "describe the objects that matter
 for : <question>" with every visual token (the warm-start target of stage 1), and the M candidates. Summary lines:
 exact-match rates of the base's descriptions and of the selector's candidate, and how many distinct captions the
-selector picked (a caption model that ignores its visual prefix writes one caption for every question).
+selector picked (a caption model that ignores its visual prefix writes one caption for every question). Last, whether
+the caption model reads the image at all: the per-token NLL of the warm-start targets with each question's own
+discarded tokens, with another question's (the batch rolled by one), and with zeros; with the instruction of another
+question for comparison. Equal NLLs with the own and another image's tokens mean the captions ignore the image.
 """
 
 from __future__ import annotations
@@ -53,12 +56,15 @@ def main() -> None:
 
     shown = base_exact = picked_exact = total = 0
     picked: set[str] = set()
+    nll: dict[str, list[float]] = {}
     for batch in data.test_dataloader():
         with torch.no_grad():
             selection = accm.select_visual_tokens(module.engine, batch, ratio)
             candidates = accm.caption_candidates(batch, selection)
             pick = accm.selector_scores(batch, candidates)[0].argmax(-1)
-            described, _ = accm.warm_start_captions(module.engine, batch, selection)
+            described, described_mask = accm.warm_start_captions(module.engine, batch, selection)
+            for name, value in target_nll(accm, batch, selection, described, described_mask).items():
+                nll.setdefault(name, []).append(value)
         for b, question_id in enumerate(batch["question_ids"]):
             sample = samples[question_id]
             captions = [text(candidates.token_ids[b, m, : int(candidates.lengths[b, m])])
@@ -74,6 +80,29 @@ def main() -> None:
                       f"  base      : {base_text}\n  candidates: {captions} (selector: {int(pick[b])})")
     print(f"\n{total} test questions at r = {ratio}: base descriptions exact {base_exact / total:.3f}, "
           f"selected captions exact {picked_exact / total:.3f}, distinct selected captions {len(picked)}")
+    print("caption model NLL per token of the warm-start targets: "
+          + ", ".join(f"{name} {sum(values) / len(values):.3f}" for name, values in nll.items()))
+
+
+def target_nll(accm: ACCMCompensation, batch: dict, selection, targets: torch.Tensor, target_mask: torch.Tensor
+               ) -> dict[str, float]:
+    """Per-token NLL of `targets` under the caption model, with the sample's own inputs and with swapped ones."""
+    ids, mask = accm.instructions(batch["questions"], selection.features.device)
+    visual, visual_mask = accm.caption_visual(selection), selection.discarded_mask
+
+    def score(ids, mask, visual, visual_mask) -> float:
+        logprobs, real = accm.caption_model.caption_token_logprobs(ids, mask, visual, visual_mask, targets, target_mask)
+        return (-logprobs.sum() / real.sum()).item()
+
+    def rolled(x: torch.Tensor) -> torch.Tensor:
+        return x.roll(1, 0)
+
+    return {
+        "own image": score(ids, mask, visual, visual_mask),
+        "another image": score(ids, mask, rolled(visual), rolled(visual_mask)),
+        "zero visual tokens": score(ids, mask, torch.zeros_like(visual), visual_mask),
+        "another question": score(rolled(ids), rolled(mask), visual, visual_mask),
+    }
 
 
 if __name__ == "__main__":

@@ -41,11 +41,17 @@ def _position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 
 class PrefixMapper(nn.Module):
-    """Maps a variable number of discarded visual tokens to P prefix embeddings.
+    """Maps a variable number of discarded visual tokens to prefix embeddings.
 
-    P learned queries and the projected visual tokens go through a small transformer encoder
-    together; the outputs at the query positions are the prefix. The queries are never masked, so a
-    sample with no (or only padded) discarded tokens still gets a finite prefix.
+    mode 'queries' (ClipCap): P learned queries and the projected visual tokens go through a small
+    transformer encoder together; the outputs at the query positions are the prefix. The queries are
+    never masked, so a sample with no (or only padded) discarded tokens still gets a finite prefix.
+    The queries depend on nothing but training, and the mapper does not see the question: on the
+    embedded default they attended almost uniformly to every discarded token, and the prefix was
+    nearly the same for every image.
+    mode 'tokens': the encoder's outputs at the visual tokens are the prefix (one embedding per
+    discarded token, padding masked), so the caption decoder attends to each of them with the
+    instruction in view; `prefix_length` is unused.
 
     Args:
         visual_dim: width of the visual tokens (the LLM width when they are taken after the
@@ -55,6 +61,7 @@ class PrefixMapper(nn.Module):
         num_layers: transformer layers of the mapper.
         num_heads: attention heads of the mapper.
         dropout: dropout inside the mapper.
+        mode: 'queries' or 'tokens' (above).
     """
 
     def __init__(
@@ -65,14 +72,19 @@ class PrefixMapper(nn.Module):
         num_layers: int = 2,
         num_heads: int = 4,
         dropout: float = 0.0,
+        mode: str = "queries",
     ) -> None:
         super().__init__()
-        if prefix_length < 1:
+        if mode not in ("queries", "tokens"):
+            raise ValueError(f"prefix mapper mode={mode!r}; choose 'queries' or 'tokens'")
+        if mode == "queries" and prefix_length < 1:
             raise ValueError(f"prefix_length must be >= 1, got {prefix_length}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
-        self.prefix_length = prefix_length
-        self.queries = nn.Parameter(torch.randn(prefix_length, embed_dim) * 0.02)
+        self.mode = mode
+        self.prefix_length = prefix_length if mode == "queries" else 0
+        if mode == "queries":
+            self.queries = nn.Parameter(torch.randn(prefix_length, embed_dim) * 0.02)
         self.visual_proj = nn.Linear(visual_dim, embed_dim)
         layer = nn.TransformerEncoderLayer(
             embed_dim, num_heads, dim_feedforward=4 * embed_dim, dropout=dropout,
@@ -87,7 +99,7 @@ class PrefixMapper(nn.Module):
             visual_mask: (B, Nd) 1/True for real tokens, 0/False for padding; None = all real.
 
         Returns:
-            (B, P, embed_dim) prefix embeddings.
+            (B, P, embed_dim) prefix embeddings ('tokens': (B, Nd, embed_dim), finite also at padding).
         """
         batch, num_tokens, _ = visual.shape
         if visual_mask is None:
@@ -97,6 +109,12 @@ class PrefixMapper(nn.Module):
                 f"visual_mask shape {tuple(visual_mask.shape)} does not match visual {(batch, num_tokens)}"
             )
         projected = self.visual_proj(visual.to(self.visual_proj.weight.dtype))
+        if self.mode == "tokens":
+            if num_tokens == 0:
+                return self.norm(projected)
+            padding = ~visual_mask.bool()
+            padding[:, 0] &= visual_mask.bool().any(1)  # a row with no real token attends to its first: no NaN
+            return self.norm(self.encoder(projected, src_key_padding_mask=padding))
         tokens = torch.cat([self.queries.expand(batch, -1, -1), projected], dim=1)
         query_keep = torch.ones(batch, self.prefix_length, dtype=torch.bool, device=visual.device)
         padding = ~torch.cat([query_keep, visual_mask.bool()], dim=1)
@@ -137,8 +155,10 @@ class CaptionModel(nn.Module):
         embed_dim: decoder width.
         num_layers: decoder layers.
         num_heads: decoder attention heads.
-        prefix_length: number P of prefix embeddings made from the visual tokens.
+        prefix_length: number P of prefix embeddings made from the visual tokens ('queries' mode).
         mapper_layers: transformer layers of the prefix mapper.
+        prefix_mode: the mapper's mode: 'queries' (P learned queries) or 'tokens' (one prefix embedding per
+            discarded visual token).
         max_length: longest total sequence (instruction + P + caption); the decoder's position table.
         bos_token_id: the tokenizer's BOS id (stored in the decoder config).
         eos_token_id: the tokenizer's EOS id; every caption ends with it.
@@ -162,6 +182,7 @@ class CaptionModel(nn.Module):
         pad_token_id: int = 0,
         dropout: float = 0.1,
         attn_implementation: str = "sdpa",
+        prefix_mode: str = "queries",
     ) -> None:
         super().__init__()
         for name, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
@@ -184,7 +205,7 @@ class CaptionModel(nn.Module):
         self.decoder = GPT2LMHeadModel._from_config(config, attn_implementation=attn_implementation)
         self.mapper = PrefixMapper(
             visual_dim, embed_dim, prefix_length=prefix_length, num_layers=mapper_layers,
-            num_heads=num_heads, dropout=dropout,
+            num_heads=num_heads, dropout=dropout, mode=prefix_mode,
         )
 
     # ------------------------------------------------------------------ prefix
@@ -196,7 +217,7 @@ class CaptionModel(nn.Module):
         discarded_visual: torch.Tensor,
         discarded_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Builds `[instruction embeddings ; P prefix embeddings]`, left-padded.
+        """Builds `[instruction embeddings ; P prefix embeddings]`, left-padded (all padding first).
 
         Args:
             instruction_ids: (B, Q) instruction token ids, padded on either side.
@@ -220,8 +241,14 @@ class CaptionModel(nn.Module):
         ids, mask = pack_padding(instruction_ids, instruction_mask.long(), side="left")
         instruction_embeds = self.decoder.transformer.wte(ids)
         prefix = self.mapper(discarded_visual, discarded_mask).to(instruction_embeds.dtype)
-        prefix_mask = torch.ones(prefix.shape[:2], dtype=mask.dtype, device=mask.device)
-        return torch.cat([instruction_embeds, prefix], 1), torch.cat([mask, prefix_mask], 1)
+        if self.mapper.mode == "tokens" and discarded_mask is not None:
+            prefix_mask = discarded_mask.to(mask.dtype)
+        else:
+            prefix_mask = torch.ones(prefix.shape[:2], dtype=mask.dtype, device=mask.device)
+        embeds, mask = torch.cat([instruction_embeds, prefix], 1), torch.cat([mask, prefix_mask], 1)
+        # all padding to the left: the last position must be real, its logits predict the first caption token
+        order = torch.sort(mask.bool().long(), dim=1, stable=True).indices
+        return embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
 
     # ------------------------------------------------------------------ teacher forcing
 

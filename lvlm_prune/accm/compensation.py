@@ -217,11 +217,16 @@ class ACCMCompensation(Compensation):
         caption_embed_dim: caption decoder width.
         caption_num_layers: caption decoder layers.
         caption_num_heads: caption decoder and mapper heads.
-        caption_prefix_length: P prefix embeddings made from the discarded visual tokens.
+        caption_prefix_length: P prefix embeddings made from the discarded visual tokens ('queries' mode).
+        caption_prefix_mode: 'queries' (ClipCap's P learned queries summarise the discarded tokens) or 'tokens'
+            (one prefix embedding per discarded token; the decoder reads them with the instruction in view).
         caption_mapper_layers: transformer layers of the prefix mapper.
         caption_dropout: dropout of the caption decoder and mapper.
-        caption_position_embedding: add a learned embedding of each discarded token's grid position (zero at the
-            start) before the mapper, which is otherwise a set model: it sees what was discarded, not where.
+        caption_position_embedding: add a learned embedding of each discarded token's grid position before the
+            mapper, which is otherwise a set model: it sees what was discarded, not where.
+        caption_position_init_std: initial standard deviation of that embedding (0: zeros). It must be on the
+            scale of the visual features to be seen: trained from zero at lr 1e-3 for a few hundred steps it stays
+            far below them.
         max_caption_tokens: longest caption, EOS included (warm-start targets are cut to it as well).
         max_instruction_tokens: the caption model's instruction (describe_instruction with the question) is cut
             to this many tokens.
@@ -264,9 +269,11 @@ class ACCMCompensation(Compensation):
         caption_num_layers: int = 2,
         caption_num_heads: int = 4,
         caption_prefix_length: int = 8,
+        caption_prefix_mode: str = "queries",
         caption_mapper_layers: int = 2,
         caption_dropout: float = 0.1,
         caption_position_embedding: bool = True,
+        caption_position_init_std: float = 0.0,
         max_caption_tokens: int = 24,
         max_instruction_tokens: int = 32,
         num_candidates: int = 3,
@@ -330,6 +337,11 @@ class ACCMCompensation(Compensation):
         self.caption_num_heads, self.caption_prefix_length = caption_num_heads, caption_prefix_length
         self.caption_mapper_layers, self.caption_dropout = caption_mapper_layers, caption_dropout
         self.caption_position_embedding = caption_position_embedding
+        if caption_prefix_mode not in ("queries", "tokens"):
+            raise ValueError(f"accm caption_prefix_mode={caption_prefix_mode!r}; choose 'queries' or 'tokens'")
+        if caption_position_init_std < 0:
+            raise ValueError(f"accm caption_position_init_std={caption_position_init_std} must be >= 0")
+        self.caption_prefix_mode, self.caption_position_init_std = caption_prefix_mode, caption_position_init_std
         self.max_caption_tokens, self.max_instruction_tokens = max_caption_tokens, max_instruction_tokens
         self.num_candidates, self.num_beams, self.strategy = num_candidates, num_beams, strategy
         self.sample_temperature, self.sample_top_p = sample_temperature, sample_top_p
@@ -374,13 +386,14 @@ class ACCMCompensation(Compensation):
             vocab_size=len(tokenizer), visual_dim=self.info.hidden_size, embed_dim=self.caption_embed_dim,
             num_layers=self.caption_num_layers, num_heads=self.caption_num_heads,
             prefix_length=self.caption_prefix_length, mapper_layers=self.caption_mapper_layers,
-            max_length=self.max_instruction_tokens + self.caption_prefix_length + self.max_caption_tokens,
+            max_length=self.max_instruction_tokens + self.max_caption_tokens + (
+                self.caption_prefix_length if self.caption_prefix_mode == "queries" else self.info.num_visual_tokens),
             bos_token_id=bos, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-            dropout=self.caption_dropout,
+            dropout=self.caption_dropout, prefix_mode=self.caption_prefix_mode,
         )
         if self.caption_position_embedding:
             self.discarded_positions = nn.Embedding(self.info.num_visual_tokens, self.info.hidden_size)
-            nn.init.zeros_(self.discarded_positions.weight)
+            nn.init.normal_(self.discarded_positions.weight, std=self.caption_position_init_std)
         if self.objective == "dpo":
             self.reference_caption_model = copy.deepcopy(self.caption_model).requires_grad_(False)
             if self.caption_position_embedding:

@@ -6,12 +6,13 @@ from lvlm_prune.accm import CaptionModel, PrefixMapper, pack_padding
 VOCAB, PAD, BOS, EOS, VISUAL_DIM = 64, 0, 1, 2, 16
 
 
-def make_model(dropout=0.0, attn_implementation="sdpa", seed=0, max_length=48):
+def make_model(dropout=0.0, attn_implementation="sdpa", seed=0, max_length=48, prefix_mode="queries"):
     torch.manual_seed(seed)
     return CaptionModel(
         vocab_size=VOCAB, visual_dim=VISUAL_DIM, embed_dim=32, num_layers=2, num_heads=2,
         prefix_length=4, mapper_layers=1, max_length=max_length, bos_token_id=BOS,
         eos_token_id=EOS, pad_token_id=PAD, dropout=dropout, attn_implementation=attn_implementation,
+        prefix_mode=prefix_mode,
     ).eval()
 
 
@@ -56,9 +57,43 @@ def test_prefix_mapper_ignores_padding_and_survives_all_masked_rows():
     assert torch.isfinite(mapper(torch.randn(2, 0, 8))).all()
 
 
+def test_token_prefix_mapper_gives_one_embedding_per_discarded_token_and_ignores_padding():
+    torch.manual_seed(0)
+    mapper = PrefixMapper(visual_dim=8, embed_dim=16, num_layers=1, num_heads=2, mode="tokens").eval()
+    visual = torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    out = mapper(visual, mask)
+    assert out.shape == (3, 5, 16) and torch.isfinite(out).all()
+    changed = visual.clone()
+    changed[0, 3:] = 100.0
+    torch.testing.assert_close(mapper(changed, mask)[0, :3], out[0, :3])
+    torch.testing.assert_close(mapper(visual[:1, :3], mask[:1, :3])[0], out[0, :3], atol=1e-5, rtol=1e-5)
+    assert mapper(torch.randn(2, 0, 8)).shape == (2, 0, 16)
+    with pytest.raises(ValueError, match="mode='pooled'"):
+        PrefixMapper(visual_dim=8, embed_dim=16, mode="pooled")
+
+
+def test_token_prefix_reads_each_discarded_token():
+    """The caption model sees the image: another image's discarded tokens give other caption log-probabilities,
+    and the prefix holds one position per real discarded token (padding masked, counted nowhere)."""
+    model = make_model(prefix_mode="tokens")
+    instruction, instruction_mask, visual, visual_mask, caption, caption_mask = make_inputs()
+    loss = model(instruction, instruction_mask, visual, visual_mask, caption, caption_mask)
+    swapped = model(instruction, instruction_mask, visual.flip(0), visual_mask, caption, caption_mask)
+    assert not torch.allclose(loss, swapped, atol=1e-4)
+    prefix, prefix_mask = model.embed_prefix(instruction, instruction_mask, visual, visual_mask)
+    assert prefix.shape[1] == instruction.shape[1] + visual.shape[1]
+    assert prefix_mask.sum(1).tolist() == (instruction_mask.sum(1) + visual_mask.sum(1)).tolist()
+    candidates = model.generate_candidates(
+        instruction, instruction_mask, visual, visual_mask, num_candidates=3, num_beams=3, max_new_tokens=6
+    )
+    assert torch.equal(candidates.prefix_lengths, instruction_mask.sum(1) + visual_mask.sum(1))
+
+
+@pytest.mark.parametrize("prefix_mode", ["queries", "tokens"])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_loss_is_independent_of_padding_side_and_batch(attn_implementation):
-    model = make_model(attn_implementation=attn_implementation)
+def test_loss_is_independent_of_padding_side_and_batch(attn_implementation, prefix_mode):
+    model = make_model(attn_implementation=attn_implementation, prefix_mode=prefix_mode)
     instruction, instruction_mask, visual, visual_mask, caption, caption_mask = make_inputs()
     loss = model(instruction, instruction_mask, visual, visual_mask, caption, caption_mask)
     assert loss.shape == (2,) and torch.isfinite(loss).all()
@@ -185,8 +220,9 @@ def test_beam_search_decodes_one_token_per_step_with_the_cache():
     torch.testing.assert_close(step_logits[0][:, -1], no_cache[::3, -2], atol=1e-5, rtol=1e-5)
 
 
-def test_generation_of_a_sample_does_not_depend_on_its_batch():
-    model = make_model()
+@pytest.mark.parametrize("prefix_mode", ["queries", "tokens"])
+def test_generation_of_a_sample_does_not_depend_on_its_batch(prefix_mode):
+    model = make_model(prefix_mode=prefix_mode)
     instruction, instruction_mask, visual, visual_mask, _, _ = make_inputs()
     batched = model.generate_candidates(
         instruction, instruction_mask, visual, visual_mask, num_candidates=3, num_beams=3, max_new_tokens=6

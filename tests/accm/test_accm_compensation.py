@@ -76,7 +76,8 @@ def test_constructor_and_attach_reject_bad_settings(setup):
     tokenizer, engine, _ = setup
     for bad in (dict(vision_selection="fastv"), dict(strategy="greedy"), dict(objective="ppo"),
                 dict(selector_encoder="clip"), dict(describe_instruction="describe the image"),
-                dict(num_beams=2, num_candidates=3), dict(target_prune_ratio=1.0)):
+                dict(num_beams=2, num_candidates=3), dict(target_prune_ratio=1.0), dict(caption_prefix_mode="mean"),
+                dict(caption_position_init_std=-1.0)):
         with pytest.raises(ValueError):
             ACCMCompensation(**bad)
     with pytest.raises(ValueError, match="tokenizer"):
@@ -107,6 +108,19 @@ def test_pre_llm_selection_keeps_k_tokens_and_caption_reads_the_discarded_ones(s
         out = engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
                      method=plugin.inference_method(RATIO), logits="none")
         assert (out.visual_tokens_per_layer == 2).all()
+
+
+def test_token_prefix_mode_reads_every_discarded_token_with_its_grid_position(setup):
+    tokenizer, engine, batch = setup
+    plugin = make_plugin(engine, tokenizer, caption_prefix_mode="tokens", caption_position_init_std=1.0)
+    selection = plugin.select_visual_tokens(engine, batch, RATIO)
+    # positions start visible (std 1), not at zero
+    assert plugin.discarded_positions.weight.std().item() == pytest.approx(1.0, rel=0.3)
+    assert not torch.allclose(plugin.caption_visual(selection), selection.discarded)
+    ids, mask = plugin.instructions(batch["questions"], selection.features.device)
+    candidates = plugin.caption_candidates(batch, selection)
+    assert torch.equal(candidates.prefix_lengths, mask.sum(1) + selection.discarded_mask.sum(1))
+    assert plugin.caption_model.max_length == plugin.max_instruction_tokens + 16 + plugin.max_caption_tokens
 
 
 def test_splice_puts_the_caption_after_the_image_and_masks_it_out_of_the_loss(setup, monkeypatch):
