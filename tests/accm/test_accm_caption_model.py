@@ -39,36 +39,27 @@ def test_pack_padding_moves_real_tokens_in_order():
     assert torch.equal(left_ids[1], ids[1]) and torch.equal(right_ids[1], ids[1])
 
 
-def test_prefix_mapper_ignores_padding_and_survives_all_masked_rows():
+@pytest.mark.parametrize("mode", ["queries", "tokens"])
+def test_prefix_mapper_ignores_padding_and_survives_all_masked_rows(mode):
+    """'queries': 3 prefix embeddings per sample; 'tokens': one per discarded token (compared at real ones)."""
     torch.manual_seed(0)
-    mapper = PrefixMapper(visual_dim=8, embed_dim=16, prefix_length=3, num_layers=1, num_heads=2).eval()
+    mapper = PrefixMapper(visual_dim=8, embed_dim=16, prefix_length=3, num_layers=1, num_heads=2, mode=mode).eval()
     visual = torch.randn(3, 5, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
     out = mapper(visual, mask)
-    assert out.shape == (3, 3, 16) and torch.isfinite(out).all()
+    assert out.shape == (3, 3 if mode == "queries" else 5, 16) and torch.isfinite(out).all()
+    real = slice(None) if mode == "queries" else slice(0, 3)
     changed = visual.clone()
     changed[0, 3:] = 100.0
     changed[2] = -50.0
     out_changed = mapper(changed, mask)
-    torch.testing.assert_close(out_changed[0], out[0])
-    torch.testing.assert_close(out_changed[2], out[2])
+    torch.testing.assert_close(out_changed[0, real], out[0, real])
+    if mode == "queries":
+        torch.testing.assert_close(out_changed[2], out[2])
     alone = mapper(visual[:1, :3], mask[:1, :3])
-    torch.testing.assert_close(alone[0], out[0], atol=1e-5, rtol=1e-5)
-    assert torch.isfinite(mapper(torch.randn(2, 0, 8))).all()
-
-
-def test_token_prefix_mapper_gives_one_embedding_per_discarded_token_and_ignores_padding():
-    torch.manual_seed(0)
-    mapper = PrefixMapper(visual_dim=8, embed_dim=16, num_layers=1, num_heads=2, mode="tokens").eval()
-    visual = torch.randn(3, 5, 8)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
-    out = mapper(visual, mask)
-    assert out.shape == (3, 5, 16) and torch.isfinite(out).all()
-    changed = visual.clone()
-    changed[0, 3:] = 100.0
-    torch.testing.assert_close(mapper(changed, mask)[0, :3], out[0, :3])
-    torch.testing.assert_close(mapper(visual[:1, :3], mask[:1, :3])[0], out[0, :3], atol=1e-5, rtol=1e-5)
-    assert mapper(torch.randn(2, 0, 8)).shape == (2, 0, 16)
+    torch.testing.assert_close(alone[0, real], out[0, real], atol=1e-5, rtol=1e-5)
+    empty = mapper(torch.randn(2, 0, 8))
+    assert empty.shape == (2, 3 if mode == "queries" else 0, 16) and torch.isfinite(empty).all()
     with pytest.raises(ValueError, match="mode='pooled'"):
         PrefixMapper(visual_dim=8, embed_dim=16, mode="pooled")
 
