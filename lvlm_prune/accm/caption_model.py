@@ -20,7 +20,7 @@ def pack_padding(ids: torch.Tensor, mask: torch.Tensor, side: str) -> tuple[torc
     """Moves the padding of each row to one side, keeping the real tokens in order.
 
     Args:
-        ids: (B, L) token ids (or any per-position tensor with the same leading shape).
+        ids: (B, L) token ids, or any (B, L, ...) per-position tensor (e.g. embeddings).
         mask: (B, L) 1 for real tokens, 0 for padding.
         side: "left" (real tokens at the end of the row) or "right" (real tokens first).
 
@@ -32,7 +32,8 @@ def pack_padding(ids: torch.Tensor, mask: torch.Tensor, side: str) -> tuple[torc
     real = mask.bool().long()
     key = real if side == "left" else 1 - real
     order = torch.sort(key, dim=1, stable=True).indices
-    return ids.gather(1, order), mask.gather(1, order)
+    index = order.view(*order.shape, *([1] * (ids.dim() - 2))).expand_as(ids)
+    return ids.gather(1, index), mask.gather(1, order)
 
 
 def _position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -238,17 +239,15 @@ class CaptionModel(nn.Module):
                 f"discarded_visual batch {discarded_visual.shape[0]} != instruction batch "
                 f"{instruction_ids.shape[0]}"
             )
-        ids, mask = pack_padding(instruction_ids, instruction_mask.long(), side="left")
-        instruction_embeds = self.decoder.transformer.wte(ids)
+        mask = instruction_mask.long()
+        instruction_embeds = self.decoder.transformer.wte(instruction_ids)
         prefix = self.mapper(discarded_visual, discarded_mask).to(instruction_embeds.dtype)
         if self.mapper.mode == "tokens" and discarded_mask is not None:
             prefix_mask = discarded_mask.to(mask.dtype)
         else:
             prefix_mask = torch.ones(prefix.shape[:2], dtype=mask.dtype, device=mask.device)
-        embeds, mask = torch.cat([instruction_embeds, prefix], 1), torch.cat([mask, prefix_mask], 1)
         # all padding to the left: the last position must be real, its logits predict the first caption token
-        order = torch.sort(mask.bool().long(), dim=1, stable=True).indices
-        return embeds.gather(1, order[..., None].expand_as(embeds)), mask.gather(1, order)
+        return pack_padding(torch.cat([instruction_embeds, prefix], 1), torch.cat([mask, prefix_mask], 1), "left")
 
     # ------------------------------------------------------------------ teacher forcing
 

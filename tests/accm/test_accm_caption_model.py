@@ -37,6 +37,9 @@ def test_pack_padding_moves_real_tokens_in_order():
     assert left_ids[0].tolist() == [0, 0, 5, 6] and left_mask[0].tolist() == [0, 0, 1, 1]
     assert right_ids[0].tolist() == [5, 6, 0, 0] and right_mask[0].tolist() == [1, 1, 0, 0]
     assert torch.equal(left_ids[1], ids[1]) and torch.equal(right_ids[1], ids[1])
+    embeds = torch.arange(16.0).view(2, 4, 2)  # per-position vectors move with their positions
+    left_embeds, _ = pack_padding(embeds, mask, "left")
+    assert left_embeds[0].tolist() == [[0.0, 1.0], [6.0, 7.0], [2.0, 3.0], [4.0, 5.0]]
 
 
 @pytest.mark.parametrize("mode", ["queries", "tokens"])
