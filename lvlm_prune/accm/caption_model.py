@@ -166,6 +166,8 @@ class CaptionModel(nn.Module):
         pad_token_id: the tokenizer's pad id, used to pad generated candidates.
         dropout: dropout of the decoder and the mapper.
         attn_implementation: "sdpa" or "eager" for the decoder.
+        initializer_range: std of the decoder's normal initialisation; None = 1/sqrt(embed_dim). GPT-2's
+            0.02 is tuned for width 768; at a tiny width it leaves the attention logits near zero.
     """
 
     def __init__(
@@ -184,8 +186,11 @@ class CaptionModel(nn.Module):
         dropout: float = 0.1,
         attn_implementation: str = "sdpa",
         prefix_mode: str = "queries",
+        initializer_range: float | None = None,
     ) -> None:
         super().__init__()
+        if initializer_range is not None and not initializer_range > 0:
+            raise ValueError(f"initializer_range={initializer_range} must be > 0")
         for name, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
                             ("pad_token_id", pad_token_id)):
             if not 0 <= value < vocab_size:
@@ -202,6 +207,7 @@ class CaptionModel(nn.Module):
             vocab_size=vocab_size, n_positions=max_length, n_embd=embed_dim, n_layer=num_layers,
             n_head=num_heads, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
             bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            initializer_range=initializer_range if initializer_range is not None else embed_dim**-0.5,
         )
         self.decoder = GPT2LMHeadModel._from_config(config, attn_implementation=attn_implementation)
         self.mapper = PrefixMapper(

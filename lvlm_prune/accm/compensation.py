@@ -227,6 +227,8 @@ class ACCMCompensation(Compensation):
         caption_position_init_std: initial standard deviation of that embedding (0: zeros). It must be on the
             scale of the visual features to be seen: trained from zero at lr 1e-3 for a few hundred steps it stays
             far below them.
+        caption_initializer_range: std of the caption decoder's initialisation; None = 1/sqrt(caption_embed_dim)
+            (GPT-2's 0.02 suits width 768, not a tiny decoder).
         max_caption_tokens: longest caption, EOS included (warm-start targets are cut to it as well).
         max_instruction_tokens: the caption model's instruction (describe_instruction with the question) is cut
             to this many tokens.
@@ -274,6 +276,7 @@ class ACCMCompensation(Compensation):
         caption_dropout: float = 0.1,
         caption_position_embedding: bool = True,
         caption_position_init_std: float = 0.0,
+        caption_initializer_range: float | None = None,
         max_caption_tokens: int = 24,
         max_instruction_tokens: int = 32,
         num_candidates: int = 3,
@@ -342,6 +345,7 @@ class ACCMCompensation(Compensation):
         if caption_position_init_std < 0:
             raise ValueError(f"accm caption_position_init_std={caption_position_init_std} must be >= 0")
         self.caption_prefix_mode, self.caption_position_init_std = caption_prefix_mode, caption_position_init_std
+        self.caption_initializer_range = caption_initializer_range
         self.max_caption_tokens, self.max_instruction_tokens = max_caption_tokens, max_instruction_tokens
         self.num_candidates, self.num_beams, self.strategy = num_candidates, num_beams, strategy
         self.sample_temperature, self.sample_top_p = sample_temperature, sample_top_p
@@ -390,6 +394,7 @@ class ACCMCompensation(Compensation):
                 self.caption_prefix_length if self.caption_prefix_mode == "queries" else self.info.num_visual_tokens),
             bos_token_id=bos, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
             dropout=self.caption_dropout, prefix_mode=self.caption_prefix_mode,
+            initializer_range=self.caption_initializer_range,
         )
         if self.caption_position_embedding:
             self.discarded_positions = nn.Embedding(self.info.num_visual_tokens, self.info.hidden_size)
