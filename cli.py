@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
 from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
@@ -38,6 +43,30 @@ class LVLMPruneCLI(LightningCLI):
         parser.set_defaults({"progress_bar.refresh_rate": 10})
         parser.add_lightning_class_args(ResumableDataOrder, "data_order")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the parsed model settings with the hyperparameters saved in a `--ckpt_path` file, so a
+        command-line or config value (another eval ratio, a moved base) would be silently ignored. Here the config
+        and command line decide; the checkpoint supplies weights and loop state, and differing settings are named."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        if not zipfile.is_zipfile(ckpt_path):  # torch.save's format; torch.load's own error suggests unsafe loading
+            raise ValueError(f"--ckpt_path {ckpt_path!r} is not a readable Lightning checkpoint (not a torch.save "
+                             "archive: truncated or another kind of file)")
+        try:
+            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        except pickle.UnpicklingError:  # objects the safe loader refuses: nothing to compare, the trainer loads it
+            return
+        model = self.config[subcommand].get("model")
+        current = dict(model.get("init_args") or {}) if model is not None else {}
+        linked = ("processor", "categories")  # filled in from the datamodule at instantiation, not parsed
+        differing = [key for key, value in saved.items() if key in current and not key.startswith("_")
+                     and key not in linked and _plain(current[key]) != _plain(value)]
+        if differing:
+            rank_zero_warn(f"--ckpt_path {ckpt_path}: the config sets model.init_args {differing} differently from the "
+                           "run that wrote the checkpoint; the config's values are used")
+
     def _instantiate_trainer(self, config, callbacks):
         if config.get("enable_progress_bar") is False:  # the forced bar would contradict the setting
             callbacks = [c for c in callbacks if not isinstance(c, TQDMProgressBar)]
@@ -59,6 +88,17 @@ class LVLMPruneCLI(LightningCLI):
                            "finds its checkpoints only under a fixed logger version or checkpoint.dirpath)")
         else:
             rank_zero_info(f"--ckpt_path auto: resuming from {config['ckpt_path']}")
+
+
+def _plain(value: Any) -> Any:
+    """A parsed config value as plain data, comparable with a checkpoint's saved hyperparameters."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> LVLMPruneCLI:

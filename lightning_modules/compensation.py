@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 
 from lightning_modules.frozen_base import FrozenBaseModule
@@ -93,7 +94,9 @@ class CompensationModule(FrozenBaseModule):
         self.base_fingerprint = fingerprint(self.base)
         keep_quantized_base_differentiable(self.base)
         if plugin_weights_path:
-            load_plugin_weights(self.compensation, plugin_weights_path)
+            load_plugin_weights(self.compensation, plugin_weights_path, base_fingerprint=self.base_fingerprint)
+        # base weights are not in lean checkpoints; on_load_checkpoint checks the plug-in's keys itself
+        self.strict_loading = False
         self.skipped_steps = 0
         self._skip_step = False
 
@@ -236,10 +239,16 @@ class CompensationModule(FrozenBaseModule):
                 f"{recorded['fingerprint']}), but the loaded base {self.hparams.base_model_path!r} has fingerprint "
                 f"{self.base_fingerprint}; point model.base_model_path at the original base"
             )
-        state = checkpoint.setdefault("state_dict", {})
-        for key, value in self.state_dict().items():
-            if key.startswith(BASE_PREFIX):
-                state[key] = value
+        # The base's own state is not filled in from the live model: a 4-bit base's state dict holds quantisation
+        # state (absmax, quant_map) that load_state_dict refuses as unexpected keys.
+        state = checkpoint.get("state_dict", {})
+        expected = {key for key in self.state_dict() if not key.startswith(BASE_PREFIX)}
+        missing = sorted(expected - set(state))
+        unexpected = sorted(key for key in state if key not in expected and not key.startswith(BASE_PREFIX))
+        if missing or unexpected:
+            raise ValueError(f"this checkpoint does not fit the configured {self.compensation.name} plug-in: missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]} (check model.compensation against the run "
+                             f"that wrote it)")
 
 
 @contextlib.contextmanager
@@ -313,11 +322,30 @@ def export_plugin_weights(plugin: Compensation, path: str | Path, metadata: dict
     return path
 
 
-def load_plugin_weights(plugin: Compensation, path: str | Path) -> None:
+def load_plugin_weights(plugin: Compensation, path: str | Path, base_fingerprint: str | None = None) -> None:
+    """Loads exported plug-in weights. With `base_fingerprint`, warns when the `.json` beside them names another base
+    (the same model in another dtype or quantisation also differs, so it is not an error)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"plug-in weights {str(path)!r} do not exist (model.plugin_weights_path)")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for a truncated or foreign file
+        raise ValueError(f"plug-in weights {str(path)!r} (model.plugin_weights_path) are not a readable "
+                         f"safetensors file: {error}") from error
+    info_path = Path(str(path) + ".json")
+    recorded = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if base_fingerprint and recorded.get("base_fingerprint") not in (None, base_fingerprint):
+        rank_zero_warn(f"plug-in weights {str(path)!r} were trained on the base at {recorded.get('base_model_path')!r} "
+                       f"(fingerprint {recorded['base_fingerprint']}), not on the loaded base (fingerprint "
+                       f"{base_fingerprint}); they are only meaningful on the same model, e.g. in another dtype")
+    own = plugin.state_dict()
+    mismatched = [f"{key} {tuple(value.shape)} != {tuple(own[key].shape)}" for key, value in state.items()
+                  if key in own and value.shape != own[key].shape]
+    if mismatched:
+        raise ValueError(f"plug-in weights {str(path)!r} (trained on the base at {recorded.get('base_model_path')!r}) "
+                         f"do not fit this base or {plugin.name} configuration; shapes saved != expected: "
+                         f"{mismatched[:3]}")
     missing, unexpected = plugin.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"plug-in weights {str(path)!r} do not fit this {plugin.name} configuration: "

@@ -47,6 +47,19 @@ def test_resume_continues_the_step_count_and_exports(tmp_path):
     assert 0.0 <= float(test.trainer.callback_metrics["test/acc"]) <= 1.0
     answers = list((tmp_path / "base_stage1" / "run").glob("answers_test.jsonl"))
     assert answers and len(answers[0].read_text().splitlines()) == 8
+    # the command line wins over the settings saved in the checkpoint (Lightning's default is the reverse)
+    with pytest.warns(UserWarning, match=r"\['learning_rate'\] differently .* the config's values are used"):
+        test = cli_main(["test", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS,
+                         *run_dir_args(tmp_path), "--ckpt_path", str(last), "--model.init_args.learning_rate", "0.5"])
+    assert test.model.hparams.learning_rate == 0.5
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.ckpt' is not a readable Lightning checkpoint \\(not a torch.save"):
+        cli_main(["test", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+                  "--ckpt_path", str(corrupt)])
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))

@@ -105,10 +105,15 @@ def test_checkpoints_are_lean_and_refuse_another_base(tiny_base_dir, other_base_
     assert path.stat().st_size < buffer.getbuffer().nbytes - 0.9 * base_bytes
 
     same = make_module(tiny_base_dir, data)
-    same.on_load_checkpoint(checkpoint)
-    same.load_state_dict(checkpoint["state_dict"])  # strict: the base comes from the model as loaded
+    assert not same.strict_loading  # Lightning's loading may not ask for the base's keys ...
+    same.on_load_checkpoint(checkpoint)  # ... because this checks the plug-in's
+    same.load_state_dict(checkpoint["state_dict"], strict=same.strict_loading)
     trained = plugin_state(module)
     assert all(torch.equal(v, trained[k]) for k, v in plugin_state(same).items())
+    first_key = next(iter(checkpoint["state_dict"]))
+    incomplete = dict(checkpoint, state_dict={k: v for k, v in checkpoint["state_dict"].items() if k != first_key})
+    with pytest.raises(ValueError, match=rf"does not fit the configured rcp plug-in: missing \['{first_key}'\]"):
+        same.on_load_checkpoint(incomplete)
 
     other = make_module(other_base_dir, data)
     assert other.base_fingerprint != module.base_fingerprint
@@ -135,6 +140,16 @@ def test_fp32_plugins_train_on_a_quantised_base(tiny_base_dir, data, tmp_path, q
     assert all(torch.equal(v, base_after[k]) for k, v in base_before.items())
 
 
+def test_a_run_on_a_4bit_base_resumes_from_its_checkpoint(tiny_base_dir, data, tmp_path):
+    checkpointing = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=0)
+    first = make_module(tiny_base_dir, data, quantization="4bit")
+    make_trainer(tmp_path, max_steps=1, callbacks=[checkpointing], checkpoint=True).fit(first, datamodule=data)
+    resumed = make_module(tiny_base_dir, data, quantization="4bit")
+    trainer = make_trainer(tmp_path, max_steps=2, checkpoint=True)
+    trainer.fit(resumed, datamodule=data, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    assert trainer.global_step == 2
+
+
 def test_gradients_through_a_4bit_layer_stay_right_after_a_no_grad_pass(tiny_base_dir, data):
     import bitsandbytes.functional as bnb_functional
 
@@ -149,3 +164,26 @@ def test_gradients_through_a_4bit_layer_stay_right_after_a_no_grad_pass(tiny_bas
     reference = x.detach().clone().requires_grad_(True)
     torch.nn.functional.linear(reference, weight, layer.bias).square().sum().backward()
     torch.testing.assert_close(x.grad, reference.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_plugin_weights_name_their_file_when_they_do_not_fit(tiny_base_dir, other_base_dir, data, tmp_path):  # noqa: F811
+    from safetensors.torch import save_file
+
+    from lightning_modules.compensation import export_plugin_weights
+
+    module = make_module(tiny_base_dir, data)
+    path = export_plugin_weights(module.compensation, tmp_path / "plugin.safetensors",
+                                 {"base_model_path": str(tiny_base_dir), "base_fingerprint": module.base_fingerprint})
+    with pytest.warns(UserWarning, match=r"plugin.safetensors' were trained on the base at .*only meaningful"):
+        make_module(other_base_dir, data, plugin_weights_path=str(path))
+
+    state = {k: v.clone() for k, v in module.compensation.state_dict().items()}
+    name = next(k for k, v in state.items() if v.dim() == 2)
+    state[name] = torch.zeros(state[name].shape[0] + 1, state[name].shape[1])
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match=rf"plugin.safetensors' .*do not fit this base .*{name}"):
+        make_module(tiny_base_dir, data, plugin_weights_path=str(path))
+
+    path.write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=r"plugin.safetensors' \(model.plugin_weights_path\) are not a readable"):
+        make_module(tiny_base_dir, data, plugin_weights_path=str(path))
