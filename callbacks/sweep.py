@@ -70,6 +70,13 @@ class PruningSweep(L.Callback):
         self.dirpath = dirpath
         self.rows: list[dict[str, Any]] = []
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """A misspelt method fails here, before any training, not as an 'unreachable' row hours later."""
+        known = getattr(pl_module, "method_names", None)
+        unknown = [m for m in self.methods if callable(known) and m not in known()]
+        if unknown:
+            raise ValueError(f"sweep methods {unknown} are unknown to {type(pl_module).__name__}; known: {known()}")
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.run_after_fit and not trainer.sanity_checking:
             self.run(trainer, pl_module)

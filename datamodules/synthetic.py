@@ -122,6 +122,10 @@ class SyntheticVQADataModule(L.LightningDataModule):
                             ("eval_hidden_visual_fraction", eval_hidden_visual_fraction)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.{name}={value} must be in [0, 1]")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                            ("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
+            if value < 1:
+                raise ValueError(f"data.{name}={value} must be at least 1")
         if train_skip < 0:
             raise ValueError(f"data.train_skip={train_skip} must be at least 0")
         if turns_per_image < 1:

@@ -116,6 +116,9 @@ class CompensationModule(FrozenBaseModule):
         return self
 
     # ------------------------------------------------------------------ methods
+    def method_names(self) -> list[str]:
+        return sorted({*super().method_names(), *self.plugin_method_names()})
+
     def make_method(self, name: str, prune_ratio: float):
         if name not in self.plugin_method_names():
             return super().make_method(name, prune_ratio)
@@ -241,7 +244,9 @@ class CompensationModule(FrozenBaseModule):
             )
         # The base's own state is not filled in from the live model: a 4-bit base's state dict holds quantisation
         # state (absmax, quant_map) that load_state_dict refuses as unexpected keys.
-        state = checkpoint.get("state_dict", {})
+        state = checkpoint.get("state_dict")
+        if state is None:  # DeepSpeed: its engine loads the module's weights itself
+            return
         expected = {key for key in self.state_dict() if not key.startswith(BASE_PREFIX)}
         missing = sorted(expected - set(state))
         unexpected = sorted(key for key in state if key not in expected and not key.startswith(BASE_PREFIX))

@@ -65,9 +65,17 @@ class FrozenBaseModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage in ("validate", "test", "fit"):  # fail before any work on an unknown name or a bad ratio
-            self.make_method(self.hparams.eval_method, self.hparams.eval_prune_ratio)
+            try:
+                self.make_method(self.hparams.eval_method, self.hparams.eval_prune_ratio)
+            except ValueError as error:
+                raise ValueError(f"model.eval_method={self.hparams.eval_method!r} at model.eval_prune_ratio="
+                                 f"{self.hparams.eval_prune_ratio}: {error}") from error
 
     # ------------------------------------------------------------------ methods
+    def method_names(self) -> list[str]:
+        """Every method name `make_method` knows."""
+        return sorted(TRAINING_FREE_METHODS)
+
     def make_method(self, name: str, prune_ratio: float):
         method = build_method(name, prune_ratio, **self.method_options.get(name, {}))
         return self.engine.bind(method)

@@ -129,3 +129,14 @@ def test_missing_base_model_directory_is_named(tmp_path):
         cli_main(["test", "--config", "configs/synthetic/sweep.yaml", "--model.init_args.base_model_path",
                   str(tmp_path / "no_base"), "--data.init_args.processor_path", str(tmp_path / "no_base")])
     assert "no_base" in str(info.value) or info.type is SystemExit
+
+
+def test_misspelt_sweep_method_fails_before_any_work(tiny_base_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"sweep methods \['fastvv'\] are unknown to FrozenBaseModule; known: .*'fastv'"):
+        cli_main(["test", "--config", "configs/synthetic/sweep.yaml", "--model.init_args.base_model_path",
+                  str(tiny_base_dir), "--data.init_args.processor_path", str(tiny_base_dir),
+                  *[arg for key, value in (("grid", 4), ("cell_size", 8), ("min_objects", 4), ("max_objects", 5),
+                                           ("num_test", 8), ("eval_batch_size", 8))
+                    for arg in (f"--data.init_args.{key}", str(value))],
+                  "--trainer.callbacks", '[{"class_path": "callbacks.sweep.PruningSweep", '
+                  '"init_args": {"methods": ["random", "fastvv"]}}]', *run_dir_args(tmp_path)[:4]])

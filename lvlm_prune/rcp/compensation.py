@@ -207,6 +207,9 @@ class RCPCompensation(Compensation):
         for name, layers in (("pruning_layers", self.pruning_layers), ("repair_layers", self.repair_layers)):
             if any(not 0 <= layer < info.num_layers for layer in layers) or list(layers) != sorted(set(layers)):
                 raise ValueError(f"rcp {name}={list(layers)} must be increasing layers in [0, {info.num_layers - 1}]")
+        if self.use_adapter and self.repair_layers[0] < self.pruning_layers[0]:
+            raise ValueError(f"rcp repair_layers={list(self.repair_layers)} start before the first pruning layer "
+                             f"{self.pruning_layers[0]}: an adapter there has nothing pruned to repair and never trains")
         d, n = info.hidden_size, info.num_visual_tokens
         self.pruners = nn.ModuleList(
             CrossAttentionPruner(d, bottleneck=self.bottleneck, num_queries=self.num_queries, init_bias=self.init_bias,

@@ -142,6 +142,9 @@ def test_bad_settings_are_named():
         SyntheticVQADataModule(eval_visual_tokens="objects", eval_hidden_visual_fraction=0.5)
     with pytest.raises(ValueError, match="train_skip"):
         SyntheticVQADataModule(train_skip=-1)
+    for name in ("batch_size", "eval_batch_size", "num_train", "num_val", "num_test"):
+        with pytest.raises(ValueError, match=rf"data.{name}=0 must be at least 1"):
+            SyntheticVQADataModule(**{name: 0})
     with pytest.raises(ValueError, match="empty question"):
         from lvlm_prune.modeling.prompt import TINY_DEFAULT
 

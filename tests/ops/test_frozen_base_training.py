@@ -187,3 +187,9 @@ def test_plugin_weights_name_their_file_when_they_do_not_fit(tiny_base_dir, othe
     path.write_bytes(b"truncated")
     with pytest.raises(ValueError, match=r"plugin.safetensors' \(model.plugin_weights_path\) are not a readable"):
         make_module(tiny_base_dir, data, plugin_weights_path=str(path))
+
+
+def test_an_impossible_evaluation_setting_is_named_before_any_work(tiny_base_dir, data):
+    module = make_module(tiny_base_dir, data, eval_prune_ratio=1.0)
+    with pytest.raises(ValueError, match=r"model.eval_method='rcp' at model.eval_prune_ratio=1.0: .*must be in \[0, 1\)"):
+        module.setup("test")

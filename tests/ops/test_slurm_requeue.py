@@ -27,6 +27,9 @@ def test_sbatch_template_launches_cli_fit_with_requeue_settings():
                  "srun python cli.py fit", '--trainer.devices "$SLURM_NTASKS_PER_NODE"', "--ckpt_path auto"):
         assert line in template
     assert (ROOT / "configs" / "slurm" / "README.md").is_file()
+    # SLURM opens the log before the script runs: it cannot be in a directory a fresh clone lacks (runs/ is ignored)
+    output = next(line.split("=", 1)[1] for line in template.splitlines() if line.startswith("#SBATCH --output="))
+    assert "/" not in output
 
 
 def test_requeued_job_resumes_from_its_requeue_checkpoint(tiny_base_dir, tmp_path):

@@ -128,5 +128,8 @@ def test_bad_layers_are_named(tiny_base_dir):
     engine = PrunedLlava(freeze(load_base_model(tiny_base_dir)))
     with pytest.raises(ValueError, match=r"rcp pruning_layers=\[0, 7\]"):
         RCPCompensation(pruning_layers=[0, 7]).attach(engine)
+    with pytest.raises(ValueError, match=r"repair_layers=\[1\] start before the first pruning layer 2"):
+        RCPCompensation(pruning_layers=[2], repair_layers=[1]).attach(engine)
+    RCPCompensation(pruning_layers=[2], repair_layers=[1], use_adapter=False).attach(engine)  # no adapter, no check
     with pytest.raises(ValueError, match="target_prune_ratio=1.2"):
         RCPCompensation(target_prune_ratio=1.2)
