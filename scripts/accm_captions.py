@@ -47,12 +47,9 @@ def main() -> None:
     module = CompensationModule(base, ACCMCompensation(**info["config"]), processor=data.processor,
                                 categories=data.categories, plugin_weights_path=str(plugin_path))
     module.eval()
-    accm, tokenizer = module.compensation, data.processor.tokenizer
+    accm = module.compensation
     samples = {s.question_id: s for s in data.samples("test")}
     ratio = info["config"]["target_prune_ratio"]
-
-    def text(ids: torch.Tensor) -> str:
-        return tokenizer.decode([t for t in ids.tolist() if t not in (tokenizer.pad_token_id, tokenizer.eos_token_id)])
 
     shown = base_exact = picked_exact = total = 0
     picked: set[str] = set()
@@ -67,9 +64,11 @@ def main() -> None:
                 nll.setdefault(name, []).append(value)
         for b, question_id in enumerate(batch["question_ids"]):
             sample = samples[question_id]
-            captions = [text(candidates.token_ids[b, m, : int(candidates.lengths[b, m])])
+            # in the caption model's vocabulary (its own tokenizer's when it was loaded from caption_decoder_path)
+            captions = [accm.caption_text(accm.candidate_tokens(candidates, b, m))
                         for m in range(candidates.lengths.shape[1])]
-            base_text, choice = text(described[b]), captions[int(pick[b])]
+            base_text = accm.caption_text(described[b][described_mask[b].bool()].tolist())
+            choice = captions[int(pick[b])]
             base_exact += base_text == sample.relevant_description
             picked_exact += choice == sample.relevant_description
             picked.add(choice)

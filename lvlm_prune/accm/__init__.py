@@ -9,7 +9,7 @@ from lvlm_prune.accm.ranking import (
     preference_pairs,
     pseudo_labels,
 )
-from lvlm_prune.accm.selector import CandidateSelector, MeanPooledTextEncoder, build_selector_inputs
+from lvlm_prune.accm.selector import CandidateSelector, CLIPTextEncoder, MeanPooledTextEncoder, build_selector_inputs
 from lvlm_prune.accm.splice import SplicedBatch, splice_after_image
 from lvlm_prune.accm.vision_pruning import (
     cls_attention_from_layer,
@@ -22,6 +22,7 @@ __all__ = [
     "CaptionCandidates",
     "CaptionModel",
     "CandidateSelector",
+    "CLIPTextEncoder",
     "MeanPooledTextEncoder",
     "PrefixMapper",
     "SplicedBatch",

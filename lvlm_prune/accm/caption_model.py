@@ -2,8 +2,9 @@
 
 A small GPT-2 decoder reads `[instruction tokens ; P prefix embeddings ; caption tokens]`. The P
 prefix embeddings come from a small transformer mapper over the visual tokens that pruning
-*discarded*: what was removed is what the caption has to carry back into the LVLM prompt. The
-decoder shares the LVLM tokenizer's vocabulary, so its captions are spliced as token ids.
+*discarded*: what was removed is what the caption has to carry back into the LVLM prompt. A decoder
+built here shares the LVLM tokenizer's vocabulary, so its captions are spliced as token ids; a
+pretrained GPT-2 passed in keeps its own vocabulary (the caller translates captions through text).
 """
 
 from __future__ import annotations
@@ -152,22 +153,27 @@ class CaptionModel(nn.Module):
 
     Args:
         vocab_size: the LVLM tokenizer's vocabulary size (shared, so captions splice as ids).
+            Ignored with `decoder`.
         visual_dim: width of the discarded visual tokens.
-        embed_dim: decoder width.
-        num_layers: decoder layers.
-        num_heads: decoder attention heads.
+        embed_dim: decoder width (ignored with `decoder`).
+        num_layers: decoder layers (ignored with `decoder`).
+        num_heads: decoder and mapper attention heads (with `decoder`: its `n_head`).
         prefix_length: number P of prefix embeddings made from the visual tokens ('queries' mode).
         mapper_layers: transformer layers of the prefix mapper.
         prefix_mode: the mapper's mode: 'queries' (P learned queries) or 'tokens' (one prefix embedding per
             discarded visual token).
-        max_length: longest total sequence (instruction + P + caption); the decoder's position table.
+        max_length: longest total sequence (instruction + P + caption); the decoder's position table
+            (with `decoder`: its `n_positions`).
         bos_token_id: the tokenizer's BOS id (stored in the decoder config).
         eos_token_id: the tokenizer's EOS id; every caption ends with it.
         pad_token_id: the tokenizer's pad id, used to pad generated candidates.
         dropout: dropout of the decoder and the mapper.
         attn_implementation: "sdpa" or "eager" for the decoder.
-        initializer_range: std of the decoder's normal initialisation; None = 1/sqrt(embed_dim). GPT-2's
-            0.02 is tuned for width 768; at a tiny width it leaves the attention logits near zero.
+        initializer_range: std of the decoder's normal initialisation (GPT-2's 0.02 by default).
+            Ignored with `decoder`.
+        decoder: a pretrained `GPT2LMHeadModel` to use instead of a new one (its dropout is the caller's);
+            vocab_size, embed_dim, num_heads and max_length then come from it, and bos/eos/pad ids are
+            ids of its tokenizer.
     """
 
     def __init__(
@@ -186,10 +192,14 @@ class CaptionModel(nn.Module):
         dropout: float = 0.1,
         attn_implementation: str = "sdpa",
         prefix_mode: str = "queries",
-        initializer_range: float | None = None,
+        initializer_range: float = 0.02,
+        decoder: GPT2LMHeadModel | None = None,
     ) -> None:
         super().__init__()
-        if initializer_range is not None and not initializer_range > 0:
+        if decoder is not None:
+            vocab_size = decoder.get_input_embeddings().num_embeddings
+            embed_dim, num_heads, max_length = decoder.config.n_embd, decoder.config.n_head, decoder.config.n_positions
+        if not initializer_range > 0:
             raise ValueError(f"initializer_range={initializer_range} must be > 0")
         for name, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
                             ("pad_token_id", pad_token_id)):
@@ -203,13 +213,15 @@ class CaptionModel(nn.Module):
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
-        config = GPT2Config(
-            vocab_size=vocab_size, n_positions=max_length, n_embd=embed_dim, n_layer=num_layers,
-            n_head=num_heads, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            initializer_range=initializer_range if initializer_range is not None else embed_dim**-0.5,
-        )
-        self.decoder = GPT2LMHeadModel._from_config(config, attn_implementation=attn_implementation)
+        if decoder is None:
+            config = GPT2Config(
+                vocab_size=vocab_size, n_positions=max_length, n_embd=embed_dim, n_layer=num_layers,
+                n_head=num_heads, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                initializer_range=initializer_range,
+            )
+            decoder = GPT2LMHeadModel._from_config(config, attn_implementation=attn_implementation)
+        self.decoder = decoder
         self.mapper = PrefixMapper(
             visual_dim, embed_dim, prefix_length=prefix_length, num_layers=mapper_layers,
             num_heads=num_heads, dropout=dropout, mode=prefix_mode,

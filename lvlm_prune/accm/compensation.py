@@ -9,6 +9,11 @@ One batch goes through these steps (METHODS.md section 4):
 4. `context_prefix + caption` is spliced right after the image tokens and the frozen LVLM answers from
    the kept visual tokens and the caption.
 
+The caption model is a small GPT-2 built on the LVLM's vocabulary (its captions splice as token ids), or a pretrained
+GPT-2 from `caption_decoder_path` with its own tokenizer (captions then go to the LVLM as text, re-encoded with the
+LVLM's tokenizer). The selector's frozen text encoder is the base LM's embeddings or hidden states, or a CLIP text
+encoder from `selector_encoder_path` with its own tokenizer.
+
 Training is self-supervised. Stage 1 (progress < warmup_fraction) warm-starts the caption model on the
 descriptions the frozen LVLM itself writes from all visual tokens for `describe_instruction`. Stage 2 ranks
 the M candidates by the mean KL(full-token reference || pruned + candidate) of the frozen LVLM's answer
@@ -23,6 +28,7 @@ model's own greedy answer instead).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import zlib
 from dataclasses import dataclass
@@ -33,6 +39,12 @@ from torch import nn
 
 from lvlm_prune.accm.caption_model import CaptionCandidates, CaptionModel
 from lvlm_prune.accm.ranking import answer_kl, caption_and_selector_losses, dpo_loss, preference_pairs, pseudo_labels
+from lvlm_prune.accm.pretrained import (
+    check_caption_decoder,
+    check_clip_text_encoder,
+    load_caption_decoder,
+    load_clip_text_encoder,
+)
 from lvlm_prune.accm.selector import CandidateSelector, MeanPooledTextEncoder, build_selector_inputs
 from lvlm_prune.accm.splice import splice_after_image
 from lvlm_prune.accm.vision_pruning import cls_attention_from_layer, prumerge_plus_select, text_relevance_scores
@@ -46,7 +58,9 @@ from lvlm_prune.runner import GenerationResult, prompt_text_tokens
 VARIANT_MODES = {"accm": "selector", "accm_oracle": "oracle", "accm_random": "random", "accm_prune_only": "prune_only"}
 MODES = ("selector", "oracle", "random", "prune_only")
 VISION_SELECTIONS = ("prumerge", "random", "pool", "visionzip")
-SELECTOR_ENCODERS = ("embeddings", "language_model")
+SELECTOR_ENCODERS = ("embeddings", "language_model", "clip_text")
+# settings a pretrained caption decoder fixes, with the key of its config.json
+CAPTION_SHAPE_KEYS = {"caption_embed_dim": "n_embd", "caption_num_layers": "n_layer", "caption_num_heads": "n_head"}
 OBJECTIVES = ("kl_ce", "dpo")
 
 
@@ -214,21 +228,29 @@ class ACCMCompensation(Compensation):
         vision_selection: pre-LLM selection: 'prumerge' (ACCM's) or a pre-LLM baseline ('random', 'pool',
             'visionzip').
         text_fraction: prumerge's share of the budget left after the outliers given to question-relevant patches.
-        caption_embed_dim: caption decoder width.
+        caption_decoder_path: local directory of a pretrained GPT-2 (`GPT2LMHeadModel` + its tokenizer, Hugging
+            Face layout) to start the caption decoder from; it is trained with the rest of the plug-in and its
+            weights are in the exported plug-in (the directory is read again to rebuild it). The caption model then
+            works in that tokenizer's vocabulary: its instruction is tokenized with it, candidates reach the LVLM
+            and the selector as text, the warm-start targets (the LVLM's descriptions) are re-tokenized into it.
+            None: a decoder built from scratch on the LVLM's vocabulary.
+        caption_embed_dim: caption decoder width. With caption_decoder_path the checkpoint fixes the width, depth
+            and heads: caption_embed_dim, caption_num_layers and caption_num_heads must then stay at their defaults
+            (ignored) or equal the checkpoint's values; another value is refused.
         caption_num_layers: caption decoder layers.
         caption_num_heads: caption decoder and mapper heads.
         caption_prefix_length: P prefix embeddings made from the discarded visual tokens ('queries' mode).
         caption_prefix_mode: 'queries' (ClipCap's P learned queries summarise the discarded tokens) or 'tokens'
             (one prefix embedding per discarded token; the decoder reads them with the instruction in view).
         caption_mapper_layers: transformer layers of the prefix mapper.
-        caption_dropout: dropout of the caption decoder and mapper.
+        caption_dropout: dropout of the caption decoder and mapper (replaces a pretrained decoder's own).
         caption_position_embedding: add a learned embedding of each discarded token's grid position before the
             mapper, which is otherwise a set model: it sees what was discarded, not where.
         caption_position_init_std: initial standard deviation of that embedding (0: zeros). It must be on the
             scale of the visual features to be seen: trained from zero at lr 1e-3 for a few hundred steps it stays
             far below them.
-        caption_initializer_range: std of the caption decoder's initialisation; None = 1/sqrt(caption_embed_dim)
-            (GPT-2's 0.02 suits width 768, not a tiny decoder).
+        caption_initializer_range: std of the caption decoder's initialisation (GPT-2's 0.02). On the embedded
+            default 1/sqrt(width) (0.125) fitted the warm-start targets worse (docs/design.md). Unused with caption_decoder_path.
         max_caption_tokens: longest caption, EOS included (warm-start targets are cut to it as well).
         max_instruction_tokens: the caption model's instruction (describe_instruction with the question) is cut
             to this many tokens.
@@ -241,7 +263,13 @@ class ACCMCompensation(Compensation):
         selector_layers: selector transformer layers.
         selector_heads: selector attention heads.
         selector_encoder: frozen text encoder of the selector: 'embeddings' (mean of the base LM's input
-            embeddings: nearly free) or 'language_model' (mean of the base LM's last hidden states).
+            embeddings: nearly free), 'language_model' (mean of the base LM's last hidden states) or 'clip_text'
+            (the pooled output of the CLIP text encoder at selector_encoder_path: `text_embeds` when the checkpoint
+            has a text projection).
+        selector_encoder_path: local directory of a CLIP text encoder and its tokenizer (a whole CLIP model, a
+            `CLIPTextModelWithProjection` or a `CLIPTextModel`); needed by 'clip_text', ignored otherwise. The
+            encoder is frozen, held outside the plug-in's modules (never trained, never exported: it is reloaded
+            from the path), and reads the selector's input as text cut to its max_position_embeddings tokens.
         selector_question_prefix: text before the question in the selector's input (paper: 'Question:').
         selector_supplement_prefix: text before the candidate (paper: 'Supplemental information:').
         context_prefix: text before the caption in the LVLM prompt.
@@ -267,6 +295,7 @@ class ACCMCompensation(Compensation):
         target_prune_ratio: float = 0.969,
         vision_selection: str = "prumerge",
         text_fraction: float = 0.5,
+        caption_decoder_path: str | None = None,
         caption_embed_dim: int = 128,
         caption_num_layers: int = 2,
         caption_num_heads: int = 4,
@@ -276,7 +305,7 @@ class ACCMCompensation(Compensation):
         caption_dropout: float = 0.1,
         caption_position_embedding: bool = True,
         caption_position_init_std: float = 0.0,
-        caption_initializer_range: float | None = None,
+        caption_initializer_range: float = 0.02,
         max_caption_tokens: int = 24,
         max_instruction_tokens: int = 32,
         num_candidates: int = 3,
@@ -288,6 +317,7 @@ class ACCMCompensation(Compensation):
         selector_layers: int = 1,
         selector_heads: int = 4,
         selector_encoder: str = "embeddings",
+        selector_encoder_path: str | None = None,
         selector_question_prefix: str = "Question:",
         selector_supplement_prefix: str = "Supplemental information:",
         context_prefix: str = "additional information:",
@@ -319,6 +349,9 @@ class ACCMCompensation(Compensation):
             raise ValueError(f"accm max_instruction_tokens={max_instruction_tokens} must be at least 1")
         if selector_encoder not in SELECTOR_ENCODERS:
             raise ValueError(f"accm selector_encoder={selector_encoder!r}; choose one of {SELECTOR_ENCODERS}")
+        if selector_encoder == "clip_text" and selector_encoder_path is None:
+            raise ValueError("accm selector_encoder='clip_text' needs selector_encoder_path (a local directory with a "
+                             "CLIP text encoder and its tokenizer); it is None")
         if objective not in OBJECTIVES:
             raise ValueError(f"accm objective={objective!r}; choose one of {OBJECTIVES}")
         if not 0.0 <= warmup_fraction <= 1.0:
@@ -336,6 +369,7 @@ class ACCMCompensation(Compensation):
         self.target_prune_ratio = target_prune_ratio
         self.vision_selection = vision_selection
         self.text_fraction = text_fraction
+        self.caption_decoder_path = caption_decoder_path
         self.caption_embed_dim, self.caption_num_layers = caption_embed_dim, caption_num_layers
         self.caption_num_heads, self.caption_prefix_length = caption_num_heads, caption_prefix_length
         self.caption_mapper_layers, self.caption_dropout = caption_mapper_layers, caption_dropout
@@ -351,7 +385,7 @@ class ACCMCompensation(Compensation):
         self.sample_temperature, self.sample_top_p = sample_temperature, sample_top_p
         self.selector_hidden, self.selector_layers = selector_hidden, selector_layers
         self.selector_heads = selector_heads
-        self.selector_encoder = selector_encoder
+        self.selector_encoder, self.selector_encoder_path = selector_encoder, selector_encoder_path
         self.selector_question_prefix = selector_question_prefix
         self.selector_supplement_prefix = selector_supplement_prefix
         self.context_prefix = context_prefix
@@ -378,6 +412,11 @@ class ACCMCompensation(Compensation):
     def attach(self, engine: PrunedLlava, tokenizer: Any) -> None:
         if tokenizer is None:
             raise ValueError("accm needs the LVLM's tokenizer (captions are spliced into its prompts as token ids)")
+        # the pretrained parts' directories are checked before anything is built or loaded
+        if self.caption_decoder_path is not None:
+            self._check_caption_shape(check_caption_decoder(self.caption_decoder_path))
+        if self.selector_encoder == "clip_text":
+            check_clip_text_encoder(self.selector_encoder_path)
         self.tokenizer = tokenizer
         self.info: ModelInfo = engine.info
         self.image_token_id = engine.image_token_id
@@ -386,16 +425,22 @@ class ACCMCompensation(Compensation):
             raise ValueError("accm: the tokenizer has no eos_token_id; captions must end with EOS")
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos_token_id
-        self.caption_model = CaptionModel(
-            vocab_size=len(tokenizer), visual_dim=self.info.hidden_size, embed_dim=self.caption_embed_dim,
-            num_layers=self.caption_num_layers, num_heads=self.caption_num_heads,
-            prefix_length=self.caption_prefix_length, mapper_layers=self.caption_mapper_layers,
-            max_length=self.max_instruction_tokens + self.max_caption_tokens + (
-                self.caption_prefix_length if self.caption_prefix_mode == "queries" else self.info.num_visual_tokens),
-            bos_token_id=bos, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-            dropout=self.caption_dropout, prefix_mode=self.caption_prefix_mode,
-            initializer_range=self.caption_initializer_range,
-        )
+        prefix_tokens = (self.caption_prefix_length if self.caption_prefix_mode == "queries"
+                         else self.info.num_visual_tokens)
+        if self.caption_decoder_path is None:
+            self.caption_tokenizer = tokenizer
+            self.caption_eos_token_id, self.caption_pad_token_id = self.eos_token_id, self.pad_token_id
+            self.caption_model = CaptionModel(
+                vocab_size=len(tokenizer), visual_dim=self.info.hidden_size, embed_dim=self.caption_embed_dim,
+                num_layers=self.caption_num_layers, num_heads=self.caption_num_heads,
+                prefix_length=self.caption_prefix_length, mapper_layers=self.caption_mapper_layers,
+                max_length=self.max_instruction_tokens + self.max_caption_tokens + prefix_tokens,
+                bos_token_id=bos, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                dropout=self.caption_dropout, prefix_mode=self.caption_prefix_mode,
+                initializer_range=self.caption_initializer_range,
+            )
+        else:
+            self.caption_model = self._pretrained_caption_model(prefix_tokens)
         if self.caption_position_embedding:
             self.discarded_positions = nn.Embedding(self.info.num_visual_tokens, self.info.hidden_size)
             nn.init.normal_(self.discarded_positions.weight, std=self.caption_position_init_std)
@@ -404,11 +449,16 @@ class ACCMCompensation(Compensation):
             if self.caption_position_embedding:
                 self.reference_discarded_positions = copy.deepcopy(self.discarded_positions).requires_grad_(False)
             self.register_buffer("reference_ready", torch.zeros((), dtype=torch.bool))
-        lm = engine.language_model
-        # the frozen encoder is held outside the module tree: the base never becomes a plug-in parameter
-        self.text_encoder = MeanPooledTextEncoder(lm.embed_tokens if self.selector_encoder == "embeddings" else lm)
+        # the frozen encoder is held outside the module tree: neither the base nor CLIP becomes a plug-in parameter
+        if self.selector_encoder == "clip_text":
+            self.text_encoder = load_clip_text_encoder(self.selector_encoder_path)
+            self.text_dim = self.text_encoder.width
+        else:
+            lm = engine.language_model
+            self.text_encoder = MeanPooledTextEncoder(lm.embed_tokens if self.selector_encoder == "embeddings" else lm)
+            self.text_dim = self.info.hidden_size
         self.encoder_shape = LLMShape.from_config(engine.config.get_text_config())
-        self.selector = CandidateSelector(self.info.hidden_size, hidden=self.selector_hidden,
+        self.selector = CandidateSelector(self.text_dim, hidden=self.selector_hidden,
                                           num_layers=self.selector_layers, num_heads=self.selector_heads)
         question_prefix = self._token_ids(self.selector_question_prefix)
         if self.selector_encoder == "language_model" and tokenizer.bos_token_id is not None:
@@ -416,10 +466,71 @@ class ACCMCompensation(Compensation):
         self.question_prefix_ids = question_prefix
         self.supplement_prefix_ids = self._token_ids(self.selector_supplement_prefix)
         self.context_prefix_ids = self._token_ids(self.context_prefix)
+        # LVLM ids dropped from the frozen LVLM's descriptions (and, on a shared vocabulary, never generated)
         self.suppressed_token_ids = sorted({self.image_token_id} | ({bos} - {self.eos_token_id}))
+        if self.caption_decoder_path is None:
+            self.caption_suppressed_token_ids = self.suppressed_token_ids
+        self._lvlm_special_ids = set(tokenizer.all_special_ids) | {self.image_token_id}
+
+    def _check_caption_shape(self, config: dict[str, Any]) -> None:
+        defaults = inspect.signature(ACCMCompensation.__init__).parameters
+        for setting, key in CAPTION_SHAPE_KEYS.items():
+            value = getattr(self, setting)
+            if value != defaults[setting].default and value != config.get(key):
+                raise ValueError(f"accm {setting}={value} conflicts with caption_decoder_path="
+                                 f"{self.caption_decoder_path!r}, whose config.json has {key}={config.get(key)}; "
+                                 f"the checkpoint fixes the decoder's shape: remove {setting} or set it to "
+                                 f"{config.get(key)}")
+
+    def _pretrained_caption_model(self, prefix_tokens: int) -> CaptionModel:
+        """The caption model on the GPT-2 at caption_decoder_path, in its tokenizer's vocabulary."""
+        path = self.caption_decoder_path
+        decoder, caption_tokenizer = load_caption_decoder(path, self.caption_dropout)
+        eos = caption_tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError(f"accm caption_decoder_path={path!r}: its tokenizer has no eos_token; captions must end "
+                             "with EOS")
+        # GPT-2 has no pad token (and BOS = EOS): candidates are padded with EOS, their masks come from their lengths
+        pad = caption_tokenizer.pad_token_id if caption_tokenizer.pad_token_id is not None else eos
+        bos = caption_tokenizer.bos_token_id if caption_tokenizer.bos_token_id is not None else eos
+        needed = self.max_instruction_tokens + self.max_caption_tokens + prefix_tokens
+        if needed > decoder.config.n_positions:
+            raise ValueError(f"accm max_instruction_tokens + max_caption_tokens + prefix ({needed} tokens) exceeds "
+                             f"the {decoder.config.n_positions} positions of caption_decoder_path={path!r}")
+        self.caption_tokenizer = caption_tokenizer
+        self.caption_eos_token_id, self.caption_pad_token_id = eos, pad
+        vocab = decoder.get_input_embeddings().num_embeddings
+        # special tokens other than EOS, and rows the tokenizer has no token for, are never generated
+        self.caption_suppressed_token_ids = sorted((set(caption_tokenizer.all_special_ids) - {eos})
+                                                   | set(range(len(caption_tokenizer), vocab)))
+        return CaptionModel(
+            vocab_size=vocab, visual_dim=self.info.hidden_size, prefix_length=self.caption_prefix_length,
+            mapper_layers=self.caption_mapper_layers, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+            dropout=self.caption_dropout, prefix_mode=self.caption_prefix_mode, decoder=decoder,
+        )
 
     def _token_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _caption_token_ids(self, text: str) -> list[int]:
+        return list(self.caption_tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def caption_text(self, tokens: Sequence[int]) -> str:
+        """A caption (caption-vocabulary ids, EOS dropped) as text."""
+        return self.caption_tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
+
+    def lvlm_caption_ids(self, tokens: Sequence[int]) -> list[int]:
+        """A caption (caption-vocabulary ids, EOS dropped) as LVLM ids: the same ids on a shared vocabulary, else its
+        text re-encoded with the LVLM tokenizer without the LVLM's special tokens (a caption that spells '<image>'
+        must not add an image token to the prompt)."""
+        if self.caption_decoder_path is None:
+            return list(tokens)
+        return [t for t in self._token_ids(self.caption_text(tokens)) if t not in self._lvlm_special_ids]
+
+    def candidate_tokens(self, candidates: CaptionCandidates, b: int, m: int) -> list[int]:
+        """Candidate m of sample b: caption-vocabulary ids without EOS."""
+        tokens = candidates.token_ids[b, m, : int(candidates.lengths[b, m])].tolist()
+        return tokens[:-1] if tokens and tokens[-1] == self.caption_eos_token_id else tokens
 
     @staticmethod
     def _pad_rows(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,10 +551,11 @@ class ACCMCompensation(Compensation):
         return question
 
     def instructions(self, questions: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, Q) ids and mask of the caption model's instruction (describe_instruction with each question)."""
-        rows = [self._token_ids(self.describe_instruction.format(question=self.question_text(q)))
+        """(B, Q) ids and mask of the caption model's instruction (describe_instruction with each question), in the
+        caption model's vocabulary."""
+        rows = [self._caption_token_ids(self.describe_instruction.format(question=self.question_text(q)))
                 [: self.max_instruction_tokens] for q in questions]
-        return self._pad_rows(rows, self.pad_token_id, device)
+        return self._pad_rows(rows, self.caption_pad_token_id, device)
 
     # ------------------------------------------------------------------ pruning
     def inference_method(self, prune_ratio: float) -> PruningMethod:
@@ -496,13 +608,13 @@ class ACCMCompensation(Compensation):
             ids, mask, self.caption_visual(selection), selection.discarded_mask, num_candidates=self.num_candidates,
             num_beams=self.num_beams, max_new_tokens=self.max_caption_tokens, strategy=self.strategy,
             temperature=self.sample_temperature, top_p=self.sample_top_p,
-            suppress_token_ids=self.suppressed_token_ids, generator=self._sampling_generator(ids.device),
+            suppress_token_ids=self.caption_suppressed_token_ids, generator=self._sampling_generator(ids.device),
             lockstep=self.lockstep,
         )
 
     def caption_inserts(self, candidates: CaptionCandidates, pick: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Token ids of `context_prefix + caption` (EOS dropped): one per sample for `pick` (B,), else all
-        candidates, sample-major (row b * M + m)."""
+        """LVLM token ids of `context_prefix + caption` (EOS dropped; see `lvlm_caption_ids`): one per sample for
+        `pick` (B,), else all candidates, sample-major (row b * M + m)."""
         prefix = torch.tensor(self.context_prefix_ids, dtype=torch.long, device=candidates.token_ids.device)
         batch, num = candidates.lengths.shape
         choices = [(b, int(pick[b])) for b in range(batch)] if pick is not None else \
@@ -510,8 +622,10 @@ class ACCMCompensation(Compensation):
         inserts = []
         for b, m in choices:
             tokens = candidates.token_ids[b, m, : int(candidates.lengths[b, m])]
-            if len(tokens) and int(tokens[-1]) == self.eos_token_id:
+            if len(tokens) and int(tokens[-1]) == self.caption_eos_token_id:
                 tokens = tokens[:-1]
+            if self.caption_decoder_path is not None:
+                tokens = torch.tensor(self.lvlm_caption_ids(tokens.tolist()), dtype=torch.long, device=prefix.device)
             inserts.append(torch.cat([prefix, tokens]))
         return inserts
 
@@ -562,23 +676,47 @@ class ACCMCompensation(Compensation):
 
     def selector_scores(self, batch: dict[str, Any],
                         candidates: CaptionCandidates) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, M) selector scores and (B, M) token counts of the encoded selector inputs."""
+        """(B, M) selector scores and (B, M) token counts of the encoded selector inputs ('clip_text': in CLIP's
+        tokens)."""
         batch_size, num = candidates.lengths.shape
+        if self.selector_encoder == "clip_text":
+            captions = [self.caption_text(self.candidate_tokens(candidates, b, m))
+                        for b in range(batch_size) for m in range(num)]
+            texts = [self.selector_text(batch["questions"][i // num], caption) for i, caption in enumerate(captions)]
+            features, lengths = self.text_encoder(texts, candidates.token_ids.device)
+            return self.selector(features.reshape(batch_size, num, -1)), lengths.reshape(batch_size, num)
         questions = [torch.tensor(self._token_ids(self.question_text(q)), dtype=torch.long) for q in batch["questions"]]
-        ids, mask = build_selector_inputs(questions, candidates.token_ids, self.question_prefix_ids,
+        candidate_ids = candidates.token_ids
+        if self.caption_decoder_path is not None:
+            rows = [self.lvlm_caption_ids(self.candidate_tokens(candidates, b, m))
+                    for b in range(batch_size) for m in range(num)]
+            candidate_ids = self._pad_rows(rows, self.pad_token_id, candidate_ids.device)[0]
+            candidate_ids = candidate_ids.reshape(batch_size, num, -1)
+        ids, mask = build_selector_inputs(questions, candidate_ids, self.question_prefix_ids,
                                           self.supplement_prefix_ids, self.pad_token_id, self.eos_token_id)
         features = self.text_encoder(ids, mask).reshape(batch_size, num, -1)
         return self.selector(features), mask.sum(1).reshape(batch_size, num)
 
+    def selector_text(self, question: str, caption: str) -> str:
+        """The selector's input as text (for 'clip_text'): question prefix, question, supplement prefix, caption."""
+        parts = (self.selector_question_prefix, self.question_text(question), self.selector_supplement_prefix, caption)
+        return " ".join(part.strip() for part in parts if part.strip())
+
     # ------------------------------------------------------------------ warm start
     def _caption_from_generation(self, tokens: list[int]) -> list[int]:
+        """A warm-start target from the frozen LVLM's generated ids: in the caption model's vocabulary (re-encoded
+        from the text when it has its own, without its special tokens), cut to max_caption_tokens, EOS last."""
         caption = []
         for token in tokens:
             if token == self.eos_token_id:
                 break
             if token not in self.suppressed_token_ids and token != self.pad_token_id:
                 caption.append(token)
-        return caption[: self.max_caption_tokens - 1] + [self.eos_token_id]
+        if self.caption_decoder_path is not None:
+            special = set(self.caption_tokenizer.all_special_ids) | set(self.caption_suppressed_token_ids)
+            text = self.tokenizer.decode(caption, skip_special_tokens=True).strip()
+            caption = [t for t in self._caption_token_ids(text) if t not in special]
+        return caption[: self.max_caption_tokens - 1] + [self.caption_eos_token_id]
 
     def describe_prompts(self, batch: dict[str, Any], rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompts asking the frozen LVLM `describe_instruction` about the image of each sample in
@@ -603,8 +741,8 @@ class ACCMCompensation(Compensation):
     @torch.no_grad()
     def warm_start_captions(self, engine: PrunedLlava, batch: dict[str, Any],
                             selection: VisualSelection) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) caption targets and mask: the frozen LVLM's greedy answer to the describe prompt with all visual
-        tokens, cut at EOS (kept) or at max_caption_tokens; cached per question id."""
+        """(B, T) caption targets and mask, in the caption model's vocabulary: the frozen LVLM's greedy answer to the
+        describe prompt with all visual tokens, cut at EOS (kept) or at max_caption_tokens; cached per question id."""
         question_ids = [str(q) for q in batch["question_ids"]]
         missing = [b for b, q in enumerate(question_ids) if q not in self._describe_cache]
         # lockstep: every rank generates (a cached batch regenerates its first row) for the full length
@@ -617,7 +755,7 @@ class ACCMCompensation(Compensation):
                                         pad_token_id=self.pad_token_id, visual_inputs=(selection.features[index], ()))
             for row, b in enumerate(rows):
                 self._describe_cache[question_ids[b]] = self._caption_from_generation(tokens[row].tolist())
-        return self._pad_rows([self._describe_cache[q] for q in question_ids], self.pad_token_id,
+        return self._pad_rows([self._describe_cache[q] for q in question_ids], self.caption_pad_token_id,
                               selection.features.device)
 
     # ------------------------------------------------------------------ training
@@ -775,18 +913,22 @@ class ACCMCompensation(Compensation):
         return self._flops_cache[key]
 
     def selector_flops(self, input_lengths: torch.Tensor) -> torch.Tensor:
-        """(B,) selector FLOPs per sample: the frozen text encoder on every candidate's input (0 matmul FLOPs for
-        'embeddings'; the base LM's exact prefill count without LM head for 'language_model') + the selector
-        transformer on the M features (module_flops)."""
+        """(B,) selector FLOPs per sample: the frozen text encoder on every candidate's input (`input_lengths` (B, M)
+        tokens of its own tokenizer; 0 matmul FLOPs for 'embeddings'; the base LM's exact prefill count without LM head
+        for 'language_model'; the CLIP text encoder's exact count, `CLIPTextEncoder.flops`, for 'clip_text') + the
+        selector transformer on the M features (module_flops)."""
         num = input_lengths.shape[1]
         key = ("selector", num)
         if key not in self._flops_cache:
             device = next(self.selector.parameters()).device
-            self._flops_cache[key] = _module_flops_unfused(self.selector, torch.zeros(1, num, self.info.hidden_size,
+            self._flops_cache[key] = _module_flops_unfused(self.selector, torch.zeros(1, num, self.text_dim,
                                                                                        device=device))
         encoder = torch.zeros(input_lengths.shape, dtype=torch.float64)
         if self.selector_encoder == "language_model":
             zeros = [0.0] * self.encoder_shape.num_layers
             encoder = torch.tensor([[llm_prefill_flops(self.encoder_shape, float(n), zeros, "exact") for n in row]
                                     for row in input_lengths.tolist()], dtype=torch.float64)
+        elif self.selector_encoder == "clip_text":
+            encoder = torch.tensor([[self.text_encoder.flops(n) for n in row] for row in input_lengths.tolist()],
+                                   dtype=torch.float64)
         return (encoder.sum(1) + self._flops_cache[key]).float().to(input_lengths.device)

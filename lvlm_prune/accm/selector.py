@@ -1,15 +1,16 @@
 """ACCM's candidate selector.
 
 Each candidate caption is encoded as `"Question: <q> Supplemental information: <caption>"` by a
-frozen text encoder (mean of its last hidden states over the real tokens); a small transformer over
-the M candidate features of a sample scores them, and the argmax is spliced into the LVLM prompt.
+frozen text encoder (mean of a language model's last hidden states over the real tokens, or a CLIP
+text encoder's pooled output); a small transformer over the M candidate features of a sample scores
+them, and the argmax is spliced into the LVLM prompt.
 The transformer has no position embedding: the candidates are a set, and the scores permute with
 them.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -115,6 +116,67 @@ class MeanPooledTextEncoder:
             weights = mask.to(hidden.dtype)[..., None]
             pooled.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0))
         return torch.cat(pooled, 0)
+
+
+class CLIPTextEncoder:
+    """A frozen CLIP text encoder with its own tokenizer: texts in, pooled features out (the projected `text_embeds`
+    of a `CLIPTextModelWithProjection`, the EOS-pooled output of a `CLIPTextModel`), without grad.
+
+    Like `MeanPooledTextEncoder` it is not an `nn.Module`: the encoder stays out of the plug-in's parameters, its
+    optimiser and its exported weights (it is reloaded from its path). It follows the inputs to their device.
+
+    Args:
+        model: a transformers `CLIPTextModel` or `CLIPTextModelWithProjection`; frozen and put in eval mode here.
+        tokenizer: its tokenizer; it must add BOS and EOS (CLIP pools at EOS). Texts are right-padded and cut to the
+            model's `max_position_embeddings`.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+        self.model = model.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        projection = getattr(model, "text_projection", None)
+        config = model.config
+        self.hidden_size, self.intermediate_size = config.hidden_size, config.intermediate_size
+        self.num_layers = config.num_hidden_layers
+        self.projection_dim = projection.out_features if projection is not None else None
+        self.width = self.projection_dim or self.hidden_size
+        self.max_length = config.max_position_embeddings
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, L) ids and (N, L) mask of `texts`, with the tokenizer's BOS/EOS, right-padded, cut to max_length."""
+        encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                 padding_side="right", return_tensors="pt")
+        return encoded["input_ids"], encoded["attention_mask"]
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str],
+                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args:
+            texts: N strings.
+            device: where the features go (the model moves there on first use); None = the model's device.
+
+        Returns:
+            (N, width) float32 features and (N,) token counts (BOS and EOS included).
+        """
+        ids, mask = self.tokenize(texts)
+        parameter = next(self.model.parameters())
+        device = parameter.device if device is None else torch.device(device)
+        if parameter.device != device:
+            self.model.to(device)
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        features = out.text_embeds if self.projection_dim is not None else out.pooler_output
+        return features.float(), mask.sum(1).to(device)
+
+    def flops(self, tokens: float) -> float:
+        """Forward FLOPs on one text of `tokens` tokens, counted like the vision tower (2 per multiply-add, the full
+        T x T attention SDPA computes): per layer q/k/v/o `8 T D^2`, attention `4 T^2 D`, MLP `4 T D I`; plus the
+        text projection `2 D P` on the pooled token. Embedding lookups, norms and activations count 0."""
+        t, d = float(tokens), self.hidden_size
+        per_layer = 8 * t * d * d + 4 * t * t * d + 4 * t * d * self.intermediate_size
+        projection = 2 * d * self.projection_dim if self.projection_dim is not None and t > 0 else 0
+        return float(self.num_layers * per_layer + projection)
 
 
 def build_selector_inputs(

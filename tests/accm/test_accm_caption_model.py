@@ -129,11 +129,12 @@ def test_caption_loss_decreases_when_overfitting_two_samples():
     assert losses[-1] < 0.5 * losses[0]
 
 
-@pytest.mark.parametrize("initializer_range, expected", [(None, 32**-0.5), (0.02, 0.02)])
-def test_decoder_initialisation_scales_with_width_unless_given(initializer_range, expected):
+@pytest.mark.parametrize("initializer_range, expected", [(None, 0.02), (32**-0.5, 32**-0.5)])
+def test_decoder_initialisation_is_gpt2s_unless_given(initializer_range, expected):
     torch.manual_seed(0)
+    given = {} if initializer_range is None else {"initializer_range": initializer_range}
     model = CaptionModel(vocab_size=VOCAB, visual_dim=VISUAL_DIM, embed_dim=32, num_layers=1, num_heads=2,
-                         prefix_length=4, mapper_layers=1, initializer_range=initializer_range)
+                         prefix_length=4, mapper_layers=1, **given)
     attention = model.decoder.transformer.h[0].attn.c_attn.weight
     assert model.decoder.config.initializer_range == pytest.approx(expected)
     assert attention.std().item() == pytest.approx(expected, rel=0.05)
