@@ -67,6 +67,17 @@ class LVLMPruneCLI(LightningCLI):
             rank_zero_warn(f"--ckpt_path {ckpt_path}: the config sets model.init_args {differing} differently from the "
                            "run that wrote the checkpoint; the config's values are used")
 
+    def instantiate_classes(self) -> None:
+        """A constructor's error reaches the user as itself: jsonargparse wraps it in a ValueError per subtype it tried,
+        with the whole settings namespace (hundreds of lines around the one that names the file or setting)."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            cause = _constructor_error(error)
+            if cause is None:
+                raise
+            raise cause.with_traceback(cause.__traceback__) from None
+
     def _instantiate_trainer(self, config, callbacks):
         if config.get("enable_progress_bar") is False:  # the forced bar would contradict the setting
             callbacks = [c for c in callbacks if not isinstance(c, TQDMProgressBar)]
@@ -88,6 +99,15 @@ class LVLMPruneCLI(LightningCLI):
                            "finds its checkpoints only under a fixed logger version or checkpoint.dirpath)")
         else:
             rank_zero_info(f"--ckpt_path auto: resuming from {config['ckpt_path']}")
+
+
+def _constructor_error(error: BaseException) -> BaseException | None:
+    """The exception under jsonargparse's instantiation wrappers, or None when `error` is not such a wrapper."""
+    wrappers = ("Does not validate against any of the Union subtypes", "Problem with given class_path")
+    cause = error
+    while isinstance(cause, ValueError) and cause.__cause__ is not None and any(w in str(cause) for w in wrappers):
+        cause = cause.__cause__
+    return cause if cause is not error else None
 
 
 def _plain(value: Any) -> Any:
