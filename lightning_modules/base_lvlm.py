@@ -9,9 +9,12 @@ import lightning as L
 import torch
 
 from lightning_modules.common import (
+    BASE_TRAINING_MEMORY_SETTINGS,
+    EVALUATION_MEMORY_SETTINGS,
     decode_answers,
     exact_match,
     log_accuracy,
+    out_of_memory_advice,
     prediction_records,
     score,
 )
@@ -97,9 +100,16 @@ class BaseLVLMModule(L.LightningModule):
         ).logits
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = answer_cross_entropy(self(batch), batch["labels"])
+        with out_of_memory_advice("the training step", BASE_TRAINING_MEMORY_SETTINGS):
+            loss = answer_cross_entropy(self(batch), batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        # the closure runs the training step and its backward pass; the step itself allocates AdamW's moments
+        with out_of_memory_advice("the training step, its backward pass or the optimizer step",
+                                  BASE_TRAINING_MEMORY_SETTINGS):
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
     def generate(self, batch: dict[str, Any]) -> list[str]:
         tokenizer = self.processor.tokenizer
@@ -112,9 +122,11 @@ class BaseLVLMModule(L.LightningModule):
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> list[str]:
         size = batch["pixel_values"].shape[0]
-        if "labels" in batch:
-            self.log(f"{stage}/loss", answer_cross_entropy(self(batch), batch["labels"]), batch_size=size, sync_dist=True)
-        predictions = self.generate(batch)
+        with out_of_memory_advice(f"the {stage} step", EVALUATION_MEMORY_SETTINGS):
+            if "labels" in batch:
+                loss = answer_cross_entropy(self(batch), batch["labels"])
+                self.log(f"{stage}/loss", loss, batch_size=size, sync_dist=True)
+            predictions = self.generate(batch)
         metric = self.val_accuracy if stage == "val" else self.test_accuracy
         score(metric, predictions, batch)
         return predictions

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,3 +51,33 @@ def log_accuracy(module: Any, metric: ExactMatchAccuracy, stage: str) -> dict[st
     module.log(f"{stage}/acc", values["acc"], prog_bar=True)
     module.log_dict({f"{stage}/{k}": v for k, v in values.items() if k != "acc"})
     return values
+
+
+# What lowers memory, by where it ran out (the training step's backward needs more than generation).
+TRAINING_MEMORY_SETTINGS = (
+    "Lower data.init_args.batch_size (raise trainer.accumulate_grad_batches to keep the effective batch), lower "
+    "data.init_args.max_length, load the base quantised (model.init_args.quantization: 4bit or 8bit), or add a "
+    "DeepSpeed preset (--config configs/trainer/deepspeed_zero2.yaml, or deepspeed_zero3.yaml, which also partitions "
+    "the frozen base)"
+)
+EVALUATION_MEMORY_SETTINGS = (
+    "Lower data.init_args.eval_batch_size, lower data.init_args.max_length, or load the base quantised "
+    "(model.init_args.quantization: 4bit or 8bit)"
+)
+# The from-scratch base trains every weight: quantising it is not an option.
+BASE_TRAINING_MEMORY_SETTINGS = (
+    "Lower data.init_args.batch_size (raise trainer.accumulate_grad_batches to keep the effective batch), lower "
+    "data.init_args.max_length, or add a DeepSpeed preset (--config configs/trainer/deepspeed_zero2.yaml)"
+)
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(where: str, settings: str = TRAINING_MEMORY_SETTINGS) -> Iterator[None]:
+    """Re-raise an out-of-memory error (CUDA, or the CPU allocator's) with the settings that lower memory."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
+        advised = str(error).startswith("out of memory in ")
+        if advised or not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
+            raise
+        raise type(error)(f"out of memory in {where}. {settings}\n{error}") from error

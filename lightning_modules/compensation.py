@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 
+from lightning_modules.common import EVALUATION_MEMORY_SETTINGS, out_of_memory_advice
 from lightning_modules.frozen_base import FrozenBaseModule
 from lvlm_prune.compensation import Compensation
 from lvlm_prune.rcp.schedules import WarmupCosineLambda
@@ -24,14 +25,6 @@ from lvlm_prune.runner import GenerationResult, generate_with_method
 log = logging.getLogger(__name__)
 
 BASE_PREFIX = "base."
-
-OUT_OF_MEMORY_ADVICE = (
-    "out of memory in {where}. Lower data.init_args.batch_size (raise trainer.accumulate_grad_batches to keep "
-    "the effective batch), lower data.init_args.max_length, load the base quantised "
-    "(model.init_args.quantization: 4bit or 8bit), or add a DeepSpeed preset (--config "
-    "configs/trainer/deepspeed_zero2.yaml, or deepspeed_zero3.yaml, which also partitions the frozen base)"
-)
-
 
 class CompensationModule(FrozenBaseModule):
     """A frozen base + a trainable compensation plug-in. Only the plug-in's parameters train, and only they
@@ -132,7 +125,7 @@ class CompensationModule(FrozenBaseModule):
         # calls: they decode max_new_tokens steps whatever EOS says, and the tokens after EOS are padded here.
         lockstep = self.compensation.lockstep = self._lockstep()
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        with out_of_memory_advice("generation"):
+        with out_of_memory_advice("generation", EVALUATION_MEMORY_SETTINGS):
             if name not in self.plugin_method_names():
                 result = generate_with_method(self.engine, batch, self.make_method(name, prune_ratio),
                                               self.hparams.max_new_tokens, None if lockstep else eos, pad)
@@ -202,7 +195,7 @@ class CompensationModule(FrozenBaseModule):
         optimizer.step(closure=lambda: loss)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        with out_of_memory_advice("the validation step"):
+        with out_of_memory_advice("the validation step", EVALUATION_MEMORY_SETTINGS):
             super().validation_step(batch, batch_idx)
 
     def _step_seed(self, batch_idx: int) -> int:
@@ -254,18 +247,6 @@ class CompensationModule(FrozenBaseModule):
             raise ValueError(f"this checkpoint does not fit the configured {self.compensation.name} plug-in: missing "
                              f"{missing[:5]}, unexpected {unexpected[:5]} (check model.compensation against the run "
                              f"that wrote it)")
-
-
-@contextlib.contextmanager
-def out_of_memory_advice(where: str) -> Iterator[None]:
-    """Re-raise an out-of-memory error (CUDA, or the CPU allocator's) with the settings that lower memory."""
-    try:
-        yield
-    except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
-        advised = str(error).startswith("out of memory in ")
-        if advised or not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
-            raise
-        raise type(error)(f"{OUT_OF_MEMORY_ADVICE.format(where=where)}\n{error}") from error
 
 
 def pad_after_eos(tokens: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:

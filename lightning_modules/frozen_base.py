@@ -8,7 +8,15 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_modules.common import decode_answers, exact_match, log_accuracy, prediction_records, score
+from lightning_modules.common import (
+    EVALUATION_MEMORY_SETTINGS,
+    decode_answers,
+    exact_match,
+    log_accuracy,
+    out_of_memory_advice,
+    prediction_records,
+    score,
+)
 from lvlm_prune.baselines import TRAINING_FREE_METHODS, build_method
 from lvlm_prune.engine import PrunedLlava
 from lvlm_prune.modeling.loading import freeze, load_base_model
@@ -89,8 +97,10 @@ class FrozenBaseModule(L.LightningModule):
 
     @torch.no_grad()
     def generate_with(self, batch: dict[str, Any], name: str, prune_ratio: float) -> GenerationResult:
-        return generate_with_method(self.engine, batch, self.make_method(name, prune_ratio), self.hparams.max_new_tokens,
-                                    self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        with out_of_memory_advice("generation", EVALUATION_MEMORY_SETTINGS):
+            return generate_with_method(self.engine, batch, self.make_method(name, prune_ratio),
+                                        self.hparams.max_new_tokens, self.tokenizer.eos_token_id,
+                                        self.tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------ evaluation loop
     def _evaluate(self, batch: dict[str, Any], stage: str) -> list[str]:

@@ -193,3 +193,18 @@ def test_an_impossible_evaluation_setting_is_named_before_any_work(tiny_base_dir
     module = make_module(tiny_base_dir, data, eval_prune_ratio=1.0)
     with pytest.raises(ValueError, match=r"model.eval_method='rcp' at model.eval_prune_ratio=1.0: .*must be in \[0, 1\)"):
         module.setup("test")
+
+
+def test_out_of_memory_in_a_sweep_names_the_evaluation_settings(tiny_base_dir, data, monkeypatch):
+    from lightning_modules.frozen_base import FrozenBaseModule
+
+    module = FrozenBaseModule(str(tiny_base_dir), processor=data.processor, categories=data.categories)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(module.engine, "generate", out_of_memory)
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))
+    with pytest.raises(torch.OutOfMemoryError, match=r"out of memory in generation\. Lower data.init_args.eval_batch_size"):
+        module.generate_with(batch, "fastv", 0.5)

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from torchmetrics import SumMetric
 
 from callbacks.resume import ResumableDataOrder, ResumableGroupedSampler, ResumableSampler, resume_checkpoint
-from lightning_modules.compensation import out_of_memory_advice, pad_after_eos
+from lightning_modules.common import EVALUATION_MEMORY_SETTINGS, out_of_memory_advice
+from lightning_modules.compensation import pad_after_eos
 from lightning_modules.strategies import AtomicCheckpointIO, CPUDeepSpeedStrategy, _convert_module_keeping_metric_states
 from lvlm_prune.data import LengthGroupedSampler
 from ops_helpers import ROOT
@@ -181,6 +182,12 @@ def test_out_of_memory_names_the_settings_to_lower(error):
                     "model.init_args.quantization", "configs/trainer/deepspeed_zero2.yaml"):
         assert setting in message
     assert str(error) in message and "in the training step" in message
+
+
+def test_out_of_memory_in_generation_names_the_evaluation_settings():
+    with pytest.raises(torch.OutOfMemoryError, match=r"^out of memory in generation\. Lower data.init_args.eval_batch_size"):
+        with out_of_memory_advice("generation", EVALUATION_MEMORY_SETTINGS):
+            raise torch.OutOfMemoryError("CUDA out of memory.")
 
 
 def test_other_runtime_errors_pass_unchanged():
