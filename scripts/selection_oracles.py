@@ -1,7 +1,8 @@
 """Which visual tokens does a trained base answer from? Oracle selections beside real methods, on the synthetic test split.
 
     python scripts/selection_oracles.py --run-dir runs/demo [--num 512] [--keep 7] [--objects LOW HIGH]
-        [--methods full random relevant_fill relevant_objects visionzip rcp q2v_by_layer gradient_signal] [--rcp-plugin FILE]
+        [--methods full random relevant_fill relevant_objects visionzip rcp q2v_by_layer gradient_signal base_attention]
+        [--attention-layers 9] [--rcp-plugin FILE]
 
 The oracles use the generator's knowledge of which objects each answer needs (so they exist only on the synthetic
 benchmark) and keep `--keep` visual tokens before the LLM: 'relevant_fill' the tokens of those objects, then random
@@ -12,7 +13,9 @@ of the needed tokens it kept, and how well each term of its keep logit ranks the
 objects' (pairwise AUC per question, averaged; 0.5 = no question conditioning). 'q2v_by_layer' prints the same AUC for
 the base's own question->visual attention at every decoder layer (where in the LLM the question finds its objects);
 'gradient_signal' the same AUC for the gradient of the answer loss with respect to each token's keep weight (on
-training questions, random object tokens kept), the signal RCP's straight-through pruner learns from.
+training questions, random object tokens kept), the signal RCP's straight-through pruner learns from;
+'base_attention' keeps the tokens the full-token base's own question->visual attention at `--attention-layers` ranks
+highest (a label-free target a pruner could be distilled towards).
 Prints accuracy overall and per question family.
 """
 
@@ -113,26 +116,51 @@ def gradient_signal(engine: PrunedLlava, base: str, num: int, keep: int, scenes:
           + ", ".join(f"{k} tokens {sum(v) / len(v):.3f} (n = {len(v)})" for k, v in aucs.items()), flush=True)
 
 
-class OracleSelection(PruningMethod):
-    """Keeps `keep` tokens before the LLM: the needed objects' first, then (optionally) other objects, then random."""
+class TopKBeforeLLM(PruningMethod):
+    """Keeps the `keep` highest-scoring visual tokens before the LLM; `scores(ctx)` gives (B, N) scores."""
 
-    def __init__(self, keep: int, objects_next: bool, cells: dict[str, tuple[list[int], list[int]]], seed: int = 0):
+    def __init__(self, keep: int, scores=None):
         super().__init__(0.0)
-        self.keep, self.objects_next, self.cells = keep, objects_next, cells
-        self.question_ids: list[str] = []
-        self.generator = torch.Generator().manual_seed(seed)
+        self.keep, self._scores = keep, scores
 
     def planned_visual_tokens(self) -> list[float]:
         return [float(self.keep)] * self.info.num_layers
 
+    def scores(self, ctx) -> torch.Tensor:
+        return self._scores
+
     def before_llm(self, ctx):
+        return top_k_mask(self.scores(ctx), ctx.visual_valid, self.keep)
+
+
+class OracleSelection(TopKBeforeLLM):
+    """Keeps `keep` tokens before the LLM: the needed objects' first, then (optionally) other objects, then random."""
+
+    def __init__(self, keep: int, objects_next: bool, cells: dict[str, tuple[list[int], list[int]]], seed: int = 0):
+        super().__init__(keep)
+        self.objects_next, self.cells = objects_next, cells
+        self.question_ids: list[str] = []
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def scores(self, ctx) -> torch.Tensor:
         scores = torch.rand(ctx.visual_features.shape[:2], generator=self.generator)
         for row, question_id in enumerate(self.question_ids):
             needed, objects = self.cells[question_id]
             if self.objects_next:
                 scores[row, objects] += 5.0
             scores[row, needed] = 10.0
-        return top_k_mask(scores, ctx.visual_valid, self.keep)
+        return scores
+
+
+def base_attention_selection(engine: PrunedLlava, batch: dict, layers: list[int], keep: int) -> TopKBeforeLLM:
+    """The `keep` tokens the full-token base's question->visual attention at `layers` (log, summed) ranks highest:
+    the best a pruner distilled from the base's own attention could pick, without any label."""
+    method = QuestionAttentionByLayer(engine.info.num_layers)
+    with torch.no_grad():
+        engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
+               batch["prompt_position_ids"], method=method, logits="none")
+    scores = sum(method.attention[layer].clamp_min(1e-9).log() for layer in layers)
+    return TopKBeforeLLM(keep, scores)
 
 
 def main() -> None:
@@ -144,7 +172,9 @@ def main() -> None:
                         help="objects per test scene (default: the benchmark's; 4 7 for runs before session 5)")
     parser.add_argument("--methods", nargs="+",
                         default=["full", "random", "relevant_fill", "relevant_objects", "visionzip", "rcp"],
-                        help="also: q2v_by_layer, gradient_signal, and any training-free method of the engine")
+                        help="also: q2v_by_layer, gradient_signal, base_attention, and any training-free method of the engine")
+    parser.add_argument("--attention-layers", type=int, nargs="+", default=[9],
+                        help="decoder layers whose question->visual attention 'base_attention' ranks by (default: 9)")
     parser.add_argument("--rcp-plugin", default=None,
                         help="RCP plug-in weights (default: <run-dir>/rcp_r0.889/plugin.safetensors)")
     args = parser.parse_args()
@@ -204,6 +234,8 @@ def main() -> None:
             if name == "rcp":
                 method, runner = rcp_module.compensation.inference_method(ratio), engine
                 terms.clear()
+            elif name == "base_attention":
+                method, runner = base_attention_selection(engine, batch, args.attention_layers, args.keep), engine
             elif name in ("relevant_fill", "relevant_objects"):
                 method, runner = OracleSelection(args.keep, name == "relevant_objects", cells), engine
                 method.question_ids = batch["question_ids"]

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
@@ -25,17 +24,10 @@ from transformers import (
 )
 
 from lvlm_prune.accm.compensation import ACCMCompensation
-from lvlm_prune.data import VQACollator, VQAExample
-from lvlm_prune.engine import PrunedLlava
 from lvlm_prune.flops import module_flops
-from lvlm_prune.modeling import TinyLlavaSpec, build_tiny_llava
-from lvlm_prune.modeling.loading import freeze
-from lvlm_prune.modeling.prompt import TINY_DEFAULT
-from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
 
-WORDS = ("what color is the object at 1 2 3 4 ? red blue green square circle describe objects that matter for : "
-         "additional information ; yes no").split()
-RATIO = 0.875  # keeps 2 of 16 visual tokens
+from test_accm_compensation import RATIO, WORDS, setup  # noqa: F401  (the tiny LVLM fixture, shared)
+
 EOT, SOT, UNK = "<|endoftext|>", "<|startoftext|>", "[UNK]"
 
 
@@ -83,24 +75,6 @@ def save_tiny_clip(directory, words=WORDS, hidden=16, layers=1, kind="projection
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    tokenizer = build_word_tokenizer(WORDS)
-    processor = build_processor(tokenizer, image_size=32, patch_size=8)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    spec = TinyLlavaSpec(image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=2, vision_heads=2,
-                         hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
-                         max_position_embeddings=256, vision_feature_layer=-2)
-    model = freeze(build_tiny_llava(spec, vocab_size=len(tokenizer), image_token_id=image_token_id, seed=0))
-    collator = VQACollator(processor, TINY_DEFAULT, image_token_id)
-    examples = [
-        VQAExample("q0", Image.new("RGB", (32, 32), (230, 40, 40)), "what color is the object at 1 2 ?", "red"),
-        VQAExample("q1", Image.new("RGB", (32, 32), (50, 90, 240)), "what color is the object at 3 4 ?", "blue"),
-        VQAExample("q2", Image.new("RGB", (32, 32), (40, 200, 60)), "is the object a circle ?", "yes no"),
-    ]
-    return tokenizer, PrunedLlava(model), collator(examples)
 
 
 @pytest.fixture(scope="module")
