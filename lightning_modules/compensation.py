@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BASE_PREFIX = "base."
 
+
 class CompensationModule(FrozenBaseModule):
     """A frozen base + a trainable compensation plug-in. Only the plug-in's parameters train, and only they
     are saved in checkpoints (a 7B base is never copied into every checkpoint); a checkpoint records the

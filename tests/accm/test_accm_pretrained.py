@@ -26,7 +26,10 @@ from transformers import (
 from lvlm_prune.accm.compensation import ACCMCompensation
 from lvlm_prune.flops import module_flops
 
-from test_accm_compensation import RATIO, WORDS, setup  # noqa: F401  (the tiny LVLM fixture, shared)
+import test_accm_compensation as tiny_lvlm
+
+RATIO, WORDS = tiny_lvlm.RATIO, tiny_lvlm.WORDS
+setup = tiny_lvlm.setup  # the tiny LVLM fixture, shared
 
 EOT, SOT, UNK = "<|endoftext|>", "<|startoftext|>", "[UNK]"
 
