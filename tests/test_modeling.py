@@ -28,8 +28,6 @@ def test_tokenizer_and_processor_round_trip(tmp_path):
 
 
 def test_save_pretrained_then_from_pretrained_gives_identical_logits(tiny_base_dir):
-    from conftest import make_batch
-
     model = load_base_model(tiny_base_dir).eval()
     again = load_base_model(tiny_base_dir).eval()
     config = model.config

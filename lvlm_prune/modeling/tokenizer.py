@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import LlavaProcessor, PreTrainedTokenizerFast
 
 from lvlm_prune.modeling.prompt import IMAGE_PLACEHOLDER
 
