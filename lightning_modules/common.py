@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lvlm_prune.evaluation.metrics import ExactMatchAccuracy
+from lvlm_prune.evaluation.metrics import ExactMatchAccuracy, stable_id
 from lvlm_prune.evaluation.normalize import normalize_answer
 
 
@@ -38,8 +38,10 @@ def score(metric: ExactMatchAccuracy, predictions: list[str], batch: dict[str, A
     if not keep:
         return
     categories = [batch["categories"][i] for i in keep] if metric.categories else None
+    # by question id: a distributed sampler repeats items to even out the ranks, and a repeat must count once
+    ids = [stable_id(str(batch["question_ids"][i])) for i in keep] if "question_ids" in batch else None
     metric.update([normalize_answer(predictions[i]) for i in keep],
-                  [normalize_answer(batch["answers"][i]) for i in keep], categories)
+                  [normalize_answer(batch["answers"][i]) for i in keep], categories, ids)
 
 
 def log_accuracy(module: Any, metric: ExactMatchAccuracy, stage: str) -> dict[str, float]:

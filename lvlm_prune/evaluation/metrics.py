@@ -81,7 +81,12 @@ def stable_id(text: str) -> int:
 
 
 class _CategorisedMean(Metric):
-    """Mean of per-item scores in [0, 1], overall and per category (states: sums of fixed size)."""
+    """Mean of per-item scores in [0, 1], overall and per category (states: sums of fixed size).
+
+    Items given with `ids` are kept per item instead (concatenated across processes) and counted once per id:
+    Lightning's distributed sampler pads every rank's share of a validation or test set by repeating items, and
+    those repeats must not count twice.
+    """
 
     is_differentiable = False
     higher_is_better = True
@@ -95,14 +100,25 @@ class _CategorisedMean(Metric):
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("category_score_sum", torch.zeros(num, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("category_count", torch.zeros(num, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("item_ids", [], dist_reduce_fx="cat")
+        self.add_state("item_scores", [], dist_reduce_fx="cat")
+        self.add_state("item_categories", [], dist_reduce_fx="cat")
 
-    def _add_scores(self, scores: Sequence[float], categories: Sequence[str] | None) -> None:
+    def _add_scores(self, scores: Sequence[float], categories: Sequence[str] | None,
+                    ids: Sequence[int] | None = None) -> None:
         if self.categories and categories is None:
             raise ValueError(f"categories are required: this metric was built with categories {list(self.categories)}")
         if not self.categories and categories is not None:
             raise ValueError("categories were given but this metric was built with categories=None")
         device = self.score_sum.device
         values = torch.tensor(list(scores), dtype=torch.float64, device=device)
+        if ids is not None:
+            _check_lengths(scores=list(scores), ids=ids)
+            index = _indices_of(categories, self.categories, "categories") if categories is not None else [-1] * len(ids)
+            self.item_ids.append(torch.tensor(list(ids), dtype=torch.long, device=device))
+            self.item_scores.append(values)
+            self.item_categories.append(torch.tensor(index, dtype=torch.long, device=device))
+            return
         self.score_sum += values.sum()
         self.count += values.numel()
         if categories is not None:
@@ -112,8 +128,25 @@ class _CategorisedMean(Metric):
             self.category_count.index_add_(0, index, torch.ones_like(index))
 
     def compute(self) -> dict[str, Tensor]:
-        result = {"acc": _ratio(self.score_sum, self.count)}
-        per_category = _ratio(self.category_score_sum, self.category_count)
+        score_sum, count = self.score_sum.clone(), self.count.clone()
+        category_score_sum, category_count = self.category_score_sum.clone(), self.category_count.clone()
+        ids = _cat_or_empty(self.item_ids, torch.long)
+        if ids.numel():
+            scores = _cat_or_empty(self.item_scores, torch.float64)
+            categories = _cat_or_empty(self.item_categories, torch.long)
+            # the first occurrence of each id (a repeat scores the same answer again)
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            order = torch.arange(ids.numel(), device=ids.device)
+            first = torch.full((unique.numel(),), ids.numel(), dtype=torch.long, device=ids.device)
+            first = first.scatter_reduce(0, inverse, order, reduce="amin")
+            scores, categories = scores[first], categories[first]
+            score_sum += scores.sum()
+            count += scores.numel()
+            known = categories >= 0
+            category_score_sum.index_add_(0, categories[known], scores[known])
+            category_count.index_add_(0, categories[known], torch.ones_like(categories[known]))
+        result = {"acc": _ratio(score_sum, count)}
+        per_category = _ratio(category_score_sum, category_count)
         result.update({f"acc/{name}": per_category[i] for i, name in enumerate(self.categories)})
         return result
 
@@ -131,11 +164,13 @@ class ExactMatchAccuracy(_CategorisedMean):
         return normalize_answer(prediction) == normalize_answer(target)
 
     def update(
-        self, predictions: Sequence[str], targets: Sequence[str], categories: Sequence[str] | None = None
+        self, predictions: Sequence[str], targets: Sequence[str], categories: Sequence[str] | None = None,
+        ids: Sequence[int] | None = None,
     ) -> None:
-        """Args: predictions, targets (and categories): one string per item."""
-        _check_lengths(predictions=predictions, targets=targets, categories=categories)
-        self._add_scores([float(self._is_match(p, t)) for p, t in zip(predictions, targets)], categories)
+        """Args: predictions, targets (and categories): one string per item; ids: optional item ids (e.g.
+        `stable_id(question_id)`), with which an item seen again (on any process) counts once."""
+        _check_lengths(predictions=predictions, targets=targets, categories=categories, ids=ids)
+        self._add_scores([float(self._is_match(p, t)) for p, t in zip(predictions, targets)], categories, ids)
 
 
 class GQAAccuracy(ExactMatchAccuracy):

@@ -71,6 +71,27 @@ def test_merged_states_equal_one_metric_over_all_items():
     assert float(whole.compute()["acc"]) == pytest.approx(3 / 5)
 
 
+def test_items_repeated_by_a_distributed_sampler_count_once():
+    """DDP pads each rank's share with repeats of the first items: with ids, a repeat on any rank counts once."""
+    predictions = ["red", "blue", "3", "circle", "2"]
+    targets = ["red", "green", "3", "circle", "4"]
+    categories = ["color", "color", "count", "shape", "count"]
+    ids = [11, 12, 13, 14, 15]
+    whole = ExactMatchAccuracy(categories=["color", "count", "shape"])
+    whole.update(predictions, targets, categories)
+    rank0, rank1 = (ExactMatchAccuracy(categories=["color", "count", "shape"]) for _ in range(2))
+    rank0.update(predictions[0::2], targets[0::2], categories[0::2], ids[0::2])  # items 0, 2, 4
+    rank1.update(predictions[1::2] + predictions[:1], targets[1::2] + targets[:1], categories[1::2] + categories[:1],
+                 ids[1::2] + ids[:1])  # items 1, 3 and a repeat of item 0
+    rank0.merge_state(rank1)
+    assert as_floats(rank0.compute()) == as_floats(whole.compute())
+    without_ids = ExactMatchAccuracy(categories=["color", "count", "shape"])
+    without_ids.update(predictions + predictions[:1], targets + targets[:1], categories + categories[:1])
+    assert float(without_ids.compute()["acc"]) == pytest.approx(4 / 6)  # the repeat counted twice
+    with pytest.raises(ValueError, match="same length"):
+        whole.update(["red"], ["red"], ["color"], ids=[1, 2])
+
+
 def test_merged_rotations_from_two_ranks_form_one_circular_group():
     """Cat states: rotations of one question on different ranks are still judged together."""
     choices = [["x", "y"]] * 4
