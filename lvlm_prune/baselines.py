@@ -12,6 +12,7 @@ refuses them on LLaVA-NeXT with a ValueError naming the method and the family.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import replace
 
@@ -45,7 +46,11 @@ def single_stage_keep_count(prune_ratio: float, info: ModelInfo, layer: int, nam
 
 
 class RandomPruning(PruningMethod):
-    """Keeps a seeded random subset of the visual tokens before the LLM (max(1, round((1 - r) N_i)) per sample)."""
+    """Keeps a random subset of the visual tokens before the LLM (max(1, round((1 - r) N_i)) per sample).
+
+    Each image's subset is drawn from a generator seeded by `seed` and the image's pixel values: it does not
+    depend on the batch the image is in, its place there, or how many batches came before (a generator seeded once
+    per call would give the same positions to the j-th image of every batch)."""
 
     name = "random"
     handles_varying_visual_tokens = True
@@ -57,16 +62,20 @@ class RandomPruning(PruningMethod):
     def bind(self, info: ModelInfo) -> None:
         super().bind(info)
         self.keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens)
-        self.generator = torch.Generator().manual_seed(self.seed)
 
     def planned_visual_tokens(self) -> list[float]:
         return [float(self.keep)] * self.info.num_layers
 
+    def image_generator(self, pixels: torch.Tensor) -> torch.Generator:
+        digest = hashlib.blake2b(pixels.detach().float().cpu().numpy().tobytes(), digest_size=8,
+                                 key=str(self.seed).encode())
+        return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "big") >> 1)
+
     def before_llm(self, ctx: PreLLMContext) -> torch.Tensor:
         b, n, _ = ctx.visual_features.shape
-        scores = torch.rand(b, n, generator=self.generator).to(ctx.visual_features.device)
+        scores = torch.stack([torch.rand(n, generator=self.image_generator(ctx.pixel_values[i])) for i in range(b)])
         keep = per_sample(ctx.num_visual, lambda count: pre_llm_keep_count(self.prune_ratio, count))
-        return top_k_mask(scores, ctx.visual_valid, keep)
+        return top_k_mask(scores.to(ctx.visual_features.device), ctx.visual_valid, keep)
 
 
 class PoolPruning(PruningMethod):
@@ -82,8 +91,9 @@ class PoolPruning(PruningMethod):
         if side * side != info.num_visual_tokens:
             raise ValueError(f"pool: {info.num_visual_tokens} visual tokens do not form a square grid")
         keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens)
-        self.rows = max(1, min(side, math.isqrt(keep)))
-        self.cols = max(1, min(side, round(keep / self.rows)))
+        # the grid nearest the budget, then the squarest (7 of 64: 1 x 7; 32: 4 x 8, not the 5 x 6 near sqrt)
+        self.rows, self.cols = min(((h, w) for h in range(1, side + 1) for w in range(1, side + 1)),
+                                   key=lambda hw: (abs(hw[0] * hw[1] - keep), abs(hw[0] - hw[1]), hw[0]))
         self.side = side
 
     def planned_visual_tokens(self) -> list[float]:
@@ -247,47 +257,79 @@ class VisionZip(PruningMethod):
 
 
 class DART(PruningMethod):
-    """DART (EMNLP'25): after layer K (2 of 32, scaled), pick pivot tokens with the largest key norm and keep
-    the visual tokens least similar (cosine of the layer's normed hidden states) to the pivots; needs no
-    attention map. Budget and pivot count are per sample, from its own visual-token count (runs on LLaVA-NeXT)."""
+    """DART (EMNLP'25): prunes at layer K's input (K = 2 of 32, scaled) by duplication, with no attention map.
+
+    As the authors' code does: pivots are the image tokens and the question tokens with the largest L1 key norm at
+    layer K - 1 (keys of all heads concatenated; 4 + 4 per 576 image tokens, scaled with N); then each pivot in
+    turn adds the image tokens least similar (cosine, hidden states after the language model's final norm) to it
+    among those not taken yet, budget // pivots each, and what is kept is the image pivots and the tokens added,
+    filled up to the budget (when it does not divide) by the lowest highest-similarity to any pivot. Budget and
+    pivot counts are per sample, from its own visual-token count (runs on LLaVA-NeXT)."""
 
     name = "dart"
     handles_varying_visual_tokens = True
 
-    def __init__(self, prune_ratio: float = 0.0, layer: int | None = None, num_pivots: int | None = None):
+    def __init__(self, prune_ratio: float = 0.0, layer: int | None = None, num_pivots: int | None = None,
+                 num_text_pivots: int | None = None):
         super().__init__(prune_ratio)
         self.layer = layer
         self.num_pivots = num_pivots
+        self.num_text_pivots = num_text_pivots
 
     def bind(self, info: ModelInfo) -> None:
         super().bind(info)
         self.k_layer = self.layer if self.layer is not None else scaled_layer(2, info.num_layers)
         if not 1 <= self.k_layer < info.num_layers:
             raise ValueError(f"dart: layer={self.k_layer} must be in [1, {info.num_layers - 1}]")
-        self.prune_layers = (self.k_layer,)
+        self.prune_layers = (self.k_layer - 1, self.k_layer)
         self.keep, self.pivots = self._budget(info.num_visual_tokens)
+        self._key_norm: torch.Tensor | None = None
 
     def _budget(self, num_visual: int) -> tuple[int, int]:
-        """(tokens kept, pivots among them) for a sample with `num_visual` visual tokens."""
+        """(tokens kept, image pivots among them) for a sample with `num_visual` visual tokens."""
         keep = single_stage_keep_count(self.prune_ratio, replace(self.info, num_visual_tokens=num_visual),
                                        self.k_layer, self.name)
-        return keep, min(self.num_pivots or max(1, round(8 * num_visual / 576)), keep)
+        return keep, min(self.num_pivots or max(1, round(4 * num_visual / 576)), keep)
+
+    def _text_pivots(self, num_visual: int) -> int:
+        return self.num_text_pivots if self.num_text_pivots is not None else max(1, round(4 * num_visual / 576))
 
     def planned_visual_tokens(self) -> list[float]:
         n = self.info.num_visual_tokens
         return [float(n)] * self.k_layer + [float(self.keep)] * (self.info.num_layers - self.k_layer)
 
-    def at_layer(self, ctx: LayerContext) -> torch.Tensor:
+    def at_layer(self, ctx: LayerContext) -> torch.Tensor | None:
+        if ctx.layer_idx == self.k_layer - 1:  # the previous layer's keys rank the pivots
+            keys = ctx.keys().float()
+            self._key_norm = keys.abs().sum(-1).sum(1)  # L1 over heads x head_dim, (B, T)
+            return None
         visual = ctx.state.visual_mask
         keep = per_sample(ctx.num_visual, lambda count: self._budget(count)[0])
-        num_pivots = per_sample(ctx.num_visual, lambda count: self._budget(count)[1])
-        key_norm = ctx.keys().float().norm(dim=-1).mean(1)  # (B, T), heads averaged
-        pivots = top_k_mask(key_norm, visual, num_pivots)
-        hidden = F.normalize(ctx.normed.float(), dim=-1)
-        similarity = torch.einsum("btd,bsd->bts", hidden, hidden)
-        max_to_pivot = similarity.masked_fill(~pivots[:, None, :], float("-inf")).max(-1).values
-        rest = top_k_mask(-max_to_pivot, visual & ~pivots, keep - num_pivots)
-        return pivots | rest | (ctx.state.visual_index < 0)
+        image_pivots = top_k_mask(self._key_norm, visual, per_sample(ctx.num_visual, lambda c: self._budget(c)[1]))
+        text_pivots = top_k_mask(self._key_norm, ctx.state.question_mask,
+                                 per_sample(ctx.num_visual, self._text_pivots).minimum(ctx.state.question_mask.sum(1)))
+        hidden = ctx.final_norm(ctx.state.hidden) if ctx.final_norm is not None else ctx.normed
+        hidden = F.normalize(hidden.float(), dim=-1)
+        similarity = torch.einsum("btd,bsd->bts", hidden, hidden)  # (B, T, T)
+        return dart_selection(similarity, visual, image_pivots, text_pivots, keep) | (ctx.state.visual_index < 0)
+
+
+def dart_selection(similarity: torch.Tensor, visual: torch.Tensor, image_pivots: torch.Tensor,
+                   text_pivots: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, the visual tokens DART keeps: the image pivots, then for each pivot in sequence order its
+    (keep - image pivots) // pivots least similar visual tokens not taken yet, then (a budget the pivots do not
+    divide) the tokens whose highest similarity to any pivot is lowest. `similarity` (B, T, T) cosine."""
+    taken = image_pivots.clone()
+    pivots = image_pivots | text_pivots
+    length = pivots.shape[1]
+    per_pivot = ((keep - image_pivots.sum(1)) // pivots.sum(1).clamp(min=1)).clamp(min=0)
+    order = torch.where(pivots, torch.arange(length, device=pivots.device), length).sort(1).values
+    for rank in range(int(pivots.sum(1).max())):
+        pivot = order[:, rank]  # each sample's rank-th pivot (length: it has fewer)
+        row = similarity.gather(1, pivot.clamp(max=length - 1)[:, None, None].expand(-1, 1, length))[:, 0]
+        taken |= top_k_mask(-row, visual & ~taken, torch.where(pivot < length, per_pivot, 0))
+    highest = similarity.masked_fill(~pivots[:, None, :], float("-inf")).max(-1).values
+    return taken | top_k_mask(-highest, visual & ~taken, (keep - taken.sum(1)).clamp(min=0))
 
 
 TRAINING_FREE_METHODS: dict[str, type[PruningMethod]] = {

@@ -66,6 +66,11 @@ class PrunedLlava:
     """
 
     def __init__(self, model: torch.nn.Module):
+        attention = getattr(model.config.get_text_config(), "_attn_implementation", None)
+        if attention is not None and attention.startswith("flash_attention"):
+            raise ValueError(f"the engine cannot run a language model with attn_implementation={attention!r}: it "
+                             "passes every layer a (B, 1, T, T) additive mask (pruned and softly masked tokens), which "
+                             "the flash-attention path does not take; load the base with 'sdpa' or 'eager'")
         self.model = model
         self.llava = model.model
         self.language_model = self.llava.language_model
@@ -246,15 +251,16 @@ class PrunedLlava:
         captured: dict[int, torch.Tensor] = {}
         bias = self.attention_bias(state)
         position_embeddings = self.language_model.rotary_emb(state.hidden, position_ids=state.position_ids)
+        final_norm = self.language_model.norm
         for idx, layer in enumerate(self.layers):
-            ctx = LayerContext(idx, layer, state, position_embeddings, bias, soft, num_visual)
+            ctx = LayerContext(idx, layer, state, position_embeddings, bias, soft, num_visual, final_norm)
             if idx in method.prune_layers:
                 keep = method.at_layer(ctx)
                 if keep is not None:
                     state = self._apply_keep(state, keep, soft)
                     bias = self.attention_bias(state)
                     position_embeddings = self.language_model.rotary_emb(state.hidden, position_ids=state.position_ids)
-                    ctx = LayerContext(idx, layer, state, position_embeddings, bias, soft, num_visual)
+                    ctx = LayerContext(idx, layer, state, position_embeddings, bias, soft, num_visual, final_norm)
             counts[:, idx] = state.visual_counts()
             if _decode is not None:
                 _decode.layer_key_valid.append(state.key_valid.clone())

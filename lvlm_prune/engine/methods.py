@@ -85,7 +85,8 @@ class LayerContext:
     """The input of decoder layer `layer_idx`, with helpers for attention-based scores.
 
     `attention_bias` is the (B, 1, T, T) additive mask the layer is about to use; `num_visual` (B,) the visual
-    tokens each sample had before the LLM (its own count on LLaVA-NeXT), what per-sample budgets start from.
+    tokens each sample had before the LLM (its own count on LLaVA-NeXT), what per-sample budgets start from;
+    `final_norm` the language model's output norm.
     """
 
     layer_idx: int
@@ -95,6 +96,7 @@ class LayerContext:
     attention_bias: torch.Tensor
     soft: bool
     num_visual: torch.Tensor
+    final_norm: torch.nn.Module | None = None  # the language model's last norm (DART compares tokens after it)
     _normed: torch.Tensor | None = field(default=None, repr=False)
 
     @property

@@ -47,7 +47,8 @@ def load_base_model(
     Args:
         path: directory with config.json and weights (e.g. llava-hf/llava-1.5-7b-hf downloaded beforehand).
         dtype: float32 | bfloat16 | float16.
-        attn_implementation: sdpa | eager | flash_attention_2.
+        attn_implementation: sdpa | eager | flash_attention_2 (the pruning engine needs sdpa or eager: it masks
+            with a full additive mask).
         quantization: None | '8bit' | '4bit' (NF4, bitsandbytes; needs accelerate).
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, LlavaNextForConditionalGeneration

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_batch, make_tiny_llava
 
-from lvlm_prune.baselines import TRAINING_FREE_METHODS, build_method
+from lvlm_prune.baselines import TRAINING_FREE_METHODS, RandomPruning, build_method, dart_selection
 from lvlm_prune.engine import PrunedLlava
 from lvlm_prune.engine.methods import ModelInfo
 
@@ -20,6 +20,30 @@ def test_7b_schedules_reach_the_layer_averaged_budget(name, ratio):
     assert len(planned) == 32
     realised = 1 - sum(planned) / (32 * 576)
     assert abs(realised - ratio) < 0.01, (name, realised)
+
+
+@pytest.mark.parametrize("tokens, ratio, grid", [(64, 0.5, (4, 8)), (64, 0.667, (3, 7)), (64, 0.889, (1, 7)),
+                                                 (576, 0.667, (12, 16)), (576, 0.778, (8, 16)), (576, 0.889, (8, 8))])
+def test_pool_picks_the_grid_nearest_the_budget_then_the_squarest(tokens, ratio, grid):
+    method = build_method("pool", ratio)
+    method.bind(ModelInfo(num_layers=32, num_visual_tokens=tokens, hidden_size=64, vision_feature_layer=-2))
+    assert (method.rows, method.cols) == grid
+
+
+def test_dart_keeps_each_pivot_s_least_similar_tokens_in_turn():
+    # tokens 0-4 visual, 5 text; image pivot 0, text pivot 5; budget 3: the pivot + one token per pivot
+    visual = torch.tensor([[True] * 5 + [False]])
+    image_pivots, text_pivots = torch.eye(6, dtype=torch.bool)[[0]], torch.eye(6, dtype=torch.bool)[[5]]
+    similarity = torch.eye(6)
+    for token, (to_image_pivot, to_text_pivot) in enumerate([(-0.9, 0.0), (0.9, -0.8), (0.0, 0.5), (0.5, 0.9)], 1):
+        similarity[token, 0] = similarity[0, token] = to_image_pivot
+        similarity[token, 5] = similarity[5, token] = to_text_pivot
+    kept = dart_selection(similarity[None], visual, image_pivots, text_pivots, torch.tensor([3]))
+    # pivot 0 takes token 1, pivot 5 token 2 (a near-copy of pivot 0, far from pivot 5); the lowest highest
+    # similarity to any pivot would have kept token 3 instead
+    assert kept[0].nonzero().flatten().tolist() == [0, 1, 2]
+    four = dart_selection(similarity[None], visual, image_pivots, text_pivots, torch.tensor([4]))
+    assert four[0].nonzero().flatten().tolist() == [0, 1, 2, 3]  # 1 + 2 x 1 per pivot, then the fill
 
 
 def test_pdrop_solves_lambda_and_refuses_unreachable_budgets():
@@ -62,11 +86,26 @@ def test_visionzip_keeps_high_cls_attention_tokens_and_merges_the_rest(tiny_spec
     assert method.dominant + method.contextual == 8
 
 
-def test_random_is_seeded():
-    a, b = build_method("random", 0.5, seed=3), build_method("random", 0.5, seed=3)
-    for m in (a, b):
-        m.bind(INFO_7B)
-    assert torch.equal(torch.rand(4, generator=a.generator), torch.rand(4, generator=b.generator))
+def test_random_draws_each_image_s_subset_whatever_its_batch(tiny_spec):
+    engine = PrunedLlava(make_tiny_llava(tiny_spec))
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=3)
+    kept = []
+
+    class Recording(RandomPruning):
+        def before_llm(self, ctx):
+            kept.append(super().before_llm(ctx).clone())
+            return kept[-1]
+
+    with torch.no_grad():
+        engine(ids, mask, pixels, method=Recording(0.5, seed=3))
+        order = [2, 0]  # another batch: two of the images, in another order, a later call
+        engine(ids[order], mask[order], pixels[order], method=Recording(0.5, seed=3))
+        engine(ids, mask, pixels, method=Recording(0.5, seed=4))
+    first, again, other_seed = kept
+    assert torch.equal(again, first[order])
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2])  # images differ, draws differ
+    assert not torch.equal(other_seed, first)
+    assert (first.sum(1) == 8).all()  # half of the 16 visual tokens
 
 
 def test_bad_settings_are_named():

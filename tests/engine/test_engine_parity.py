@@ -118,3 +118,12 @@ def test_wrong_number_of_image_tokens_is_reported(tiny_spec):
     ids[0, 3] = 5
     with pytest.raises(ValueError, match="image tokens"):
         PrunedLlava(model)(ids, mask, pixels)
+
+
+def test_flash_attention_is_refused_by_name(tiny_spec):
+    model = make_tiny_llava(tiny_spec)
+    # what loading with attn_implementation="flash_attention_2" records (flash-attn itself is not installed here)
+    model.config.get_text_config().__dict__["_attn_implementation_internal"] = "flash_attention_2"
+    assert model.config.get_text_config()._attn_implementation == "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'.*load the base with 'sdpa' or 'eager'"):
+        PrunedLlava(model)
