@@ -61,7 +61,9 @@ class RCPPruning(PruningMethod):
         self.temperature = temperature
         self.noise = noise
         self.keep_counts = keep_counts
-        self.prune_layers = plugin.pruning_layers
+        # deciding layers, plus (spec timing) the next layer, at whose input the decision is applied
+        self.prune_layers = tuple(sorted({*plugin.pruning_layers, *plugin.drop_layers}))
+        self._pending: torch.Tensor | None = None
         self.cumulative: list[torch.Tensor] = []
         self.context: torch.Tensor | None = None
         self._start: torch.Tensor | None = None
@@ -69,9 +71,12 @@ class RCPPruning(PruningMethod):
     def planned_visual_tokens(self) -> list[float]:
         return [(1.0 - self.prune_ratio) * self.info.num_visual_tokens] * self.info.num_layers
 
-    def at_layer(self, ctx: LayerContext) -> torch.Tensor:
+    def at_layer(self, ctx: LayerContext) -> torch.Tensor | None:
         plugin, n = self.plugin, self.info.num_visual_tokens
-        position = self.prune_layers.index(ctx.layer_idx)
+        if ctx.layer_idx not in plugin.pruning_layers:  # spec timing: the decision of the layer before goes now
+            pending, self._pending = self._pending, None
+            return pending
+        position = plugin.pruning_layers.index(ctx.layer_idx)
         state = ctx.state
         visual, present = visual_view(ctx.normed, state.visual_index, n)
         raw, _ = visual_view(state.hidden, state.visual_index, n)
@@ -101,7 +106,11 @@ class RCPPruning(PruningMethod):
         self.cumulative.append(current)
         per_token = layer_mask if self.training else current
         sequence_mask = per_token.gather(1, state.visual_index.clamp(min=0))
-        return sequence_mask if self.training else sequence_mask > 0.5
+        sequence_mask = sequence_mask if self.training else sequence_mask > 0.5
+        if plugin.drop_after_pruning_layer:  # the pruning layer itself still runs on every token
+            self._pending = sequence_mask
+            return None
+        return sequence_mask
 
     def after_layer(self, ctx: LayerContext, hidden: torch.Tensor) -> torch.Tensor:
         plugin = self.plugin
@@ -112,7 +121,7 @@ class RCPPruning(PruningMethod):
 
     def keep_fraction(self) -> torch.Tensor:
         """Layer-averaged kept fraction of the batch (differentiable on the soft path)."""
-        return layer_averaged_keep_fraction(self.cumulative, list(self.prune_layers), self.info.num_layers,
+        return layer_averaged_keep_fraction(self.cumulative, list(self.plugin.drop_layers), self.info.num_layers,
                                             valid_mask=self._start)
 
     def plugin_flops(self, text_tokens: int) -> dict[str, float]:
@@ -148,6 +157,11 @@ class RCPCompensation(Compensation):
             tokens that inference with a ratio keeps for `target_prune_ratio`, straight-through). Without noise the
             threshold's keep fraction can fall far below the target (a pruner trained with noise keeps tokens whose
             logits sit below 0); 'budget' trains the last phase on the token counts it is evaluated at.
+        drop_after_pruning_layer: when the pruned tokens go. False (the engine's convention for every in-LLM
+            method): at the pruning layer's input, right after the pruner scores them, so that layer already runs on
+            the kept tokens. True (METHODS.md's wording): after the pruning layer, which still runs on every token;
+            pruning layers must then be at least 2 apart. Either way the pruner reads the pruning layer's input and
+            attention; the budget counts the layers before the first drop as full.
     """
 
     name = "rcp"
@@ -173,6 +187,7 @@ class RCPCompensation(Compensation):
         use_repair_loss: bool = True,
         use_learned_score: bool = True,
         noise_free_keep: str = "threshold",
+        drop_after_pruning_layer: bool = False,
     ):
         super().__init__()
         if not 0.0 <= target_prune_ratio < 1.0:
@@ -180,6 +195,7 @@ class RCPCompensation(Compensation):
         if noise_free_keep not in ("threshold", "budget"):
             raise ValueError(f"rcp noise_free_keep={noise_free_keep!r}; choose 'threshold' or 'budget'")
         self.noise_free_keep = noise_free_keep
+        self.drop_after_pruning_layer = drop_after_pruning_layer
         if repair_statistic not in ("mean_var", "mean_std"):
             raise ValueError(f"rcp repair_statistic={repair_statistic!r}; choose 'mean_var' or 'mean_std'")
         self.target_prune_ratio = target_prune_ratio
@@ -207,9 +223,16 @@ class RCPCompensation(Compensation):
         for name, layers in (("pruning_layers", self.pruning_layers), ("repair_layers", self.repair_layers)):
             if any(not 0 <= layer < info.num_layers for layer in layers) or list(layers) != sorted(set(layers)):
                 raise ValueError(f"rcp {name}={list(layers)} must be increasing layers in [0, {info.num_layers - 1}]")
-        if self.use_adapter and self.repair_layers[0] < self.pruning_layers[0]:
-            raise ValueError(f"rcp repair_layers={list(self.repair_layers)} start before the first pruning layer "
-                             f"{self.pruning_layers[0]}: an adapter there has nothing pruned to repair and never trains")
+        if self.drop_after_pruning_layer:
+            if any(b - a < 2 for a, b in zip(self.pruning_layers, self.pruning_layers[1:])) or \
+                    self.pruning_layers[-1] >= info.num_layers - 1:
+                raise ValueError(f"rcp pruning_layers={list(self.pruning_layers)} with drop_after_pruning_layer: tokens "
+                                 f"go at the next layer's input, so pruning layers must be at least 2 apart and below "
+                                 f"{info.num_layers - 1}")
+        self.drop_layers = tuple(p + int(self.drop_after_pruning_layer) for p in self.pruning_layers)
+        if self.use_adapter and self.repair_layers[0] < self.drop_layers[0]:
+            raise ValueError(f"rcp repair_layers={list(self.repair_layers)} start before the first pruned layer "
+                             f"{self.drop_layers[0]}: an adapter there has nothing pruned to repair and never trains")
         d, n = info.hidden_size, info.num_visual_tokens
         self.pruners = nn.ModuleList(
             CrossAttentionPruner(d, bottleneck=self.bottleneck, num_queries=self.num_queries, init_bias=self.init_bias,
@@ -270,8 +293,8 @@ class RCPCompensation(Compensation):
     def keep_counts(self, prune_ratio: float) -> list[int]:
         """Tokens kept at each pruning layer for a layer-averaged `prune_ratio` (geometric over the stages)."""
         n, depth = self.info.num_visual_tokens, self.info.num_layers
-        spans = [b - a for a, b in zip(self.pruning_layers, (*self.pruning_layers[1:], depth))]
-        full = self.pruning_layers[0]  # layers before the first pruner see every token
+        spans = [b - a for a, b in zip(self.drop_layers, (*self.drop_layers[1:], depth))]
+        full = self.drop_layers[0]  # layers before the first drop see every token
 
         def average(lam: float) -> float:
             return (full + sum(span * lam ** (i + 1) for i, span in enumerate(spans))) / depth

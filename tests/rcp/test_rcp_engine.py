@@ -128,8 +128,42 @@ def test_bad_layers_are_named(tiny_base_dir):
     engine = PrunedLlava(freeze(load_base_model(tiny_base_dir)))
     with pytest.raises(ValueError, match=r"rcp pruning_layers=\[0, 7\]"):
         RCPCompensation(pruning_layers=[0, 7]).attach(engine)
-    with pytest.raises(ValueError, match=r"repair_layers=\[1\] start before the first pruning layer 2"):
+    with pytest.raises(ValueError, match=r"repair_layers=\[1\] start before the first pruned layer 2"):
         RCPCompensation(pruning_layers=[2], repair_layers=[1]).attach(engine)
     RCPCompensation(pruning_layers=[2], repair_layers=[1], use_adapter=False).attach(engine)  # no adapter, no check
+    with pytest.raises(ValueError, match=r"pruning_layers=\[0, 1\] with drop_after_pruning_layer: .* at least 2 apart"):
+        RCPCompensation(pruning_layers=[0, 1], drop_after_pruning_layer=True).attach(engine)
+    with pytest.raises(ValueError, match=r"repair_layers=\[1\] start before the first pruned layer 2"):
+        RCPCompensation(pruning_layers=[1], repair_layers=[1], drop_after_pruning_layer=True).attach(engine)
+
+
+def test_spec_timing_drops_after_the_pruning_layer(setup):
+    """drop_after_pruning_layer: the pruning layer runs on every token, the next one on the kept ones, and the
+    budget counts one more full layer; the soft and physical paths still agree."""
+    engine, _, batch = setup
+    plugin = RCPCompensation(target_prune_ratio=0.5, pruning_layers=[0, 2], repair_layers=[3], bottleneck=16,
+                             num_queries=4, context_dim=16, adapter_bottleneck=8, drop_after_pruning_layer=True)
+    plugin.attach(engine)
+    for pruner in plugin.pruners:
+        pruner.bias.data.fill_(-0.5)
+    args = (batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"], batch["prompt_position_ids"])
+    with torch.no_grad():
+        hard = engine(*args, method=RCPPruning(plugin, training=False, temperature=0.2), logits="last")
+        soft = engine(*args, method=RCPPruning(plugin, training=True, temperature=0.2, noise=False), soft=True,
+                      logits="last")
+        budget = engine(*args, method=plugin.inference_method(0.5), logits="none")
+    counts = hard.visual_tokens_per_layer
+    n = engine.info.num_visual_tokens
+    assert (counts[:, 0] == n).all() and (counts[:, 1] < n).all()  # layer 0 decides, layer 1 is the first pruned
+    assert (counts[:, 1] == counts[:, 2]).all() and (counts[:, 3] <= counts[:, 2]).all()
+    torch.testing.assert_close(hard.visual_tokens_per_layer, soft.visual_tokens_per_layer)
+    torch.testing.assert_close(hard.logits, soft.logits, atol=2e-4, rtol=1e-4)
+    assert plugin.drop_layers == (1, 3)
+    assert abs(1 - budget.visual_tokens_per_layer.mean().item() / n - 0.5) < 0.05
+    assert (budget.visual_tokens_per_layer[:, 0] == n).all()
+    losses = plugin.training_losses(engine, batch, progress=0.5)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and 0 < losses["keep_fraction"] < 1
+    assert all(p.grad is not None for p in plugin.pruners.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="target_prune_ratio=1.2"):
         RCPCompensation(target_prune_ratio=1.2)
