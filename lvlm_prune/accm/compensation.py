@@ -621,12 +621,8 @@ class ACCMCompensation(Compensation):
             [(b, m) for b in range(batch) for m in range(num)]
         inserts = []
         for b, m in choices:
-            tokens = candidates.token_ids[b, m, : int(candidates.lengths[b, m])]
-            if len(tokens) and int(tokens[-1]) == self.caption_eos_token_id:
-                tokens = tokens[:-1]
-            if self.caption_decoder_path is not None:
-                tokens = torch.tensor(self.lvlm_caption_ids(tokens.tolist()), dtype=torch.long, device=prefix.device)
-            inserts.append(torch.cat([prefix, tokens]))
+            tokens = self.lvlm_caption_ids(self.candidate_tokens(candidates, b, m))
+            inserts.append(torch.cat([prefix, torch.tensor(tokens, dtype=torch.long, device=prefix.device)]))
         return inserts
 
     def spliced_teacher_forced(self, batch: dict[str, Any], candidates: CaptionCandidates) -> SplicedSequences:
