@@ -8,7 +8,6 @@ from lvlm_prune.rcp.adapter import DelayedRepairAdapter, PrunedContextEncoder
 from lvlm_prune.rcp.losses import REPAIR_STATISTICS, answer_ce, repair_loss, sparsity_loss
 from lvlm_prune.rcp.pruner import (
     CrossAttentionPruner,
-    cumulative_masks,
     gumbel_sigmoid,
     layer_averaged_keep_fraction,
     threshold_keep,
@@ -33,7 +32,6 @@ __all__ = [
     "RCPScheduleState",
     "WarmupCosineLambda",
     "answer_ce",
-    "cumulative_masks",
     "gumbel_noise_enabled",
     "gumbel_sigmoid",
     "gumbel_temperature",

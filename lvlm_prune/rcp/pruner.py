@@ -257,31 +257,6 @@ def gumbel_sigmoid(
     return soft, hard_mask + (soft - soft.detach())
 
 
-def cumulative_masks(layer_masks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Monotonic masks c_l = c_{l-1} * m_l: a dropped token never returns.
-
-    Args:
-        layer_masks: per pruning layer, (B, N) bool or float keep masks m_l, in layer order.
-
-    Returns:
-        The cumulative masks c_l, same shapes and dtypes (products keep straight-through gradients).
-    """
-    if not layer_masks:
-        raise ValueError("layer_masks is empty")
-    shape = layer_masks[0].shape
-    for index, mask in enumerate(layer_masks):
-        if mask.shape != shape:
-            raise ValueError(f"layer_masks[{index}] has shape {tuple(mask.shape)}, expected {tuple(shape)}")
-    cumulative = [layer_masks[0]]
-    for mask in layer_masks[1:]:
-        previous = cumulative[-1]
-        if previous.dtype == torch.bool and mask.dtype == torch.bool:
-            cumulative.append(previous & mask)
-        else:
-            cumulative.append(previous.to(torch.result_type(previous, mask)) * mask)
-    return cumulative
-
-
 def threshold_keep(logits: torch.Tensor, temperature: float = 1.0, threshold: float = 0.5) -> torch.Tensor:
     """Inference keep decision sigmoid(logit / temperature) > threshold.
 

@@ -289,6 +289,45 @@ def test_oracle_and_random_variants(setup):
     assert kl.shape == (3, 3) and (kl >= 0).all()
 
 
+def test_the_kl_reference_is_the_frozen_base_on_every_visual_token(setup, monkeypatch):
+    from lvlm_prune.accm import compensation
+
+    tokenizer, engine, batch = setup
+    plugin = make_plugin(engine, tokenizer)
+    selection = plugin.select_visual_tokens(engine, batch, RATIO)
+    candidates = plugin.caption_candidates(batch, selection)
+    references = []
+    answer_kl = compensation.answer_kl
+    monkeypatch.setattr(compensation, "answer_kl",
+                        lambda reference, *rest: references.append(reference) or answer_kl(reference, *rest))
+    kl = plugin.candidate_kl(engine, batch, selection, candidates, RATIO)
+    with torch.no_grad():
+        full = engine.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            pixel_values=batch["pixel_values"]).logits
+    positions = answer_generation_mask(batch["labels"])
+    assert len(references) == 2  # the pruned prompt alone, then the candidates, against the same reference
+    for reference in references:
+        for b in range(3):
+            answers = int(positions[b].sum())
+            torch.testing.assert_close(reference[b, :answers], full[b][positions[b]], atol=1e-5, rtol=1e-5)
+    assert (kl["kl_no_caption"] > 0).all()
+
+
+def test_the_oracle_picks_the_candidate_of_lowest_kl(setup, monkeypatch):
+    tokenizer, engine, batch = setup
+    plugin = make_plugin(engine, tokenizer)
+    results, picks = [], []
+    candidate_kl, caption_inserts = plugin.candidate_kl, plugin.caption_inserts
+    monkeypatch.setattr(plugin, "candidate_kl", lambda *args: results.append(candidate_kl(*args)) or results[-1])
+    monkeypatch.setattr(plugin, "caption_inserts",
+                        lambda candidates, pick=None: picks.append(pick) or caption_inserts(candidates, pick))
+    plugin.generate(engine, batch, RATIO, 4, tokenizer.eos_token_id, tokenizer.pad_token_id, variant="accm_oracle")
+    (result,), (pick,) = results, [pick for pick in picks if pick is not None]  # None: every candidate, for the KL
+    kl = result["kl"]
+    assert (kl.argmin(-1) != kl.argmax(-1)).all()  # distinct candidates: the lowest and the highest KL differ
+    assert torch.equal(pick, kl.argmin(-1))
+
+
 def test_caption_flops_match_the_flop_counter(setup):
     tokenizer, engine, batch = setup
     plugin = make_plugin(engine, tokenizer)

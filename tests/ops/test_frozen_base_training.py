@@ -208,3 +208,53 @@ def test_out_of_memory_in_a_sweep_names_the_evaluation_settings(tiny_base_dir, d
     batch = next(iter(data.test_dataloader()))
     with pytest.raises(torch.OutOfMemoryError, match=r"out of memory in generation\. Lower data.init_args.eval_batch_size"):
         module.generate_with(batch, "fastv", 0.5)
+
+
+def test_exported_plugin_weights_load_through_the_module_setting(tiny_base_dir, data, tmp_path):
+    from lightning_modules.compensation import export_plugin_weights
+    from lvlm_prune.rcp.compensation import RCPPruning
+
+    module = make_module(tiny_base_dir, data)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # weights away from any initialisation, pruners and adapters alike
+        for parameter in module.compensation.parameters():
+            parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+        for pruner in module.compensation.pruners:
+            pruner.bias.fill_(0.0)
+    path = export_plugin_weights(module.compensation, tmp_path / "plugin.safetensors",
+                                 {"base_model_path": str(tiny_base_dir), "base_fingerprint": module.base_fingerprint})
+    loaded = make_module(tiny_base_dir, data, plugin_weights_path=str(path))
+    fresh = make_module(tiny_base_dir, data)
+    exported, restored, initial = plugin_state(module), plugin_state(loaded), plugin_state(fresh)
+    assert restored.keys() == exported.keys()
+    assert all(torch.equal(restored[k], exported[k]) for k in exported)
+    assert any(not torch.equal(initial[k], exported[k]) for k in exported)
+
+    batch = next(iter(data.train_dataloader()))
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"])
+
+    def teacher_forced(m):  # thresholded pruners decide, the adapters repair the answer positions
+        method = RCPPruning(m.compensation, training=False, temperature=m.compensation.schedule.temperature_end)
+        with torch.no_grad():
+            return m.engine(*args, labels=batch["labels"], method=method)
+
+    expected, actual = teacher_forced(module), teacher_forced(loaded)
+    num_visual = module.engine.info.num_visual_tokens
+    assert (expected.visual_tokens_per_layer < num_visual).any()  # the loaded pruners' decisions count too
+    torch.testing.assert_close(actual.visual_tokens_per_layer, expected.visual_tokens_per_layer, rtol=0, atol=0)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=0)
+    assert not torch.allclose(teacher_forced(fresh).logits, expected.logits)
+
+
+def test_the_rcp_optimiser_holds_exactly_the_plugin_parameters(tiny_base_dir, data):
+    from types import SimpleNamespace
+
+    module = make_module(tiny_base_dir, data)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    held = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    plugin = [id(p) for p in module.compensation.parameters()]
+    assert len(held) == len(set(held)) and set(held) == set(plugin)
+    assert {id(p) for p in module.compensation.pruners.parameters()} <= set(held)
+    assert {id(p) for p in module.compensation.adapters.parameters()} <= set(held)
+    assert not set(held) & {id(p) for p in module.base.parameters()}

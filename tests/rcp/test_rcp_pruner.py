@@ -5,7 +5,6 @@ import torch
 
 from lvlm_prune.rcp import (
     CrossAttentionPruner,
-    cumulative_masks,
     gumbel_sigmoid,
     layer_averaged_keep_fraction,
     threshold_keep,
@@ -30,32 +29,6 @@ def make_inputs(seed=0, batch=B):
     question_mask[0, 3:] = False
     keep = torch.ones(batch, N, dtype=torch.bool)
     return visual, q2v, question, question_mask, keep
-
-
-def test_cumulative_masks_are_monotonic_and_keep_gradients():
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(4, 3, N, generator=g, requires_grad=True)
-    layer_masks = [gumbel_sigmoid(logits[i], 0.5, noise=True, hard=True, generator=g)[1] for i in range(4)]
-    cumulative = cumulative_masks(layer_masks)
-    assert len(cumulative) == 4
-    assert torch.equal(cumulative[0], layer_masks[0])
-    for previous, current, mask in zip(cumulative, cumulative[1:], layer_masks[1:]):
-        assert torch.all(current <= previous)
-        assert torch.equal(current, previous * mask)
-    (cumulative[-1] * torch.arange(N)).sum().backward()
-    assert logits.grad.abs().sum() > 0
-
-    bools = [torch.rand(2, N, generator=g) > 0.3 for _ in range(3)]
-    bool_cumulative = cumulative_masks(bools)
-    assert bool_cumulative[-1].dtype == torch.bool
-    assert torch.equal(bool_cumulative[-1], bools[0] & bools[1] & bools[2])
-
-
-def test_cumulative_masks_reject_bad_input():
-    with pytest.raises(ValueError, match="layer_masks is empty"):
-        cumulative_masks([])
-    with pytest.raises(ValueError, match=r"layer_masks\[1\]"):
-        cumulative_masks([torch.ones(2, N), torch.ones(2, N + 1)])
 
 
 def test_pruner_keeps_almost_all_tokens_at_init():
