@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_batch, make_tiny_llava
 
-from lvlm_prune.baselines import TRAINING_FREE_METHODS, RandomPruning, build_method, dart_selection
+from lvlm_prune.baselines import TRAINING_FREE_METHODS, RandomPruning, VisionZip, build_method, dart_selection
 from lvlm_prune.engine import PrunedLlava
 from lvlm_prune.engine.methods import ModelInfo
 
@@ -77,13 +77,32 @@ def test_every_method_runs_and_realises_its_plan(tiny_spec, name):
 
 
 def test_visionzip_keeps_high_cls_attention_tokens_and_merges_the_rest(tiny_spec):
-    model = make_tiny_llava(tiny_spec)
+    model = make_tiny_llava(tiny_spec, attn_implementation="eager")
     ids, mask, pixels = make_batch(tiny_spec, batch_size=2)
-    method = build_method("visionzip", 0.5)
-    engine = PrunedLlava(model)
+    seen = {}
+
+    class Recording(VisionZip):
+        def before_llm(self, ctx):
+            seen["features"] = ctx.visual_features.clone()
+            seen["keep"] = super().before_llm(ctx)
+            seen["merged"] = ctx.visual_features
+            return seen["keep"]
+
+    method = Recording(0.5)
     with torch.no_grad():
-        engine(ids, mask, pixels, method=method)
-    assert method.dominant + method.contextual == 8
+        out = PrunedLlava(model)(ids, mask, pixels, method=method)
+        # the layer LLaVA reads (vision_feature_layer -2 of 2) is the first: its [CLS] row, heads averaged
+        cls_attention = model.model.vision_tower(pixels, output_attentions=True).attentions[0][:, :, 0, 1:].mean(1)
+    assert (method.dominant, method.contextual) == (7, 1)  # round(8 x 54 / 64) of the 8 kept
+    assert (out.visual_tokens_per_layer == 8).all()
+    features, keep, merged = seen["features"], seen["keep"], seen["merged"]
+    for b in range(2):
+        dominant = cls_attention[b].topk(7).indices.sort().values
+        rest = [i for i in range(16) if i not in dominant.tolist()]
+        # one contextual token: every non-dominant token merges into the first of them
+        assert keep[b].nonzero().flatten().tolist() == sorted(dominant.tolist() + rest[:1])
+        torch.testing.assert_close(merged[b, dominant], features[b, dominant])
+        torch.testing.assert_close(merged[b, rest[0]], features[b, rest].mean(0))
 
 
 def test_random_draws_each_image_s_subset_whatever_its_batch(tiny_spec):
