@@ -46,23 +46,27 @@ class LVLMPruneCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the parsed model settings with the hyperparameters saved in a `--ckpt_path` file, so a
         command-line or config value (another eval ratio, a moved base) would be silently ignored. Here the config
-        and command line decide; the checkpoint supplies weights and loop state, and differing settings are named."""
+        and command line decide; the checkpoint supplies weights and loop state, and differing settings are named
+        (for `auto`, once `before_fit` has found the checkpoint)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
+        if ckpt_path and Path(ckpt_path).is_file():
+            self._name_settings_that_differ(ckpt_path)
+
+    def _name_settings_that_differ(self, ckpt_path: str | Path) -> None:
         if not zipfile.is_zipfile(ckpt_path):  # torch.save's format; torch.load's own error suggests unsafe loading
-            raise ValueError(f"--ckpt_path {ckpt_path!r} is not a readable Lightning checkpoint (not a torch.save "
+            raise ValueError(f"--ckpt_path {str(ckpt_path)!r} is not a readable Lightning checkpoint (not a torch.save "
                              "archive: truncated or another kind of file)")
         try:
             saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
         except pickle.UnpicklingError:  # objects the safe loader refuses: nothing to compare, the trainer loads it
             return
-        model = self.config[subcommand].get("model")
+        model = self.config[self.config["subcommand"]].get("model")
         current = dict(model.get("init_args") or {}) if model is not None else {}
         linked = ("processor", "categories")  # filled in from the datamodule at instantiation, not parsed
+        # a setting left at None is derived by the module (eval_method: the plug-in's name), which saves the result
         differing = [key for key, value in saved.items() if key in current and not key.startswith("_")
-                     and key not in linked and _plain(current[key]) != _plain(value)]
+                     and key not in linked and current[key] is not None and _plain(current[key]) != _plain(value)]
         if differing:
             rank_zero_warn(f"--ckpt_path {ckpt_path}: the config sets model.init_args {differing} differently from the "
                            "run that wrote the checkpoint; the config's values are used")
@@ -99,6 +103,8 @@ class LVLMPruneCLI(LightningCLI):
                            "finds its checkpoints only under a fixed logger version or checkpoint.dirpath)")
         else:
             rank_zero_info(f"--ckpt_path auto: resuming from {config['ckpt_path']}")
+            if Path(config["ckpt_path"]).is_file():  # a DeepSpeed checkpoint is a directory: nothing to compare
+                self._name_settings_that_differ(config["ckpt_path"])
 
 
 def _constructor_error(error: BaseException) -> BaseException | None:
@@ -139,5 +145,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LVLMPruneCLI:
     )
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The `lvlm-prune` console script: the wrapper passes the return value to sys.exit, so return nothing."""
     cli_main()
+
+
+if __name__ == "__main__":
+    main()

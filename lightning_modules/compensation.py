@@ -241,13 +241,15 @@ class CompensationModule(FrozenBaseModule):
         state = checkpoint.get("state_dict")
         if state is None:  # DeepSpeed: its engine loads the module's weights itself
             return
-        expected = {key for key in self.state_dict() if not key.startswith(BASE_PREFIX)}
-        missing = sorted(expected - set(state))
-        unexpected = sorted(key for key in state if key not in expected and not key.startswith(BASE_PREFIX))
-        if missing or unexpected:
+        own = {key: value for key, value in self.state_dict().items() if not key.startswith(BASE_PREFIX)}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(key for key in state if key not in own and not key.startswith(BASE_PREFIX))
+        reshaped = [f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}" for key in sorted(own)
+                    if key in state and state[key].shape != own[key].shape]
+        if missing or unexpected or reshaped:
             raise ValueError(f"this checkpoint does not fit the configured {self.compensation.name} plug-in: missing "
-                             f"{missing[:5]}, unexpected {unexpected[:5]} (check model.compensation against the run "
-                             f"that wrote it)")
+                             f"{missing[:5]}, unexpected {unexpected[:5]}, other shape (checkpoint vs configured) "
+                             f"{reshaped[:5]}; model.compensation's settings differ from the run that wrote it")
 
 
 def pad_after_eos(tokens: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:

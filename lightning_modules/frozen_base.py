@@ -64,7 +64,8 @@ class FrozenBaseModule(L.LightningModule):
         self.save_hyperparameters(ignore=["processor"])
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.base = freeze(load_base_model(base_model_path, dtype, attn_implementation, quantization))
+        self.base = freeze(load_base_model(base_model_path, dtype, attn_implementation, quantization,
+                                           setting="model.init_args.base_model_path"))
         self.engine = PrunedLlava(self.base)
         self.categories = list(categories or [])
         self.val_accuracy = exact_match(self.categories)

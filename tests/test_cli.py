@@ -1,6 +1,8 @@
 """The real CLI in process: fit, resume, test, config parsing, bad input."""
 
 import json
+import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,14 @@ def test_fast_dev_run_fit(tmp_path):
                     "--trainer.fast_dev_run", "1"])
     assert cli.trainer.global_step == 1
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_the_console_script_returns_nothing_so_a_successful_run_exits_zero(tmp_path, monkeypatch):
+    (script,) = [entry for entry in entry_points(group="console_scripts") if entry.name == "lvlm-prune"]
+    main = script.load()
+    monkeypatch.setattr(sys, "argv", ["lvlm-prune", "fit", "--config", "configs/synthetic/base_stage1.yaml",
+                                      *TINY_BASE_ARGS, *run_dir_args(tmp_path), "--trainer.fast_dev_run", "1"])
+    assert main() is None  # the generated wrapper calls sys.exit(main()): anything else exits 1
 
 
 def test_resume_continues_the_step_count_and_exports(tmp_path, monkeypatch):
@@ -136,7 +146,7 @@ def test_missing_base_model_directory_is_named(tmp_path, tiny_base_dir):
     with pytest.raises(FileNotFoundError, match=r"^[^\n]*no_base' does not exist$"):
         cli_main(["test", "--config", "configs/synthetic/sweep.yaml", "--model.init_args.base_model_path",
                   str(tmp_path / "no_base"), "--data.init_args.processor_path", str(tmp_path / "no_base")])
-    with pytest.raises(FileNotFoundError, match=r"^base model directory '.*no_base' does not exist$"):
+    with pytest.raises(FileNotFoundError, match=r"^model.init_args.base_model_path: base model directory '.*no_base' does not exist$"):
         cli_main(["test", "--config", "configs/synthetic/sweep.yaml", "--model.init_args.base_model_path",
                   str(tmp_path / "no_base"), "--data.init_args.processor_path", str(tiny_base_dir)])
 

@@ -11,21 +11,26 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def _require_dir(path: str | Path, what: str) -> Path:
+def _require_dir(path: str | Path, what: str, setting: str | None = None) -> Path:
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"{what} directory {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{_named(setting)}{what} directory {str(path)!r} does not exist")
     return path
 
 
-def load_processor(path: str | Path) -> Any:
-    """`AutoProcessor.from_pretrained` from a local directory, with a clear error when it has none."""
+def _named(setting: str | None) -> str:
+    return f"{setting}: " if setting else ""
+
+
+def load_processor(path: str | Path, setting: str | None = None) -> Any:
+    """`AutoProcessor.from_pretrained` from a local directory, with a clear error (naming `setting`, the config key
+    that gave the path, when known) when it has none."""
     from transformers import AutoProcessor
 
-    path = _require_dir(path, "processor")
+    path = _require_dir(path, "processor", setting)
     if not any((path / name).exists() for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")):
         raise FileNotFoundError(
-            f"{str(path)!r} holds no processor (no processor_config.json / preprocessor_config.json / "
+            f"{_named(setting)}{str(path)!r} holds no processor (no processor_config.json / preprocessor_config.json / "
             "tokenizer_config.json); save one with processor.save_pretrained(dir) next to the model"
         )
     return AutoProcessor.from_pretrained(str(path))
@@ -36,6 +41,7 @@ def load_base_model(
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
     quantization: str | None = None,
+    setting: str | None = None,
 ) -> torch.nn.Module:
     """A LLaVA-family model from a local Hugging Face directory.
 
@@ -50,12 +56,13 @@ def load_base_model(
         attn_implementation: sdpa | eager | flash_attention_2 (the pruning engine needs sdpa or eager: it masks
             with a full additive mask).
         quantization: None | '8bit' | '4bit' (NF4, bitsandbytes; needs accelerate).
+        setting: the config key that gave `path`, named in the errors about it.
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, LlavaNextForConditionalGeneration
 
-    path = _require_dir(path, "base model")
+    path = _require_dir(path, "base model", setting)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"base model directory {str(path)!r} has no config.json")
+        raise FileNotFoundError(f"{_named(setting)}base model directory {str(path)!r} has no config.json")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}")
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "attn_implementation": attn_implementation}

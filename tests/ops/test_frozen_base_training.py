@@ -114,6 +114,9 @@ def test_checkpoints_are_lean_and_refuse_another_base(tiny_base_dir, other_base_
     incomplete = dict(checkpoint, state_dict={k: v for k, v in checkpoint["state_dict"].items() if k != first_key})
     with pytest.raises(ValueError, match=rf"does not fit the configured rcp plug-in: missing \['{first_key}'\]"):
         same.on_load_checkpoint(incomplete)
+    reshaped = dict(checkpoint, state_dict={**checkpoint["state_dict"], first_key: torch.zeros(3, 1)})
+    with pytest.raises(ValueError, match=rf"other shape \(checkpoint vs configured\) \['{first_key} \(3, 1\) vs"):
+        same.on_load_checkpoint(reshaped)
 
     other = make_module(other_base_dir, data)
     assert other.base_fingerprint != module.base_fingerprint

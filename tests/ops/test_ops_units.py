@@ -20,7 +20,7 @@ from lightning_modules.common import EVALUATION_MEMORY_SETTINGS, out_of_memory_a
 from lightning_modules.compensation import pad_after_eos
 from lightning_modules.strategies import AtomicCheckpointIO, CPUDeepSpeedStrategy, _convert_module_keeping_metric_states
 from lvlm_prune.data import LengthGroupedSampler
-from ops_helpers import ROOT
+from ops_helpers import ROOT, one_thread, tiny_experiment  # noqa: F401 (a fixture)
 
 
 def test_atomic_save_failing_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -225,3 +225,22 @@ def test_trainer_presets_state_their_command_and_combine_with_an_experiment(pres
         else:
             assert trainer[key] == value
     assert config["model"]["class_path"] == "lightning_modules.compensation.CompensationModule"  # the experiment stays
+
+
+def test_a_resumed_run_names_exactly_the_settings_that_differ_from_its_checkpoint(tiny_base_dir, tmp_path, one_thread):
+    """Explicit and `auto` checkpoints alike; a setting the config leaves to the module (eval_method: None becomes
+    the plug-in's name in the saved hyperparameters) is no difference."""
+    from cli import cli_main
+
+    config = tiny_experiment(tmp_path / "run", tiny_base_dir, max_steps=2)
+    common = ["--config", str(config), "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "0"]
+    cli_main(["fit", *common])
+    last = tmp_path / "run" / "logs" / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*differently from the run that wrote the checkpoint")
+        cli_main(["validate", *common, "--ckpt_path", str(last)])
+    with pytest.warns(UserWarning, match=r"checkpoints/last.ckpt: the config sets model.init_args \['learning_rate'\]"):
+        cli = cli_main(["fit", *common, "--ckpt_path", "auto", "--trainer.max_steps", "3",
+                        "--model.init_args.learning_rate", "0.01"])
+    assert cli.trainer.global_step == 3 and cli.model.hparams.learning_rate == 0.01
