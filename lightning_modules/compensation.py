@@ -323,7 +323,11 @@ def load_plugin_weights(plugin: Compensation, path: str | Path, base_fingerprint
         raise ValueError(f"plug-in weights {str(path)!r} (model.plugin_weights_path) are not a readable "
                          f"safetensors file: {error}") from error
     info_path = Path(str(path) + ".json")
-    recorded = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    try:
+        recorded = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(info_path)!r}, the record beside the plug-in weights, is not readable JSON ({error}); "
+                         "restore it, or delete it to load the weights without the base check") from error
     if base_fingerprint and recorded.get("base_fingerprint") not in (None, base_fingerprint):
         rank_zero_warn(f"plug-in weights {str(path)!r} were trained on the base at {recorded.get('base_model_path')!r} "
                        f"(fingerprint {recorded['base_fingerprint']}), not on the loaded base (fingerprint "

@@ -73,7 +73,7 @@ class FrozenBaseModule(L.LightningModule):
         self.test_predictions: list[dict[str, Any]] = []
 
     def setup(self, stage: str) -> None:
-        if stage in ("validate", "test", "fit"):  # fail before any work on an unknown name or a bad ratio
+        if stage in ("validate", "test", "predict", "fit"):  # fail before any work on an unknown name or a bad ratio
             try:
                 self.make_method(self.hparams.eval_method, self.hparams.eval_prune_ratio)
             except ValueError as error:
@@ -128,6 +128,11 @@ class FrozenBaseModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         log_accuracy(self, self.test_accuracy, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """LLaVA answer-file records of the batch (no metric: benchmark question files may carry no answers)."""
+        predictions, _, _ = self.run_method(batch, self.hparams.eval_method, self.hparams.eval_prune_ratio)
+        return prediction_records(batch, predictions, f"{self.hparams.eval_method}@r={self.hparams.eval_prune_ratio}")
 
     def configure_optimizers(self):
         return None

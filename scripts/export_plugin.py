@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     or a DeepSpeed ZeRO directory."""
     path = Path(path)
     if path.is_file():
+        if not zipfile.is_zipfile(path):  # torch.save's format; torch.load's own error names no file
+            raise ValueError(f"{str(path)!r} is not a readable Lightning checkpoint (not a torch.save archive: "
+                             "truncated or another kind of file)")
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         return checkpoint.get("state_dict", {}), checkpoint
     if not (path / "latest").is_file():

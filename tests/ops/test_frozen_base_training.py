@@ -3,6 +3,7 @@ different base, and a bitsandbytes-quantised (8-bit, 4-bit NF4) base under fp32 
 
 import copy
 import io
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -187,6 +188,11 @@ def test_plugin_weights_name_their_file_when_they_do_not_fit(tiny_base_dir, othe
     with pytest.raises(ValueError, match=rf"plugin.safetensors' .*do not fit this base .*{name}"):
         make_module(tiny_base_dir, data, plugin_weights_path=str(path))
 
+    save_file(module.compensation.state_dict(), str(path))
+    Path(str(path) + ".json").write_text('{"base_model_path": ')
+    with pytest.raises(ValueError, match=r"plugin.safetensors.json', the record beside the plug-in weights, is not"):
+        make_module(tiny_base_dir, data, plugin_weights_path=str(path))
+
     path.write_bytes(b"truncated")
     with pytest.raises(ValueError, match=r"plugin.safetensors' \(model.plugin_weights_path\) are not a readable"):
         make_module(tiny_base_dir, data, plugin_weights_path=str(path))
@@ -261,3 +267,17 @@ def test_the_rcp_optimiser_holds_exactly_the_plugin_parameters(tiny_base_dir, da
     assert {id(p) for p in module.compensation.pruners.parameters()} <= set(held)
     assert {id(p) for p in module.compensation.adapters.parameters()} <= set(held)
     assert not set(held) & {id(p) for p in module.base.parameters()}
+
+
+def test_predict_returns_answer_records_of_the_evaluation_method(tiny_base_dir, data):
+    module = make_module(tiny_base_dir, data, eval_method="fastv", eval_prune_ratio=0.5)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    batches = trainer.predict(module, dataloaders=data.test_dataloader())
+    records = [record for batch in batches for record in batch]
+    samples = data.samples("test")
+    assert [r["question_id"] for r in records] == [s.question_id for s in samples]
+    assert {r["model_id"] for r in records} == {"fastv@r=0.5"}
+    batch = next(iter(data.test_dataloader()))
+    expected, _, _ = module.run_method(batch, "fastv", 0.5)
+    assert [r["text"] for r in records[: len(expected)]] == expected

@@ -244,3 +244,15 @@ def test_a_resumed_run_names_exactly_the_settings_that_differ_from_its_checkpoin
         cli = cli_main(["fit", *common, "--ckpt_path", "auto", "--trainer.max_steps", "3",
                         "--model.init_args.learning_rate", "0.01"])
     assert cli.trainer.global_step == 3 and cli.model.hparams.learning_rate == 0.01
+
+
+def test_exporting_from_a_file_that_is_not_a_checkpoint_names_it(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from export_plugin import read_checkpoint
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    corrupt = tmp_path / "last.ckpt"
+    corrupt.write_bytes(b"\x80\x04 not a checkpoint")
+    with pytest.raises(ValueError, match=r"last.ckpt' is not a readable Lightning checkpoint"):
+        read_checkpoint(corrupt)
