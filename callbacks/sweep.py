@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_modules.common import exact_match, score
 from lvlm_prune.runner import per_sample_flops
@@ -30,7 +33,14 @@ class PruningSweep(L.Callback):
     `tflops` is the LLM prefill per sample in the chosen convention (the papers' number); `tflops_total` adds
     the vision tower, projector and the method's own modules (caption model, selector, pruners: exact count).
     A (method, ratio) whose schedule cannot reach the ratio on this model is recorded with status
-    'unreachable' and skipped.
+    'unreachable' and skipped; one whose realised ratio lies more than `ratio_tolerance` from the requested one
+    keeps its measurements but is also marked 'unreachable', so that it is not read as meeting the budget.
+
+    The split is checked when the stage that sweeps starts (before any training): a missing or empty split is an
+    error. After each pair the finished rows are written to `sweep.partial.csv` / `sweep.partial.json`; only a
+    complete sweep writes `sweep.csv` (whose presence scripts/demo.py takes for "done") and removes them. A pair
+    that raises is recorded there as 'failed: ...' and the error is re-raised naming it. A rerun starts the sweep
+    over: rows from an earlier process may come from other weights or settings.
 
     Args:
         methods: short names ('full', 'random', 'pool', 'fastv', 'pdrop', 'visionzip', 'dart', and the
@@ -42,6 +52,8 @@ class PruningSweep(L.Callback):
         limit_batches: evaluate at most this many batches per pair (None: all).
         flops_convention: 'fastv' or 'exact' for the LLM prefill count.
         dirpath: output directory (default: the logger's log_dir).
+        ratio_tolerance: largest accepted |realised - requested| prune ratio. 0.05 passes rounding to whole
+            tokens and pooling grids down to 16 visual tokens (a 4 x 4 pool at r = 0.1 realises 0: no grid fits).
     """
 
     def __init__(
@@ -54,12 +66,17 @@ class PruningSweep(L.Callback):
         limit_batches: int | None = None,
         flops_convention: str = "fastv",
         dirpath: str | None = None,
+        ratio_tolerance: float = 0.05,
     ):
         if split not in ("val", "test"):
             raise ValueError(f"sweep split={split!r}; choose 'val' or 'test'")
         for ratio in prune_ratios:
             if not 0.0 <= ratio < 1.0:
                 raise ValueError(f"sweep prune ratio {ratio} must be in [0, 1)")
+        if limit_batches is not None and limit_batches < 1:
+            raise ValueError(f"sweep limit_batches={limit_batches} must be at least 1 (None: all batches)")
+        if not 0.0 <= ratio_tolerance < 1.0:
+            raise ValueError(f"sweep ratio_tolerance={ratio_tolerance} must be in [0, 1)")
         self.methods = list(methods)
         self.prune_ratios = [float(r) for r in prune_ratios]
         self.split = split
@@ -68,18 +85,29 @@ class PruningSweep(L.Callback):
         self.limit_batches = limit_batches
         self.flops_convention = flops_convention
         self.dirpath = dirpath
+        self.ratio_tolerance = ratio_tolerance
         self.rows: list[dict[str, Any]] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """A misspelt method fails here, before any training, not as an 'unreachable' row hours later."""
+        """A misspelt method or a split without data fails here, before any training, not hours later."""
         known = getattr(pl_module, "method_names", None)
         unknown = [m for m in self.methods if callable(known) and m not in known()]
         if unknown:
             raise ValueError(f"sweep methods {unknown} are unknown to {type(pl_module).__name__}; known: {known()}")
+        if (stage == "fit" and self.run_after_fit) or (stage == "test" and self.run_after_test):
+            self._loader(trainer)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.run_after_fit and not trainer.sanity_checking:
-            self.run(trainer, pl_module)
+        if not self.run_after_fit or trainer.sanity_checking:
+            return
+        if trainer.global_step == 0:
+            raise ValueError(
+                f"the sweep after fit did not run: fit ran 0 training steps (trainer.global_step == 0, "
+                f"{trainer.num_training_batches} training batches per epoch), so it would evaluate untrained "
+                "plug-ins. Check that the training set holds at least one batch (data.batch_size per process; "
+                "the last incomplete batch is dropped), trainer.max_steps and trainer.limit_train_batches; to "
+                "sweep saved plug-ins, run `test` with model.plugin_weights_path instead")
+        self.run(trainer, pl_module)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.run_after_test:
@@ -90,29 +118,75 @@ class PruningSweep(L.Callback):
         pairs += [(m, r) for m in self.methods if m != "full" for r in self.prune_ratios]
         return pairs
 
+    def _loader(self, trainer: L.Trainer):
+        """The split's dataloader; an error naming the sweep's split and the data settings when it has no data."""
+        setting = f"the sweep's split={self.split!r} (PruningSweep init_args.split)"
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise ValueError(f"{setting} reads the datamodule's {self.split} split, and this run has no datamodule")
+        other = "test" if self.split == "val" else "val"
+        related = [f"data.{key}" for key in getattr(datamodule, "hparams", {}) if self.split in key.split("_")]
+        fix = (f"give the {self.split} split data ({', '.join(related) or f'{type(datamodule).__name__} settings'}) "
+               f"or set the sweep's split to {other!r}")
+        try:
+            loader = datamodule.val_dataloader() if self.split == "val" else datamodule.test_dataloader()
+        except (ValueError, MisconfigurationException) as error:
+            raise ValueError(f"{setting}: {type(datamodule).__name__} has no {self.split} data ({error}); {fix}") from error
+        try:
+            empty = sweep_batch_count(loader, self.limit_batches) == 0
+        except TypeError:  # an iterable loader without a length: found out when evaluated
+            empty = False
+        if empty:
+            raise ValueError(f"{setting}: the {self.split} split of {type(datamodule).__name__} is empty; {fix}")
+        return loader
+
+    def directory(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath or (trainer.logger.log_dir if trainer.logger else trainer.default_root_dir))
+
     @torch.no_grad()
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[dict[str, Any]]:
-        datamodule = trainer.datamodule
-        loader = datamodule.val_dataloader() if self.split == "val" else datamodule.test_dataloader()
+        loader = self._loader(trainer)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
         was_training = pl_module.training
         pl_module.eval()
         self.rows = []
-        for name, ratio in self.pairs():
-            try:
-                pl_module.make_method(name, ratio)
-            except ValueError as error:
-                log.warning("sweep: skipping %s at r=%s: %s", name, ratio, error)
-                self.rows.append({"method": name, "prune_ratio": ratio, "status": f"unreachable: {error}"})
-                continue
-            self.rows.append(self._evaluate_pair(pl_module, loader, name, ratio, rank, world))
+        name, ratio = "", 0.0
+        try:
+            for name, ratio in self.pairs():
+                try:
+                    pl_module.make_method(name, ratio)
+                except ValueError as error:
+                    log.warning("sweep: skipping %s at r=%s: %s", name, ratio, error)
+                    self.rows.append({"method": name, "prune_ratio": ratio, "status": f"unreachable: {error}"})
+                else:
+                    self.rows.append(self._evaluate_pair(pl_module, loader, name, ratio, rank, world))
+                    if trainer.is_global_zero:
+                        row = self.rows[-1]
+                        print(f"sweep {name:>9s} r={ratio:<6} acc={row['accuracy']:.3f} "
+                              f"visual={row['avg_visual_tokens']:.1f} TFLOPs={row['tflops']:.5f} "
+                              f"latency={row['latency_ms']:.1f}ms" + ("" if row["status"] == "ok" else
+                                                                      f" [{row['status']}]"), flush=True)
+                if trainer.is_global_zero:
+                    self._write_partial(trainer)
+        except Exception as error:
+            finished = len(self.rows)
+            context = (f"sweep stopped at {name} r={ratio}: the {finished} finished pair(s) are in "
+                       f"{self.directory(trainer) / 'sweep.partial.csv'}; a rerun starts the sweep over")
             if trainer.is_global_zero:
-                row = self.rows[-1]
-                print(f"sweep {name:>9s} r={ratio:<6} acc={row['accuracy']:.3f} visual={row['avg_visual_tokens']:.1f} "
-                      f"TFLOPs={row['tflops']:.5f} latency={row['latency_ms']:.1f}ms", flush=True)
-        pl_module.train(was_training)
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                self.rows.append({"method": name, "prune_ratio": ratio,
+                                  "status": f"failed: {type(error).__name__}: {reason}"})
+                self._write_partial(trainer)
+            named = with_context(error, context)
+            if named is error:
+                raise
+            raise named from error
+        finally:
+            pl_module.train(was_training)
         if trainer.is_global_zero:
             self._write(trainer)
+            for suffix in ("csv", "json"):
+                (self.directory(trainer) / f"sweep.partial.{suffix}").unlink(missing_ok=True)
         return self.rows
 
     def _evaluate_pair(self, pl_module, loader, name: str, ratio: float, rank: int, world: int) -> dict[str, Any]:
@@ -147,12 +221,20 @@ class PruningSweep(L.Callback):
             for _ in range(rounds - evaluated):
                 pl_module.run_method(pl_module.transfer_batch_to_device(spare, pl_module.device, 0), name, ratio)
             dist.all_reduce(sums)
+        if sums[0] == 0:
+            raise ValueError(f"sweep: {name} at r={ratio} evaluated 0 samples of the {self.split} split (PruningSweep "
+                             f"init_args.split, limit_batches={self.limit_batches}); not recording it")
         values = {k: float(v) for k, v in metric.compute().items()}
-        n = max(1.0, float(sums[0]))
+        n = float(sums[0])
+        realised = 1.0 - float(sums[7]) / n
+        status = "ok"
+        if abs(realised - ratio) > self.ratio_tolerance:
+            status = (f"unreachable: realised r={realised:.3f} is {abs(realised - ratio):.3f} from the requested {ratio} "
+                      f"(ratio_tolerance {self.ratio_tolerance})")
         return {
             "method": name,
             "prune_ratio": ratio,
-            "realised_prune_ratio": 1.0 - float(sums[7]) / n,
+            "realised_prune_ratio": realised,
             "avg_visual_tokens": float(sums[1]) / n,
             "text_tokens": float(sums[2]) / n,
             "tflops": float(sums[3]) / n / 1e12,
@@ -162,22 +244,31 @@ class PruningSweep(L.Callback):
             "latency_ms": float(sums[6]) / n,
             "accuracy": values["acc"],
             "num_samples": int(sums[0]),
-            "status": "ok",
+            "status": status,
             "accuracy_by_category": {k.removeprefix("acc/"): v for k, v in values.items() if k != "acc"},
         }
 
-    def _write(self, trainer: L.Trainer) -> None:
-        directory = Path(self.dirpath or (trainer.logger.log_dir if trainer.logger else trainer.default_root_dir))
+    def _write_rows(self, directory: Path, stem: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / "sweep.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow({k: row.get(k, "") for k in COLUMNS})
-        (directory / "sweep.json").write_text(json.dumps({"flops_convention": self.flops_convention,
-                                                           "split": self.split, "rows": self.rows}, indent=2))
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: row.get(k, "") for k in COLUMNS})
+        write_atomically(directory / f"{stem}.csv", table.getvalue())
+        write_atomically(directory / f"{stem}.json", json.dumps(
+            {"flops_convention": self.flops_convention, "split": self.split, "rows": self.rows}, indent=2))
+
+    def _write_partial(self, trainer: L.Trainer) -> None:
+        self._write_rows(self.directory(trainer), "sweep.partial")
+
+    def _write(self, trainer: L.Trainer) -> None:
+        directory = self.directory(trainer)
+        self._write_rows(directory, "sweep")
         figure = accuracy_vs_flops_figure(self.rows, self.flops_convention)
-        figure.savefig(directory / "accuracy_vs_flops.png", dpi=120, bbox_inches="tight")
+        temporary = directory / ".accuracy_vs_flops.png.tmp"
+        figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
+        os.replace(temporary, directory / "accuracy_vs_flops.png")
         experiment = getattr(trainer.logger, "experiment", None)
         step = trainer.global_step
         if experiment is not None and hasattr(experiment, "add_scalar"):
@@ -190,6 +281,33 @@ class PruningSweep(L.Callback):
         import matplotlib.pyplot as plt
 
         plt.close(figure)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A reader (or a crash) sees the old file or the new one, never a half-written one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", newline="") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def with_context(error: Exception, context: str) -> Exception:
+    """`error` rebuilt as the same type with `context` appended (its message, the out-of-memory advice included,
+    stays first); `error` itself with `context` as a note when its type cannot be rebuilt from one message."""
+    message = f"{error}\n{context}"
+    try:
+        named = type(error)(message)
+    except Exception:
+        named = None
+    if named is not None and str(named) == message:
+        return named
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(context)
+    else:
+        log.error("%s", context)
+    return error
 
 
 def sweep_batch_count(loader, limit: int | None) -> int:

@@ -3,15 +3,32 @@
     python scripts/report.py [--run-dir runs/demo] [--out docs/results.md]
 
 Only sections whose inputs exist are written; every number comes from a file a command produced, and each
-section names that command.
+section names that command. The main job's outputs (MAIN_OUTPUTS) must all be there, and every input must read
+cleanly: otherwise the report names the file and writes nothing, so the existing output stays as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+# What `make demo` (scripts/demo.py, all stages) leaves in its run directory.
+MAIN_OUTPUTS = ("timings.json", "base_eval.json", "sweep/run/sweep.csv", "rcp_r0.889/run/sweep.csv",
+                "rcp_r0.778/run/sweep.csv", "accm_r0.969/run/sweep.csv")
+SWEEP_NUMBERS = ("prune_ratio", "realised_prune_ratio", "avg_visual_tokens", "text_tokens", "tflops", "tflops_total",
+                 "latency_ms", "accuracy")
+SWEEP_STATUSES = ("ok", "unreachable", "failed")
+
+
+class ReportInputError(Exception):
+    """An input of the report is missing or unreadable; the message names the file."""
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -20,8 +37,66 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ReportInputError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                               "rerun the command that wrote it") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ReportInputError(f"{path}: cannot be read ({error})") from error
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Names `path` in an error from content of the wrong shape (a missing key, a string for a number)."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        raise ReportInputError(f"{path}: unexpected content ({type(error).__name__}: {error})") from error
+
+
 def sweep_rows(path: Path) -> list[dict]:
-    return list(csv.DictReader(path.open())) if path.exists() else []
+    """The rows of a `sweep.csv` ([] when there is none), each checked: complete, a known status, numbers where
+    the status is 'ok'."""
+    if not path.exists():
+        return []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ReportInputError(f"{path}: cannot be read ({error})") from error
+    if text and not text.endswith("\n"):
+        raise ReportInputError(f"{path}: line {text.count(chr(10)) + 1} ends in the middle of a row (the file is cut "
+                               "short); rerun the sweep")
+    reader = csv.DictReader(text.splitlines())
+    missing = [c for c in (*SWEEP_NUMBERS, "method", "status") if c not in (reader.fieldnames or ())]
+    if missing:
+        raise ReportInputError(f"{path}: not a sweep table, it has no column(s) {', '.join(missing)}")
+    rows = []
+    for row in reader:
+        where = f"{path}: line {reader.line_num}"
+        if None in row:
+            raise ReportInputError(f"{where}: more fields than the header's {len(reader.fieldnames)}")
+        if None in row.values():
+            raise ReportInputError(f"{where}: fewer fields than the header's {len(reader.fieldnames)} (the row is cut "
+                                   "short)")
+        if not row["status"].startswith(SWEEP_STATUSES):
+            raise ReportInputError(f"{where}: unknown status {row['status']!r}; expected one of {SWEEP_STATUSES}")
+        if row["status"] == "ok":
+            for column in SWEEP_NUMBERS:
+                try:
+                    float(row[column])
+                except ValueError:
+                    raise ReportInputError(f"{where}: {column}={row[column]!r} is not a number") from None
+        rows.append(row)
+    return rows
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """A reader (or a crash) sees the old file or the new one, never a half-written one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
@@ -56,14 +131,23 @@ def accm_on_flops_plane(baseline_rows: list[dict], accm_rows: list[dict]) -> lis
                    "points over best"], body)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", default="runs/demo")
-    parser.add_argument("--benchmark", default="docs/benchmark_prefill.json")
-    parser.add_argument("--rcp-cost", default="docs/benchmark_rcp_cost.json")
-    parser.add_argument("--out", default="docs/results.md")
-    args = parser.parse_args()
+def check_run_dir(run: Path) -> None:
+    if not run.is_dir():
+        raise ReportInputError(f"--run-dir {run}: no such directory (the run directory of `make demo`, "
+                               "RUN_DIR=runs/demo by default)")
+    missing = [name for name in MAIN_OUTPUTS if not (run / name).is_file()]
+    if missing:
+        raise ReportInputError(f"--run-dir {run} lacks the main job's output(s) {', '.join(missing)}; run "
+                               f"`make demo RUN_DIR={run}` (scripts/demo.py) to make them, or point --run-dir at its "
+                               "run directory")
+
+
+def build(args: argparse.Namespace) -> tuple[str, Path | None]:
+    """The report's text and the figure it shows (None: none), from the files under `args`; a `ReportInputError`
+    naming the file on a bad input."""
     run = Path(args.run_dir)
+    check_run_dir(run)
+    figure = None
     parts = ["# Measured results", "",
              "Generated by `python scripts/report.py` from the files `make demo` (and the commands named below) wrote; "
              "CPU: 2 cores, fp32. Accuracies are exact match on the synthetic test split (1024 questions, 8-12 objects "
@@ -71,25 +155,29 @@ def main() -> None:
 
     timings = run / "timings.json"
     if timings.exists():
-        t = json.loads(timings.read_text())
-        rows = [[k, f"{v / 60:.1f}"] for k, v in t.items()]
-        if "base_stage1" in t and "base" in t:  # the base's training budget covers both stages
-            rows.insert(list(t).index("base") + 1, ["base training (stage 1 + stage 2)",
-                                                     f"{(t['base_stage1'] + t['base']) / 60:.1f}"])
+        t = read_json(timings)
+        with reading(timings):
+            rows = [[k, f"{v / 60:.1f}"] for k, v in t.items()]
+            if "base_stage1" in t and "base" in t:  # the base's training budget covers both stages
+                rows.insert(list(t).index("base") + 1, ["base training (stage 1 + stage 2)",
+                                                         f"{(t['base_stage1'] + t['base']) / 60:.1f}"])
         parts += ["## Main job (`make demo`) stage times", "", table(["stage", "minutes"], rows), ""]
     machine = run / "machine.json"
     if machine.exists():
-        speeds = [f"{r['fp32_matmul_gflops']:.0f} ({r['threads']} threads, {r['time']}, stages {' '.join(r['stages'])})"
-                  for r in json.loads(machine.read_text())]
+        records = read_json(machine)
+        with reading(machine):
+            speeds = [f"{r['fp32_matmul_gflops']:.0f} ({r['threads']} threads, {r['time']}, stages "
+                      f"{' '.join(r['stages'])})" for r in records]
         parts += ["Machine speed at the start of each `scripts/demo.py` invocation, fp32 512x512 matmul GFLOP/s "
                   "(stage times scale with it): " + "; ".join(speeds) + ".", ""]
 
     base_eval = run / "base_eval.json"
     if base_eval.exists():
-        results = json.loads(base_eval.read_text())
-        families = sorted({k.removeprefix("acc/") for v in results.values() for k in v if k.startswith("acc/")})
-        rows = [[name, f"{v.get('acc', float('nan')):.3f}", *[f"{v.get('acc/' + f, float('nan')):.3f}" for f in families]]
-                for name, v in results.items()]
+        results = read_json(base_eval)
+        with reading(base_eval):
+            families = sorted({k.removeprefix("acc/") for v in results.values() for k in v if k.startswith("acc/")})
+            rows = [[name, f"{v.get('acc', float('nan')):.3f}",
+                     *[f"{v.get('acc/' + f, float('nan')):.3f}" for f in families]] for name, v in results.items()]
         parts += ["## Base LVLM (`make demo`, stage base_eval)", "", table(["setting", "accuracy", *families], rows), ""]
 
     rows = sweep_rows(run / "sweep" / "run" / "sweep.csv")
@@ -110,13 +198,17 @@ def main() -> None:
                   table(["method", "r", "realised r", "visual tokens", "text tokens", "GFLOPs LLM", "GFLOPs total",
                          "latency ms", "accuracy"], body), "",
                   "![accuracy vs FLOPs](accuracy_vs_flops.png)", ""]
-        figure = run / "accuracy_vs_flops.png"
-        if figure.exists():
-            (Path(args.out).parent / "accuracy_vs_flops.png").write_bytes(figure.read_bytes())
+        figure = run / "accuracy_vs_flops.png" if (run / "accuracy_vs_flops.png").exists() else None
         unreachable = [r for r in rows if r["status"].startswith("unreachable")]
+        # the sweep keeps the measurements of a pair it ran whose realised ratio missed the requested one
+        missed = [r for r in unreachable if r["realised_prune_ratio"]]
         if unreachable:
-            parts += ["Unreachable budgets (the method's schedule cannot remove that many tokens on the 12-layer model):",
-                      "", *[f"- {r['method']} at r = {r['prune_ratio']}" for r in unreachable], ""]
+            parts += ["Unreachable budgets (the method's schedule cannot remove that many tokens on the 12-layer model"
+                      + ("; where a realised r is given, the method ran but its realised ratio lies more than the "
+                         "sweep's ratio_tolerance from r" if missed else "") + "):",
+                      "", *[f"- {r['method']} at r = {r['prune_ratio']}"
+                            + (f" (realised r = {float(r['realised_prune_ratio']):.3f})" if r in missed else "")
+                            for r in unreachable], ""]
 
     baselines = [r for r in sweep_rows(run / "sweep" / "run" / "sweep.csv") if r["status"] == "ok"]
     accm = [r for r in sweep_rows(run / "accm_r0.969" / "run" / "sweep.csv")
@@ -134,41 +226,67 @@ def main() -> None:
 
     bench = Path(args.benchmark)
     if bench.exists():
-        data = json.loads(bench.read_text())
-        a = data["args"]
-        body = []
-        for r in data["rows"]:
-            if "status" in r:
-                body.append([r["method"], "-", "-", "-", "-", "-", r["status"].split(":")[0]])
-                continue
-            ratio = "-" if r["ratio_of_reductions"] is None else f"{r['ratio_of_reductions']:.2f}"
-            body.append([r["method"], f"{r['realised_ratio']:.3f}", f"{r['flops_reduction']:.3f}", f"{r['latency_ms']:.0f}",
-                         f"{r['latency_reduction']:.3f}", ratio, f"{100 * r['scoring_overhead']:.2f}%"])
-        tp = data["throughput"]
-        parts += [f"## Prefill latency (`python benchmarks/prefill_latency.py`, {a['device']}, {a['dtype']})", "",
-                  f"LLaVA-shaped random model: LLM {a['layers']} layers x {a['hidden']}, 576 visual + {a['text_tokens']} "
-                  f"text tokens, batch {a['batch']}, SDPA, r = {a['ratio']}, median of {a['repeats']} runs.", "",
-                  table(["method", "realised r", "LLM FLOPs reduction", "latency ms", "latency reduction",
-                         "latency red. / FLOPs red.", "scoring overhead"], body), "",
-                  f"Eval throughput (generate 8 tokens, FastV): batch 1 {float(tp['1']):.2f} samples/s, batch 8 "
-                  f"{float(tp['8']):.2f} samples/s.", ""]
+        data = read_json(bench)
+        with reading(bench):
+            parts += benchmark_section(data)
 
     cost = Path(args.rcp_cost)
     if cost.exists():
-        c = json.loads(cost.read_text())
-        parts += ["## RCP cost (`python benchmarks/rcp_cost.py --out docs/benchmark_rcp_cost.json`)", "",
-                  f"The tiny base of `make demo` (cost does not depend on the weights), RCP pruning layers "
-                  f"{c.get('pruning_layers', 'of the paper, scaled')}, CPU ({c['threads']} threads), batch {c['batch']}, "
-                  "measured in one run.", "",
-                  table(["measurement", "ms", "relative"], [
-                      ["full-token forward (teacher-forced)", f"{c['full_forward_ms']:.1f}", "1.00"],
-                      ["RCP training step (teacher + soft student + backward + AdamW)", f"{c['rcp_train_step_ms']:.1f}",
-                       f"{c['train_step_over_forward']:.2f} x forward"],
-                      ["generation, full tokens (4 new tokens)", f"{c['full_generate_ms']:.1f}", "1.00"],
-                      [f"generation, RCP at r = {c['ratio']}", f"{c['rcp_generate_ms']:.1f}",
-                       f"{c['rcp_over_full_generate']:.2f} x full"]]), ""]
+        c = read_json(cost)
+        with reading(cost):
+            parts += rcp_cost_section(c)
+    return "\n".join(parts), figure
 
-    Path(args.out).write_text("\n".join(parts))
+
+def benchmark_section(data: dict) -> list[str]:
+    a = data["args"]
+    body = []
+    for r in data["rows"]:
+        if "status" in r:
+            body.append([r["method"], "-", "-", "-", "-", "-", r["status"].split(":")[0]])
+            continue
+        ratio = "-" if r["ratio_of_reductions"] is None else f"{r['ratio_of_reductions']:.2f}"
+        body.append([r["method"], f"{r['realised_ratio']:.3f}", f"{r['flops_reduction']:.3f}", f"{r['latency_ms']:.0f}",
+                     f"{r['latency_reduction']:.3f}", ratio, f"{100 * r['scoring_overhead']:.2f}%"])
+    tp = data["throughput"]
+    return [f"## Prefill latency (`python benchmarks/prefill_latency.py`, {a['device']}, {a['dtype']})", "",
+            f"LLaVA-shaped random model: LLM {a['layers']} layers x {a['hidden']}, 576 visual + {a['text_tokens']} "
+            f"text tokens, batch {a['batch']}, SDPA, r = {a['ratio']}, median of {a['repeats']} runs.", "",
+            table(["method", "realised r", "LLM FLOPs reduction", "latency ms", "latency reduction",
+                   "latency red. / FLOPs red.", "scoring overhead"], body), "",
+            f"Eval throughput (generate 8 tokens, FastV): batch 1 {float(tp['1']):.2f} samples/s, batch 8 "
+            f"{float(tp['8']):.2f} samples/s.", ""]
+
+
+def rcp_cost_section(c: dict) -> list[str]:
+    return ["## RCP cost (`python benchmarks/rcp_cost.py --out docs/benchmark_rcp_cost.json`)", "",
+            f"The tiny base of `make demo` (cost does not depend on the weights), RCP pruning layers "
+            f"{c.get('pruning_layers', 'of the paper, scaled')}, CPU ({c['threads']} threads), batch {c['batch']}, "
+            "measured in one run.", "",
+            table(["measurement", "ms", "relative"], [
+                ["full-token forward (teacher-forced)", f"{c['full_forward_ms']:.1f}", "1.00"],
+                ["RCP training step (teacher + soft student + backward + AdamW)", f"{c['rcp_train_step_ms']:.1f}",
+                 f"{c['train_step_over_forward']:.2f} x forward"],
+                ["generation, full tokens (4 new tokens)", f"{c['full_generate_ms']:.1f}", "1.00"],
+                [f"generation, RCP at r = {c['ratio']}", f"{c['rcp_generate_ms']:.1f}",
+                 f"{c['rcp_over_full_generate']:.2f} x full"]]), ""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", default="runs/demo")
+    parser.add_argument("--benchmark", default="docs/benchmark_prefill.json")
+    parser.add_argument("--rcp-cost", default="docs/benchmark_rcp_cost.json")
+    parser.add_argument("--out", default="docs/results.md")
+    args = parser.parse_args(argv)
+    try:
+        text, figure = build(args)
+    except ReportInputError as error:
+        sys.exit(f"report.py: {error}\nnothing written: {args.out} is unchanged")
+    out = Path(args.out)
+    if figure is not None:
+        write_atomically(out.parent / "accuracy_vs_flops.png", figure.read_bytes())
+    write_atomically(out, text.encode())
     print(f"wrote {args.out}")
 
 

@@ -1,0 +1,167 @@
+"""The pruning sweep on the tiny base: finished rows survive a failing pair (which is named, out-of-memory advice
+kept), a split without data fails before training, no sweep after a fit of zero steps, and a realised ratio far
+from the requested one is not recorded as meeting the budget."""
+
+import csv
+import json
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.sweep import PruningSweep
+from conftest import TINY_DATA_ARGS
+from datamodules.llava import LlavaInstructionDataModule
+from datamodules.synthetic import SyntheticVQADataModule
+from lightning_modules.compensation import CompensationModule
+from lightning_modules.frozen_base import FrozenBaseModule
+from lvlm_prune.rcp.compensation import RCPCompensation
+
+
+@pytest.fixture(scope="module")
+def data(tiny_base_dir):
+    return SyntheticVQADataModule(processor_path=str(tiny_base_dir), **TINY_DATA_ARGS)
+
+
+@pytest.fixture(scope="module")
+def train_only_data(tiny_base_dir, data, tmp_path_factory):
+    """LLaVA instruction data with neither a validation nor a test question file."""
+    exported = data.export_llava_format("train", tmp_path_factory.mktemp("llava_train"))
+    return LlavaInstructionDataModule(train_file=str(exported / "instructions.json"), image_root=str(exported / "images"),
+                                      processor_path=str(tiny_base_dir), template="tiny", batch_size=8, num_workers=0)
+
+
+def trainer(tmp_path, sweep, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False, callbacks=[sweep],
+                     default_root_dir=tmp_path, **kwargs)
+
+
+def frozen_base(tiny_base_dir, data) -> FrozenBaseModule:
+    return FrozenBaseModule(str(tiny_base_dir), processor=data.processor, categories=data.categories, max_new_tokens=2)
+
+
+def rcp_module(tiny_base_dir, data) -> CompensationModule:
+    plugin = RCPCompensation(target_prune_ratio=0.75, pruning_layers=[0], bottleneck=16, num_queries=4,
+                             context_dim=16, adapter_bottleneck=8)
+    return CompensationModule(str(tiny_base_dir), plugin, processor=data.processor, categories=data.categories,
+                              learning_rate=1e-3, max_new_tokens=2)
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def stub_trainer(datamodule, directory) -> SimpleNamespace:
+    """What `PruningSweep.run` reads of a trainer: sweeps without Lightning's test loop in front."""
+    return SimpleNamespace(datamodule=datamodule, is_global_zero=True, logger=None, default_root_dir=directory,
+                           global_step=0)
+
+
+def test_a_failing_pair_keeps_the_finished_rows_on_disk_and_is_named(tiny_base_dir, data, tmp_path):
+    module = frozen_base(tiny_base_dir, data)
+    original = module.run_method
+    on_disk_at_start = {}
+
+    def run_method(batch, name, ratio):
+        partial = tmp_path / "sweep.partial.csv"
+        on_disk_at_start.setdefault(name, [r["method"] for r in read_rows(partial)] if partial.exists() else [])
+        if name == "fastv":
+            raise RuntimeError("boom")
+        return original(batch, name, ratio)
+
+    module.run_method = run_method
+    sweep = PruningSweep(methods=["full", "random", "fastv"], prune_ratios=[0.5], dirpath=str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"^boom\nsweep stopped at fastv r=0\.5: the 2 finished pair\(s\) are in "
+                                           r".*sweep\.partial\.csv"):
+        trainer(tmp_path, sweep).test(module, datamodule=data)
+
+    assert on_disk_at_start == {"full": [], "random": ["full"], "fastv": ["full", "random"]}
+    rows = read_rows(tmp_path / "sweep.partial.csv")
+    assert [(r["method"], r["status"]) for r in rows] == [("full", "ok"), ("random", "ok"),
+                                                          ("fastv", "failed: RuntimeError: boom")]
+    assert float(rows[1]["accuracy"]) >= 0 and int(rows[1]["num_samples"]) == TINY_DATA_ARGS["num_test"]
+    assert [r["method"] for r in json.loads((tmp_path / "sweep.partial.json").read_text())["rows"]] == [
+        "full", "random", "fastv"]
+    assert not (tmp_path / "sweep.csv").exists()  # its presence means "done" to scripts/demo.py
+    assert not module.training  # test mode as Lightning left it, not the sweep's
+
+
+def test_out_of_memory_in_a_pair_keeps_the_type_and_the_advice(tiny_base_dir, data, tmp_path, monkeypatch):
+    module = frozen_base(tiny_base_dir, data)
+    original = module.run_method
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def run_method(batch, name, ratio):
+        if name == "random":  # from here on, through the module's own out-of-memory advice
+            monkeypatch.setattr(module.engine, "generate", out_of_memory)
+        return original(batch, name, ratio)
+
+    module.run_method = run_method
+    sweep = PruningSweep(methods=["full", "random"], prune_ratios=[0.5], dirpath=str(tmp_path))
+    with pytest.raises(torch.OutOfMemoryError, match=r"^out of memory in generation\. Lower data\.init_args\."
+                                                     r"eval_batch_size(.|\n)*\nsweep stopped at random r=0\.5: the 1 "):
+        sweep.run(stub_trainer(data, tmp_path), module)
+    rows = read_rows(tmp_path / "sweep.partial.csv")
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"].startswith("failed: OutOfMemoryError: out of memory in generation. Lower")
+
+
+def test_a_complete_sweep_writes_its_files_and_drops_the_partial_ones(tiny_base_dir, data, tmp_path):
+    sweep = PruningSweep(methods=["full", "pool", "random"], prune_ratios=[0.1, 0.5], dirpath=str(tmp_path))
+    trainer(tmp_path, sweep).test(frozen_base(tiny_base_dir, data), datamodule=data)
+
+    assert {p.name for p in tmp_path.iterdir()} >= {"sweep.csv", "sweep.json", "accuracy_vs_flops.png"}
+    assert not list(tmp_path.glob("*partial*")) and not list(tmp_path.glob(".*.tmp"))
+    rows = {(r["method"], float(r["prune_ratio"])): r for r in read_rows(tmp_path / "sweep.csv")}
+    # 16 visual tokens: no pooling grid keeps 90% of a 4 x 4 grid, so pool at r = 0.1 keeps them all
+    assert float(rows["pool", 0.1]["realised_prune_ratio"]) == 0.0
+    assert rows["pool", 0.1]["status"] == ("unreachable: realised r=0.000 is 0.100 from the requested 0.1 "
+                                           "(ratio_tolerance 0.05)")
+    assert rows["pool", 0.1]["accuracy"] != ""  # the measurements are kept
+    assert float(rows["random", 0.1]["realised_prune_ratio"]) == 0.125  # 14 of 16 tokens: within the tolerance
+    assert [rows[k]["status"] for k in (("full", 0.0), ("random", 0.1), ("pool", 0.5), ("random", 0.5))] == ["ok"] * 4
+
+
+@pytest.mark.parametrize("split, names", [("val", r"data\.val_question_file, data\.val_image_root, data\.val_size"),
+                                          ("test", r"data\.test_question_file")])
+def test_a_split_without_data_fails_before_training(tiny_base_dir, train_only_data, tmp_path, split, names):
+    module = rcp_module(tiny_base_dir, train_only_data)
+    fit = trainer(tmp_path, PruningSweep(methods=["full", "rcp"], prune_ratios=[0.5], split=split,
+                                         dirpath=str(tmp_path)), max_steps=2, limit_val_batches=0)
+    with pytest.raises(ValueError, match=rf"the sweep's split='{split}' \(PruningSweep init_args\.split\).*{names}"):
+        fit.fit(module, datamodule=train_only_data)
+    assert fit.global_step == 0
+    assert not list(tmp_path.glob("sweep*"))
+
+
+def test_a_pair_evaluated_on_no_sample_is_not_recorded(tiny_base_dir, data, tmp_path):
+    """A loader without a length passes the setup check; the pair that finds it empty is refused."""
+    empty = SimpleNamespace(test_dataloader=lambda: iter(()), hparams={})
+    sweep = PruningSweep(methods=["full", "random"], prune_ratios=[0.5], dirpath=str(tmp_path))
+    with pytest.raises(ValueError, match=r"full at r=0\.0 evaluated 0 samples of the test split"):
+        sweep.run(stub_trainer(empty, tmp_path), frozen_base(tiny_base_dir, data))
+    assert [r["status"] for r in read_rows(tmp_path / "sweep.partial.csv")] == [
+        "failed: ValueError: sweep: full at r=0.0 evaluated 0 samples of the test split (PruningSweep "
+        "init_args.split, limit_batches=None); not recording it"]
+
+
+def test_no_sweep_after_a_fit_of_zero_training_steps(tiny_base_dir, data, tmp_path):
+    module = rcp_module(tiny_base_dir, data)
+    fit = trainer(tmp_path, PruningSweep(methods=["full", "rcp"], prune_ratios=[0.5], dirpath=str(tmp_path)),
+                  max_steps=2, limit_train_batches=0, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"the sweep after fit did not run: fit ran 0 training steps .*untrained "
+                                         r"plug-ins.*data\.batch_size"):
+        fit.fit(module, datamodule=data)
+    assert not list(tmp_path.glob("sweep*"))
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match=r"limit_batches=0 must be at least 1"):
+        PruningSweep(limit_batches=0)
+    with pytest.raises(ValueError, match=r"ratio_tolerance=-0\.1 must be in \[0, 1\)"):
+        PruningSweep(ratio_tolerance=-0.1)

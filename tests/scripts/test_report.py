@@ -1,0 +1,136 @@
+"""scripts/report.py on a tiny run directory: it writes the report from complete inputs, and on a missing run
+directory, missing main-job outputs or a damaged input it names the file and leaves the existing report as it was."""
+
+import csv
+import importlib.util
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from callbacks.sweep import COLUMNS
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("report", ROOT / "scripts" / "report.py")
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+OLD_REPORT = "# Measured results\n\nthe report of an earlier run\n"
+
+
+def row(method, ratio, status="ok", realised=None, accuracy=0.5):
+    if status.startswith("unreachable") and realised is None:  # never ran: only its name and status
+        return {"method": method, "prune_ratio": ratio, "status": status}
+    realised = ratio if realised is None else realised
+    return {"method": method, "prune_ratio": ratio, "realised_prune_ratio": realised,
+            "avg_visual_tokens": 16 * (1 - realised), "text_tokens": 15.0, "tflops": 1e-4, "tflops_llm": 1e-4,
+            "tflops_plugins": 0.0, "tflops_total": 2e-4 * (1 - ratio) + 1e-4, "latency_ms": 2.0,
+            "accuracy": accuracy, "num_samples": 16, "status": status}
+
+
+def sweep_csv(rows) -> str:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r.get(k, "") for k in COLUMNS})
+    return text.getvalue()
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """What `make demo` leaves, on a tiny scale."""
+    run = tmp_path / "demo"
+    files = {
+        "timings.json": json.dumps({"base": 600.0, "sweep": 60.0}),
+        "base_eval.json": json.dumps({"all visual tokens": {"acc": 0.6, "acc/count": 0.5}}),
+        "sweep/run/sweep.csv": sweep_csv([
+            row("full", 0.0), row("random", 0.5, accuracy=0.4), row("pool", 0.5, accuracy=0.3),
+            row("pool", 0.1, "unreachable: realised r=0.000 is 0.100 from the requested 0.1 (ratio_tolerance 0.05)",
+                realised=0.0),
+            row("fastv", 0.9, "unreachable: fastv: prune_ratio=0.9 cannot be reached")]),
+        "rcp_r0.889/run/sweep.csv": sweep_csv([row("rcp", 0.889, accuracy=0.45)]),
+        "rcp_r0.778/run/sweep.csv": sweep_csv([row("rcp", 0.778, accuracy=0.47)]),
+        "accm_r0.969/run/sweep.csv": sweep_csv([row("accm", 0.969, accuracy=0.42)]),
+    }
+    for name, text in files.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    return run
+
+
+def run_report(run_dir, out):
+    if not out.exists():
+        out.write_text(OLD_REPORT)
+    report.main(["--run-dir", str(run_dir), "--out", str(out), "--benchmark", str(out.parent / "no_benchmark.json"),
+                 "--rcp-cost", str(out.parent / "no_rcp_cost.json")])
+
+
+def refused(run_dir, out) -> str:
+    """The report's error message; the earlier report must be untouched."""
+    with pytest.raises(SystemExit) as error:
+        run_report(run_dir, out)
+    assert out.read_text() == OLD_REPORT
+    assert not list(out.parent.glob(".*.tmp"))
+    return str(error.value.code)
+
+
+def test_complete_inputs_make_the_report(run_dir, tmp_path):
+    out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir()
+    (run_dir / "accuracy_vs_flops.png").write_bytes(b"png")
+    run_report(run_dir, out)
+    text = out.read_text()
+    assert "| random | 0.5000 | 0.500 |" in text and "| rcp@0.778 | 0.7780 |" in text and "| accm | 0.9690 |" in text
+    # a pair whose realised ratio missed the requested one is listed, not tabulated as meeting the budget
+    assert "| pool | 0.1000 |" not in text
+    assert "- pool at r = 0.1 (realised r = 0.000)" in text and "- fastv at r = 0.9\n" in text
+    assert "more than the sweep's ratio_tolerance from r" in text
+    assert (out.parent / "accuracy_vs_flops.png").read_bytes() == b"png"
+
+
+def test_a_missing_run_directory_is_refused(tmp_path):
+    assert "--run-dir" in refused(tmp_path / "nowhere", tmp_path / "results.md")
+    assert "nowhere: no such directory" in refused(tmp_path / "nowhere", tmp_path / "results.md")
+
+
+def test_a_run_directory_without_the_main_outputs_is_refused(run_dir, tmp_path):
+    for name in ("base_eval.json", "rcp_r0.778/run/sweep.csv"):
+        (run_dir / name).unlink()
+    message = refused(run_dir, tmp_path / "results.md")
+    assert "lacks the main job's output(s) base_eval.json, rcp_r0.778/run/sweep.csv;" in message
+    assert "timings.json" not in message
+    assert message.endswith(f"nothing written: {tmp_path / 'results.md'} is unchanged")
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda text: text[:len(text) - 40], r"line 6 ends in the middle of a row"),
+    (lambda text: text.rsplit(",", 3)[0] + "\n", r"line 6: fewer fields than the header's 13"),
+    (lambda text: text.replace(",ok\n", ",ok,extra\n", 1), r"line 2: more fields than the header's 13"),
+    (lambda text: text.replace(",ok\n", ",o\n", 1), r"line 2: unknown status 'o'"),
+    (lambda text: text.replace("0.4,16,ok", "zero,16,ok"), r"line 3: accuracy='zero' is not a number"),
+    (lambda text: "", r"not a sweep table, it has no column\(s\) prune_ratio"),
+])
+def test_a_damaged_sweep_table_is_named(run_dir, tmp_path, damage, expected):
+    path = run_dir / "sweep" / "run" / "sweep.csv"
+    path.write_text(damage(path.read_text()), newline="")
+    assert re.search(rf"^report\.py: {re.escape(str(path))}: {expected}", refused(run_dir, tmp_path / "results.md"))
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("base_eval.json", '{"all visual tokens": {"acc": 0.6', "not valid JSON (Expecting ',' delimiter at line 1"),
+    ("base_eval.json", '{"all visual tokens": 0.6}', "unexpected content (TypeError"),
+    ("timings.json", '{"base": "ten minutes"}', "unexpected content (TypeError"),
+])
+def test_a_damaged_json_input_is_named(run_dir, tmp_path, name, text, expected):
+    (run_dir / name).write_text(text)
+    assert f"report.py: {run_dir / name}: {expected}" in refused(run_dir, tmp_path / "results.md")
+
+
+def test_a_damaged_optional_input_is_named(run_dir, tmp_path):
+    out = tmp_path / "results.md"
+    out.write_text(OLD_REPORT)
+    (tmp_path / "no_rcp_cost.json").write_text(json.dumps({"threads": 2}))
+    assert f"{tmp_path / 'no_rcp_cost.json'}: unexpected content (KeyError: 'batch')" in refused(run_dir, out)
