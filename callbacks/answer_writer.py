@@ -1,9 +1,11 @@
-"""Writes test predictions as a LLaVA answer `.jsonl` (one file, from rank 0, all ranks' records)."""
+"""Writes test predictions as a LLaVA answer `.jsonl` (one file, from rank 0, all ranks' records), batch by batch."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch.distributed as dist
@@ -11,9 +13,31 @@ import torch.distributed as dist
 from lvlm_prune.evaluation.export import answer_id_for
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _answer_key(record: dict[str, Any]) -> tuple[str, str]:
+    # str: a repeated id is the same question whatever its type; MME: one id, two questions
+    return str(record["question_id"]), record.get("prompt", "")
+
+
+def _answer_line(record: dict[str, Any]) -> str:
+    record = dict(record)
+    record.setdefault("answer_id", answer_id_for(record["question_id"], record.get("prompt", "")))
+    return json.dumps(record) + "\n"
+
+
 class AnswerFileWriter(L.Callback):
-    """After `test`, writes `pl_module.test_predictions` (a list of dicts with `question_id`, `prompt`,
-    `text`, `model_id`, ...) as LLaVA answer records.
+    """Writes `pl_module.test_predictions` (a list of dicts with `question_id`, `prompt`, `text`, `model_id`, ...)
+    as LLaVA answer records while `test` runs: the records of each batch are appended and flushed when the batch
+    ends, so a run that stops mid-test keeps the answers of every finished batch. The file is emptied when the test
+    epoch starts (a rerun never appends to an old file). A (question id, prompt) pair is written once (a
+    distributed sampler repeats samples to even out ranks).
+
+    With several processes each rank appends to its own `<stem>.rank<k><suffix>` while testing; at the end rank 0
+    writes all ranks' records to the answer file and the rank files are removed (after a crash they hold the
+    finished batches).
 
     Args:
         filename: file name inside the logger's directory (or `dirpath`).
@@ -24,28 +48,64 @@ class AnswerFileWriter(L.Callback):
         self.filename = filename
         self.dirpath = dirpath
         self.last_path: Path | None = None
+        self._part: Path | None = None  # where this process appends
+        self._written = 0  # records of `test_predictions` already appended
+        self._seen: set[tuple[str, str]] = set()
+
+    def _path(self, trainer: L.Trainer) -> Path:
+        directory = Path(self.dirpath or (trainer.logger.log_dir if trainer.logger else trainer.default_root_dir))
+        return directory / self.filename
+
+    def _rank_path(self, path: Path, rank: int) -> Path:
+        return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # rank 0's directory: a logger may resolve its version directory differently on other ranks
+        path = Path(trainer.strategy.broadcast(str(self._path(trainer))))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if trainer.is_global_zero:
+            path.write_text("")
+        self._part = self._rank_path(path, dist.get_rank()) if _distributed() else path
+        self._part.write_text("")
+        self._written, self._seen = 0, set()
+        self.last_path = path
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._append(pl_module)
+
+    def _append(self, pl_module: L.LightningModule) -> None:
+        records = getattr(pl_module, "test_predictions", [])
+        if self._part is None:
+            return
+        new, self._written = records[self._written:], len(records)  # a slice: copying all every batch is quadratic
+        lines = []
+        for record in new:
+            key = _answer_key(record)
+            if key not in self._seen:
+                self._seen.add(key)
+                lines.append(_answer_line(record))
+        if lines:
+            with open(self._part, "a") as handle:  # closed, so flushed, every batch
+                handle.writelines(lines)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        records = list(getattr(pl_module, "test_predictions", []))
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[list[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-            dist.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
-        if not trainer.is_global_zero:
+        self._append(pl_module)
+        if not _distributed():
             return
-        seen: set[tuple[str, str]] = set()
-        unique = []
-        for record in records:  # a distributed sampler repeats samples to even out ranks
-            key = (str(record["question_id"]), record.get("prompt", ""))  # MME: one id, two questions
-            if key not in seen:
-                seen.add(key)
-                unique.append(record)
-        directory = Path(self.dirpath or (trainer.logger.log_dir if trainer.logger else trainer.default_root_dir))
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / self.filename
-        with open(path, "w") as handle:
-            for record in unique:
-                record = dict(record)
-                record.setdefault("answer_id", answer_id_for(record["question_id"], record.get("prompt", "")))
-                handle.write(json.dumps(record) + "\n")
-        self.last_path = path
+        records = list(getattr(pl_module, "test_predictions", []))
+        gathered: list[list[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(gathered, records)
+        path = self.last_path
+        assert path is not None and self._part is not None
+        if trainer.is_global_zero:
+            seen: set[tuple[str, str]] = set()
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w") as handle:
+                for record in (r for part in gathered for r in part):
+                    if _answer_key(record) not in seen:
+                        seen.add(_answer_key(record))
+                        handle.write(_answer_line(record))
+            os.replace(tmp, path)
+        dist.barrier()  # the answer file is complete before any rank file goes
+        self._part.unlink(missing_ok=True)

@@ -12,7 +12,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from lvlm_prune.evaluation.readers import (
     BadRecords,
     QuestionRecord,
     check_on_bad_record,
+    iter_jsonl,
     mme_core_question,
     read_caption_references,
     read_gqa_annotations,
@@ -36,6 +37,7 @@ from lvlm_prune.evaluation.readers import (
     read_pope_label_dir,
     read_questions,
     read_scienceqa_problems,
+    read_utf8,
     read_vqa_annotations,
 )
 from lvlm_prune.evaluation.scoring import BENCHMARK_SCORERS
@@ -55,11 +57,12 @@ DEFAULT_QUESTION_SUFFIX = {"scienceqa": LETTER_PROMPT, "mmbench": LETTER_PROMPT}
 
 @dataclass(frozen=True)
 class LlavaRecord:
-    """One validated record; `image` is a file path, or base64 bytes for MMBench's tsv; `source` (the file) and
-    `location` (the record in it) name it in error messages; `length` is the conversation's word count (for
-    length grouping)."""
+    """One validated record; `question_id` keeps the file's type (an int id stays an int in the answer file:
+    LLaVA's VQAv2 converter looks answers up by it; compare ids as `str(question_id)`); `image` is a file path, or
+    base64 bytes for MMBench's tsv; `source` (the file) and `location` (the record in it) name it in error
+    messages; `length` is the conversation's word count (for length grouping)."""
 
-    question_id: str
+    question_id: int | str
     image: Path | str
     question: str
     answer: str | None = None
@@ -92,16 +95,21 @@ def _open_image(image: Path | str) -> Image.Image:
         return opened.convert("RGB")
 
 
+# what PIL and base64 raise for a file that is not a whole image (binascii.Error is a ValueError)
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def _image_problem(image: Path | str, verify: bool) -> str | None:
-    """Why the image cannot be used, or None. A base64 image (MMBench) is always decoded."""
+    """Why the image cannot be used, or None. With `verify` (always for a base64 image, MMBench) the image is
+    decoded in full, as `LlavaRecordDataset` will: PIL's `verify()` passes a JPEG cut short."""
     if isinstance(image, Path) and not image.is_file():
         return f"image file not found: {image}"
     if not verify and isinstance(image, Path):
         return None
     try:
         with Image.open(_image_source(image)) as opened:
-            opened.verify()
-    except (OSError, SyntaxError, ValueError) as error:  # base64's binascii.Error is a ValueError
+            opened.load()
+    except IMAGE_ERRORS as error:
         what = image if isinstance(image, Path) else "embedded base64 image"
         return f"image unreadable: {what} ({type(error).__name__}: {error})"
     return None
@@ -109,6 +117,11 @@ def _image_problem(image: Path | str, verify: bool) -> str | None:
 
 class LlavaRecordDataset(Dataset):
     """Records -> `VQAExample`s; images are opened (and padded to a square) on access.
+
+    Bad images are meant to be caught at setup (`verify_images` decodes each one, so `on_bad_record='skip'` drops
+    the record there). An image that still fails here (not decoded at setup, or changed since) raises a ValueError
+    naming the file, the record's line and id, whatever `on_bad_record` says: dropping it now would change the
+    length of the dataset and the batches mid-epoch (and differ between ranks).
 
     Args:
         records: validated records.
@@ -126,8 +139,10 @@ class LlavaRecordDataset(Dataset):
         record = self.records[index]
         try:
             image = _open_image(record.image)
-        except (OSError, SyntaxError, ValueError) as error:  # the file changed since it was checked
-            problem = f"image unreadable ({type(error).__name__}: {error})"
+        except IMAGE_ERRORS as error:
+            what = record.image if isinstance(record.image, Path) else "embedded base64 image"
+            problem = (f"image unreadable: {what} ({type(error).__name__}: {error}); it was not caught at setup "
+                       "(data.verify_images=false, or the file changed since), so on_bad_record cannot drop it")
             raise ValueError(f"{record.source}: {record.location}: {problem}") from error
         if self.pad_fill is not None:
             image = expand_to_square(image, self.pad_fill)
@@ -140,24 +155,21 @@ def _is_record_id(value: Any) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool) and value != ""
 
 
-def _load_instruction_file(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+def _load_instruction_file(path: Path, bad: BadRecords) -> Iterator[tuple[str, Any]]:
+    """(where, raw record): "line N" of a `.jsonl` (a line that is not UTF-8, JSON or an object goes to `bad`),
+    "record N" of a `.json` list (which is read whole: one bad byte or bracket fails the file)."""
     if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}: line {number}: not valid JSON ({error.msg})") from error
-        return records
+        for number, raw in iter_jsonl(path, bad):
+            yield f"line {number}", raw
+        return
     try:
-        data = json.loads(text)
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from error
     if not isinstance(data, list):
         raise ValueError(f"{path}: an instruction file must hold a JSON list of records")
-    return data
+    for position, raw in enumerate(data, start=1):
+        yield f"record {position}", raw
 
 
 def _parse_conversation(
@@ -182,7 +194,9 @@ def _parse_conversation(
             which = "the first turn" if number == 1 else f"turn {number}"
             return None, f"{which} is from {role!r}, expected {expected!r} (turns alternate human/gpt)"
         value = turn.get("value")
-        if not isinstance(value, str) or not value.replace(IMAGE_PLACEHOLDER, "").strip():
+        if not isinstance(value, str):
+            return None, f"turn {number} ({role}) has 'value' {value!r} ({type(value).__name__}), expected a string"
+        if not value.replace(IMAGE_PLACEHOLDER, "").strip():
             what = "question" if role == HUMAN else "answer"
             return None, f"turn {number} ({role}) has an empty {what}"
         placeholders = value.count(IMAGE_PLACEHOLDER)
@@ -194,7 +208,7 @@ def _parse_conversation(
     if len(texts) % 2:
         return None, f"ends with human turn {len(texts)}, which has no gpt answer"
     extra = tuple((texts[i], texts[i + 1]) for i in range(2, len(texts), 2))
-    parsed = LlavaRecord(str(record["id"]), image_root / image, texts[0], texts[1], extra_turns=extra,
+    parsed = LlavaRecord(record["id"], image_root / image, texts[0], texts[1], extra_turns=extra,
                          source=source, location=location, length=sum(len(text.split()) for text in texts))
     return parsed, None
 
@@ -202,26 +216,34 @@ def _parse_conversation(
 def read_instruction_records(path: Path, image_root: Path, bad: BadRecords) -> list[LlavaRecord]:
     """Structurally valid records of a LLaVA instruction file (`.json` list or `.jsonl`), in file order.
 
-    Bad (reported to `bad`): not an object, no id, no image, roles not alternating human/gpt from a human turn,
-    an empty question or answer, not exactly one `<image>` (in the first human turn), an id twice.
-    Image files are not checked here (see `select_usable`).
+    Bad (reported to `bad`): a `.jsonl` line that is not UTF-8 or JSON, not an object, no id, no image, roles not
+    alternating human/gpt from a human turn, an empty or non-string question or answer, not exactly one `<image>`
+    (in the first human turn), an id twice (5 and "5" are one id). Image files are not checked here (see
+    `select_usable`).
     """
     records: list[LlavaRecord] = []
-    first_position: dict[str, int] = {}
-    for position, raw in enumerate(_load_instruction_file(path), start=1):
+    first_seen: dict[str, str] = {}  # by str(id): 5 and "5" are one id, as in the question readers
+    for where, raw in _load_instruction_file(path, bad):
         record_id = raw.get("id") if isinstance(raw, dict) else None
-        location = f"record {position}" + ("" if record_id is None else f" (id {record_id!r})")
+        location = where + ("" if record_id is None else f" (id {record_id!r})")
         parsed, problem = _parse_conversation(raw, str(path), location, image_root)
         if parsed is None:
             bad.report(f"{location}: {problem}")
             continue
-        if parsed.question_id in first_position:
-            first = first_position[parsed.question_id]
-            bad.report(f"{location}: id {record_id!r} appears twice (first at record {first})")
+        key = str(parsed.question_id)
+        if key in first_seen:
+            bad.report(f"{location}: id {record_id!r} appears twice (first at {first_seen[key]})")
             continue
-        first_position[parsed.question_id] = position
+        first_seen[key] = where
         records.append(parsed)
     return records
+
+
+def no_records_message(source: str | Path, skipped: Sequence[str]) -> str:
+    if not skipped:
+        return f"{source} holds no records"
+    return (f"{source} has no usable records: all {len(skipped)} were skipped as bad (data.on_bad_record='skip'); "
+            f"first: {skipped[0]}")
 
 
 def select_usable(
@@ -252,15 +274,35 @@ def select_usable(
         if wanted is not None and len(chosen) == wanted:
             break
     needed = wanted if wanted is not None else held_out + 1
+    if not chosen:
+        raise ValueError(no_records_message(bad.source, bad.messages))
     if len(chosen) < needed:
-        raise ValueError(f"{bad.source} has {len(chosen)} usable records; data.subset_size={subset_size} with "
-                         f"data.val_size={held_out} needs {needed}")
+        skipped = f" ({len(bad.messages)} skipped as bad records)" if bad.messages else ""
+        raise ValueError(f"{bad.source} has {len(chosen)} usable records{skipped}; data.subset_size={subset_size} "
+                         f"with data.val_size={held_out} needs {needed}")
     split = len(chosen) - held_out
     return [records[i] for i in sorted(chosen[:split])], [records[i] for i in sorted(chosen[split:])]
 
 
 # ------------------------------------------------------------------------------------------- question files
 AnswerLookup = Callable[[QuestionRecord], str | None]
+
+
+class BadReferenceAnswer(ValueError):
+    """A question record's own reference answer cannot be used (the message names the field)."""
+
+
+def reference_text(field: str, value: Any) -> str | None:
+    """A reference answer field as text: a string as is, an integer (or an integral float: 2.0) as its digits,
+    None as no answer; a bool or any other type raises `BadReferenceAnswer` (True is neither "yes" nor "1")."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    raise BadReferenceAnswer(f"field {field!r} is {type(value).__name__} {value!r}; a reference answer must be a "
+                             "string or an integer")
 
 
 def _majority(answers: Sequence[str]) -> str:
@@ -273,12 +315,14 @@ def _first_line(text: str) -> str:
 
 def _answer_lookup(benchmark: str | None, annotation: Path | None) -> AnswerLookup:
     """The reference answer of a question: from `annotation` through the benchmark's reader, else the question
-    record's own `answer` field (POPE: also `label`). VQAv2/TextVQA give the most frequent human answer (the
-    soft score itself comes from `score_answer_file`); ScienceQA the option letter."""
+    record's own `answer` field (POPE: also `label`) through `reference_text`, which may raise
+    `BadReferenceAnswer`. VQAv2/TextVQA give the most frequent human answer (the soft score itself comes from
+    `score_answer_file`); ScienceQA the option letter."""
     if annotation is None:
         def own_field(q: QuestionRecord) -> str | None:
-            value = q.extra.get("answer", q.extra.get("label") if benchmark == "pope" else None)
-            return value if isinstance(value, str) else None
+            if "answer" in q.extra or benchmark != "pope":
+                return reference_text("answer", q.extra.get("answer"))
+            return reference_text("label", q.extra.get("label"))
         return own_field
     if benchmark == "gqa":
         gqa = read_gqa_annotations(annotation)
@@ -334,9 +378,11 @@ def read_question_records(
     """Records of a LLaVA question file (`.jsonl`, ScienceQA's `.json`, MMBench's `.tsv`) and the messages of
     the records skipped.
 
-    Bad records: those `read_questions` / `read_mmbench_tsv` reject (invalid JSON, missing fields, a question
-    id twice), an empty question, a missing or unreadable image, and with `annotation` a question it has no
-    answer for. ScienceQA's text-only problems are left out (ScienceQA-IMG), with a logged count.
+    Bad records: those `read_questions` / `read_mmbench_tsv` reject (a line that is not UTF-8 or JSON, missing
+    fields, a question id twice), an empty question, a reference `answer` that is not a string or an integer, a
+    missing or unreadable image, and with `annotation` a question it has no answer for. ScienceQA's text-only
+    problems are left out (ScienceQA-IMG), with a logged count. A file left with no record raises a ValueError
+    that says how many were skipped.
     """
     bad = BadRecords(path, on_bad_record)
     lookup = _answer_lookup(benchmark, annotation)
@@ -354,7 +400,7 @@ def read_question_records(
                 bad.report(f"{location}: no image")
                 continue
             options = "".join(f"\n{letter}. {option}" for letter, option in zip(OPTION_LETTERS, row.options))
-            records.append(LlavaRecord(str(row.index), row.image, with_suffix(f"{row.question}{options}"),
+            records.append(LlavaRecord(row.index, row.image, with_suffix(f"{row.question}{options}"),
                                        row.answer, row.category or "", context=row.hint, source=str(path),
                                        location=location))
     else:
@@ -370,11 +416,15 @@ def read_question_records(
             if not question.text.strip():
                 bad.report(f"{location}: empty question")
                 continue
-            answer = lookup(question)
+            try:
+                answer = lookup(question)
+            except BadReferenceAnswer as error:
+                bad.report(f"{location}: {error}")
+                continue
             if answer is None and annotation is not None:
                 bad.report(f"{location}: {annotation} has no answer for this question")
                 continue
-            records.append(LlavaRecord(str(question.question_id), Path(question.image), with_suffix(question.text),
+            records.append(LlavaRecord(question.question_id, Path(question.image), with_suffix(question.text),
                                        answer, question.category or "", source=str(path), location=location))
         if text_only:
             logger.info("%s: left out %d text-only problem(s) (ScienceQA-IMG keeps image problems)", path, text_only)
@@ -387,7 +437,10 @@ def read_question_records(
             bad.report(f"{record.location}: {problem}")
             continue
         usable.append(record)
-    return usable, loaded.skipped + bad.finish()
+    skipped = loaded.skipped + bad.finish()
+    if not usable:  # else the test "passes" on zero batches
+        raise ValueError(no_records_message(path, skipped))
+    return usable, skipped
 
 
 def categorize(splits: Sequence[list[LlavaRecord]]) -> tuple[list[str], list[list[LlavaRecord]]]:
@@ -412,6 +465,16 @@ def check_paths(
                 if path is not None and not Path(path).expanduser().exists()]
     if missing:
         raise FileNotFoundError("missing input path(s): " + "; ".join(missing))
+
+
+def check_a_full_batch(count: int, batch_size: int, world_size: int, what: str) -> None:
+    """A ValueError when `drop_last` would leave no training batch (Lightning would warn "no training batches" and
+    exit 0 without training)."""
+    per_process = -(-count // world_size)  # the distributed sampler pads every rank to the same count
+    if per_process < batch_size:
+        spread = f" over {world_size} processes ({per_process} each)" if world_size > 1 else ""
+        raise ValueError(f"data.batch_size={batch_size} is more than the {count} {what}{spread}: dropping the "
+                         "incomplete last batch leaves no training batch; lower data.batch_size")
 
 
 def _check_positive(**values: int | None) -> None:
@@ -553,8 +616,9 @@ class LlavaInstructionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         records = self.train_records
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        check_a_full_batch(len(records), hp.batch_size, world_size, f"training records in {hp.train_file}")
         if hp.group_by_length:
-            world_size = self.trainer.world_size if self.trainer is not None else 1
             sampler: Sampler[int] = LengthGroupedSampler([r.length for r in records], hp.batch_size * world_size,
                                                          hp.seed)
         else:

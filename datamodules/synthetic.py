@@ -227,8 +227,14 @@ class SyntheticVQADataModule(L.LightningDataModule):
         make = self._train_example if split == "train" else self._eval_example
         batch_size = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size
         sampler = None
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        per_process = -(-len(self.samples(split)) // world_size)  # the distributed sampler pads ranks evenly
+        if split == "train" and per_process < batch_size:  # drop_last: no batch, Lightning would train nothing, exit 0
+            spread = f" over {world_size} processes ({per_process} each)" if world_size > 1 else ""
+            raise ValueError(f"data.batch_size={batch_size} is more than data.num_train={self.hparams.num_train} "
+                             f"training samples{spread}: dropping the incomplete last batch leaves no training batch; "
+                             "lower data.batch_size or raise data.num_train")
         if split == "train" and self.hparams.group_by_length:
-            world_size = self.trainer.world_size if self.trainer is not None else 1
             sampler, shuffle = LengthGroupedSampler(self.train_text_lengths(), batch_size * world_size,
                                                     self.hparams.seed), False
         return DataLoader(_ExampleDataset(self.samples(split), None, make), batch_size=batch_size, shuffle=shuffle,

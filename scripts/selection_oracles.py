@@ -82,7 +82,7 @@ def gradient_signal(engine: PrunedLlava, base: str, num: int, keep: int, scenes:
     Teacher-forced training questions; `keep` object tokens kept at random (RCP's pruner keeps objects); the soft path
     of RCP's training (`soft=True`). Prints the AUC of -dCE/dw (needed objects vs other objects), among the kept and
     among the dropped tokens: the signal a straight-through pruner can learn question conditioning from."""
-    data = SyntheticVQADataModule(processor_path=base, num_train=num, batch_size=64, **scenes)
+    data = SyntheticVQADataModule(processor_path=base, num_train=num, batch_size=min(64, num), **scenes)
     data.setup("fit")
     grid = data.config.grid
     samples = {s.question_id: s for s in data.samples("train")}

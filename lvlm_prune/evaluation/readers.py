@@ -13,7 +13,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -126,9 +126,21 @@ def _is_question_id(value: Any) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool) and value != ""
 
 
-def _iter_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+def _decode_problem(error: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 (byte 0x{error.object[error.start]:02x} at column {error.start + 1})"
+
+
+def iter_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; a line that is not UTF-8, not JSON or
+    not an object is reported to `bad` (so "skip" drops that line alone)."""
+    # bytes, decoded per line: one stray byte (a Latin-1 "é") must cost its line, not the file
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                bad.report(f"line {number}: {_decode_problem(error)}")
+                continue
             if not line.strip():
                 continue
             try:
@@ -140,6 +152,19 @@ def _iter_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, dict[str, An
                 bad.report(f"line {number}: expected a JSON object, got {type(record).__name__}")
                 continue
             yield number, record
+
+
+def read_utf8(path: str | Path) -> str:
+    """The text of a whole-file format (JSON, tsv, txt); a byte that is not UTF-8 raises a ValueError naming the
+    file and the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1)
+        problem = f"not valid UTF-8 (byte 0x{data[error.start]:02x} at column {column + 1})"
+        raise ValueError(f"{path}: line {line}: {problem}") from error
 
 
 def _missing_fields(record: Mapping[str, Any], required: Sequence[str]) -> list[str]:
@@ -155,7 +180,7 @@ def _image_problem(image: str, image_root: Path, verify: bool) -> str | None:
 
         try:
             with Image.open(path) as opened:
-                opened.verify()
+                opened.load()  # a full decode: `verify()` passes a JPEG cut short
         except Exception as error:  # PIL raises many types for corrupt files
             return f"image file unreadable: {path} ({type(error).__name__}: {error})"
     return None
@@ -229,7 +254,7 @@ def read_questions(
         image_root: folder the `image` fields are relative to; None skips the image checks.
         on_bad_record: "error" or "skip".
         require_image: a record without an image is bad (False for ScienceQA, which has text-only problems).
-        verify_images: open each image with PIL to check it decodes (only with `image_root`).
+        verify_images: decode each image with PIL to check it is whole (only with `image_root`).
         key_by_text: key records by (question id, text) so ids may repeat with different questions.
     """
     path = Path(path)
@@ -241,7 +266,7 @@ def read_questions(
             raise ValueError(f"{path}: a .json question file must hold a list of records")
         parsed = (_question_from_conversation(i, record) for i, record in enumerate(data, start=1))
     else:
-        parsed = (_question_from_jsonl(number, record) for number, record in _iter_jsonl(path, bad))
+        parsed = (_question_from_jsonl(number, record) for number, record in iter_jsonl(path, bad))
     records: dict[RecordKey, QuestionRecord] = {}
     for question, problem in parsed:
         if question is None:
@@ -280,7 +305,7 @@ def read_answers(
     path = Path(path)
     bad = BadRecords(path, on_bad_record)
     records: dict[RecordKey, AnswerRecord] = {}
-    for number, record in _iter_jsonl(path, bad):
+    for number, record in iter_jsonl(path, bad):
         missing = _missing_fields(record, ("question_id", "text"))
         if missing:
             bad.report(f"line {number}: missing field(s) {missing}")
@@ -348,11 +373,10 @@ def match_answers(
 
 
 def _load_json(path: str | Path) -> Any:
-    with Path(path).open(encoding="utf-8") as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from error
+    try:
+        return json.loads(read_utf8(path))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from error
 
 
 @dataclass(frozen=True)
@@ -387,7 +411,7 @@ def read_pope_labels(path: str | Path) -> list[POPELabel]:
     """A POPE label file (`coco_pope_<split>.json`, JSON lines {question_id, image, text, label}), in file order."""
     path = Path(path)
     labels = []
-    for number, record in _iter_jsonl(path, BadRecords(path, "error")):
+    for number, record in iter_jsonl(path, BadRecords(path, "error")):
         missing = _missing_fields(record, ("question_id", "image", "text", "label"))
         if missing:
             raise ValueError(f"{path}: line {number}: missing field(s) {missing}")
@@ -430,7 +454,7 @@ def read_mme_ground_truth(path: str | Path) -> dict[tuple[str, str, str], str]:
         raise ValueError(f"{path}: no <subtask>.txt ground-truth files")
     truth = {}
     for file in files:
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(read_utf8(file).splitlines(), start=1):
             if not line.strip():
                 continue
             columns = line.split("\t")
@@ -516,6 +540,14 @@ def _tsv_value(row: Mapping[str, str | None], column: str) -> str | None:
     return None if value == "" or value.lower() == "nan" else value
 
 
+def _utf8_lines(path: Path, handle: Iterable[bytes]) -> Iterator[str]:
+    for number, raw in enumerate(handle, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: line {number}: {_decode_problem(error)}") from error
+
+
 def read_mmbench_tsv(path: str | Path, on_bad_record: str = "error") -> LoadedRecords[MMBenchQuestion]:
     """An MMBench tsv (`index`, `question`, `hint`?, `A`..`D`, `answer`?, `category`, `image` base64).
 
@@ -526,8 +558,8 @@ def read_mmbench_tsv(path: str | Path, on_bad_record: str = "error") -> LoadedRe
     bad = BadRecords(path, on_bad_record)
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # rows carry base64 images
     records: dict[RecordKey, MMBenchQuestion] = {}
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
+    with path.open("rb") as handle:
+        reader = csv.DictReader(_utf8_lines(path, handle), delimiter="\t")
         missing_columns = [c for c in ("index", "question", "A", "B") if c not in (reader.fieldnames or [])]
         if missing_columns:
             raise ValueError(f"{path}: missing column(s) {missing_columns}")

@@ -203,3 +203,10 @@ def test_protected_tokens_outside_the_image_are_named():
     example.hidden_visual_fraction, example.protected_visual = 0.5, (3, 64)
     with pytest.raises(ValueError, match=rf"sample {sample.question_id}: protected visual tokens \[64\]"):
         data.collator([example])
+
+
+def test_a_batch_larger_than_the_training_set_is_an_error():
+    data = SyntheticVQADataModule(num_train=4, num_val=2, num_test=2, batch_size=8, eval_batch_size=8)
+    with pytest.raises(ValueError, match=r"data.batch_size=8 is more than data.num_train=4 training samples"):
+        data.train_dataloader()
+    assert len(data.val_dataloader()) == 1  # evaluation keeps its short last batch

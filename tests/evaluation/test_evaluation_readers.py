@@ -245,3 +245,46 @@ def test_annotation_readers_reject_malformed_files(tmp_path):
         read_mme_ground_truth(gt_folder)
     with pytest.raises(ValueError, match="COCO-style"):
         read_caption_references(bad_gqa)
+
+
+def test_a_line_that_is_not_utf8_is_a_bad_record_naming_file_and_line(tmp_path):
+    latin1 = b'{"question_id": 2, "text": "caf\xe9"}'
+    lines = [json.dumps(question(1)).encode(), latin1, json.dumps(question(3)).encode()]
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match=r"q.jsonl: line 2: not valid UTF-8 \(byte 0xe9 at column 32\)"):
+        read_questions(path, require_image=False)
+    loaded = read_questions(path, require_image=False, on_bad_record="skip")
+    assert list(loaded.records) == ["1", "3"]
+    assert loaded.skipped == ("line 2: not valid UTF-8 (byte 0xe9 at column 32)",)
+    answers = tmp_path / "a.jsonl"
+    answers.write_bytes(b'{"question_id": 1, "text": "ja"}\n{"question_id": 2, "text": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"a.jsonl: line 2: not valid UTF-8 \(byte 0xff"):
+        read_answers(answers)
+    assert list(read_answers(answers, on_bad_record="skip").records) == ["1"]
+
+
+def test_whole_file_formats_that_are_not_utf8_name_file_and_line(tmp_path):
+    (tmp_path / "problems.json").write_bytes(b'{\n "1": {"answer": 0,\n "choices": ["caf\xe9"]}}')
+    with pytest.raises(ValueError, match=r"problems.json: line 3: not valid UTF-8 \(byte 0xe9 at column 18\)"):
+        read_scienceqa_problems(tmp_path / "problems.json")
+    (tmp_path / "mme").mkdir()
+    (tmp_path / "mme" / "artwork.txt").write_bytes(b"a.jpg\tIs it?\tYes\nb.jpg\tCaf\xe9?\tNo\n")
+    with pytest.raises(ValueError, match=r"artwork.txt: line 2: not valid UTF-8"):
+        read_mme_ground_truth(tmp_path / "mme")
+    tsv = tmp_path / "mmbench.tsv"
+    tsv.write_bytes(b"index\tquestion\tA\tB\n0\twhat?\tred\tblue\n1\tcaf\xe9?\tred\tblue\n")
+    with pytest.raises(ValueError, match=r"mmbench.tsv: line 3: not valid UTF-8"):
+        read_mmbench_tsv(tsv)
+
+
+def test_image_check_decodes_the_whole_image(tmp_path, image_folder):
+    pixels = bytes(i * 7919 % 256 for i in range(32 * 32 * 3))  # busy enough that half the file is past the headers
+    Image.frombytes("RGB", (32, 32), pixels).save(image_folder / "cut.jpg", quality=95)
+    data = (image_folder / "cut.jpg").read_bytes()
+    (image_folder / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with Image.open(image_folder / "cut.jpg") as opened:
+        opened.verify()  # PIL's own check passes a JPEG cut short
+    path = write_jsonl(tmp_path / "q.jsonl", [question(1, "good.png"), question(2, "cut.jpg")])
+    with pytest.raises(ValueError, match=r"line 2: image file unreadable: .*cut.jpg \(OSError: image file is trunc"):
+        read_questions(path, image_root=image_folder)
