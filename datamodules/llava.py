@@ -494,7 +494,7 @@ class Batching:
 
     @classmethod
     def load(cls, processor_path: str, template: str, max_length: int, seed: int, pad_to_square: bool) -> "Batching":
-        processor = load_processor(processor_path)
+        processor = load_processor(processor_path, setting="data.init_args.processor_path")
         image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         collator = VQACollator(processor, get_template(template), image_token_id, max_length, seed)
         mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)

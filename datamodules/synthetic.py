@@ -143,7 +143,7 @@ class SyntheticVQADataModule(L.LightningDataModule):
                                          train_min_objects=train_min_objects)
         self.template = get_template(template)
         if processor_path is not None:
-            self.processor = load_processor(processor_path)
+            self.processor = load_processor(processor_path, setting="data.init_args.processor_path")
         else:
             tokenizer = build_word_tokenizer(vocabulary(self.config))
             self.processor = build_processor(tokenizer, self.config.image_size, patch_size=cell_size)

@@ -35,7 +35,7 @@ class VQAExample:
             share of the other tokens that is hidden.
     """
 
-    question_id: str
+    question_id: int | str  # as the question file has it (LLaVA keeps integer ids)
     image: Image.Image
     question: str
     answer: str | None = None
