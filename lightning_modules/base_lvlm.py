@@ -49,7 +49,7 @@ class BaseLVLMModule(L.LightningModule):
             must be `spec`'s, except that it may have fewer LLM layers: it is then grown to `spec.num_layers`
             (`grow_llava_depth`: the trained layers spread out, new layers start as the identity, the function is
             unchanged). The embedded default trains a 4-layer LLM, grows it to 12 and trains on
-            (configs/synthetic/base_stage1.yaml, then base.yaml).
+            (configs/synthetic/base_describe.yaml, base_stage1.yaml, then base.yaml).
         grow_placement: where the trained layers go when growing: 'spread' or 'bottom'.
     """
 
@@ -175,7 +175,7 @@ def _initial_model(path: str, spec: TinyLlavaSpec, ids: dict, attn_implementatio
     if not Path(path).is_dir():
         raise FileNotFoundError(
             f"model.init_from={path!r} is not a directory: it is an earlier stage's export (for the embedded default: "
-            "python cli.py fit --config configs/synthetic/base_stage1.yaml)"
+            "python cli.py fit --config configs/synthetic/base_describe.yaml, then base_stage1.yaml)"
         )
     model = load_base_model(path, attn_implementation=attn_implementation)
     depth = model.config.text_config.num_hidden_layers

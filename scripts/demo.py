@@ -1,6 +1,7 @@
 """The main job on the embedded default.
 
-    data -> base LVLM (trained from scratch: 4 LLM layers, then grown to 12) -> its evaluation -> training-free pruning sweep
+    data -> base LVLM (trained from scratch: 4 LLM layers on descriptions, then the full mix, then grown to 12) -> its
+         evaluation -> training-free pruning sweep
          -> RCP (trained on the frozen base) -> ACCM (trained on the frozen base) -> summary
 
 Every stage writes under one run directory and is skipped when its output exists, so re-running continues
@@ -21,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from cli import cli_main  # noqa: E402
 
-STAGES = ("data", "base_stage1", "base", "base_eval", "sweep", "rcp", "rcp_r0.778", "accm")
+STAGES = ("data", "base_describe", "base_stage1", "base", "base_eval", "sweep", "rcp", "rcp_r0.778", "accm")
 
 
 def banner(title: str) -> None:
@@ -71,12 +72,26 @@ class Demo:
         SyntheticVQADataModule(num_test=1024).export_llava_format("test", target)
         print(f"wrote the test split in LLaVA formats (questions.jsonl, instructions.json, images/) to {target}")
 
-    def base_stage1(self) -> None:
-        for done in ("base_model", "base_stage1_model"):  # a finished stage 2 needs no stage 1 any more
+    def _reusable(self, *exports: str) -> bool:
+        """A later stage's export makes the earlier stages unnecessary."""
+        for done in exports:
             if (self.run_dir / done / "config.json").exists():
                 print(f"reusing the trained base in {self.run_dir / done}")
-                return
+                return True
+        return False
+
+    def base_describe(self) -> None:
+        if self._reusable("base_model", "base_stage1_model", "base_describe_model"):
+            return
+        run_cli(["fit", "--config", "configs/synthetic/base_describe.yaml", *logger_args(self.run_dir, "base_describe"),
+                 "--model.init_args.export_dir", str(self.run_dir / "base_describe_model"),
+                 *resume_args(self.run_dir, "base_describe")])
+
+    def base_stage1(self) -> None:
+        if self._reusable("base_model", "base_stage1_model"):
+            return
         run_cli(["fit", "--config", "configs/synthetic/base_stage1.yaml", *logger_args(self.run_dir, "base_stage1"),
+                 "--model.init_args.init_from", str(self.run_dir / "base_describe_model"),
                  "--model.init_args.export_dir", str(self.run_dir / "base_stage1_model"),
                  *resume_args(self.run_dir, "base_stage1")])
 
@@ -199,7 +214,9 @@ def main() -> None:
     demo = Demo(run_dir)
     record_machine_speed(run_dir / "machine.json", args.stages)
     start = time.perf_counter()
-    titles = {"data": "synthetic benchmark", "base_stage1": "base LVLM, stage 1 (4 LLM layers, from scratch)",
+    titles = {"data": "synthetic benchmark",
+              "base_describe": "base LVLM, stage 0 (4 LLM layers from scratch, a description turn per image)",
+              "base_stage1": "base LVLM, stage 1 (4 LLM layers, the full training mix)",
               "base": "base LVLM, stage 2 (grown to 12 LLM layers)",
               "base_eval": "evaluation of the base", "sweep": "training-free pruning sweep",
               "rcp": "RCP (frozen base, r = 0.889)", "rcp_r0.778": "RCP trained for r = 0.778",

@@ -158,9 +158,12 @@ def build(args: argparse.Namespace) -> tuple[str, Path | None]:
         t = read_json(timings)
         with reading(timings):
             rows = [[k, f"{v / 60:.1f}"] for k, v in t.items()]
-            if "base_stage1" in t and "base" in t:  # the base's training budget covers both stages
-                rows.insert(list(t).index("base") + 1, ["base training (stage 1 + stage 2)",
-                                                         f"{(t['base_stage1'] + t['base']) / 60:.1f}"])
+            stages = [k for k in ("base_describe", "base_stage1", "base") if k in t]
+            if "base" in t and len(stages) > 1:  # the base's training budget covers all its stages
+                label = " + ".join({"base_describe": "stage 0", "base_stage1": "stage 1", "base": "stage 2"}[k]
+                                   for k in stages)
+                rows.insert(list(t).index("base") + 1, [f"base training ({label})",
+                                                         f"{sum(t[k] for k in stages) / 60:.1f}"])
         parts += ["## Main job (`make demo`) stage times", "", table(["stage", "minutes"], rows), ""]
     machine = run / "machine.json"
     if machine.exists():

@@ -31,7 +31,7 @@ def run_dir_args(tmp_path):
 
 
 def test_fast_dev_run_fit(tmp_path):
-    cli = cli_main(["fit", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+    cli = cli_main(["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
                     "--trainer.fast_dev_run", "1"])
     assert cli.trainer.global_step == 1
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
@@ -40,16 +40,16 @@ def test_fast_dev_run_fit(tmp_path):
 def test_the_console_script_returns_nothing_so_a_successful_run_exits_zero(tmp_path, monkeypatch):
     (script,) = [entry for entry in entry_points(group="console_scripts") if entry.name == "lvlm-prune"]
     main = script.load()
-    monkeypatch.setattr(sys, "argv", ["lvlm-prune", "fit", "--config", "configs/synthetic/base_stage1.yaml",
+    monkeypatch.setattr(sys, "argv", ["lvlm-prune", "fit", "--config", "configs/synthetic/base_describe.yaml",
                                       *TINY_BASE_ARGS, *run_dir_args(tmp_path), "--trainer.fast_dev_run", "1"])
     assert main() is None  # the generated wrapper calls sys.exit(main()): anything else exits 1
 
 
 def test_resume_continues_the_step_count_and_exports(tmp_path, monkeypatch):
-    args = ["fit", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+    args = ["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--checkpoint.every_n_train_steps", "2"]
     cli_main([*args, "--trainer.max_steps", "2"])
-    last = tmp_path / "base_stage1" / "run" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "base_describe" / "run" / "checkpoints" / "last.ckpt"
     assert last.exists()
     assert torch.load(last, weights_only=False)["global_step"] == 2
     steps_at_start = []
@@ -58,15 +58,15 @@ def test_resume_continues_the_step_count_and_exports(tmp_path, monkeypatch):
     cli = cli_main([*args, "--trainer.max_steps", "4", "--ckpt_path", str(last)])
     assert steps_at_start == [2] and cli.trainer.global_step == 4
     assert (tmp_path / "export" / "config.json").exists() and (tmp_path / "export" / "tokenizer.json").exists()
-    test = cli_main(["test", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+    test = cli_main(["test", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
                      "--ckpt_path", str(last), "--trainer.callbacks+=callbacks.answer_writer.AnswerFileWriter"])
-    answers = [json.loads(line) for line in (tmp_path / "base_stage1" / "run" / "answers_test.jsonl").open()]
+    answers = [json.loads(line) for line in (tmp_path / "base_describe" / "run" / "answers_test.jsonl").open()]
     assert len(answers) == 8
     matched = sum(normalize_answer(a["text"]) == normalize_answer(a["answer"]) for a in answers) / len(answers)
     assert float(test.trainer.callback_metrics["test/acc"]) == pytest.approx(matched)
     # the command line wins over the settings saved in the checkpoint (Lightning's default is the reverse)
     with pytest.warns(UserWarning, match=r"\['learning_rate'\] differently .* the config's values are used"):
-        test = cli_main(["test", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS,
+        test = cli_main(["test", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS,
                          *run_dir_args(tmp_path), "--ckpt_path", str(last), "--model.init_args.learning_rate", "0.5"])
     assert test.model.hparams.learning_rate == 0.5
 
@@ -75,7 +75,7 @@ def test_corrupt_checkpoint_is_named(tmp_path):
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="corrupt.ckpt' is not a readable Lightning checkpoint \\(not a torch.save"):
-        cli_main(["test", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+        cli_main(["test", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
                   "--ckpt_path", str(corrupt)])
 
 
@@ -97,13 +97,22 @@ def test_every_config_starts_with_its_command_and_parses(path, capsys):
     assert "model" in printed and "trainer" in printed
 
 
-def test_second_stage_grows_the_first_stage_export_and_trains_on(tmp_path):
-    """base_stage1.yaml -> export -> base.yaml grows it (2 -> 3 LLM layers here) and trains on fresh scenes."""
+def test_the_base_stages_continue_each_other_and_the_last_grows_the_llm(tmp_path):
+    """base_describe.yaml -> export -> base_stage1.yaml continues it at the same depth -> base.yaml grows it (2 -> 3
+    LLM layers here), each on fresh scenes."""
     from lvlm_prune.modeling.loading import load_base_model
 
-    stage1 = tmp_path / "stage1"
-    cli_main(["fit", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS, *run_dir_args(stage1),
+    stage0 = tmp_path / "stage0"
+    cli_main(["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(stage0),
               "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+    stage1 = tmp_path / "stage1"
+    cli = cli_main(["fit", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS, *run_dir_args(stage1),
+                    "--model.init_args.init_from", str(stage0 / "export"), "--data.init_args.train_skip", "32",
+                    "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+    assert cli.datamodule.samples("train")[0].question_id == "train-000032"
+    before, after = load_base_model(stage0 / "export"), load_base_model(stage1 / "export")
+    torch.testing.assert_close(after.lm_head.weight, before.lm_head.weight, rtol=0, atol=1e-2)  # one step away
+    assert not torch.equal(after.lm_head.weight, before.lm_head.weight)
     stage2 = tmp_path / "stage2"
     grown_args = [*TINY_BASE_ARGS, *run_dir_args(stage2), "--model.init_args.spec.num_layers", "3",
                   "--model.init_args.init_from", str(stage1 / "export"), "--trainer.limit_val_batches", "0"]
@@ -137,7 +146,7 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
 
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
-        cli_main(["fit", "--config", "configs/synthetic/base_stage1.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+        cli_main(["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
                   "--trainer.max_steps", "1", "--ckpt_path", str(tmp_path / "nowhere.ckpt")])
 
 
