@@ -61,7 +61,9 @@ class FrozenBaseModule(L.LightningModule):
         self.method_options = {name: dict(options) for name, options in (method_options or {}).items()}
         if processor is None:
             raise ValueError("model.processor is missing: it is linked from the datamodule (data.processor)")
-        self.save_hyperparameters(ignore=["processor"])
+        # Lightning collects the init arguments of every class up the hierarchy: a subclass's plug-in module
+        # (CompensationModule's `compensation`) lives in the state dict, not among the hyperparameters
+        self.save_hyperparameters(ignore=["processor", "compensation"])
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.base = freeze(load_base_model(base_model_path, dtype, attn_implementation, quantization,
