@@ -17,14 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import median_seconds  # noqa: E402
+from benchmarks.timing import interleaved_median_seconds  # noqa: E402
 from datamodules.synthetic import SyntheticVQADataModule  # noqa: E402
 from lightning_modules.compensation import load_plugin_weights  # noqa: E402
 from lvlm_prune.engine import PrunedLlava  # noqa: E402
 from lvlm_prune.modeling.loading import freeze, load_base_model  # noqa: E402
 from lvlm_prune.rcp.compensation import RCPCompensation  # noqa: E402
-
-
 
 
 def main() -> None:
@@ -35,7 +33,8 @@ def main() -> None:
     parser.add_argument("--pruning-layers", type=int, nargs="+", default=[0],
                         help="RCP pruning layers (default: the embedded default's, configs/synthetic/rcp.yaml)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15,
+                        help="rounds; each round times every measurement once (interleaved)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -73,11 +72,10 @@ def main() -> None:
         with torch.no_grad():
             engine.generate(*prompt, position_ids=test["prompt_position_ids"], method=method, max_new_tokens=4)
 
-    forward = median_seconds(full_forward, args.repeats)
-    step = median_seconds(train_step, args.repeats)
-    full_gen = median_seconds(generate_full, args.repeats)
-    rcp_gen = median_seconds(generate_rcp, args.repeats)
-    result = {"threads": torch.get_num_threads(), "batch": args.batch, "ratio": args.ratio,
+    timed = interleaved_median_seconds({"forward": full_forward, "step": train_step, "full_gen": generate_full,
+                                        "rcp_gen": generate_rcp}, args.repeats)
+    forward, step, full_gen, rcp_gen = (timed[k] for k in ("forward", "step", "full_gen", "rcp_gen"))
+    result = {"threads": torch.get_num_threads(), "batch": args.batch, "ratio": args.ratio, "repeats": args.repeats,
               "pruning_layers": list(plugin.pruning_layers),
               "full_forward_ms": forward * 1e3, "rcp_train_step_ms": step * 1e3,
               "train_step_over_forward": step / forward, "full_generate_ms": full_gen * 1e3,

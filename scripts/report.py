@@ -265,7 +265,8 @@ def rcp_cost_section(c: dict) -> list[str]:
     return ["## RCP cost (`python benchmarks/rcp_cost.py --out docs/benchmark_rcp_cost.json`)", "",
             f"The tiny base of `make demo` (cost does not depend on the weights), RCP pruning layers "
             f"{c.get('pruning_layers', 'of the paper, scaled')}, CPU ({c['threads']} threads), batch {c['batch']}, "
-            "measured in one run.", "",
+            f"measured in one run (median of {c.get('repeats', 5)} rounds"
+            f"{', each timing every row once' if 'repeats' in c else ''}).", "",
             table(["measurement", "ms", "relative"], [
                 ["full-token forward (teacher-forced)", f"{c['full_forward_ms']:.1f}", "1.00"],
                 ["RCP training step (teacher + soft student + backward + AdamW)", f"{c['rcp_train_step_ms']:.1f}",
