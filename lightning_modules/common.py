@@ -38,8 +38,11 @@ def score(metric: ExactMatchAccuracy, predictions: list[str], batch: dict[str, A
     if not keep:
         return
     categories = [batch["categories"][i] for i in keep] if metric.categories else None
-    # by question id: a distributed sampler repeats items to even out the ranks, and a repeat must count once
-    ids = [stable_id(str(batch["question_ids"][i])) for i in keep] if "question_ids" in batch else None
+    # by question id and question: a distributed sampler repeats items to even out the ranks, and a repeat must
+    # count once; MME gives both questions about an image one id, and both count
+    questions = batch.get("questions") or [""] * len(batch["answers"])
+    ids = ([stable_id(f"{batch['question_ids'][i]}\x00{questions[i]}") for i in keep]
+           if "question_ids" in batch else None)
     metric.update([normalize_answer(predictions[i]) for i in keep],
                   [normalize_answer(batch["answers"][i]) for i in keep], categories, ids)
 

@@ -256,3 +256,14 @@ def test_cider_d_rejects_unknown_images_and_empty_references():
     with pytest.raises(ValueError, match="without references"):
         cider_d({"bird": "a bird"}, REFERENCES)
 
+
+
+def test_in_loop_score_counts_both_questions_of_one_id_and_a_repeat_once():
+    from lightning_modules.common import score
+
+    metric = ExactMatchAccuracy()
+    batch = {"question_ids": ["artwork/1.jpg", "artwork/1.jpg", "artwork/1.jpg"],  # MME: one id, two questions
+             "questions": ["is it a painting ?", "is it a photo ?", "is it a painting ?"],  # the third: a repeat
+             "answers": ["yes", "no", "yes"], "categories": ["artwork"] * 3}
+    score(metric, ["yes", "yes", "yes"], batch)
+    assert float(metric.compute()["acc"]) == pytest.approx(0.5)
