@@ -68,8 +68,21 @@ class RCPPruning(PruningMethod):
         self.context: torch.Tensor | None = None
         self._start: torch.Tensor | None = None
 
+    def bind(self, info: ModelInfo) -> None:
+        # the engine binds once per forward: decisions and context of an earlier forward must not carry over
+        super().bind(info)
+        self._pending, self.cumulative, self.context, self._start = None, [], None, None
+
     def planned_visual_tokens(self) -> list[float]:
-        return [(1.0 - self.prune_ratio) * self.info.num_visual_tokens] * self.info.num_layers
+        """Every token before the first drop, then each pruning layer's count; under the trained threshold the
+        count is each sample's own, and the plan is the target ratio's average in every layer."""
+        n, depth = self.info.num_visual_tokens, self.info.num_layers
+        if self.keep_counts is None:
+            return [(1.0 - self.prune_ratio) * n] * depth
+        plan = [float(n)] * depth
+        for drop, count in zip(self.plugin.drop_layers, self.keep_counts):
+            plan[drop:] = [float(count)] * (depth - drop)
+        return plan
 
     def at_layer(self, ctx: LayerContext) -> torch.Tensor | None:
         plugin, n = self.plugin, self.info.num_visual_tokens
@@ -78,10 +91,10 @@ class RCPPruning(PruningMethod):
             return pending
         position = plugin.pruning_layers.index(ctx.layer_idx)
         state = ctx.state
-        visual, present = visual_view(ctx.normed, state.visual_index, n)
+        visual, _ = visual_view(ctx.normed, state.visual_index, n)
         raw, _ = visual_view(state.hidden, state.visual_index, n)
-        if state.key_weight is not None:
-            present = present & (visual_view(state.key_weight[..., None], state.visual_index, n)[0][..., 0] > 0.5)
+        # not padding, not hidden by the attention mask, not removed (weight > 0.5 on the soft path)
+        present = visual_view(state.visual_mask[..., None], state.visual_index, n)[0][..., 0]
         if not self.cumulative:
             self._start = present
         previous = self.cumulative[-1] if self.cumulative else present.to(visual.dtype)

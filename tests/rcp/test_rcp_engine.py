@@ -113,6 +113,7 @@ def test_budgeted_inference_realises_the_requested_ratio(setup, ratio):
     realised = 1 - counts.mean().item() / engine.info.num_visual_tokens
     assert abs(realised - ratio) < 0.04  # rounding to whole tokens on a 16-token, 4-layer model
     assert (counts == counts[:1]).all(), "every sample gets the same per-layer budget"
+    assert counts[0].tolist() == engine.bind(plugin.inference_method(ratio)).planned_visual_tokens()
     with pytest.raises(ValueError, match="largest reachable ratio"):
         late = RCPCompensation(pruning_layers=[2, 3])
         late.attach(engine)
@@ -212,3 +213,44 @@ def test_spec_timing_drops_after_the_pruning_layer(setup):
     assert all(p.grad is not None for p in plugin.pruners.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="target_prune_ratio=1.2"):
         RCPCompensation(target_prune_ratio=1.2)
+
+
+def test_one_inference_method_reused_for_several_generations_gives_what_fresh_ones_give(setup):
+    """The engine binds the method at every forward; nothing of an earlier forward (masks, adapter context) may
+    carry over to the next."""
+    engine, plugin, batch = setup
+    for adapter in plugin.adapters:  # a non-identity adapter, so a doubled context would change the answers
+        for p in adapter.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+    prompt = (batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"])
+    position_ids = batch["prompt_position_ids"]
+    fresh = engine.generate(*prompt, position_ids=position_ids, method=plugin.inference_method(0.6), max_new_tokens=3)
+    reused = plugin.inference_method(0.6)
+    for _ in range(3):
+        again = engine.generate(*prompt, position_ids=position_ids, method=reused, max_new_tokens=3)
+        assert torch.equal(again[0], fresh[0]) and torch.equal(again[1], fresh[1])
+    assert len(reused.cumulative) == len(plugin.pruning_layers)
+    context = reused.context.clone()
+    engine(*prompt, position_ids=position_ids, method=reused, logits="none")
+    assert torch.allclose(reused.context, context)
+
+
+def test_tokens_hidden_by_the_attention_mask_are_never_counted_or_kept(setup):
+    engine, plugin, batch = setup
+    n = engine.info.num_visual_tokens
+    mask = batch["prompt_attention_mask"].clone()
+    image = batch["prompt_input_ids"] == engine.image_token_id
+    hidden = torch.zeros_like(image)
+    for row in range(mask.shape[0]):  # hide the first half of each sample's visual tokens
+        positions = image[row].nonzero().flatten()
+        hidden[row, positions[: n // 2]] = True
+    mask[hidden] = 0
+    method = plugin.inference_method(0.6)
+    with torch.no_grad():
+        out = engine(batch["prompt_input_ids"], mask, batch["pixel_values"], method=method, logits="none")
+    budget = plugin.keep_counts(0.6)
+    assert method._start.sum(1).tolist() == [n - n // 2] * mask.shape[0]
+    # each pruning layer keeps min(budget, what is still visible) tokens, all of them visible ones
+    first = plugin.drop_layers[0]
+    assert out.visual_tokens_per_layer[:, first].tolist() == [float(min(budget[0], n - n // 2))] * mask.shape[0]
+    assert not (method.cumulative[0].bool() & ~method._start).any()
