@@ -285,7 +285,7 @@ class ACCMCompensation(Compensation):
         dpo_beta: DPO inverse temperature.
         caption_weight: weight of the caption term (warm-start CE, stage-2 CE or DPO).
         selector_weight: weight of the selector CE.
-        seed: seeds the 'accm_random' variant's choice (per question id) and caption sampling.
+        seed: seeds the 'accm_random' variant's choice (per question id) and caption sampling (per batch of questions).
     """
 
     name = "accm"
@@ -397,7 +397,6 @@ class ACCMCompensation(Compensation):
         self.seed = seed
         self._describe_cache: dict[str, list[int]] = {}
         self._flops_cache: dict[tuple[str, int], float] = {}
-        self._generator: torch.Generator | None = None
 
     def export_config(self) -> dict[str, Any]:
         return dict(self._config)
@@ -594,12 +593,13 @@ class ACCMCompensation(Compensation):
         return selection.discarded + table(selection.discarded_index).to(selection.discarded.dtype)
 
     # ------------------------------------------------------------------ captions
-    def _sampling_generator(self, device: torch.device) -> torch.Generator | None:
+    def _sampling_generator(self, batch: dict[str, Any], device: torch.device) -> torch.Generator | None:
+        """Seeded by `seed` and the batch's questions: the same batch draws the same candidates whenever it comes
+        (a resumed run, another sweep order), and ranks with different questions draw differently."""
         if self.strategy != "sample":
             return None
-        if self._generator is None or self._generator.device != torch.device(device):
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generator
+        key = "\x00".join(map(str, batch.get("question_ids") or batch["questions"]))
+        return torch.Generator(device=device).manual_seed(zlib.crc32(f"{self.seed}/{key}".encode()))
 
     def caption_candidates(self, batch: dict[str, Any], selection: VisualSelection) -> CaptionCandidates:
         """M candidate captions per sample from the discarded visual tokens (no grad)."""
@@ -608,7 +608,7 @@ class ACCMCompensation(Compensation):
             ids, mask, self.caption_visual(selection), selection.discarded_mask, num_candidates=self.num_candidates,
             num_beams=self.num_beams, max_new_tokens=self.max_caption_tokens, strategy=self.strategy,
             temperature=self.sample_temperature, top_p=self.sample_top_p,
-            suppress_token_ids=self.caption_suppressed_token_ids, generator=self._sampling_generator(ids.device),
+            suppress_token_ids=self.caption_suppressed_token_ids, generator=self._sampling_generator(batch, ids.device),
             lockstep=self.lockstep,
         )
 

@@ -276,6 +276,11 @@ def test_oracle_and_random_variants(setup):
     sampled = make_plugin(engine, tokenizer, strategy="sample", sample_top_p=1.0)
     first = sampled.generate(*args)
     assert first.tokens.shape[0] == 3 and (first.plugin_flops["caption_model"] > 0).all()
+    # sampling is seeded by the batch, not by what was drawn before: a resumed run or another sweep order draws
+    # the same candidates
+    selection = sampled.select_visual_tokens(engine, batch, RATIO)
+    drawn = [sampled.caption_candidates(batch, selection).token_ids for _ in range(2)]
+    assert torch.equal(drawn[0], drawn[1])
     picks = plugin.random_pick(batch, 3)
     reordered = {k: (v[::-1] if isinstance(v, list) else v) for k, v in batch.items()}
     assert plugin.random_pick(reordered, 3).tolist() == picks.tolist()[::-1]
