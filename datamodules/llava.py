@@ -534,7 +534,9 @@ class LlavaInstructionDataModule(L.LightningDataModule):
             turn as question and reference answer; an alternative to val_question_file (real LLaVA question
             files have no answers, so no in-training accuracy).
         group_by_length: batch records of similar text length together (`LengthGroupedSampler`); False shuffles.
-        seed: fixes the training order (with the epoch).
+        seed: fixes the training order (with the epoch) of this module's own loader. Under `cli.py` the
+            `ResumableDataOrder` callback rebuilds the loader, and its order follows `data_order.seed` (default: the
+            run's `seed_everything`); a length-grouped order keeps this seed.
         on_bad_record: 'error' raises on a bad record naming the file and the record; 'skip' drops it, counts it
             (`skipped[split]`) and logs the count.
         verify_images: decode every image at setup (of the subset only; False checks that the files exist).
