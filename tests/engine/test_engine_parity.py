@@ -127,3 +127,15 @@ def test_flash_attention_is_refused_by_name(tiny_spec):
     assert model.config.get_text_config()._attn_implementation == "flash_attention_2"
     with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'.*load the base with 'sdpa' or 'eager'"):
         PrunedLlava(model)
+
+
+def test_last_logits_are_the_last_real_tokens_with_right_padding_too(tiny_spec):
+    model = make_tiny_llava(tiny_spec)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=2, left_pad=(0, 2))
+    engine = PrunedLlava(model)
+    right_ids = torch.stack([row.roll(-int((m == 0).sum())) for row, m in zip(ids, mask)])
+    right_mask = torch.stack([m.roll(-int((m == 0).sum())) for m in mask])
+    with torch.no_grad():
+        left = engine(ids, mask, pixels, logits="last").logits
+        right = engine(right_ids, right_mask, pixels, logits="last").logits
+    assert torch.allclose(left, right, atol=1e-5)
