@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from lvlm_prune.accm.vision_pruning import cls_attention_from_layer
+from lvlm_prune.accm.vision_pruning import cls_attention_to_visual_tokens
 from lvlm_prune.engine.methods import LayerContext, ModelInfo, PreLLMContext, PruningMethod, per_sample, top_k_mask
 
 
@@ -232,7 +232,7 @@ class VisionZip(PruningMethod):
         layer, layer_input = ctx.vision_read_layer()
         features = ctx.visual_features
         b, n, _ = features.shape
-        cls_attention = cls_attention_from_layer(layer, layer_input)[:, -n:]  # (B, N)
+        cls_attention = cls_attention_to_visual_tokens(layer, layer_input, n)  # (B, N)
         all_tokens = torch.ones(b, n, dtype=torch.bool, device=features.device)
         dominant = top_k_mask(cls_attention, all_tokens, self.dominant)
         if self.contextual == 0:

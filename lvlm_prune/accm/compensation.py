@@ -47,7 +47,11 @@ from lvlm_prune.accm.pretrained import (
 )
 from lvlm_prune.accm.selector import CandidateSelector, MeanPooledTextEncoder, build_selector_inputs
 from lvlm_prune.accm.splice import splice_after_image
-from lvlm_prune.accm.vision_pruning import cls_attention_from_layer, prumerge_plus_select, text_relevance_scores
+from lvlm_prune.accm.vision_pruning import (
+    cls_attention_to_visual_tokens,
+    prumerge_plus_select,
+    text_relevance_scores,
+)
 from lvlm_prune.baselines import build_method, pre_llm_keep_count
 from lvlm_prune.compensation import Compensation
 from lvlm_prune.engine import EngineOutput, ModelInfo, PreLLMContext, PrunedLlava, PruningMethod, gather_rows
@@ -95,14 +99,11 @@ class PruMergePlusPruning(PruningMethod):
         layer, layer_input = ctx.vision_read_layer()
         features = ctx.visual_features
         b, n, _ = features.shape
-        cls_attention = cls_attention_from_layer(layer, layer_input)
-        if cls_attention.shape[1] < n:  # 'full' feature strategy: the [CLS] token itself is a visual token; keep it
-            top = cls_attention.max(1, keepdim=True).values + 1.0
-            cls_attention = torch.cat([top.expand(-1, n - cls_attention.shape[1]), cls_attention], 1)
+        cls_attention = cls_attention_to_visual_tokens(layer, layer_input, n)
         question = ctx.state.question_mask
         relevance = text_relevance_scores(features, ctx.text_embeds, question) if bool(question.any()) else None
         side = math.isqrt(n)
-        index = prumerge_plus_select(cls_attention[:, -n:], relevance, self.keep,
+        index = prumerge_plus_select(cls_attention, relevance, self.keep,
                                      grid_side=side if side * side == n else None,
                                      text_fraction=self.text_fraction, iqr_factor=self.iqr_factor)
         keep = torch.zeros(b, n, dtype=torch.bool, device=features.device)

@@ -128,6 +128,21 @@ def cls_attention_from_layer(layer: nn.Module, hidden_states: torch.Tensor) -> t
     return probs.mean(1)[:, 1:]
 
 
+def cls_attention_to_visual_tokens(layer: nn.Module, hidden_states: torch.Tensor, num_visual: int) -> torch.Tensor:
+    """(B, num_visual) [CLS] attention over the LLM's visual tokens: the patches' (`cls_attention_from_layer`);
+    under the 'full' feature strategy the [CLS] token is itself the first visual token, and it ranks above every
+    patch (the token the attention comes from)."""
+    patches = cls_attention_from_layer(layer, hidden_states)
+    extra = num_visual - patches.shape[1]
+    if extra < 0 or extra > 1:
+        raise ValueError(f"{num_visual} visual tokens from a vision layer with {patches.shape[1]} patches: expected "
+                         "the patches ('default' feature strategy) or [CLS] + patches ('full')")
+    if extra == 0:
+        return patches
+    top = patches.max(1, keepdim=True).values + 1.0
+    return torch.cat([top, patches], 1)
+
+
 @torch.no_grad()
 def cls_attention_from_vision_tower(
     vision_tower: nn.Module,

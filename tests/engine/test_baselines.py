@@ -151,3 +151,22 @@ def test_frozen_base_module_passes_method_options_from_the_config(tiny_base_dir)
         late.make_method("pdrop", 0.6)  # the first 2 of 4 layers keep every token: at most r = 0.5
     with pytest.raises(ValueError, match="method_options names unknown methods \\['pdorp'\\]"):
         FrozenBaseModule(str(tiny_base_dir), processor, method_options={"pdorp": {}})
+
+
+def test_visionzip_under_the_full_feature_strategy_keeps_the_cls_token_and_its_budget(tiny_spec):
+    """'full': LLaVA feeds [CLS] + patches (N + 1 visual tokens); the [CLS] attention covers the N patches only."""
+    from conftest import TINY_IMAGE_TOKEN
+
+    model = make_tiny_llava(tiny_spec)
+    model.config.vision_feature_select_strategy = "full"
+    engine = PrunedLlava(model)
+    n = tiny_spec.num_visual_tokens + 1
+    assert engine.info.num_visual_tokens == n
+    ids = torch.cat([torch.tensor([[1]]), torch.full((1, n), TINY_IMAGE_TOKEN), torch.tensor([[5, 6, 7]])], 1)
+    ids, mask = ids.repeat(2, 1), torch.ones(2, n + 4, dtype=torch.long)
+    pixels = torch.randn(2, 3, tiny_spec.image_size, tiny_spec.image_size, generator=torch.Generator().manual_seed(0))
+    method = VisionZip(0.75)
+    with torch.no_grad():
+        out = engine(ids, mask, pixels, method=method, logits="last")
+    assert out.visual_tokens_per_layer[:, 0].tolist() == [float(method.keep)] * 2
+    assert (out.state.visual_index == 0).any(1).all(), "the [CLS] token is dominant"
