@@ -48,6 +48,8 @@ class CompensationModule(FrozenBaseModule):
         nonfinite_loss: 'skip' (drop the step, warn) or 'raise' when a loss is NaN/inf.
         dtype: base dtype. attn_implementation: base attention. quantization: None | 8bit | 4bit.
         max_new_tokens: longest generated answer.
+        method_options: keyword arguments of training-free methods by name, for a sweep that runs them beside
+            the plug-in (as `FrozenBaseModule`'s), e.g. `{pdrop: {stage_ends: [1, 4, 8]}}`.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class CompensationModule(FrozenBaseModule):
         attn_implementation: str = "sdpa",
         quantization: str | None = None,
         max_new_tokens: int = 8,
+        method_options: dict[str, dict[str, Any]] | None = None,
     ):
         if nonfinite_loss not in ("skip", "raise"):
             raise ValueError(f"model.nonfinite_loss={nonfinite_loss!r}; choose 'skip' or 'raise'")
@@ -78,7 +81,7 @@ class CompensationModule(FrozenBaseModule):
             eval_method=eval_method or compensation.name,
             eval_prune_ratio=target if eval_prune_ratio is None else eval_prune_ratio,
             dtype=dtype, attn_implementation=attn_implementation, quantization=quantization,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens, method_options=method_options,
         )
         self.save_hyperparameters(ignore=["processor", "compensation"])
         self.hparams.eval_method = eval_method or compensation.name

@@ -153,6 +153,17 @@ def test_frozen_base_module_passes_method_options_from_the_config(tiny_base_dir)
         FrozenBaseModule(str(tiny_base_dir), processor, method_options={"pdorp": {}})
 
 
+def test_a_plugin_module_passes_method_options_to_the_baselines_of_its_sweep(tiny_base_dir):
+    from lightning_modules.compensation import CompensationModule
+    from lvlm_prune.modeling.loading import load_processor
+    from lvlm_prune.rcp.compensation import RCPCompensation
+
+    module = CompensationModule(str(tiny_base_dir), RCPCompensation(target_prune_ratio=0.5, pruning_layers=[1]),
+                                load_processor(str(tiny_base_dir)), method_options={"pdrop": {"stage_ends": [2, 3]}})
+    assert module.make_method("pdrop", 0.4).prune_layers == (2, 3)
+    assert module.hparams.method_options == {"pdrop": {"stage_ends": [2, 3]}}
+
+
 def test_visionzip_under_the_full_feature_strategy_keeps_the_cls_token_and_its_budget(tiny_spec):
     """'full': LLaVA feeds [CLS] + patches (N + 1 visual tokens); the [CLS] attention covers the N patches only."""
     from conftest import TINY_IMAGE_TOKEN
