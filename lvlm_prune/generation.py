@@ -32,13 +32,13 @@ def stock_greedy_generate(
     next_position = position_ids.max(1, keepdim=True).values + 1
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         token = out.logits[:, -1].argmax(-1)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         if eos_token_id is not None:
             finished |= token == eos_token_id
-        if finished.all():
+        if finished.all() or step == max_new_tokens - 1:  # the last token needs no forward of its own
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
         out = model(

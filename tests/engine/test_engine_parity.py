@@ -139,3 +139,13 @@ def test_last_logits_are_the_last_real_tokens_with_right_padding_too(tiny_spec):
         left = engine(ids, mask, pixels, logits="last").logits
         right = engine(right_ids, right_mask, pixels, logits="last").logits
     assert torch.allclose(left, right, atol=1e-5)
+
+
+def test_stock_greedy_generation_runs_one_forward_per_new_token(tiny_spec, monkeypatch):
+    model = make_tiny_llava(tiny_spec)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=2, left_pad=(0, 2))
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    tokens = stock_greedy_generate(model, ids, mask, pixels, max_new_tokens=3)
+    assert tokens.shape == (2, 3) and len(calls) == 3  # the prefill gives the first token
