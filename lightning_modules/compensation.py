@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from lightning_modules.common import EVALUATION_MEMORY_SETTINGS, out_of_memory_advice
 from lightning_modules.frozen_base import FrozenBaseModule
 from lvlm_prune.compensation import Compensation
-from lvlm_prune.rcp.schedules import WarmupCosineLambda
+from lvlm_prune.rcp.schedules import warmup_cosine_lr_lambda
 from lvlm_prune.runner import GenerationResult, generate_with_method
 
 log = logging.getLogger(__name__)
@@ -75,6 +74,9 @@ class CompensationModule(FrozenBaseModule):
     ):
         if nonfinite_loss not in ("skip", "raise"):
             raise ValueError(f"model.nonfinite_loss={nonfinite_loss!r}; choose 'skip' or 'raise'")
+        if not 0.0 <= warmup_fraction < 1.0 or not 0.0 <= final_lr_ratio <= 1.0:
+            raise ValueError(f"model.warmup_fraction={warmup_fraction} must be in [0, 1) and model.final_lr_ratio="
+                             f"{final_lr_ratio} in [0, 1]")
         target = getattr(compensation, "target_prune_ratio", 0.0)
         super().__init__(
             base_model_path, processor, categories,
@@ -211,7 +213,7 @@ class CompensationModule(FrozenBaseModule):
         optimizer = torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, WarmupCosineLambda(total, math.ceil(self.hparams.warmup_fraction * total), self.hparams.final_lr_ratio)
+            optimizer, warmup_cosine_lr_lambda(total, self.hparams.warmup_fraction, self.hparams.final_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -184,5 +184,5 @@ def warmup_cosine_lr_lambda(
     if not 0.0 <= warmup_fraction < 1.0:
         raise ValueError(f"warmup_fraction={warmup_fraction} must be in [0, 1)")
     _check_fraction("final_ratio", final_ratio)
-    warmup_steps = int(round(warmup_fraction * total_steps))
+    warmup_steps = math.ceil(warmup_fraction * total_steps)  # a positive fraction warms up for at least one step
     return WarmupCosineLambda(total_steps=total_steps, warmup_steps=warmup_steps, final_ratio=final_ratio)

@@ -80,3 +80,21 @@ def test_warmup_cosine_lr_with_lambda_lr_and_resume():
         warmup_cosine_lr_lambda(total, warmup_fraction=1.0)
     with pytest.raises(ValueError, match="final_ratio"):
         warmup_cosine_lr_lambda(total, final_ratio=-0.1)
+
+
+def test_the_plugin_module_trains_with_this_schedule_and_names_a_bad_fraction(tiny_base_dir):
+    from lightning_modules.compensation import CompensationModule
+    from lvlm_prune.modeling.loading import load_processor
+    from lvlm_prune.rcp.compensation import RCPCompensation
+
+    def module(**kwargs):
+        return CompensationModule(str(tiny_base_dir), RCPCompensation(target_prune_ratio=0.5, pruning_layers=[1]),
+                                  load_processor(str(tiny_base_dir)), **kwargs)
+
+    trained = module(warmup_fraction=0.05, final_lr_ratio=0.2)
+    trained.trainer = type("T", (), {"estimated_stepping_batches": 30})()
+    scheduler = trained.configure_optimizers()["lr_scheduler"]["scheduler"]
+    expected = warmup_cosine_lr_lambda(30, 0.05, 0.2)
+    assert scheduler.lr_lambdas[0].warmup_steps == expected.warmup_steps == 2  # ceil(1.5): at least the fraction
+    with pytest.raises(ValueError, match="model.warmup_fraction=1.0"):
+        module(warmup_fraction=1.0)
