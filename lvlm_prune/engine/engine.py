@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from lvlm_prune.data import IGNORE_INDEX
+from lvlm_prune.data import IGNORE_INDEX, answer_generation_mask
 from lvlm_prune.engine.families import visual_family
 from lvlm_prune.engine.methods import LayerContext, ModelInfo, PreLLMContext, PruningMethod
 from lvlm_prune.engine.state import SequenceState
@@ -162,8 +162,7 @@ class PrunedLlava:
         after_image = torch.arange(input_ids.shape[1], device=input_ids.device)[None] > last_image[:, None]
         real = attention_mask.bool() | is_image  # hidden visual tokens are still part of the sequence
         if labels is not None:
-            answer_mask = torch.zeros_like(is_image)
-            answer_mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+            answer_mask = answer_generation_mask(labels)
             in_answer = labels != IGNORE_INDEX
         else:
             answer_mask = torch.zeros_like(is_image)
