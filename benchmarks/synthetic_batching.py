@@ -2,8 +2,9 @@
 
     python benchmarks/synthetic_batching.py [--batches 30]
 
-Builds the base config's training mix (three turns, description and context fractions 0.5 / 0.2, 1-7-object
-scenes) twice, shuffled and grouped by text length, and trains one freshly initialised base (the committed spec)
+Builds the base configs' training mix (three turns, description and context fractions 0.5 / 0.2, 1-12-object
+scenes; without their token-drop augmentation, which hides tokens through the attention mask and changes no shape)
+twice, shuffled and grouped by text length, and trains one freshly initialised base (the committed spec)
 on alternating batches of the two loaders, so both see the same machine state. Prints padded / real token ratios
 (real: the attention mask plus the hidden visual positions) and the mean seconds per training step of each.
 """

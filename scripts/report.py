@@ -252,7 +252,8 @@ def benchmark_section(data: dict) -> list[str]:
         body.append([r["method"], f"{r['realised_ratio']:.3f}", f"{r['flops_reduction']:.3f}", f"{r['latency_ms']:.0f}",
                      f"{r['latency_reduction']:.3f}", ratio, f"{100 * r['scoring_overhead']:.2f}%"])
     tp = data["throughput"]
-    return [f"## Prefill latency (`python benchmarks/prefill_latency.py`, {a['device']}, {a['dtype']})", "",
+    return [f"## Prefill latency (`python benchmarks/prefill_latency.py --batch {a['batch']} --out "
+            f"docs/benchmark_prefill.json`, {a['device']}, {a['dtype']})", "",
             f"LLaVA-shaped random model: LLM {a['layers']} layers x {a['hidden']}, 576 visual + {a['text_tokens']} "
             f"text tokens, batch {a['batch']}, SDPA, r = {a['ratio']}, median of {a['repeats']} runs.", "",
             table(["method", "realised r", "LLM FLOPs reduction", "latency ms", "latency reduction",
