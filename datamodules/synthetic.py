@@ -27,6 +27,8 @@ from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
 
 EVAL_CONTEXTS = ("none", "relevant", "scene")
 EVAL_VISUAL_TOKENS = ("all", "objects", "relevant")
+# tries at drawing a distinct extra question for a conversation before it keeps the turns it has
+MAX_TURN_ATTEMPTS = 200
 
 
 class _ExampleDataset(Dataset):
@@ -170,7 +172,11 @@ class SyntheticVQADataModule(L.LightningDataModule):
         tokens and extra turns. Fixed per sample (not per epoch): resumed runs see exactly the same examples."""
         rng = random.Random(f"{self.hparams.seed}/view/{sample.question_id}")
         turns = [(sample.question, sample.answer, sample.relevant)]
-        while len(turns) < self.hparams.turns_per_image:
+        attempts = 0
+        # a small scene may hold fewer distinct questions of the configured families than turns_per_image (one
+        # object, query_ref only: two); it then gets the ones found
+        while len(turns) < self.hparams.turns_per_image and attempts < MAX_TURN_ATTEMPTS:
+            attempts += 1
             made = make_question(sample.scene, rng.choice(self.config.families), rng)
             if made is not None and made[0] not in [t[0] for t in turns]:
                 turns.append(made)

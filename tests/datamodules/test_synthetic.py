@@ -210,3 +210,13 @@ def test_a_batch_larger_than_the_training_set_is_an_error():
     with pytest.raises(ValueError, match=r"data.batch_size=8 is more than data.num_train=4 training samples"):
         data.train_dataloader()
     assert len(data.val_dataloader()) == 1  # evaluation keeps its short last batch
+
+
+def test_a_scene_with_fewer_distinct_questions_than_turns_keeps_the_ones_it_has():
+    """One object and attribute-by-reference questions only: two distinct questions exist (it used to loop forever
+    looking for a third)."""
+    dm = SyntheticVQADataModule(num_train=64, num_val=8, num_test=8, families=("query_ref",), turns_per_image=3,
+                                min_objects=1, max_objects=1)
+    conversations = [dm._train_conversation(sample) for sample in dm.samples("train")]
+    questions = [[c["question"], *(q for q, _ in c["extra_turns"])] for c in conversations]
+    assert all(len(set(q)) == len(q) == 2 for q in questions)
