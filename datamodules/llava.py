@@ -37,6 +37,7 @@ from lvlm_prune.evaluation.readers import (
     read_pope_label_dir,
     read_questions,
     read_scienceqa_problems,
+    read_textvqa_annotations,
     read_utf8,
     read_vqa_annotations,
 )
@@ -327,7 +328,14 @@ def _answer_lookup(benchmark: str | None, annotation: Path | None) -> AnswerLook
     if benchmark == "gqa":
         gqa = read_gqa_annotations(annotation)
         return lambda q: gqa[str(q.question_id)].answer if str(q.question_id) in gqa else None
-    if benchmark in ("vqav2", "textvqa"):
+    if benchmark == "textvqa":
+        texts = read_textvqa_annotations(annotation)
+
+        def most_frequent(q: QuestionRecord) -> str | None:
+            found = texts.find(q.question_id, q.text)
+            return None if found is None else _majority(found.answers)
+        return most_frequent
+    if benchmark == "vqav2":
         vqa = read_vqa_annotations(annotation)
         return lambda q: _majority(vqa[str(q.question_id)].answers) if str(q.question_id) in vqa else None
     if benchmark == "pope":
@@ -405,7 +413,8 @@ def read_question_records(
                                        location=location))
     else:
         loaded = read_questions(path, image_root=None, on_bad_record=on_bad_record,
-                                require_image=benchmark != "scienceqa", key_by_text=benchmark == "mme")
+                                require_image=benchmark != "scienceqa",
+                                key_by_text=benchmark in ("mme", "textvqa"))  # their files repeat ids
         unit = "record" if path.suffix == ".json" else "line"
         text_only = 0
         for question in loaded:

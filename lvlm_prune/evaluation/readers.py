@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -512,6 +513,52 @@ def read_vqa_annotations(path: str | Path) -> dict[str, VQAAnnotation]:
             raise ValueError(f"{path}: entry {position}: answers must be strings or {{'answer': str}} objects")
         annotations[str(entry["question_id"])] = VQAAnnotation(texts, entry.get("answer_type"))
     return annotations
+
+
+def textvqa_question(prompt: str) -> str:
+    """The question of a LLaVA TextVQA prompt, lower-cased, as LLaVA's TextVQA evaluation finds it: between
+    "Question:" and "Short answer:" in the OCR-token prompt format, else the first line ("<question>\nReference OCR
+    token: ...\n<instruction>" or "<question>\n<instruction>")."""
+    prompt = strip_image_placeholder(prompt)
+    if prompt.startswith("OCR tokens: "):
+        match = re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL)
+        if match:
+            return match.group(1).lower()
+    return prompt.split("\n", 1)[0].lower()
+
+
+@dataclass(frozen=True)
+class TextVQAAnnotations:
+    """TextVQA human answers. LLaVA's question file uses the image id as `question_id` (one image, several
+    questions), so a question is found by (image id, its question text); files that carry TextVQA's own question
+    ids are found by those."""
+
+    by_image_question: dict[tuple[str, str], VQAAnnotation]
+    by_question_id: dict[str, VQAAnnotation]
+
+    def find(self, question_id: QuestionId, prompt: str) -> VQAAnnotation | None:
+        found = self.by_image_question.get((str(question_id), textvqa_question(prompt)))
+        return found if found is not None else self.by_question_id.get(str(question_id))
+
+
+def read_textvqa_annotations(path: str | Path) -> TextVQAAnnotations:
+    """`TextVQA_0.5.1_val.json` (`{"data": [{question_id, image_id, question, answers: [str, ...]}]}`)."""
+    data = _load_json(path)
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected TextVQA's 'data' list")
+    by_image_question, by_question_id = {}, {}
+    for position, entry in enumerate(entries):
+        answers = entry.get("answers") if isinstance(entry, dict) else None
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{path}: entry {position} needs a non-empty list of answer strings")
+        missing = [k for k in ("question_id", "image_id", "question") if k not in entry]
+        if missing:
+            raise ValueError(f"{path}: entry {position} has no {', '.join(missing)}")
+        annotation = VQAAnnotation(tuple(answers))
+        by_image_question[(str(entry["image_id"]), str(entry["question"]).lower())] = annotation
+        by_question_id[str(entry["question_id"])] = annotation
+    return TextVQAAnnotations(by_image_question, by_question_id)
 
 
 @dataclass(frozen=True)

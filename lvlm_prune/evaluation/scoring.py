@@ -42,6 +42,7 @@ from lvlm_prune.evaluation.readers import (
     read_pope_label_dir,
     read_questions,
     read_scienceqa_problems,
+    read_textvqa_annotations,
     read_vqa_annotations,
 )
 
@@ -219,11 +220,17 @@ def _score_vqa(
     question_file: PathLike, answer_file: PathLike, annotation: PathLike | None, image_root: PathLike | None,
     on_bad_record: str, benchmark: str, target_normalization: str,
 ) -> dict[str, float]:
-    questions, matched = _load(question_file, answer_file, image_root, on_bad_record)
+    textvqa = benchmark == "textvqa"  # LLaVA's TextVQA file repeats ids (the image id): keyed by (id, question)
+    questions, matched = _load(question_file, answer_file, image_root, on_bad_record, key_by_text=textvqa)
     path = _require_annotation(annotation, benchmark)
-    truth = read_vqa_annotations(path)
+    if textvqa:
+        texts = read_textvqa_annotations(path)
+        find = lambda q: texts.find(q.question_id, q.text)  # noqa: E731
+    else:
+        truth = read_vqa_annotations(path)
+        find = lambda q: truth.get(str(q.question_id))  # noqa: E731
     bad = BadRecords(path, on_bad_record)
-    rows = lookup_annotations(matched.pairs, lambda q: truth.get(str(q.question_id)), bad, f"{benchmark} annotation")
+    rows = lookup_annotations(matched.pairs, find, bad, f"{benchmark} annotation")
     bad.finish()
     _check_scored(rows, question_file)
     typed = all(gt.answer_type in VQAV2_ANSWER_TYPES for *_, gt in rows)
@@ -251,8 +258,9 @@ def score_textvqa(
     question_file: PathLike, answer_file: PathLike, annotation: PathLike | None = None,
     image_root: PathLike | None = None, on_bad_record: str = "error",
 ) -> dict[str, float]:
-    """TextVQA soft accuracy (m4c evaluator: both sides fully normalised), matched by question id;
-    `annotation`: `TextVQA_0.5.1_val.json` (`{"data": [...]}`)."""
+    """TextVQA soft accuracy (m4c evaluator: both sides fully normalised); answers matched to questions by (question
+    id, prompt) and questions to annotations by (image id, question) as LLaVA's evaluation does (its question file's
+    ids are image ids), or by TextVQA's question id; `annotation`: `TextVQA_0.5.1_val.json` (`{"data": [...]}`)."""
     return _score_vqa(question_file, answer_file, annotation, image_root, on_bad_record, "textvqa", "full")
 
 

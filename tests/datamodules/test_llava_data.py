@@ -24,7 +24,7 @@ from datamodules.llava import (
 from datamodules.synthetic import SyntheticVQADataModule
 from lvlm_prune.data import IGNORE_INDEX, VQAExample
 from lvlm_prune.evaluation.export import score_answer_file, write_answers_jsonl
-from lvlm_prune.evaluation.readers import AnswerRecord, read_questions, read_vqa_annotations
+from lvlm_prune.evaluation.readers import AnswerRecord, read_questions, read_textvqa_annotations, read_vqa_annotations
 
 EVAL_FIXTURES = Path(__file__).parents[1] / "evaluation" / "fixtures"
 BATCH = 8
@@ -397,7 +397,7 @@ BENCHMARK_FILES = {
 def test_reference_answers_come_from_the_benchmark_annotation(benchmark, exported, tmp_path):
     question_name, annotation_name, metric = BENCHMARK_FILES[benchmark]
     question_file, annotation = EVAL_FIXTURES / question_name, EVAL_FIXTURES / annotation_name
-    questions = read_questions(question_file, require_image=False, key_by_text=benchmark == "mme")
+    questions = read_questions(question_file, require_image=False, key_by_text=benchmark in ("mme", "textvqa"))
     for question in questions:
         if question.image is not None:
             (tmp_path / question.image).parent.mkdir(parents=True, exist_ok=True)
@@ -407,9 +407,13 @@ def test_reference_answers_come_from_the_benchmark_annotation(benchmark, exporte
     assert [r.question_id for r in data.records] == [q.question_id for q in with_image]  # an int id stays an int
     assert all(r.answer is not None for r in data.records)
     if metric is None:  # VQA: the most frequent human answer
-        humans = read_vqa_annotations(annotation)
-        assert [r.answer for r in data.records] == [
-            Counter(humans[str(r.question_id)].answers).most_common(1)[0][0] for r in data.records]
+        if benchmark == "textvqa":  # LLaVA's ids are image ids: found by (image id, question)
+            texts = read_textvqa_annotations(annotation)
+            humans = [texts.find(r.question_id, q.text) for q, r in zip(with_image, data.records)]
+        else:
+            vqa = read_vqa_annotations(annotation)
+            humans = [vqa[str(r.question_id)] for r in data.records]
+        assert [r.answer for r in data.records] == [Counter(h.answers).most_common(1)[0][0] for h in humans]
         return
     # answering with the reference answers scores 100% under the official protocol
     answers = [AnswerRecord(question_id=q.question_id, text=r.answer, prompt=q.text)

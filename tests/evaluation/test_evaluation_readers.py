@@ -16,7 +16,9 @@ from lvlm_prune.evaluation.readers import (
     read_pope_labels,
     read_questions,
     read_scienceqa_problems,
+    read_textvqa_annotations,
     read_vqa_annotations,
+    textvqa_question,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -196,6 +198,12 @@ def test_annotation_readers_parse_the_official_formats():
     assert len(vqa["262148001"].answers) == 10 and vqa["262148001"].answer_type == "number"
     textvqa = read_vqa_annotations(FIXTURES / "textvqa" / "TextVQA_0.5.1_val.json")
     assert textvqa["34602"].answers[-1] == "Dakota" and textvqa["34602"].answer_type is None
+    texts = read_textvqa_annotations(FIXTURES / "textvqa" / "TextVQA_0.5.1_val.json")
+    prompt = "what color is the camera?\nReference OCR token: dakota, digital\nAnswer the question using a single word."
+    assert texts.find("003a8ae2ef43b901", prompt).answers[0] == "black"  # LLaVA: the image id, then the question
+    assert texts.find("003a8ae2ef43b901", "What is the brand of this camera?\nAnswer.").answers[-1] == "Dakota"
+    assert texts.find(34602, "anything").answers[-1] == "Dakota"  # TextVQA's own question id
+    assert texts.find("003a8ae2ef43b901", "what is this?\nAnswer.") is None
     captions = read_caption_references(FIXTURES / "flickr30k" / "flickr30k_test_captions.json")
     assert captions["10002456"] == ["A dog!", "a dog"]
 
@@ -288,3 +296,9 @@ def test_image_check_decodes_the_whole_image(tmp_path, image_folder):
     path = write_jsonl(tmp_path / "q.jsonl", [question(1, "good.png"), question(2, "cut.jpg")])
     with pytest.raises(ValueError, match=r"line 2: image file unreadable: .*cut.jpg \(OSError: image file is trunc"):
         read_questions(path, image_root=image_folder)
+
+
+def test_textvqa_question_follows_llava_prompt_formats():
+    assert textvqa_question("<image>\nWhat Is It?\nReference OCR token: a\nAnswer briefly.") == "what is it?"
+    assert textvqa_question("What is it?\nAnswer briefly.") == "what is it?"
+    assert textvqa_question("OCR tokens: a, b Question: What is it? Short answer:") == "what is it?"
