@@ -35,6 +35,9 @@ class AnswerFileWriter(L.Callback):
     epoch starts (a rerun never appends to an old file). A (question id, prompt) pair is written once (a
     distributed sampler repeats samples to even out ranks).
 
+    ScienceQA (the datamodule's `benchmark`): the prompt is written as LLaVA's `model_vqa_science.py` writes it for
+    a problem with an image, "<image>\n" + question; LLaVA's `eval_science_qa.py` counts the IMG problems by it.
+
     With several processes each rank appends to its own `<stem>.rank<k><suffix>` while testing; at the end rank 0
     writes all ranks' records to the answer file and the rank files are removed (after a crash they hold the
     finished batches).
@@ -51,6 +54,7 @@ class AnswerFileWriter(L.Callback):
         self._part: Path | None = None  # where this process appends
         self._written = 0  # records of `test_predictions` already appended
         self._seen: set[tuple[str, str]] = set()
+        self._image_prompts = False  # prefix "<image>\n" to prompts (ScienceQA)
 
     def _path(self, trainer: L.Trainer) -> Path:
         directory = Path(self.dirpath or (trainer.logger.log_dir if trainer.logger else trainer.default_root_dir))
@@ -69,10 +73,17 @@ class AnswerFileWriter(L.Callback):
         self._part.write_text("")
         self._written, self._seen = 0, set()
         self.last_path = path
+        hparams = getattr(trainer.datamodule, "hparams", None) or {}
+        self._image_prompts = hparams.get("benchmark") == "scienceqa"  # its text-only problems are left out
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         self._append(pl_module)
+
+    def _as_written(self, record: dict[str, Any]) -> dict[str, Any]:
+        if not self._image_prompts:
+            return record
+        return {**record, "prompt": f"<image>\n{record.get('prompt', '')}"}
 
     def _append(self, pl_module: L.LightningModule) -> None:
         records = getattr(pl_module, "test_predictions", [])
@@ -80,7 +91,7 @@ class AnswerFileWriter(L.Callback):
             return
         new, self._written = records[self._written:], len(records)  # a slice: copying all every batch is quadratic
         lines = []
-        for record in new:
+        for record in map(self._as_written, new):
             key = _answer_key(record)
             if key not in self._seen:
                 self._seen.add(key)
@@ -102,7 +113,7 @@ class AnswerFileWriter(L.Callback):
             seen: set[tuple[str, str]] = set()
             tmp = path.with_name(path.name + ".tmp")
             with open(tmp, "w") as handle:
-                for record in (r for part in gathered for r in part):
+                for record in (self._as_written(r) for part in gathered for r in part):
                     if _answer_key(record) not in seen:
                         seen.add(_answer_key(record))
                         handle.write(_answer_line(record))

@@ -58,6 +58,22 @@ def test_a_rerun_replaces_the_file_and_ids_keep_their_type(tmp_path):
                           "answer_id": answer_id_for(20000, "question 20000")}
 
 
+class ScienceQAData(L.LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        self.save_hyperparameters({"benchmark": "scienceqa"})
+
+    def test_dataloader(self):
+        return DataLoader(IDS[:4], batch_size=4)
+
+
+def test_scienceqa_prompts_carry_the_image_placeholder_as_llava_writes_them(tmp_path):
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[AnswerFileWriter(dirpath=str(tmp_path))])
+    trainer.test(Answering(), datamodule=ScienceQAData())
+    assert [a["prompt"] for a in read(tmp_path)] == [f"<image>\nquestion {q}" for q in IDS[:4]]
+
+
 @pytest.mark.slow
 def test_several_processes_write_one_file_with_every_answer_once(tmp_path):
     run_test(tmp_path, Answering(), ids=IDS[:9], strategy="ddp_spawn", devices=2)  # 9 ids: the sampler repeats one
