@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -97,9 +98,22 @@ class PruningSweep(L.Callback):
         if (stage == "fit" and self.run_after_fit) or (stage == "test" and self.run_after_test):
             self._loader(trainer)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_train_end, not on_fit_end: Lightning tears the strategy down (module to CPU) before on_fit_end
         if not self.run_after_fit or trainer.sanity_checking:
             return
+        self._check_trained(trainer)
+        export = getattr(pl_module, "export_plugin", None)  # the module's own on_train_end comes after this hook:
+        if callable(export):  # write the trained plug-in first, so a sweep that fails loses nothing of the training
+            export()
+        self.run(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # with no training batch at all Lightning skips the training loop, and on_train_end with it
+        if self.run_after_fit:
+            self._check_trained(trainer)
+
+    def _check_trained(self, trainer: L.Trainer) -> None:
         if trainer.global_step == 0:
             raise ValueError(
                 f"the sweep after fit did not run: fit ran 0 training steps (trainer.global_step == 0, "
@@ -107,7 +121,6 @@ class PruningSweep(L.Callback):
                 "plug-ins. Check that the training set holds at least one batch (data.batch_size per process; "
                 "the last incomplete batch is dropped), trainer.max_steps and trainer.limit_train_batches; to "
                 "sweep saved plug-ins, run `test` with model.plugin_weights_path instead")
-        self.run(trainer, pl_module)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.run_after_test:
@@ -150,6 +163,17 @@ class PruningSweep(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         self.rows = []
+        # the precision's autocast, as for validation and test (the sweep runs outside their loops)
+        precision = getattr(trainer, "precision_plugin", None)
+        with precision.forward_context() if precision is not None else contextlib.nullcontext():
+            self._run_pairs(trainer, pl_module, loader, rank, world, was_training)
+        if trainer.is_global_zero:
+            self._write(trainer)
+            for suffix in ("csv", "json"):
+                (self.directory(trainer) / f"sweep.partial.{suffix}").unlink(missing_ok=True)
+        return self.rows
+
+    def _run_pairs(self, trainer, pl_module, loader, rank: int, world: int, was_training: bool) -> None:
         name, ratio = "", 0.0
         try:
             for name, ratio in self.pairs():
@@ -183,11 +207,6 @@ class PruningSweep(L.Callback):
             raise named from error
         finally:
             pl_module.train(was_training)
-        if trainer.is_global_zero:
-            self._write(trainer)
-            for suffix in ("csv", "json"):
-                (self.directory(trainer) / f"sweep.partial.{suffix}").unlink(missing_ok=True)
-        return self.rows
 
     def _evaluate_pair(self, pl_module, loader, name: str, ratio: float, rank: int, world: int) -> dict[str, Any]:
         metric = exact_match(pl_module.categories).to(pl_module.device)

@@ -98,6 +98,7 @@ class CompensationModule(FrozenBaseModule):
         self.strict_loading = False
         self.skipped_steps = 0
         self._skip_step = False
+        self._exported_at_step: int | None = None
 
     @property
     def compensation_name(self) -> str:
@@ -218,13 +219,19 @@ class CompensationModule(FrozenBaseModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        if not self.hparams.plugin_export_path:
+        self.export_plugin()
+
+    def export_plugin(self) -> None:
+        """Write the trained plug-in to `plugin_export_path` (once per training step count: the sweep after fit
+        calls this before it starts, and `on_train_end` after it). Every rank calls it (ZeRO-3 gathers)."""
+        if not self.hparams.plugin_export_path or self._exported_at_step == self.global_step:
             return
         with gathered(self.compensation.parameters()):  # ZeRO-3: every rank takes part in the gather
             if self.trainer.is_global_zero:
                 export_plugin_weights(self.compensation, self.hparams.plugin_export_path,
                                       {"base_model_path": self.hparams.base_model_path,
                                        "base_fingerprint": self.base_fingerprint})
+        self._exported_at_step = self.global_step
 
     # ------------------------------------------------------------------ lean checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -165,3 +165,31 @@ def test_settings_are_checked():
         PruningSweep(limit_batches=0)
     with pytest.raises(ValueError, match=r"ratio_tolerance=-0\.1 must be in \[0, 1\)"):
         PruningSweep(ratio_tolerance=-0.1)
+
+
+def test_the_sweep_after_fit_runs_before_teardown_on_the_exported_plugin(tiny_base_dir, data, tmp_path, monkeypatch):
+    """Lightning moves the module to the CPU in its teardown, before on_fit_end: the sweep runs earlier, in the
+    precision's context, and after the trained plug-in is on disk (a failing sweep loses none of the training)."""
+    module = rcp_module(tiny_base_dir, data)
+    module.hparams.plugin_export_path = str(tmp_path / "plugin.safetensors")
+    fit = trainer(tmp_path, PruningSweep(methods=["rcp"], prune_ratios=[0.5], dirpath=str(tmp_path), limit_batches=1),
+                  max_steps=1, limit_val_batches=0)
+    seen, torn_down = [], []
+    teardown, run_method = fit.strategy.teardown, module.run_method
+    monkeypatch.setattr(fit.strategy, "teardown", lambda: torn_down.append(1) or teardown())
+    entered = fit.precision_plugin.forward_context
+
+    def counting_context():
+        seen.append("context")
+        return entered()
+
+    monkeypatch.setattr(fit.precision_plugin, "forward_context", counting_context)
+
+    def run(*args, **kwargs):
+        seen.append((bool(torn_down), (tmp_path / "plugin.safetensors").exists()))
+        return run_method(*args, **kwargs)
+
+    monkeypatch.setattr(module, "run_method", run)
+    fit.fit(module, datamodule=data)
+    assert (False, True) in seen and (True, True) not in seen and "context" in seen
+    assert read_rows(tmp_path / "sweep.csv")[0]["method"] == "rcp"
