@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from lvlm_prune.evaluation.normalize import normalize_answer, normalize_vqa_answer
+from lvlm_prune.evaluation.normalize import m4c_normalize_answer, normalize_answer
 from lvlm_prune.evaluation.readers import AnswerRecord, BadRecords, QuestionRecord
 from lvlm_prune.evaluation.scoring import BENCHMARK_SCORERS, score_answer_file
 
@@ -118,27 +118,35 @@ def write_vqav2_submission(
     answers: Iterable[AnswerRecord],
     on_bad_record: str = "error",
 ) -> Path:
-    """The VQAv2 (EvalAI) submission: [{"question_id": int, "answer": normalised answer}] for every question.
+    """The VQAv2 (EvalAI) upload as LLaVA's converter writes it: [{"question_id": int, "answer": str}] for every
+    question of `questions`, the answer through `m4c_normalize_answer`, "" for a question without one (pass the
+    whole test2015 question file, `llava_vqav2_mscoco_test2015.jsonl`, with the answers of a test-dev run: the
+    server expects every test question; the count of empty answers is logged).
 
-    A question without an answer raises (on_bad_record="error"), or gets "" and is counted in a warning
-    ("skip"; the server expects every test question, as LLaVA's converter does).
+    An answer to a question not in `questions` is a bad record (on_bad_record: "error" raises, "skip" leaves it out
+    and counts it in a warning); an id answered twice raises.
     """
     by_id: dict[str, AnswerRecord] = {}
     for answer in answers:
         if str(answer.question_id) in by_id:
             raise ValueError(f"answers: question id {answer.question_id!r} appears twice")
         by_id[str(answer.question_id)] = answer
+    question_ids = {str(q.question_id) for q in questions}
     bad = BadRecords(f"VQAv2 submission {path}", on_bad_record)
-    entries = []
+    for question_id in by_id.keys() - question_ids:
+        bad.report(f"answer to question {by_id[question_id].question_id!r}, which is not in the question list")
+    bad.finish()
+    entries, unanswered = [], 0
     for question in questions:
         answer = by_id.get(str(question.question_id))
-        if answer is None:
-            bad.report(f"no answer for question {question.question_id!r}; written as ''")
+        unanswered += answer is None
         entries.append({
             "question_id": int(question.question_id),
-            "answer": "" if answer is None else normalize_vqa_answer(answer.text),
+            "answer": "" if answer is None else m4c_normalize_answer(answer.text),
         })
-    bad.finish()
+    if unanswered:
+        logger.info("VQAv2 submission %s: %d of %d questions have no answer and are written as ''", path,
+                    unanswered, len(entries))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(entries), encoding="utf-8")

@@ -22,12 +22,14 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lvlm_prune.evaluation.normalize import (
     OPTION_LETTERS,
+    m4c_normalize_answer,
     normalize_answer,
     normalize_vqa_answer,
     parse_mme_answer,
     parse_option_letter,
     parse_pope_answer,
     parse_scienceqa_choice,
+    process_punctuation,
 )
 
 POPE_SPLITS = ("adversarial", "popular", "random")
@@ -202,9 +204,11 @@ def vqa_soft_score(prediction: str, human_answers: Sequence[str]) -> float:
 class VQASoftAccuracy(_CategorisedMean):
     """VQAv2 / TextVQA soft accuracy with the VQA answer normalisation.
 
-    The prediction always gets the full normalisation (LLaVA normalises before submitting; the official script
-    does when the humans disagree). Human answers get `target_normalization`: "punctuation" is the official VQAv2
-    script, "full" the TextVQA (m4c) evaluator.
+    `target_normalization` names the protocol. "full", TextVQA's m4c evaluator: predictions and human answers
+    alike through `m4c_normalize_answer`. "punctuation", the official VQAv2 script on the answers LLaVA uploads:
+    the prediction converted as LLaVA's upload converts it (`m4c_normalize_answer`), then the script's
+    `normalize_vqa_answer`; the human answers get its punctuation step only, and only when they disagree (ten
+    identical answers are compared as they are).
 
     compute(): {"acc", "acc/<category>"} in [0, 1].
 
@@ -229,12 +233,14 @@ class VQASoftAccuracy(_CategorisedMean):
     ) -> None:
         """Args: predictions (one string per item), human_answers (a list of strings per item), categories."""
         _check_lengths(predictions=predictions, human_answers=human_answers, categories=categories)
-        full = self.target_normalization == "full"
-        scores = [
-            vqa_soft_score(normalize_vqa_answer(p), [normalize_vqa_answer(a, full=full) for a in answers])
-            for p, answers in zip(predictions, human_answers)
-        ]
+        scores = [vqa_soft_score(*self._normalised(p, answers)) for p, answers in zip(predictions, human_answers)]
         self._add_scores(scores, categories)
+
+    def _normalised(self, prediction: str, answers: Sequence[str]) -> tuple[str, list[str]]:
+        if self.target_normalization == "full":
+            return m4c_normalize_answer(prediction), [m4c_normalize_answer(a) for a in answers]
+        humans = [process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
+        return normalize_vqa_answer(m4c_normalize_answer(prediction)), humans
 
 
 class ScienceQAAccuracy(_CategorisedMean):

@@ -1,9 +1,11 @@
 """Answer normalisation and answer parsing for the benchmark scorers.
 
-Two normalisations:
+Three normalisations:
 - `normalize_answer`: lowercase, strip, drop trailing periods (GQA exact match, the synthetic benchmark).
-- `normalize_vqa_answer`: the VQA evaluation's punctuation, number-word, article and contraction rules
-  (VQAv2, TextVQA).
+- `normalize_vqa_answer`: the VQA evaluation's punctuation, number-word, article and contraction rules (the
+  official VQAv2 script).
+- `m4c_normalize_answer`: the same after the m4c / EvalAI answer processor's first tokenising step (TextVQA, and
+  the answers LLaVA uploads for VQAv2).
 
 And the parsers that turn free generated text into a benchmark's answer space: POPE and MME yes/no,
 ScienceQA and MMBench option letters.
@@ -11,7 +13,6 @@ ScienceQA and MMBench option letters.
 
 from __future__ import annotations
 
-import itertools
 import re
 from collections.abc import Sequence
 
@@ -31,32 +32,35 @@ _NUMBER_WORDS = {
 _ARTICLES = frozenset({"a", "an", "the"})
 _CONTRACTED_FORMS = (
     "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't", "hadn't",
-    "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he'll", "he's", "how'd", "how'll", "how's", "i'd've",
-    "i'm", "i've", "isn't", "it'd", "it'd've", "it'll", "let's", "ma'am", "mightn't", "mightn't've", "might've",
-    "mustn't", "must've", "needn't", "not've", "o'clock", "oughtn't", "shan't", "she'd", "she'd've", "she'll",
-    "she's", "should've", "shouldn't", "shouldn't've", "somebody'd", "somebody'd've", "somebody'll", "somebody's",
-    "someone'd", "someone'd've", "someone'll", "someone's", "something'd", "something'd've", "something'll",
-    "that's", "there'd", "there'd've", "there're", "there's", "they'd", "they'd've", "they'll", "they're",
-    "they've", "'twas", "wasn't", "we'd", "we'd've", "we'll", "we're", "we've", "weren't", "what'll", "what're",
-    "what's", "what've", "when's", "where'd", "where's", "where've", "who'd", "who'd've", "who'll", "who's",
-    "who've", "why'll", "why're", "why's", "won't", "would've", "wouldn't", "wouldn't've", "y'all", "y'all'll",
-    "y'all'd've", "you'd", "you'd've", "you'll", "you're", "you've",
+    "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he'll", "he's", "how'd", "how'll", "how's", "isn't",
+    "it'd", "it'd've", "it'll", "ma'am", "mightn't", "mightn't've", "might've", "mustn't", "must've", "needn't",
+    "not've", "o'clock", "oughtn't", "'ow's'at", "shan't", "she'd", "she'd've", "she'll", "should've", "shouldn't",
+    "shouldn't've", "somebody'd've", "somebody'll", "somebody's", "someone'd", "someone'd've", "someone'll",
+    "someone's", "something'd", "something'd've", "something'll", "that's", "there'd", "there'd've", "there're",
+    "there's", "they'd", "they'd've", "they'll", "they're", "they've", "'twas", "wasn't", "we'd", "we'd've",
+    "we'll", "we're", "we've", "weren't", "what'll", "what're", "what's", "what've", "when's", "where'd", "where's",
+    "where've", "who'd", "who'd've", "who'll", "who's", "who've", "why'll", "why're", "why's", "won't",
+    "would've", "wouldn't", "wouldn't've", "y'all", "y'all'll", "y'all'd've", "you'd", "you'd've", "you'll",
+    "you're", "you've",
 )
 # Apostrophe-less spellings that are ordinary words stay as they are ("well" is not "we'll").
 _ORDINARY_WORDS = frozenset({"hell", "ill", "its", "id", "lets", "shed", "shell", "wed", "well", "were"})
+# Where the protocol's table departs from the rule below, its behaviour is kept, since scores must match the
+# official ones: its I-forms are capitalised and never match the lower-cased words ("im" stays "im"), "she's"
+# and "let's" map only to themselves ("shes" stays), and "somebody'd" maps the other way, to "somebodyd".
+_PROTOCOL_EXCEPTIONS = {"somebody'd": "somebodyd"}
 
 
 def _contraction_map() -> dict[str, str]:
-    """Every spelling of a contraction with one or more apostrophes missing -> the contraction."""
+    """Every spelling of a contraction with exactly one apostrophe missing -> the contraction ("couldnt've" and
+    "couldn'tve", not "couldntve"), as the VQA evaluation's table has them, plus `_PROTOCOL_EXCEPTIONS`."""
     mapping: dict[str, str] = {}
     for form in _CONTRACTED_FORMS:
-        positions = [i for i, char in enumerate(form) if char == "'"]
-        for count in range(1, len(positions) + 1):
-            for dropped in itertools.combinations(positions, count):
-                variant = "".join(char for i, char in enumerate(form) if i not in dropped)
-                if variant not in _ORDINARY_WORDS:
-                    mapping[variant] = form
-    return mapping
+        for position in (i for i, char in enumerate(form) if char == "'"):
+            variant = form[:position] + form[position + 1:]
+            if variant not in _ORDINARY_WORDS:
+                mapping[variant] = form
+    return {**mapping, **_PROTOCOL_EXCEPTIONS}
 
 
 _CONTRACTIONS = _contraction_map()
@@ -103,6 +107,14 @@ def normalize_vqa_answer(text: str, full: bool = True) -> str:
     """
     text = process_punctuation(text.replace("\n", " ").replace("\t", " ").strip())
     return process_digits_and_articles(text) if full else text
+
+
+def m4c_normalize_answer(text: str) -> str:
+    """The m4c (EvalAI) answer processor: lowercase, delete "," and "?", split "'s" off its word ("man's" ->
+    "man 's"), then `normalize_vqa_answer`. LLaVA scores TextVQA with it (predictions and human answers) and
+    converts its VQAv2 answers with it before the upload."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return normalize_vqa_answer(text)
 
 
 def parse_pope_answer(text: str) -> str:

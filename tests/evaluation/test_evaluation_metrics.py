@@ -128,6 +128,17 @@ def test_vqa_target_normalisation_modes_differ_on_articles():
     # VQAv2 leaves "the" in the human answers, TextVQA's evaluator removes it
     assert float(official_vqav2.compute()["acc"]) == 0.0
     assert float(textvqa.compute()["acc"]) == 1.0
+    # VQAv2 processes human answers only when they disagree: ten "t-shirt" stay "t-shirt", which the prediction,
+    # processed, no longer is; TextVQA processes both sides
+    agreeing, disagreeing = VQASoftAccuracy(target_normalization="punctuation"), VQASoftAccuracy(
+        target_normalization="punctuation")
+    agreeing.update(["t-shirt"], [["t-shirt"] * 10])
+    disagreeing.update(["t-shirt"], [["t-shirt"] * 9 + ["shirt"]])
+    assert float(agreeing.compute()["acc"]) == 0.0 and float(disagreeing.compute()["acc"]) == 1.0
+    # m4c splits "'s" off before comparing, on both sides
+    possessive = VQASoftAccuracy(target_normalization="full")
+    possessive.update(["whats"], [["what's"] * 10])
+    assert float(possessive.compute()["acc"]) == 0.0
     with pytest.raises(ValueError, match="target_normalization"):
         VQASoftAccuracy(target_normalization="lower")
     with pytest.raises(ValueError, match="human_answers is empty"):

@@ -1,6 +1,7 @@
 import pytest
 
 from lvlm_prune.evaluation.normalize import (
+    m4c_normalize_answer,
     normalize_answer,
     normalize_vqa_answer,
     parse_mme_answer,
@@ -31,6 +32,34 @@ from lvlm_prune.evaluation.normalize import (
 )
 def test_vqa_normalisation_matches_the_vqa_rules(raw, expected):
     assert normalize_vqa_answer(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("couldntve", "couldntve"),  # the protocol's table drops one apostrophe at a time
+        ("im", "im"),  # its I-forms are capitalised and never match a lower-cased word
+        ("shes", "shes"),  # "she's" maps only to itself
+        ("somebody'd", "somebodyd"),  # and "somebody'd" the other way
+        ("yall'd've", "y'all'd've"),
+    ],
+)
+def test_contractions_follow_the_protocol_table(raw, expected):
+    assert normalize_vqa_answer(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Man's", "man 's"),  # "'s" split off its word first
+        ("red,white", "redwhite"),  # commas and question marks deleted before the punctuation rule
+        ("what's", "what 's"),
+        ("whats", "what's"),
+        ("Two dogs?", "2 dogs"),
+    ],
+)
+def test_m4c_normalisation_tokenises_first(raw, expected):
+    assert m4c_normalize_answer(raw) == expected
 
 
 def test_vqa_punctuation_only_keeps_case_and_articles():

@@ -237,10 +237,15 @@ def test_vqav2_submission_normalises_and_handles_missing_answers(tmp_path, caplo
     entries = json.loads(path.read_text())
     assert entries[0] == {"question_id": 262148000, "answer": "skateboarding"}
     assert entries[1] == {"question_id": 262148001, "answer": "2"}  # "two" -> "2"
-    with pytest.raises(ValueError, match="no answer for question 262148003"):
-        write_vqav2_submission(tmp_path / "s.json", questions, answers[:3])
-    with caplog.at_level(logging.WARNING):
-        path = write_vqav2_submission(tmp_path / "s.json", questions, answers[:3], on_bad_record="skip")
+    # as LLaVA's converter: every question of the list, "" where the run has no answer (test2015 vs test-dev)
+    with caplog.at_level(logging.INFO):
+        path = write_vqav2_submission(tmp_path / "s.json", questions, answers[:3])
     assert json.loads(path.read_text())[-1] == {"question_id": 262148003, "answer": ""}
-    assert "skipped 1 bad record" in caplog.text
+    assert "1 of 4 questions have no answer" in caplog.text
+    # an answer to a question outside the list is a bad record
+    with pytest.raises(ValueError, match="answer to question 262148003, which is not in the question list"):
+        write_vqav2_submission(tmp_path / "s.json", questions[:3], answers)
+    with caplog.at_level(logging.WARNING):
+        path = write_vqav2_submission(tmp_path / "s.json", questions[:3], answers, on_bad_record="skip")
+    assert len(json.loads(path.read_text())) == 3 and "skipped 1 bad record" in caplog.text
 
