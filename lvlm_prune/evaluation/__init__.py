@@ -24,6 +24,8 @@ from lvlm_prune.evaluation.metrics import (
     cider_d,
 )
 from lvlm_prune.evaluation.normalize import (
+    gqa_prediction,
+    m4c_normalize_answer,
     normalize_answer,
     normalize_vqa_answer,
     parse_mme_answer,
@@ -55,6 +57,8 @@ __all__ = [
     "answer_id_for",
     "build_answer_records",
     "cider_d",
+    "gqa_prediction",
+    "m4c_normalize_answer",
     "match_answers",
     "normalize_answer",
     "normalize_vqa_answer",

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from lvlm_prune.evaluation.normalize import m4c_normalize_answer, normalize_answer
+from lvlm_prune.evaluation.normalize import gqa_prediction, m4c_normalize_answer
 from lvlm_prune.evaluation.readers import AnswerRecord, BadRecords, QuestionRecord
 from lvlm_prune.evaluation.scoring import BENCHMARK_SCORERS, score_answer_file
 
@@ -94,7 +94,7 @@ def write_llava_answers(
 def write_gqa_predictions(path: str | Path, answers: Iterable[AnswerRecord]) -> Path:
     """GQA's predictions file for the official eval script: [{"questionId": str, "prediction": str}].
 
-    Predictions are lowercased and stripped of trailing periods (as LLaVA converts them). A folder path gets
+    Predictions through `gqa_prediction` (trailing periods removed, lowercased: as LLaVA converts them). A folder path gets
     `testdev_balanced_predictions.json` inside it.
     """
     path = Path(path)
@@ -106,7 +106,7 @@ def write_gqa_predictions(path: str | Path, answers: Iterable[AnswerRecord]) -> 
         if question_id in seen:
             raise ValueError(f"answers: question id {question_id!r} appears twice")
         seen.add(question_id)
-        entries.append({"questionId": question_id, "prediction": normalize_answer(answer.text)})
+        entries.append({"questionId": question_id, "prediction": gqa_prediction(answer.text)})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(entries), encoding="utf-8")
     return path

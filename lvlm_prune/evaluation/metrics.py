@@ -22,6 +22,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lvlm_prune.evaluation.normalize import (
     OPTION_LETTERS,
+    gqa_prediction,
     m4c_normalize_answer,
     normalize_answer,
     normalize_vqa_answer,
@@ -176,14 +177,15 @@ class ExactMatchAccuracy(_CategorisedMean):
 
 
 class GQAAccuracy(ExactMatchAccuracy):
-    """GQA accuracy: the prediction, lowercased and stripped of trailing periods, equals the stored answer.
+    """GQA accuracy: the prediction as LLaVA converts it (`gqa_prediction`: trailing periods removed, lowercased)
+    equals the stored answer.
 
     The official script compares against the annotation's answer verbatim (GQA answers are lowercase already),
-    so only the prediction is normalised. Categories are usually `GQA_STRUCTURAL_TYPES`.
+    so only the prediction is converted. Categories are usually `GQA_STRUCTURAL_TYPES`.
     """
 
     def _is_match(self, prediction: str, target: str) -> bool:
-        return normalize_answer(prediction) == target
+        return gqa_prediction(prediction) == target
 
 
 def vqa_soft_score(prediction: str, human_answers: Sequence[str]) -> float:

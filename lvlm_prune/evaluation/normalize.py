@@ -71,6 +71,12 @@ def normalize_answer(text: str) -> str:
     return text.strip().rstrip(".").strip().lower()
 
 
+def gqa_prediction(text: str) -> str:
+    """A prediction as LLaVA's `convert_gqa_for_eval.py` writes it for GQA's `eval.py`: trailing periods removed,
+    lowercased; nothing else (surrounding spaces stay)."""
+    return text.rstrip(".").lower()
+
+
 def process_punctuation(text: str) -> str:
     """The VQA evaluation's punctuation rule.
 
@@ -118,12 +124,12 @@ def m4c_normalize_answer(text: str) -> str:
 
 
 def parse_pope_answer(text: str) -> str:
-    """LLaVA's POPE rule: "no" if the first sentence has the word "no", "No" or "not", else "yes".
+    """LLaVA's POPE rule (`eval_pope.py`): "no" if the first sentence has the word "no", "No" or "not", else "yes".
 
-    Words are split on any whitespace (LLaVA splits on single spaces, so "no\\n..." would count as yes there).
+    Words are split on single spaces, as there ("no\\nthe image ..." counts as yes).
     """
     first_sentence = text.split(".", 1)[0].replace(",", "")
-    words = set(first_sentence.split())
+    words = set(first_sentence.split(" "))
     return "no" if words & {"No", "no", "not"} else "yes"
 
 
@@ -140,28 +146,31 @@ def parse_mme_answer(text: str) -> str:
     return "other"
 
 
-_SCIENCEQA_LETTER_PERIOD = re.compile(r"^([A-Z])\. ")
-_ANSWER_IS = re.compile(r"The answer is ([A-Z])")
+_SCIENCEQA_OPTIONS = "ABCDE"  # LLaVA's eval_science_qa.py: the letters it recognises
+_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
 
 def parse_scienceqa_choice(text: str, num_choices: int) -> int:
-    """LLaVA's ScienceQA rule: the chosen option index, or -1 when no valid letter is found.
+    """LLaVA's ScienceQA rule (`eval_science_qa.py`): the chosen option index, or -1 when it finds no valid letter.
 
-    Accepts a bare letter ("B"), a letter with period and space ("B. cat"), or "The answer is B".
+    The text as generated (not stripped): exactly a letter A-E ("B"); or a letter A-E followed by ". " ("B. cat");
+    or exactly one "The answer is X" followed by any character ("The answer is B." or "The answer is B,"). Where
+    LLaVA's script gives an unparsed answer a random option, it counts as wrong here (-1): a score must not depend
+    on chance.
 
     Args:
         text: the generated answer.
         num_choices: number of options of the problem; letters beyond it are invalid.
     """
-    text = text.replace("\n", ". ").strip()
-    valid = OPTION_LETTERS[:num_choices]
     letter = None
-    if len(text) == 1:
-        letter = text
-    elif match := _SCIENCEQA_LETTER_PERIOD.match(text):
-        letter = match.group(1)
-    elif match := _ANSWER_IS.search(text):
-        letter = match.group(1)
+    if text in _SCIENCEQA_OPTIONS:
+        letter = text or None
+    elif len(text) >= 3 and text[0] in _SCIENCEQA_OPTIONS and text[1:3] == ". ":
+        letter = text[0]
+    else:
+        found = _ANSWER_IS.findall(text)
+        letter = found[0] if len(found) == 1 else None
+    valid = OPTION_LETTERS[:num_choices]
     return valid.index(letter) if letter is not None and letter in valid else -1
 
 

@@ -1,6 +1,7 @@
 import pytest
 
 from lvlm_prune.evaluation.normalize import (
+    gqa_prediction,
     m4c_normalize_answer,
     normalize_answer,
     normalize_vqa_answer,
@@ -74,13 +75,18 @@ def test_exact_match_normalisation(raw, expected):
     assert normalize_answer(raw) == expected
 
 
+def test_gqa_predictions_are_converted_as_llava_converts_them():
+    assert gqa_prediction("Yes.") == "yes" and gqa_prediction("Yes. ") == "yes. "  # only trailing periods go
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
         ("Yes, there is a dog.", "yes"),
         ("No.", "no"),
         ("There is not a dog in the image", "no"),
-        ("no\nthe image shows a cat", "no"),
+        ("no\nthe image shows a cat", "yes"),  # LLaVA splits on single spaces: "no\nthe" is not "no"
+        ("No there is not", "no"),
         ("Yes. No other animals are visible.", "yes"),  # only the first sentence counts
         ("Nope", "yes"),  # LLaVA's rule looks for the words No/no/not only
     ],
@@ -109,6 +115,12 @@ def test_mme_answer_parsing_uses_the_first_four_characters(raw, expected):
         ("C", 2, -1),  # letter beyond the choices
         ("I think B", 3, -1),
         ("b", 3, -1),
+        # LLaVA's eval_science_qa.py takes the text as generated: these are FAILED there
+        ("B\nBecause", 3, -1),
+        (" B", 3, -1),
+        ("The answer is B", 3, -1),  # the pattern needs a character after the letter
+        ("The answer is A. The answer is B.", 3, -1),  # two answers
+        ("", 3, -1),
     ],
 )
 def test_scienceqa_choice_parsing(raw, num_choices, expected):
