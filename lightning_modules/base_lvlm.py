@@ -13,8 +13,10 @@ from lightning_modules.common import (
     EVALUATION_MEMORY_SETTINGS,
     decode_answers,
     exact_match,
+    generates_in_lockstep,
     log_accuracy,
     out_of_memory_advice,
+    pad_after_eos,
     prediction_records,
     score,
 )
@@ -113,11 +115,15 @@ class BaseLVLMModule(L.LightningModule):
 
     def generate(self, batch: dict[str, Any]) -> list[str]:
         tokenizer = self.processor.tokenizer
+        lockstep = generates_in_lockstep(self)  # ZeRO-3 on several ranks: every rank decodes every step
+        eos = tokenizer.eos_token_id
         tokens = stock_greedy_generate(
             self.model, batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
             position_ids=batch["prompt_position_ids"], max_new_tokens=self.hparams.max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=None if lockstep else eos, pad_token_id=tokenizer.pad_token_id,
         )
+        if lockstep and eos is not None:
+            tokens = pad_after_eos(tokens, eos, tokenizer.pad_token_id)
         return decode_answers(tokenizer, tokens)
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -86,3 +86,20 @@ def out_of_memory_advice(where: str, settings: str = TRAINING_MEMORY_SETTINGS) -
         if advised or not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
             raise
         raise type(error)(f"out of memory in {where}. {settings}\n{error}") from error
+
+
+def partitioned(parameters: Iterable[torch.nn.Parameter]) -> bool:
+    """Whether any parameter is a DeepSpeed ZeRO-3 partition (every call of its module gathers it collectively)."""
+    return any(hasattr(p, "ds_id") for p in parameters)
+
+
+def generates_in_lockstep(module: Any) -> bool:
+    """Whether every rank must make the same module calls while generating: ZeRO-3 partitioned weights and several
+    processes. Ranks then decode max_new_tokens steps whatever EOS says (`pad_after_eos` tidies the tokens)."""
+    return partitioned(module.parameters()) and module._trainer is not None and module.trainer.world_size > 1
+
+
+def pad_after_eos(tokens: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """(B, T) generated ids with every token after each row's first EOS replaced by padding."""
+    after = (tokens == eos_token_id).long().cumsum(1) - (tokens == eos_token_id).long() > 0
+    return tokens.masked_fill(after, pad_token_id)

@@ -15,11 +15,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 
-from lightning_modules.common import EVALUATION_MEMORY_SETTINGS, out_of_memory_advice
+from lightning_modules.common import (
+    EVALUATION_MEMORY_SETTINGS,
+    generates_in_lockstep,
+    out_of_memory_advice,
+    partitioned,
+)
 from lightning_modules.frozen_base import FrozenBaseModule
 from lvlm_prune.compensation import Compensation
 from lvlm_prune.rcp.schedules import warmup_cosine_lr_lambda
-from lvlm_prune.runner import GenerationResult, generate_with_method
+from lvlm_prune.runner import GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -126,27 +131,14 @@ class CompensationModule(FrozenBaseModule):
             raise ValueError(f"prune_ratio={prune_ratio} must be in [0, 1)")
         return self.engine.bind(self.compensation.inference_method(prune_ratio))
 
-    @torch.no_grad()
-    def generate_with(self, batch: dict[str, Any], name: str, prune_ratio: float) -> GenerationResult:
-        # Under ZeRO-3 every submodule call gathers its weights collectively, so all ranks must make the same
-        # calls: they decode max_new_tokens steps whatever EOS says, and the tokens after EOS are padded here.
-        lockstep = self.compensation.lockstep = self._lockstep()
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        with out_of_memory_advice("generation", EVALUATION_MEMORY_SETTINGS):
-            if name not in self.plugin_method_names():
-                result = generate_with_method(self.engine, batch, self.make_method(name, prune_ratio),
-                                              self.hparams.max_new_tokens, None if lockstep else eos, pad)
-            else:
-                variant = {} if name == self.compensation_name else {"variant": name}
-                result = self.compensation.generate(self.engine, batch, prune_ratio, self.hparams.max_new_tokens,
-                                                    None if lockstep else eos, pad, **variant)
-        if lockstep and eos is not None:
-            result.tokens = pad_after_eos(result.tokens, eos, pad)
-        return result
-
-    def _lockstep(self) -> bool:
-        """Whether every rank must make the same module calls: ZeRO-3 partitioned weights, several processes."""
-        return _partitioned(self.parameters()) and self._trainer is not None and self.trainer.world_size > 1
+    def _generate(self, batch: dict[str, Any], name: str, prune_ratio: float, eos: int | None,
+                  pad: int) -> GenerationResult:
+        if name not in self.plugin_method_names():
+            return super()._generate(batch, name, prune_ratio, eos, pad)
+        self.compensation.lockstep = generates_in_lockstep(self)  # ACCM's caption decoding keeps step as well
+        variant = {} if name == self.compensation_name else {"variant": name}
+        return self.compensation.generate(self.engine, batch, prune_ratio, self.hparams.max_new_tokens, eos, pad,
+                                          **variant)
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
@@ -168,7 +160,7 @@ class CompensationModule(FrozenBaseModule):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), out_of_memory_advice("the training step"):
             torch.manual_seed(self._step_seed(batch_idx))
-            self.compensation.lockstep = self._lockstep()
+            self.compensation.lockstep = generates_in_lockstep(self)
             losses = self.compensation.training_losses(self.engine, batch, progress)
         loss = losses["loss"]
         # every rank skips together: a rank without backward would leave the others waiting in the all-reduce
@@ -264,16 +256,6 @@ class CompensationModule(FrozenBaseModule):
                              f"{reshaped[:5]}; model.compensation's settings differ from the run that wrote it")
 
 
-def pad_after_eos(tokens: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-    """(B, T) generated ids with every token after each row's first EOS replaced by padding."""
-    after = (tokens == eos_token_id).long().cumsum(1) - (tokens == eos_token_id).long() > 0
-    return tokens.masked_fill(after, pad_token_id)
-
-
-def _partitioned(parameters: Iterable[torch.nn.Parameter]) -> bool:
-    return any(hasattr(p, "ds_id") for p in parameters)
-
-
 def _numel(parameter: torch.nn.Parameter) -> int:
     return getattr(parameter, "ds_numel", parameter.numel())  # a ZeRO-3 partitioned parameter has numel 0
 
@@ -281,7 +263,7 @@ def _numel(parameter: torch.nn.Parameter) -> int:
 def gathered(parameters: Iterable[torch.nn.Parameter]):
     """Context in which ZeRO-3 partitioned `parameters` are whole on every rank (a no-op otherwise)."""
     parameters = list(parameters)
-    if not _partitioned(parameters):
+    if not partitioned(parameters):
         return contextlib.nullcontext()
     import deepspeed
 

@@ -12,8 +12,10 @@ from lightning_modules.common import (
     EVALUATION_MEMORY_SETTINGS,
     decode_answers,
     exact_match,
+    generates_in_lockstep,
     log_accuracy,
     out_of_memory_advice,
+    pad_after_eos,
     prediction_records,
     score,
 )
@@ -100,10 +102,20 @@ class FrozenBaseModule(L.LightningModule):
 
     @torch.no_grad()
     def generate_with(self, batch: dict[str, Any], name: str, prune_ratio: float) -> GenerationResult:
+        # Under ZeRO-3 every submodule call gathers its weights collectively, so all ranks must make the same
+        # calls: they decode max_new_tokens steps whatever EOS says, and the tokens after EOS are padded here.
+        lockstep = generates_in_lockstep(self)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         with out_of_memory_advice("generation", EVALUATION_MEMORY_SETTINGS):
-            return generate_with_method(self.engine, batch, self.make_method(name, prune_ratio),
-                                        self.hparams.max_new_tokens, self.tokenizer.eos_token_id,
-                                        self.tokenizer.pad_token_id)
+            result = self._generate(batch, name, prune_ratio, None if lockstep else eos, pad)
+        if lockstep and eos is not None:
+            result.tokens = pad_after_eos(result.tokens, eos, pad)
+        return result
+
+    def _generate(self, batch: dict[str, Any], name: str, prune_ratio: float, eos: int | None,
+                  pad: int) -> GenerationResult:
+        return generate_with_method(self.engine, batch, self.make_method(name, prune_ratio),
+                                    self.hparams.max_new_tokens, eos, pad)
 
     # ------------------------------------------------------------------ evaluation loop
     def _evaluate(self, batch: dict[str, Any], stage: str) -> list[str]:

@@ -16,8 +16,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import SumMetric
 
 from callbacks.resume import ResumableDataOrder, ResumableGroupedSampler, ResumableSampler, resume_checkpoint
-from lightning_modules.common import EVALUATION_MEMORY_SETTINGS, out_of_memory_advice
-from lightning_modules.compensation import pad_after_eos
+from lightning_modules.common import EVALUATION_MEMORY_SETTINGS, out_of_memory_advice, pad_after_eos
 from lightning_modules.strategies import AtomicCheckpointIO, CPUDeepSpeedStrategy, _convert_module_keeping_metric_states
 from lvlm_prune.data import LengthGroupedSampler
 from ops_helpers import ROOT, one_thread, tiny_experiment  # noqa: F401 (a fixture)
@@ -169,6 +168,28 @@ def test_precision_cast_leaves_metric_states_alone():
 def test_tokens_after_eos_become_padding():
     tokens = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
     assert pad_after_eos(tokens, eos_token_id=2, pad_token_id=0).tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+
+
+def test_training_free_generation_keeps_step_across_zero3_ranks(tiny_base_dir, monkeypatch):
+    """Under ZeRO-3 on several ranks every rank decodes max_new_tokens steps (each call gathers weights
+    collectively), and the answers come out as without lockstep."""
+    from lightning_modules import frozen_base
+    from lvlm_prune.modeling.loading import load_processor
+    from lvlm_prune.runner import GenerationResult
+
+    module = frozen_base.FrozenBaseModule(str(tiny_base_dir), load_processor(str(tiny_base_dir)), max_new_tokens=4)
+    eos = module.tokenizer.eos_token_id
+    asked = []
+
+    def generate(engine, batch, method, max_new_tokens, eos_token_id, pad_token_id):
+        asked.append(eos_token_id)
+        return GenerationResult(torch.tensor([[5, eos, 7, 7]]), torch.zeros(1, 1), torch.zeros(1), {})
+
+    monkeypatch.setattr(frozen_base, "generate_with_method", generate)
+    monkeypatch.setattr(frozen_base, "generates_in_lockstep", lambda module: True)
+    result = module.generate_with({}, "random", 0.5)
+    pad = module.tokenizer.pad_token_id
+    assert asked == [None] and result.tokens.tolist() == [[5, eos, pad, pad]]
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
