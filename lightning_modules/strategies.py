@@ -22,7 +22,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
     On a CUDA accelerator it behaves as the stock `DeepSpeedStrategy`. On CPU three stock steps assume a CUDA
     device and are replaced: the accelerator check, the device-index check (a CPU device has no index) and the
-    device rank passed to `deepspeed.initialize`. Set `DS_ACCELERATOR=cpu` before launching so DeepSpeed itself
+    device rank passed to `deepspeed.initialize` (for training and for validate / test / predict). Set `DS_ACCELERATOR=cpu` before launching so DeepSpeed itself
     picks its CPU accelerator. On every device, torchmetrics states keep their dtype when the module is cast to
     the training precision, and 0-dim parameters (which DeepSpeed cannot broadcast) are refused by name.
     With `exclude_frozen_parameters=True` (the presets) checkpoints hold no frozen weights, and loading one checks
@@ -71,18 +71,39 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         )
         return engine, deepspeed_optimizer
 
+    def _initialize_deepspeed_inference(self, model):
+        # validate / test / predict: the stock path passes `root_device.index` as the device rank, None on CPU
+        # (DeepSpeed then compares None >= 0); the rank of this process goes in its place
+        if self._on_cuda:
+            return super()._initialize_deepspeed_inference(model)
+        import deepspeed
+
+        stock_initialize = deepspeed.initialize
+
+        def initialize(*args, **kwargs):
+            kwargs["args"] = argparse.Namespace(device_rank=self.local_rank)
+            return stock_initialize(*args, **kwargs)
+
+        deepspeed.initialize = initialize
+        try:
+            return super()._initialize_deepspeed_inference(model)
+        finally:
+            deepspeed.initialize = stock_initialize
+
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
         if not self.exclude_frozen_parameters or (self.load_full_weights and self.zero_stage_3):
             return super().load_checkpoint(checkpoint_path, weights_only)
         _validate_checkpoint_directory(checkpoint_path)
         module = self.lightning_module
         frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
-        strict = module.strict_loading
 
         def load_trainable(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+            # strict on what trains, whatever `strict_loading` says (the plug-in modules turn it off because their
+            # lean checkpoints leave the frozen base out, which `frozen` accounts for here): a trainable weight
+            # missing from the checkpoint would silently keep its initial value
             result = dst.load_state_dict(src, strict=False)
             missing = sorted(set(result.missing_keys) - frozen)
-            if strict and (missing or result.unexpected_keys):
+            if missing or result.unexpected_keys:
                 raise RuntimeError(f"the DeepSpeed checkpoint {str(checkpoint_path)!r} does not fit this model: "
                                    f"missing {missing[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
 

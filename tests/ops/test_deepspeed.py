@@ -70,6 +70,12 @@ def test_zero2_one_process_checkpoint_export_resume_and_wrong_base(tiny_base_dir
     assert model_states(checkpoint)[0]["global_step"] == 6
     assert [int(r["step"]) for r in metric_rows(run_dir) if r["train/loss"]] == [4, 5]
 
+    # a plug-in with a pruner the checkpoint has no weights for: named, not left at its initial values
+    other = run_cli(["validate", "--config", config, "--config", ZERO2, "--ckpt_path", str(checkpoint),
+                     "--model.init_args.compensation.init_args.pruning_layers", "[0, 1, 2, 3]"],
+                    timeout=180, expect_success=False)
+    assert "does not fit this model: missing ['compensation." in other and ".3." in other.split("missing", 1)[1]
+
 
 def test_zero3_two_processes_partition_the_base_train_validate_skip_export_and_resume(tiny_base_dir, tmp_path):
     run_dir = tmp_path / "run"
