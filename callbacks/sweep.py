@@ -212,6 +212,34 @@ class PruningSweep(L.Callback):
         metric = exact_match(pl_module.categories).to(pl_module.device)
         sums = torch.zeros(8, dtype=torch.float64, device=pl_module.device)
         evaluated, spare = 0, None
+        try:
+            evaluated, spare = self._evaluate_batches(pl_module, loader, name, ratio, rank, world, metric, sums)
+        except Exception as error:  # noqa: BLE001 - re-raised below, after the other ranks know
+            failure: Exception | None = error
+        else:
+            failure = None
+        if world > 1:
+            # a rank that fails must not leave the others waiting in the reductions below: all learn it first
+            failed = torch.tensor([float(failure is not None)], device=sums.device)
+            dist.all_reduce(failed)
+            if failed.item() and failure is None:
+                failure = RuntimeError(f"sweep: {name} at r={ratio} failed on another rank; its log names the error")
+        if failure is not None:
+            raise failure
+        if world > 1:
+            # Every rank runs as many batches as the busiest one: under ZeRO-3 each module call gathers weights
+            # collectively, so a rank with one batch fewer would leave the others waiting. The extra run (another
+            # rank's batch) is discarded.
+            rounds = math.ceil(sweep_batch_count(loader, self.limit_batches) / world)
+            for _ in range(rounds - evaluated):
+                pl_module.run_method(pl_module.transfer_batch_to_device(spare, pl_module.device, 0), name, ratio)
+            dist.all_reduce(sums)
+        return self._row(metric, sums, name, ratio)
+
+    def _evaluate_batches(self, pl_module, loader, name: str, ratio: float, rank: int, world: int, metric,
+                          sums: torch.Tensor) -> tuple[int, Any]:
+        """This rank's share of the split: scores into `metric`, counts into `sums`; (batches run, a spare batch)."""
+        evaluated, spare = 0, None
         for index, batch in enumerate(loader):
             if self.limit_batches is not None and index >= self.limit_batches:
                 break
@@ -232,14 +260,9 @@ class PruningSweep(L.Callback):
                 sum(f["llm_prefill"] for f in flops), sum(f["total"] - f["llm_prefill"] - f["vision"] - f["projector"] for f in flops),
                 sum(f["total"] for f in flops), seconds * 1000.0, (counts.mean(1) / inputs).sum().item(),
             ], dtype=torch.float64, device=sums.device)
-        if world > 1:
-            # Every rank runs as many batches as the busiest one: under ZeRO-3 each module call gathers weights
-            # collectively, so a rank with one batch fewer would leave the others waiting. The extra run (another
-            # rank's batch) is discarded.
-            rounds = math.ceil(sweep_batch_count(loader, self.limit_batches) / world)
-            for _ in range(rounds - evaluated):
-                pl_module.run_method(pl_module.transfer_batch_to_device(spare, pl_module.device, 0), name, ratio)
-            dist.all_reduce(sums)
+        return evaluated, spare
+
+    def _row(self, metric, sums: torch.Tensor, name: str, ratio: float) -> dict[str, Any]:
         if sums[0] == 0:
             raise ValueError(f"sweep: {name} at r={ratio} evaluated 0 samples of the {self.split} split (PruningSweep "
                              f"init_args.split, limit_batches={self.limit_batches}); not recording it")

@@ -193,3 +193,41 @@ def test_the_sweep_after_fit_runs_before_teardown_on_the_exported_plugin(tiny_ba
     fit.fit(module, datamodule=data)
     assert (False, True) in seen and (True, True) not in seen and "context" in seen
     assert read_rows(tmp_path / "sweep.csv")[0]["method"] == "rcp"
+
+
+def _pair_on_two_ranks(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        sweep = PruningSweep(methods=["random"], prune_ratios=[0.5])
+
+        def batches(*args, **kwargs):
+            if rank == 1:
+                raise MemoryError("rank 1 ran out of memory")
+            return 0, None
+
+        sweep._evaluate_batches = batches
+        module = SimpleNamespace(categories=[], device=torch.device("cpu"))
+        try:
+            sweep._evaluate_pair(module, None, "random", 0.5, rank, 2)
+            results[rank] = "no error"
+        except Exception as error:  # noqa: BLE001
+            results[rank] = f"{type(error).__name__}: {error}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_pair_that_fails_on_one_rank_stops_every_rank():
+    """The other ranks learn of the failure before they wait in a reduction (DDP: they would hang)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_pair_on_two_ranks, args=(port, results), nprocs=2, join=True)
+    assert results[1] == "MemoryError: rank 1 ran out of memory"
+    assert results[0] == "RuntimeError: sweep: random at r=0.5 failed on another rank; its log names the error"
