@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 
@@ -172,13 +173,21 @@ class CompensationModule(FrozenBaseModule):
             if self.hparams.nonfinite_loss == "raise":
                 raise FloatingPointError(message + "set model.nonfinite_loss=skip to skip such steps")
             self.skipped_steps += 1
-            log.warning(message + "step skipped: no weight or optimiser-state update (model.nonfinite_loss=skip)")
             self.log("train/skipped_steps", float(self.skipped_steps))
+            zero = sum((p * 0.0).sum() for p in self.compensation.parameters() if p.requires_grad)
+            if isinstance(self.trainer.strategy, DeepSpeedStrategy) and self.trainer.accumulate_grad_batches > 1:
+                # DeepSpeed counts its accumulation window in engine.step(), called after every micro-batch: a
+                # micro-batch without backward and step would shift every later window. This one contributes a zero
+                # gradient instead, and the window updates from its other micro-batches.
+                self._skip_step = False
+                log.warning(message + "micro-batch dropped from its accumulation window (model.nonfinite_loss=skip)")
+                return zero
+            log.warning(message + "step skipped: no weight or optimiser-state update (model.nonfinite_loss=skip)")
             if self.trainer.world_size == 1:
                 return None
             # Lightning needs a loss from every rank under DDP/DeepSpeed: a zero one whose backward completes the
             # gradient all-reduce; optimizer_step then skips the update itself.
-            return sum((p * 0.0).sum() for p in self.compensation.parameters() if p.requires_grad)
+            return zero
         size = batch["input_ids"].shape[0]
         self.log_dict({f"train/{k}": v.float() for k, v in losses.items() if k != "loss"}, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)

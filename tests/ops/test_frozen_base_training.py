@@ -81,6 +81,29 @@ def test_a_non_finite_step_moves_neither_weights_nor_optimiser_state(tiny_base_d
         assert any(not torch.equal(snapshots.before[step][0][k], snapshots.after[step][0][k]) for k in weights_before)
 
 
+def test_under_deepspeed_accumulation_a_non_finite_micro_batch_backpropagates_zero_and_still_steps(
+        tiny_base_dir, data, monkeypatch):
+    """DeepSpeed counts its accumulation window in the step after every micro-batch: skipping that step would
+    shift every later window, so the bad micro-batch contributes a zero gradient and the step is taken."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    module = make_module(tiny_base_dir, data)
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # only its type is read
+    monkeypatch.setattr(strategy, "reduce_boolean_decision", lambda decision, all=True: decision, raising=False)
+    trainer = SimpleNamespace(strategy=strategy, accumulate_grad_batches=2, world_size=1, estimated_stepping_batches=4,
+                              global_step=0)
+    monkeypatch.setattr(type(module), "trainer", property(lambda self: trainer))
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    poison_step(module, step=0)
+    loss = module.training_step(next(iter(data.train_dataloader())), 0)
+    assert loss is not None and float(loss) == 0.0 and loss.requires_grad and not module._skip_step
+    stepped = []
+    module.optimizer_step(0, 0, SimpleNamespace(step=lambda closure: stepped.append(1)), lambda: loss)
+    assert stepped == [1] and module.skipped_steps == 1
+
+
 def test_non_finite_loss_can_stop_the_run_with_the_setting_named(tiny_base_dir, data, tmp_path):
     module = make_module(tiny_base_dir, data, nonfinite_loss="raise")
     poison_step(module, step=0)
