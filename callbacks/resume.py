@@ -30,6 +30,13 @@ class ResumableSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.start_index = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: Lightning calls it with its own epoch count, which after a resume from an epoch's last batch
+        runs one ahead of the data epoch; `ResumableDataOrder` sets the epoch through `set_data_epoch`."""
+
+    def set_data_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+
     def __iter__(self):
         indices = list(super().__iter__())
         start, self.start_index = self.start_index, 0
@@ -53,6 +60,9 @@ class ResumableGroupedSampler(DistributedSampler):
         self.start_index = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Ignored, as `ResumableSampler.set_epoch`: the data epoch comes from `set_data_epoch`."""
+
+    def set_data_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self.grouped.set_epoch(epoch)
 
@@ -79,9 +89,10 @@ class ResumableDataOrder(L.Callback):
     """Makes the training batches a function of (seed, epoch, position) and resumes them mid-epoch.
 
     The datamodule's training DataLoader is rebuilt around a `ResumableSampler`; the callback's checkpointed
-    state (data epoch, batches consumed) tells a resumed run where to start. The data epoch is counted here, not
-    taken from Lightning, whose epoch counter skips one when a run resumes from a checkpoint written at the last
-    batch of an epoch. Used with the compensation module's
+    state (data epoch, batches consumed) tells a resumed run where to start. The data epoch and the batches are
+    counted here, not taken from Lightning, whose epoch counter skips one when a run resumes from a checkpoint
+    written at the last batch of an epoch (and which, after such a resume, treats a later mid-epoch resume as a new
+    epoch); the samplers ignore Lightning's `set_epoch`. Used with the compensation module's
     per-step random seed, a run killed between checkpoints and resumed from its last one ends with the same
     weights as an uninterrupted run. A length-grouped loader (`LengthGroupedSampler`) keeps its grouped order
     (`ResumableGroupedSampler`). Loaders it cannot rebuild (iterable datasets, other custom samplers or batch
@@ -96,6 +107,7 @@ class ResumableDataOrder(L.Callback):
         self.epoch = 0
         self.batches_done = 0
         self._sampler: ResumableSampler | ResumableGroupedSampler | None = None
+        self._continuing = False  # the next epoch start continues a resumed epoch
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
@@ -124,7 +136,14 @@ class ResumableDataOrder(L.Callback):
         else:
             sampler = ResumableSampler(loader.dataset, num_replicas=replicas, rank=rank,
                                        shuffle=not isinstance(loader.sampler, SequentialSampler), seed=seed)
-        sampler.set_epoch(self.epoch)
+        if self.batches_done >= _batches_per_epoch(trainer, len(sampler), loader):
+            # the checkpoint was written at an epoch's last batch: what comes next is the next data epoch, whether
+            # or not Lightning calls on_train_epoch_start for it
+            self.epoch, self.batches_done = self.epoch + 1, 0
+        # a run resumed mid-epoch continues that epoch, even where Lightning's restart logic calls
+        # on_train_epoch_start for it (it does after an earlier resume from an epoch's end)
+        self._continuing = self.batches_done > 0
+        sampler.set_data_epoch(self.epoch)
         sampler.start_index = self.batches_done * loader.batch_size
         self._sampler = sampler
         return _ResumableDataLoader(
@@ -136,23 +155,36 @@ class ResumableDataOrder(L.Callback):
         )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # not called when a run resumes mid-epoch; after Lightning's own set_epoch, before the epoch's iterator
-        if self.batches_done > 0:
+        # before the epoch's iterator is made
+        if self._continuing:
+            self._continuing = False
+        elif self.batches_done > 0:
             self.epoch, self.batches_done = self.epoch + 1, 0
         if self._sampler is not None:
-            self._sampler.set_epoch(self.epoch)
+            self._sampler.set_data_epoch(self.epoch)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        # Lightning runs ModelCheckpoint's hooks after every other callback's, so a checkpoint written at this
-        # batch already counts it.
-        self.batches_done = batch_idx + 1
+        # Counted here, not taken from batch_idx, which restarts at 0 when Lightning treats a resumed epoch as a
+        # new one. Lightning runs ModelCheckpoint's hooks after every other callback's, so a checkpoint written at
+        # this batch already counts it.
+        self.batches_done += 1
+        self._continuing = False
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batches_done": self.batches_done}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.epoch, self.batches_done = int(state_dict["epoch"]), int(state_dict["batches_done"])
+
+
+def _batches_per_epoch(trainer: L.Trainer, samples: int, loader: DataLoader) -> int:
+    """Training batches in one epoch of this rank: its share of the samples, cut by `limit_train_batches`."""
+    full = samples // loader.batch_size if loader.drop_last else -(-samples // loader.batch_size)
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        return min(full, limit)
+    return full if limit >= 1.0 else int(full * limit)
 
 
 def _not_rebuildable(loader: Any) -> str | None:

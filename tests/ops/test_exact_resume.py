@@ -62,3 +62,22 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_one(uninterrupted, tin
     assert any(r["val/avg_visual_tokens"] for r in rows)
     for row in rows:
         assert row in reference, f"step {row['step']} differs from the uninterrupted run"
+
+
+def test_a_run_resumed_twice_first_at_an_epoch_end_then_mid_epoch_matches_the_uninterrupted_one(
+        uninterrupted, tiny_base_dir, tmp_path):
+    """After a resume from the last batch of an epoch Lightning's epoch count runs one ahead of the data epoch; a
+    second, mid-epoch resume must still continue the data epoch's permutation."""
+    reference_dir = uninterrupted(())
+    run_dir = tmp_path / "run"
+    config = tiny_experiment(run_dir, tiny_base_dir, max_steps=MAX_STEPS, val_check_interval=5)
+    common = ["fit", "--config", str(config), "--checkpoint.every_n_train_steps", "2"]
+    kill = ["--trainer.callbacks+=ops_helpers.KillAt", "--trainer.callbacks.init_args.signal_name=SIGKILL"]
+    run_cli(common + kill + ["--trainer.callbacks.init_args.step=5"], expect_success=False)  # checkpoint: step 4
+    run_cli(common + ["--ckpt_path", "auto"] + kill + ["--trainer.callbacks.init_args.step=7"],  # checkpoint: step 6
+            expect_success=False)
+    saved = torch.load(run_dir / "logs" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert saved == 6 and not (run_dir / "plugin.safetensors").exists()
+    run_cli(common + ["--ckpt_path", "auto"])
+    expected, resumed = load_file(reference_dir / "plugin.safetensors"), load_file(run_dir / "plugin.safetensors")
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)

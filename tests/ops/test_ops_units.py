@@ -73,9 +73,11 @@ def test_resumable_sampler_is_seeded_per_epoch_and_starts_where_asked():
     second = ResumableSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
     epoch0 = list(first)
     assert sorted(epoch0) == data and epoch0 == list(second)
-    first.set_epoch(1)
+    first.set_epoch(1)  # Lightning's call: its epoch count can run ahead of the data epoch
+    assert list(first) == epoch0
+    first.set_data_epoch(1)
     assert list(first) != epoch0
-    second.set_epoch(1)
+    second.set_data_epoch(1)
     second.start_index = 12
     assert list(second) == list(first)[12:]
     assert len(list(second)) == 20, "start_index applies to one epoch only"
@@ -93,24 +95,43 @@ def test_length_grouped_order_is_kept_sharded_and_resumable():
     reference.set_epoch(1)
     full = list(reference)
     one = ResumableGroupedSampler(grouped(), num_replicas=1, rank=0)
-    one.set_epoch(1)
+    one.set_epoch(2)  # Lightning's call: ignored
+    one.set_data_epoch(1)
     assert list(one) == full
     one.start_index = 13
     assert list(one) == full[13:] and list(one) == full, "start_index applies to one epoch only"
     shards = []
     for rank in (0, 1):  # groups of 8 = batch 4 x 2 ranks: each rank's k-th batch comes from the k-th group
         sampler = ResumableGroupedSampler(grouped(), num_replicas=2, rank=rank)
-        sampler.set_epoch(1)
+        sampler.set_data_epoch(1)
         shards.append(list(sampler))
         assert shards[-1] == full[rank::2] and len(sampler) == 20
     assert sorted(shards[0] + shards[1]) == list(range(40))
 
     loader = DataLoader(list(range(40)), batch_size=8, sampler=grouped())
-    trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs=None))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs=None), limit_train_batches=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no 'leaves the training loader unchanged'
         rebuilt = ResumableDataOrder(seed=0).resumable(loader, trainer)
     assert isinstance(rebuilt.sampler, ResumableGroupedSampler)
+
+
+@pytest.mark.parametrize("limit, done, expected", [
+    (1.0, 5, (1, 0, 0)),  # the checkpoint closed epoch 0 (5 batches of 8): the next data epoch from its start
+    (1.0, 2, (0, 2, 16)),  # mid-epoch: the rest of epoch 0
+    (2, 2, (1, 0, 0)),  # limit_train_batches=2 ends the epoch after 2 batches
+    (0.5, 2, (1, 0, 0)),
+])
+def test_a_resumed_data_order_starts_where_the_checkpoint_left_off(limit, done, expected):
+    order = ResumableDataOrder(seed=0)
+    order.load_state_dict({"epoch": 0, "batches_done": done})
+    trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs=None), limit_train_batches=limit)
+    loader = order.resumable(DataLoader(list(range(40)), batch_size=8, shuffle=True, drop_last=True), trainer)
+    assert (order.epoch, order.batches_done, loader.sampler.start_index) == expected
+    # Lightning may call on_train_epoch_start for a resumed epoch (after an earlier resume from an epoch's end):
+    # a mid-epoch resume still continues its epoch
+    order.on_train_epoch_start(trainer, None)
+    assert order.epoch == expected[0]
 
 
 def _touch(path, mtime, directory=False):
