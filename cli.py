@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
 
+from callbacks.requeue import SlurmRequeue  # noqa: E402
 from callbacks.resume import ResumableDataOrder, resume_checkpoint  # noqa: E402
 from lightning_modules.strategies import AtomicCheckpointIO  # noqa: E402
 
@@ -32,6 +33,8 @@ class LVLMPruneCLI(LightningCLI):
     - Resuming is exact and automatic: `ResumableDataOrder` (`--data_order.*`) continues the data order
       mid-epoch, checkpoint files are written atomically, and `fit --ckpt_path auto` resumes from the newest
       of the SLURM requeue checkpoint and `last.ckpt` (or starts fresh when there is none).
+    - Under SLURM, `SlurmRequeue` takes over Lightning's auto-requeue: it checkpoints at a batch boundary after the
+      requeue signal, not inside the signal handler.
     """
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -85,6 +88,8 @@ class LVLMPruneCLI(LightningCLI):
     def _instantiate_trainer(self, config, callbacks):
         if config.get("enable_progress_bar") is False:  # the forced bar would contradict the setting
             callbacks = [c for c in callbacks if not isinstance(c, TQDMProgressBar)]
+        # after ResumableDataOrder: its count includes a batch the requeue checkpoint is written after
+        callbacks = [*callbacks, SlurmRequeue()]
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs):

@@ -1,7 +1,8 @@
 """SLURM requeue, simulated: a training task under a SLURM environment gets SIGUSR1 (what `--signal=SIGUSR1@90`
-sends before the time limit), writes its requeue checkpoint and calls `scontrol requeue <job id>` (a stand-in on
-PATH that records the call and kills the job, as SLURM ends a requeued job's tasks); launched again with the same
-command, the job resumes from that checkpoint in the same run directory and finishes."""
+sends before the time limit), writes its requeue checkpoint at the next batch boundary and calls `scontrol requeue
+<job id>` (a stand-in on PATH that records the call and kills the job, as SLURM ends a requeued job's tasks);
+launched again with the same command, the job resumes from that checkpoint in the same run directory and finishes
+with the weights of an uninterrupted run."""
 
 import os
 import signal
@@ -10,6 +11,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ops_helpers import ROOT, cli_env, finish, launch, run_cli, tiny_experiment
 
@@ -63,3 +65,11 @@ def test_requeued_job_resumes_from_its_requeue_checkpoint(tiny_base_dir, tmp_pat
     assert f"--ckpt_path auto: resuming from {requeue_checkpoint}" in output
     assert torch.load(last, weights_only=False)["global_step"] == 40
     assert (run_dir / "plugin.safetensors").exists()
+
+    # the requeue checkpoint was written between batches (`SlurmRequeue`), so the requeued job ends exactly as an
+    # uninterrupted one
+    reference_dir = tmp_path / "reference"
+    reference = tiny_experiment(reference_dir, tiny_base_dir, max_steps=40, limit_val_batches=0)
+    run_cli(["fit", "--config", str(reference)])
+    expected, resumed = load_file(reference_dir / "plugin.safetensors"), load_file(run_dir / "plugin.safetensors")
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
