@@ -211,9 +211,15 @@ class PruningSweep(L.Callback):
     def _evaluate_pair(self, pl_module, loader, name: str, ratio: float, rank: int, world: int) -> dict[str, Any]:
         metric = exact_match(pl_module.categories).to(pl_module.device)
         sums = torch.zeros(8, dtype=torch.float64, device=pl_module.device)
-        evaluated, spare = 0, None
         try:
             evaluated, spare = self._evaluate_batches(pl_module, loader, name, ratio, rank, world, metric, sums)
+            if world > 1:
+                # Every rank runs as many batches as the busiest one: under ZeRO-3 each module call gathers
+                # weights collectively, so a rank with one batch fewer would leave the others waiting. The extra run
+                # (another rank's batch) is discarded.
+                rounds = math.ceil(sweep_batch_count(loader, self.limit_batches) / world)
+                for _ in range(rounds - evaluated):
+                    pl_module.run_method(pl_module.transfer_batch_to_device(spare, pl_module.device, 0), name, ratio)
         except Exception as error:  # noqa: BLE001 - re-raised below, after the other ranks know
             failure: Exception | None = error
         else:
@@ -227,12 +233,6 @@ class PruningSweep(L.Callback):
         if failure is not None:
             raise failure
         if world > 1:
-            # Every rank runs as many batches as the busiest one: under ZeRO-3 each module call gathers weights
-            # collectively, so a rank with one batch fewer would leave the others waiting. The extra run (another
-            # rank's batch) is discarded.
-            rounds = math.ceil(sweep_batch_count(loader, self.limit_batches) / world)
-            for _ in range(rounds - evaluated):
-                pl_module.run_method(pl_module.transfer_batch_to_device(spare, pl_module.device, 0), name, ratio)
             dist.all_reduce(sums)
         return self._row(metric, sums, name, ratio)
 

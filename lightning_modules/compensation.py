@@ -227,12 +227,30 @@ class CompensationModule(FrozenBaseModule):
         calls this before it starts, and `on_train_end` after it). Every rank calls it (ZeRO-3 gathers)."""
         if not self.hparams.plugin_export_path or self._exported_at_step == self.global_step:
             return
+        masters = self._deepspeed_fp32_masters()  # a collective under ZeRO-3: every rank
         with gathered(self.compensation.parameters()):  # ZeRO-3: every rank takes part in the gather
             if self.trainer.is_global_zero:
                 export_plugin_weights(self.compensation, self.hparams.plugin_export_path,
                                       {"base_model_path": self.hparams.base_model_path,
-                                       "base_fingerprint": self.base_fingerprint})
+                                       "base_fingerprint": self.base_fingerprint}, overrides=masters)
         self._exported_at_step = self.global_step
+
+    def _deepspeed_fp32_masters(self) -> dict[str, torch.Tensor]:
+        """Under DeepSpeed, the optimiser's fp32 master copy of each trainable plug-in weight: with bf16 DeepSpeed
+        casts the module's own weights to bf16, and the export (like `scripts/export_plugin.py` from a checkpoint)
+        keeps full precision. Empty elsewhere, or where DeepSpeed keeps no separate master (fp32 training)."""
+        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            return {}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        masters = {}
+        for name, parameter in self.compensation.named_parameters():
+            if not parameter.requires_grad or (hasattr(parameter, "ds_id") and not hasattr(parameter, "_z3_optimizer")):
+                continue
+            master = safe_get_full_fp32_param(parameter)
+            if master is not None:
+                masters[name] = master.detach().float().cpu()
+        return masters
 
     # ------------------------------------------------------------------ lean checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -299,12 +317,14 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def export_plugin_weights(plugin: Compensation, path: str | Path, metadata: dict[str, Any]) -> Path:
-    """The plug-in alone: `<path>` (safetensors) + `<path>.json` (its constructor arguments + the base it fits)."""
+def export_plugin_weights(plugin: Compensation, path: str | Path, metadata: dict[str, Any],
+                          overrides: dict[str, torch.Tensor] | None = None) -> Path:
+    """The plug-in alone: `<path>` (safetensors) + `<path>.json` (its constructor arguments + the base it fits).
+    `overrides` replace entries of its state dict (DeepSpeed's fp32 masters of bf16-cast weights)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # clone: tied weights (e.g. a GPT-2 caption model's wte and lm_head) share memory, which safetensors refuses
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in plugin.state_dict().items()}
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in {**plugin.state_dict(), **(overrides or {})}.items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={"plugin": plugin.name})
     tmp.replace(path)

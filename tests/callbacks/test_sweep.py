@@ -205,12 +205,12 @@ def _pair_on_two_ranks(rank: int, port: int, results) -> None:
         def batches(*args, **kwargs):
             if rank == 1:
                 raise MemoryError("rank 1 ran out of memory")
-            return 0, None
+            return 1, None  # its one batch of the two
 
         sweep._evaluate_batches = batches
         module = SimpleNamespace(categories=[], device=torch.device("cpu"))
         try:
-            sweep._evaluate_pair(module, None, "random", 0.5, rank, 2)
+            sweep._evaluate_pair(module, [{}, {}], "random", 0.5, rank, 2)
             results[rank] = "no error"
         except Exception as error:  # noqa: BLE001
             results[rank] = f"{type(error).__name__}: {error}"
