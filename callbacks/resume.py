@@ -203,14 +203,18 @@ def resume_checkpoint(trainer: L.Trainer) -> str | None:
     """The newest checkpoint a restarted run of this configuration should resume from, or None.
 
     Candidates: Lightning's SLURM requeue checkpoint (`<default_root_dir>/hpc_ckpt_<n>.ckpt`, written on the
-    requeue signal) and `last*.ckpt` of every `ModelCheckpoint` (a file, or a DeepSpeed directory). The run
-    directory must be stable across launches: a fixed logger `version` or a `checkpoint.dirpath`.
+    requeue signal) and `last*.ckpt` of every `ModelCheckpoint` (a file, or a DeepSpeed directory; its
+    `.last*.ckpt.previous` when a save was killed between the two renames that replace it). The run directory must be
+    stable across launches: a fixed logger `version` or a `checkpoint.dirpath`.
     """
     candidates = list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
     for callback in trainer.checkpoint_callbacks:
         directory = Path(checkpoint_directory(trainer, callback))
         if directory.is_dir():
             candidates += [p for p in directory.iterdir() if re.fullmatch(r"last(-v\d+)?\.ckpt", p.name)]
+            # a DeepSpeed save killed between its two renames left the previous checkpoint beside the missing one
+            candidates += [p for p in directory.iterdir() if re.fullmatch(r"\.last(-v\d+)?\.ckpt\.previous", p.name)
+                           and not (directory / p.name[1:-len(".previous")]).exists()]
     candidates = [p for p in candidates if p.is_file() or (p / "latest").is_file()]  # a DeepSpeed dir is complete
     if not candidates:
         return None

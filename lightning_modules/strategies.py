@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,30 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
             return super()._initialize_deepspeed_inference(model)
         finally:
             deepspeed.initialize = stock_initialize
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any = None) -> None:
+        """DeepSpeed writes its shards into the checkpoint directory in place, under a fixed tag, and its `latest`
+        file stays from the previous save: a run killed mid-save left `last.ckpt` with shards of two steps that
+        look whole. The shards go to `.<name>.saving` beside it, and once every rank has written its part the
+        directory replaces the old one (two renames; the old one is removed after)."""
+        target = Path(self.broadcast(str(filepath)))
+        staging = target.with_name(f".{target.name}.saving")
+        previous = target.with_name(f".{target.name}.previous")
+        # with node-local storage every node holds its own copy of the directory
+        node_local = bool(self.config.get("checkpoint", {}).get("use_node_local_storage", False))
+        renames = self.local_rank == 0 if node_local else self.is_global_zero
+        if renames:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.barrier("checkpoint_staging")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("checkpoint_written")
+        if renames:
+            shutil.rmtree(previous, ignore_errors=True)
+            if target.exists():
+                target.rename(previous)
+            staging.rename(target)
+            shutil.rmtree(previous, ignore_errors=True)
+        self.barrier("checkpoint_renamed")
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
         if not self.exclude_frozen_parameters or (self.load_full_weights and self.zero_stage_3):

@@ -47,6 +47,8 @@ def test_zero2_one_process_checkpoint_export_resume_and_wrong_base(tiny_base_dir
 
     checkpoint = run_dir / "logs" / "run" / "checkpoints" / "last.ckpt"
     assert checkpoint.is_dir()
+    # written into a staging directory that then replaced the previous save; neither is left behind
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["last.ckpt"]
     states = model_states(checkpoint)
     assert len(states) == 1 and states[0]["global_step"] == 4
     assert states[0]["module"] and all(k.startswith("compensation.") for k in states[0]["module"])

@@ -162,6 +162,10 @@ def test_resume_checkpoint_picks_the_newest_of_requeue_and_last(tmp_path):
     (tmp_path / "ds" / "last-v1.ckpt").mkdir()  # no `latest` file: an unfinished DeepSpeed save
     callback.dirpath = str(tmp_path / "ds")
     assert resume_checkpoint(trainer) == str(deepspeed_dir)
+    # a DeepSpeed save killed between its two renames: last.ckpt is gone, the one before sits beside it
+    previous = tmp_path / "ds" / ".last.ckpt.previous"
+    deepspeed_dir.rename(previous)
+    assert resume_checkpoint(trainer) == str(previous)
 
 
 def test_deepspeed_strategy_names_zero_dim_parameters():
