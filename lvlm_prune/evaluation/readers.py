@@ -579,12 +579,15 @@ class MMBenchQuestion:
         return self.index % 1_000_000
 
 
-def _tsv_value(row: Mapping[str, str | None], column: str) -> str | None:
+def _tsv_value(row: Mapping[str, str | None], column: str, none_is_missing: bool = False) -> str | None:
+    """A cell, or None when empty or "nan"; with `none_is_missing` also when "none" (LLaVA's MMBench loader treats
+    an option or hint that reads "none" as absent)."""
     value = row.get(column)
     if value is None:
         return None
     value = value.strip()
-    return None if value == "" or value.lower() == "nan" else value
+    missing = ("", "nan", "none") if none_is_missing else ("", "nan")
+    return None if value.lower() in missing else value
 
 
 def _utf8_lines(path: Path, handle: Iterable[bytes]) -> Iterator[str]:
@@ -614,7 +617,7 @@ def read_mmbench_tsv(path: str | Path, on_bad_record: str = "error") -> LoadedRe
             number = reader.line_num
             options = []
             for letter in "ABCDEFGHIJ":
-                value = _tsv_value(row, letter)
+                value = _tsv_value(row, letter, none_is_missing=True)
                 if value is None:
                     break
                 options.append(value)
@@ -635,7 +638,7 @@ def read_mmbench_tsv(path: str | Path, on_bad_record: str = "error") -> LoadedRe
                 continue
             records[index_text] = MMBenchQuestion(
                 index=int(index_text), question=question, options=tuple(options), answer=answer,
-                category=_tsv_value(row, "category"), hint=_tsv_value(row, "hint"), image=_tsv_value(row, "image"),
+                category=_tsv_value(row, "category"), hint=_tsv_value(row, "hint", none_is_missing=True), image=_tsv_value(row, "image"),
                 line=number,
             )
     return LoadedRecords(path, records, bad.finish())

@@ -217,6 +217,13 @@ def test_mmbench_tsv_options_answers_and_rotation_groups():
     assert loaded.records["3000000"].base_index == 0 and loaded.records["1000001"].base_index == 1
 
 
+def test_mmbench_options_and_hints_reading_none_are_absent_as_in_llava(tmp_path):
+    path = tmp_path / "mm.tsv"
+    path.write_text("index\tquestion\thint\tA\tB\tC\tanswer\n0\tQ?\tNone\tx\ty\tnone\tA\n", encoding="utf-8")
+    row = read_mmbench_tsv(path).records["0"]
+    assert row.options == ("x", "y") and row.hint is None
+
+
 def test_mmbench_bad_rows(tmp_path):
     header = "index\tquestion\tA\tB\tanswer\tcategory\n"
     path = tmp_path / "mm.tsv"
