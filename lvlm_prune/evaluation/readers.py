@@ -638,8 +638,8 @@ def read_mmbench_tsv(path: str | Path, on_bad_record: str = "error") -> LoadedRe
                 continue
             records[index_text] = MMBenchQuestion(
                 index=int(index_text), question=question, options=tuple(options), answer=answer,
-                category=_tsv_value(row, "category"), hint=_tsv_value(row, "hint", none_is_missing=True), image=_tsv_value(row, "image"),
-                line=number,
+                category=_tsv_value(row, "category"), hint=_tsv_value(row, "hint", none_is_missing=True),
+                image=_tsv_value(row, "image"), line=number,
             )
     return LoadedRecords(path, records, bad.finish())
 
