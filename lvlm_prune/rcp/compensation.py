@@ -65,13 +65,13 @@ class RCPPruning(PruningMethod):
         self.prune_layers = tuple(sorted({*plugin.pruning_layers, *plugin.drop_layers}))
         self._pending: torch.Tensor | None = None
         self.cumulative: list[torch.Tensor] = []
-        self.context: torch.Tensor | None = None
+        self.contexts: list[tuple[int, torch.Tensor]] = []  # (pruning layer, context of the tokens it pruned)
         self._start: torch.Tensor | None = None
 
     def bind(self, info: ModelInfo) -> None:
         # the engine binds once per forward: decisions and context of an earlier forward must not carry over
         super().bind(info)
-        self._pending, self.cumulative, self.context, self._start = None, [], None, None
+        self._pending, self.cumulative, self.contexts, self._start = None, [], [], None
 
     def planned_visual_tokens(self) -> list[float]:
         """Every token before the first drop, then each pruning layer's count; under the trained threshold the
@@ -114,8 +114,7 @@ class RCPPruning(PruningMethod):
             layer_mask = threshold_keep(logits, self.temperature).to(visual.dtype)
         current = previous * layer_mask
         pruned_here = present & (current <= 0.5)
-        context = plugin.context_encoders[position](raw, pruned_here, current)
-        self.context = context if self.context is None else self.context + context
+        self.contexts.append((ctx.layer_idx, plugin.context_encoders[position](raw, pruned_here, current)))
         self.cumulative.append(current)
         per_token = layer_mask if self.training else current
         sequence_mask = per_token.gather(1, state.visual_index.clamp(min=0))
@@ -125,12 +124,22 @@ class RCPPruning(PruningMethod):
             return None
         return sequence_mask
 
+    def context_for(self, layer: int) -> torch.Tensor | None:
+        """The repair context of `layer`: the pruning layers up to it, summed. Decoding steps run after the whole
+        prefill, so every pruning layer's context is there by then; a repair layer still reads only those before
+        it, as in training and in the prefill."""
+        seen = [context for pruning_layer, context in self.contexts if pruning_layer <= layer]
+        return sum(seen[1:], seen[0]) if seen else None
+
     def after_layer(self, ctx: LayerContext, hidden: torch.Tensor) -> torch.Tensor:
         plugin = self.plugin
-        if ctx.layer_idx not in plugin.repair_layers or self.context is None or not plugin.use_adapter:
+        if ctx.layer_idx not in plugin.repair_layers or not plugin.use_adapter:
+            return hidden
+        context = self.context_for(ctx.layer_idx)
+        if context is None:
             return hidden
         adapter = plugin.adapters[plugin.repair_layers.index(ctx.layer_idx)]
-        return adapter(hidden, self.context, ctx.state.answer_mask)
+        return adapter(hidden, context, ctx.state.answer_mask)
 
     def keep_fraction(self) -> torch.Tensor:
         """Layer-averaged kept fraction of the batch (differentiable on the soft path)."""

@@ -230,9 +230,9 @@ def test_one_inference_method_reused_for_several_generations_gives_what_fresh_on
         again = engine.generate(*prompt, position_ids=position_ids, method=reused, max_new_tokens=3)
         assert torch.equal(again[0], fresh[0]) and torch.equal(again[1], fresh[1])
     assert len(reused.cumulative) == len(plugin.pruning_layers)
-    context = reused.context.clone()
+    context = reused.context_for(engine.info.num_layers).clone()
     engine(*prompt, position_ids=position_ids, method=reused, logits="none")
-    assert torch.allclose(reused.context, context)
+    assert torch.allclose(reused.context_for(engine.info.num_layers), context)
 
 
 def test_tokens_hidden_by_the_attention_mask_are_never_counted_or_kept(setup):
@@ -254,3 +254,18 @@ def test_tokens_hidden_by_the_attention_mask_are_never_counted_or_kept(setup):
     first = plugin.drop_layers[0]
     assert out.visual_tokens_per_layer[:, first].tolist() == [float(min(budget[0], n - n // 2))] * mask.shape[0]
     assert not (method.cumulative[0].bool() & ~method._start).any()
+
+
+def test_a_repair_layer_reads_the_same_context_while_decoding_as_in_the_prefill(setup):
+    """The context of a repair layer sums the pruning layers before it; decoding steps come after the whole prefill,
+    when the later pruning layers' contexts exist too, and must not add them."""
+    engine, _, batch = setup
+    plugin = RCPCompensation(target_prune_ratio=0.5, pruning_layers=[0, 2], repair_layers=[1, 3], bottleneck=16,
+                             num_queries=4, context_dim=16, adapter_bottleneck=8)
+    plugin.attach(engine)
+    contexts = []
+    plugin.adapters[0].register_forward_hook(lambda module, args, output: contexts.append(args[1].detach().clone()))
+    engine.generate(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
+                    position_ids=batch["prompt_position_ids"], method=plugin.inference_method(0.5), max_new_tokens=3)
+    assert len(contexts) == 3  # the prefill and two decoding steps
+    assert all(torch.equal(context, contexts[0]) for context in contexts[1:])
