@@ -30,17 +30,28 @@ def test_paper_layers_scale_with_depth():
     assert scale_layers((22, 29), 12) == (8, 11)
 
 
-def test_initial_pruner_keeps_almost_everything_and_counts_never_grow(setup):
+def test_initial_pruner_keeps_almost_everything_and_inference_masks_are_cumulative(setup):
     engine, plugin, batch = setup
+    threshold, budgeted = plugin.inference_method(), plugin.inference_method(0.6)
+    first_logits = []
+    hook = plugin.pruners[0].register_forward_hook(lambda module, args, output: first_logits.append(output))
     with torch.no_grad():
         out = engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
-                     method=plugin.inference_method(), logits="none")
-        budgeted = engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
-                          method=plugin.inference_method(0.6), logits="none")
-    counts = out.visual_tokens_per_layer
-    assert counts.mean() / engine.info.num_visual_tokens > 0.8
-    for c in (counts, budgeted.visual_tokens_per_layer):
-        assert (c[:, 1:] <= c[:, :-1]).all(), "a dropped token came back"
+                     method=threshold, logits="none")
+    hook.remove()
+    assert out.visual_tokens_per_layer.mean() / engine.info.num_visual_tokens > 0.8
+    # the first pruner drops about half the tokens, the last one wants every token back (physical removal alone
+    # could not show a comeback: it only ever removes)
+    plugin.pruners[0].bias.data -= first_logits[0].median()
+    plugin.pruners[-1].bias.data.fill_(25.0)
+    with torch.no_grad():
+        for method in (threshold, budgeted):
+            engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"], method=method,
+                   logits="none")
+            masks = [mask.bool() for mask in method.cumulative]
+            assert len(masks) == len(plugin.pruning_layers) and 0 < masks[0].float().mean() < 1
+            for earlier, later in zip(masks, masks[1:]):
+                assert not (later & ~earlier).any(), "a dropped token came back"
 
 
 def test_gradients_reach_pruners_and_adapters_never_the_base(setup):
