@@ -23,7 +23,8 @@ from lvlm_prune.runner import per_sample_flops
 log = logging.getLogger(__name__)
 
 COLUMNS = ("method", "prune_ratio", "realised_prune_ratio", "avg_visual_tokens", "text_tokens", "tflops",
-           "tflops_llm", "tflops_plugins", "tflops_total", "latency_ms", "accuracy", "num_samples", "status")
+           "tflops_llm", "tflops_llm_exact", "tflops_plugins", "tflops_total", "latency_ms", "accuracy", "num_samples",
+           "status")
 
 
 class PruningSweep(L.Callback):
@@ -31,8 +32,9 @@ class PruningSweep(L.Callback):
     `accuracy_vs_flops.png` into the run's log directory; logs `sweep/<method>/acc@r=<r>` scalars and the
     figure to TensorBoard.
 
-    `tflops` is the LLM prefill per sample in the chosen convention (the papers' number); `tflops_total` adds
-    the vision tower, projector and the method's own modules (caption model, selector, pruners: exact count).
+    `tflops` is the LLM prefill per sample in the chosen convention (the papers' number); `tflops_llm_exact` the
+    exact count of the same prefill; `tflops_total` is in one unit, exact: the LLM prefill, the vision tower,
+    projector and the method's own modules (caption model, selector, pruners).
     A (method, ratio) whose schedule cannot reach the ratio on this model is recorded with status
     'unreachable' and skipped; one whose realised ratio lies more than `ratio_tolerance` from the requested one
     keeps its measurements but is also marked 'unreachable', so that it is not read as meeting the budget.
@@ -210,7 +212,7 @@ class PruningSweep(L.Callback):
 
     def _evaluate_pair(self, pl_module, loader, name: str, ratio: float, rank: int, world: int) -> dict[str, Any]:
         metric = exact_match(pl_module.categories).to(pl_module.device)
-        sums = torch.zeros(8, dtype=torch.float64, device=pl_module.device)
+        sums = torch.zeros(9, dtype=torch.float64, device=pl_module.device)
         try:
             evaluated, spare = self._evaluate_batches(pl_module, loader, name, ratio, rank, world, metric, sums)
             if world > 1:
@@ -251,6 +253,9 @@ class PruningSweep(L.Callback):
             predictions, result, seconds = pl_module.run_method(batch, name, ratio)
             score(metric, predictions, batch)
             flops = per_sample_flops(pl_module.base.config, result, self.flops_convention)
+            # the total in one unit: the exact LLM count (2 FLOPs per multiply-add, as the vision tower's and the
+            # plug-ins'); the FastV number counts a multiply-add once and is for comparing with the papers
+            exact = flops if self.flops_convention == "exact" else per_sample_flops(pl_module.base.config, result, "exact")
             n = len(predictions)
             counts = result.visual_tokens_per_layer.double()
             # each sample's own input count: LLaVA-NeXT images give different numbers of visual tokens
@@ -258,7 +263,8 @@ class PruningSweep(L.Callback):
             sums += torch.tensor([
                 n, counts.mean(1).sum().item(), result.text_tokens.double().sum().item(),
                 sum(f["llm_prefill"] for f in flops), sum(f["total"] - f["llm_prefill"] - f["vision"] - f["projector"] for f in flops),
-                sum(f["total"] for f in flops), seconds * 1000.0, (counts.mean(1) / inputs).sum().item(),
+                sum(f["total"] for f in exact), seconds * 1000.0, (counts.mean(1) / inputs).sum().item(),
+                sum(f["llm_prefill"] for f in exact),
             ], dtype=torch.float64, device=sums.device)
         return evaluated, spare
 
@@ -281,6 +287,7 @@ class PruningSweep(L.Callback):
             "text_tokens": float(sums[2]) / n,
             "tflops": float(sums[3]) / n / 1e12,
             "tflops_llm": float(sums[3]) / n / 1e12,
+            "tflops_llm_exact": float(sums[8]) / n / 1e12,
             "tflops_plugins": float(sums[4]) / n / 1e12,
             "tflops_total": float(sums[5]) / n / 1e12,
             "latency_ms": float(sums[6]) / n,
@@ -307,7 +314,7 @@ class PruningSweep(L.Callback):
     def _write(self, trainer: L.Trainer) -> None:
         directory = self.directory(trainer)
         self._write_rows(directory, "sweep")
-        figure = accuracy_vs_flops_figure(self.rows, self.flops_convention)
+        figure = accuracy_vs_flops_figure(self.rows)
         temporary = directory / ".accuracy_vs_flops.png.tmp"
         figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
         os.replace(temporary, directory / "accuracy_vs_flops.png")
@@ -357,7 +364,7 @@ def sweep_batch_count(loader, limit: int | None) -> int:
     return len(loader) if limit is None else min(len(loader), limit)
 
 
-def accuracy_vs_flops_figure(rows: list[dict[str, Any]], convention: str):
+def accuracy_vs_flops_figure(rows: list[dict[str, Any]]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,7 +380,7 @@ def accuracy_vs_flops_figure(rows: list[dict[str, Any]], convention: str):
                   color=colors[index % len(colors)])
     for row in full:
         axis.scatter([row["tflops_total"] * 1e3], [row["accuracy"]], marker="*", s=150, color="black", label="full", zorder=5)
-    axis.set_xlabel("total GFLOPs per sample (LLM prefill [%s] + vision + plug-ins)" % convention)
+    axis.set_xlabel("total GFLOPs per sample, exact (LLM prefill + vision + plug-ins)")
     axis.set_ylabel("accuracy")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

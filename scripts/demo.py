@@ -184,7 +184,7 @@ class Demo:
             unique = {(r["method"], r["prune_ratio"]): r for r in rows}
             figure_rows = [{**r, "status": "ok", **{k: float(r[k]) for k in ("tflops_total", "accuracy")}}
                            for r in unique.values()]
-            accuracy_vs_flops_figure(figure_rows, "fastv").savefig(self.run_dir / "accuracy_vs_flops.png", dpi=120,
+            accuracy_vs_flops_figure(figure_rows).savefig(self.run_dir / "accuracy_vs_flops.png", dpi=120,
                                                                  bbox_inches="tight")
             print(f"\nall methods on one plot: {self.run_dir / 'accuracy_vs_flops.png'}")
         print("\nstage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.timings.items()))

@@ -195,8 +195,9 @@ def build(args: argparse.Namespace) -> tuple[str, Path | None]:
                  f"{float(r['latency_ms']):.1f}", f"{float(r['accuracy']):.3f}"]
                 for r in sorted(ok, key=lambda r: (float(r["prune_ratio"]), r["method"]))]
         parts += ["## Accuracy vs FLOPs (`make demo`, stages sweep, rcp, accm)", "",
-                  "GFLOPs per sample: LLM prefill in the FastV convention, and the total with the vision tower, projector "
-                  "and the method's own modules (exact count). `realised r` is the layer-averaged fraction of visual "
+                  "GFLOPs per sample: LLM prefill in the FastV convention (the papers' number: a multiply-add counts "
+                  "once), and the total in one unit, exact (a multiply-add counts twice): the LLM prefill, the vision "
+                  "tower, projector and the method's own modules. `realised r` is the layer-averaged fraction of visual "
                   "tokens removed; latency is generation time per sample at the sweep's batch size.", "",
                   table(["method", "r", "realised r", "visual tokens", "text tokens", "GFLOPs LLM", "GFLOPs total",
                          "latency ms", "accuracy"], body), "",

@@ -125,6 +125,18 @@ def test_a_complete_sweep_writes_its_files_and_drops_the_partial_ones(tiny_base_
     assert rows["pool", 0.1]["accuracy"] != ""  # the measurements are kept
     assert float(rows["random", 0.1]["realised_prune_ratio"]) == 0.125  # 14 of 16 tokens: within the tolerance
     assert [rows[k]["status"] for k in (("full", 0.0), ("random", 0.1), ("pool", 0.5), ("random", 0.5))] == ["ok"] * 4
+    # the total is in one unit: the exact LLM count plus the (exact) vision tower and projector, not the FastV number
+    from lvlm_prune.flops import llava_prefill_report
+
+    full = rows["full", 0.0]
+    config = frozen_base(tiny_base_dir, data).base.config
+    visual = [float(full["avg_visual_tokens"])] * config.text_config.num_hidden_layers
+    report = llava_prefill_report(config, float(full["text_tokens"]), visual, convention="exact")
+    # (per-sample counts averaged: quadratic in the text length, so near the count at the average length)
+    assert float(full["tflops_llm_exact"]) == pytest.approx(report.llm_prefill / 1e12, rel=0.01)
+    assert float(full["tflops_total"]) == pytest.approx(
+        float(full["tflops_llm_exact"]) + (report.vision + report.projector) / 1e12, rel=1e-4)
+    assert float(full["tflops"]) < float(full["tflops_llm_exact"])  # FastV counts a multiply-add once
 
 
 @pytest.mark.parametrize("split, names", [("val", r"data\.val_question_file, data\.val_image_root, data\.val_size"),

@@ -26,7 +26,7 @@ def row(method, ratio, status="ok", realised=None, accuracy=0.5):
     realised = ratio if realised is None else realised
     return {"method": method, "prune_ratio": ratio, "realised_prune_ratio": realised,
             "avg_visual_tokens": 16 * (1 - realised), "text_tokens": 15.0, "tflops": 1e-4, "tflops_llm": 1e-4,
-            "tflops_plugins": 0.0, "tflops_total": 2e-4 * (1 - ratio) + 1e-4, "latency_ms": 2.0,
+            "tflops_llm_exact": 2e-4, "tflops_plugins": 0.0, "tflops_total": 2e-4 * (1 - ratio) + 1e-4, "latency_ms": 2.0,
             "accuracy": accuracy, "num_samples": 16, "status": status}
 
 
@@ -107,8 +107,8 @@ def test_a_run_directory_without_the_main_outputs_is_refused(run_dir, tmp_path):
 
 @pytest.mark.parametrize("damage, expected", [
     (lambda text: text[:len(text) - 40], r"line 6 ends in the middle of a row"),
-    (lambda text: text.rsplit(",", 3)[0] + "\n", r"line 6: fewer fields than the header's 13"),
-    (lambda text: text.replace(",ok\n", ",ok,extra\n", 1), r"line 2: more fields than the header's 13"),
+    (lambda text: text.rsplit(",", 3)[0] + "\n", r"line 6: fewer fields than the header's 14"),
+    (lambda text: text.replace(",ok\n", ",ok,extra\n", 1), r"line 2: more fields than the header's 14"),
     (lambda text: text.replace(",ok\n", ",o\n", 1), r"line 2: unknown status 'o'"),
     (lambda text: text.replace("0.4,16,ok", "zero,16,ok"), r"line 3: accuracy='zero' is not a number"),
     (lambda text: "", r"not a sweep table, it has no column\(s\) prune_ratio"),
