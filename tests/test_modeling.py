@@ -45,7 +45,8 @@ def test_save_pretrained_then_from_pretrained_gives_identical_logits(tiny_spec, 
 
 def test_vicuna_template_matches_llava15():
     prompt = VICUNA_V1.prompt("What is shown?")
-    assert prompt.startswith("A chat between a curious human and an artificial intelligence assistant.")
+    assert prompt.startswith("A chat between a curious user and an artificial intelligence assistant. "
+                             "The assistant gives helpful, detailed, and polite answers to the user's questions. USER:")
     assert prompt.endswith(" USER: <image>\nWhat is shown? ASSISTANT:")
     assert VICUNA_V1.target("A cat.") == " A cat.</s>"
 

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 IMAGE_PLACEHOLDER = "<image>"
 
+# LLaVA's `conv_vicuna_v1` (conversation modes "v1" / "vicuna_v1"), which LLaVA-1.5 trains and evaluates with; its
+# `conv_llava_v1` says "human" instead of "user"
 LLAVA15_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
 
