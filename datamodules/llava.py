@@ -550,7 +550,8 @@ class LlavaInstructionDataModule(L.LightningDataModule):
             (`skipped[split]`) and logs the count.
         verify_images: decode every image at setup (of the subset only; False checks that the files exist).
         pad_to_square: pad images to a square with the processor's mean colour, as LLaVA-1.5 does.
-        max_length: longest teacher-forced sequence accepted.
+        max_length: longest teacher-forced sequence; longer conversations are cut to it with a warning, as LLaVA cuts
+            to model_max_length (an image that does not fit whole is an error naming the sample).
         num_workers: DataLoader workers.
     """
 
@@ -673,7 +674,7 @@ class LlavaQuestionsDataModule(L.LightningDataModule):
         on_bad_record: 'error' or 'skip' (counted in `skipped['test']`, logged).
         verify_images: decode every image at setup (False checks that the files exist).
         pad_to_square: pad images to a square with the processor's mean colour, as LLaVA-1.5 does.
-        max_length: longest teacher-forced sequence accepted.
+        max_length: longest teacher-forced sequence (longer ones are cut to it with a warning, as LLaVA does).
         num_workers: DataLoader workers.
     """
 

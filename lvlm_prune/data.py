@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,9 @@ class VQAExample:
         protected_visual: indices (in the image's visual-token order) that hiding never touches: the tokens the
             answers depend on, so a partly hidden image still supports its answers; `hidden_visual_fraction` is the
             share of the other tokens that is hidden.
+        evidence: per answer turn (the first answer, then each extra turn's), the visual-token indices that answer
+            depends on, or () for none; when given, the collator adds `grounding` lookups for
+            `lvlm_prune.modeling.grounding` (training the base from scratch on data whose generator knows them).
     """
 
     question_id: int | str  # as the question file has it (LLaVA keeps integer ids)
@@ -44,6 +48,7 @@ class VQAExample:
     hidden_visual_fraction: float = 0.0
     extra_turns: tuple[tuple[str, str], ...] = ()
     protected_visual: tuple[int, ...] = ()
+    evidence: tuple[tuple[int, ...], ...] = ()
 
 
 class VQACollator:
@@ -55,6 +60,8 @@ class VQACollator:
 
     `attention_mask` of the teacher-forced layout also hides the visual tokens an example asks to hide;
     `position_ids` are computed before hiding, so hidden tokens keep the positions they would have had.
+    Teacher-forced sequences longer than `max_length` are cut to it (with a warning), as LLaVA's training cuts to
+    `model_max_length`.
     """
 
     def __init__(self, processor: Any, template: ConversationTemplate, image_token_id: int, max_length: int = 512, seed: int = 0):
@@ -95,29 +102,76 @@ class VQACollator:
         full = [p + "".join(text for text, _ in segs) for p, segs in zip(prompts, segments)]
         teacher = self._encode(images, full, side="right")
         input_ids, attention_mask = teacher["input_ids"], teacher["attention_mask"]
-        if input_ids.shape[1] > self.max_length:
-            raise ValueError(
-                f"a sequence of {input_ids.shape[1]} tokens exceeds max_length={self.max_length} "
-                f"(question ids {batch['question_ids']}); raise data.max_length or shorten the prompt"
-            )
-        prompt_lengths = generation["attention_mask"].sum(1)
+        prompt_lengths = generation["attention_mask"].sum(1).tolist()
         labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for i, (n_prompt, segs) in enumerate(zip(prompt_lengths.tolist(), segments)):
-            cursor = n_prompt
-            for text, supervised in segs:
-                n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-                if supervised:
-                    labels[i, cursor : cursor + n] = input_ids[i, cursor : cursor + n]
-                cursor += n
-            if cursor != int(attention_mask[i].sum()):
-                raise ValueError(
-                    f"sample {examples[i].question_id}: the conversation's turns tokenize to {cursor} tokens apart but "
-                    f"{int(attention_mask[i].sum())} together; the answer mask would be misplaced"
-                )
+        answer_starts: list[list[int]] = []
+        for i, (n_prompt, ends) in enumerate(zip(prompt_lengths, self._segment_ends(prompts, segments))):
+            starts = []
+            if ends[-1] + n_prompt != int(attention_mask[i].sum()):
+                warnings.warn(f"sample {examples[i].question_id}: its turns' token boundaries do not add up to the whole "
+                              "conversation's tokens, so no answer token of it is supervised (LLaVA masks such samples "
+                              "too)", stacklevel=2)
+            else:
+                for (_, supervised), begin, end in zip(segments[i], [0, *ends[:-1]], ends):
+                    if supervised:
+                        labels[i, n_prompt + begin : n_prompt + end] = input_ids[i, n_prompt + begin : n_prompt + end]
+                        starts.append(n_prompt + begin)
+            answer_starts.append(starts)
+        if input_ids.shape[1] > self.max_length:
+            input_ids, attention_mask, labels = self._truncate(input_ids, attention_mask, labels, examples)
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         attention_mask = self._hide_visual(input_ids, attention_mask, examples)
         batch.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+        if any(e.evidence for e in examples):
+            batch["grounding"] = self._grounding(input_ids, attention_mask, examples, answer_starts)
         return batch
+
+    def _grounding(self, input_ids, attention_mask, examples, answer_starts) -> list[tuple[int, int, tuple[int, ...]]]:
+        """(row, position predicting an answer's first token, sequence positions of its visible evidence)."""
+        lookups = []
+        for i, (e, starts) in enumerate(zip(examples, answer_starts)):
+            if e.evidence and starts and len(e.evidence) != len(starts):
+                raise ValueError(f"sample {e.question_id}: evidence for {len(e.evidence)} answer turns, but the "
+                                 f"conversation has {len(starts)}")
+            image_positions = (input_ids[i] == self.image_token_id).nonzero().squeeze(1).tolist()
+            for indices, start in zip(e.evidence, starts):
+                if start > input_ids.shape[1]:  # truncated away
+                    continue
+                outside = [j for j in indices if not 0 <= j < len(image_positions)]
+                if outside:
+                    raise ValueError(f"sample {e.question_id}: evidence visual tokens {outside} outside the image's "
+                                     f"{len(image_positions)} visual tokens")
+                visible = tuple(image_positions[j] for j in indices if attention_mask[i, image_positions[j]])
+                if visible:
+                    lookups.append((i, start - 1, visible))
+        return lookups
+
+    def _segment_ends(self, prompts: list[str], segments: list[list[tuple[str, bool]]]) -> list[list[int]]:
+        """Per example, where each segment ends, in tokens after the prompt. Measured on cumulative prefixes of the
+        conversation, not on segments alone: a tokenizer may split a segment differently at the start of a string
+        than after the previous one (Llama's, for "USER" right after "</s>")."""
+        texts, spans = [], []
+        for prompt, segs in zip(prompts, segments):
+            start = len(texts)
+            texts.append(prompt)
+            for text, _ in segs:
+                texts.append(texts[-1] + text)
+            spans.append((start, len(texts)))
+        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+        return [[lengths[k] - lengths[start] for k in range(start + 1, stop)] for start, stop in spans]
+
+    def _truncate(self, input_ids, attention_mask, labels, examples):
+        """Cuts the teacher-forced layout to max_length tokens, as LLaVA's training does; an image must fit whole."""
+        keep = self.max_length
+        cut = [i for i in range(len(examples)) if int(attention_mask[i].sum()) > keep]
+        for i in cut:
+            if (input_ids[i, keep:] == self.image_token_id).any():
+                raise ValueError(f"sample {examples[i].question_id}: its visual tokens reach past data.max_length={keep} "
+                                 "tokens; raise data.max_length or shorten the text before the image")
+        warnings.warn(f"samples {[examples[i].question_id for i in cut]}: truncated to data.max_length={keep} tokens "
+                      "(as LLaVA truncates to model_max_length); their answer tokens past it are not supervised",
+                      stacklevel=3)
+        return input_ids[:, :keep], attention_mask[:, :keep], labels[:, :keep]
 
     def _segments(self, example: VQAExample) -> list[tuple[str, bool]]:
         """The text after the prompt as (segment, is_answer) pairs."""
