@@ -25,6 +25,7 @@ def _answer_key(record: dict[str, Any]) -> tuple[str, str]:
 def _answer_line(record: dict[str, Any]) -> str:
     record = dict(record)
     record.setdefault("answer_id", answer_id_for(record["question_id"], record.get("prompt", "")))
+    record.setdefault("metadata", {})  # LLaVA's model_vqa*.py write it (empty)
     return json.dumps(record) + "\n"
 
 

@@ -55,7 +55,7 @@ def test_a_rerun_replaces_the_file_and_ids_keep_their_type(tmp_path):
     answers = read(tmp_path)
     assert [a["question_id"] for a in answers] == IDS  # ints, as in the question file
     assert answers[0] == {"question_id": 20000, "prompt": "question 20000", "text": "yes", "model_id": "m",
-                          "answer_id": answer_id_for(20000, "question 20000")}
+                          "answer_id": answer_id_for(20000, "question 20000"), "metadata": {}}
 
 
 class ScienceQAData(L.LightningDataModule):
