@@ -75,6 +75,9 @@ class SyntheticVQADataModule(L.LightningDataModule):
             together and breaks when a pruner keeps the objects alone (docs/findings.md); a real LVLM is expected to
             answer from the tokens that carry the answer. Needs one visual token per grid cell (cell_size = the
             vision tower's patch size).
+        grounding_evidence: give each training answer turn the visual tokens of the objects it depends on
+            (`VQAExample.evidence`), for the base's attention-grounding loss (`model.grounding_weight`); description
+            turns and answers without objects (a 'no', a count of zero) get none. Needs one visual token per cell.
         turns_per_image: questions per training image (multi-turn conversations, as in LLaVA's instruction
             data): the image is encoded once for several supervised answers.
         eval_context: 'none' (image only), 'relevant' or 'scene' (a description in the prompt) for val/test.
@@ -82,7 +85,7 @@ class SyntheticVQADataModule(L.LightningDataModule):
         eval_visual_tokens: which visual tokens val/test prompts show: 'all', 'objects' (every empty cell hidden) or
             'relevant' (only the objects the answer depends on: an oracle pruner). Measures whether the base answers
             from the tokens that carry the answer; needs one visual token per grid cell.
-        max_length: longest teacher-forced sequence accepted.
+        max_length: longest teacher-forced sequence (longer ones are cut to it with a warning, as LLaVA does).
         group_by_length: training batches of examples with similar text length (`LengthGroupedSampler`: about
             1.4x faster base steps from less padding; the order is fixed by the seed and the epoch). Off by default: on
             this benchmark the length follows the kind of example (description turns, context), so grouped batches
@@ -110,6 +113,7 @@ class SyntheticVQADataModule(L.LightningDataModule):
         context_fraction: float = 0.0,
         describe_fraction: float = 0.0,
         token_drop_fraction: float = 0.0,
+        grounding_evidence: bool = False,
         turns_per_image: int = 1,
         eval_context: str = "none",
         eval_hidden_visual_fraction: float = 0.0,
@@ -150,7 +154,7 @@ class SyntheticVQADataModule(L.LightningDataModule):
             tokenizer = build_word_tokenizer(vocabulary(self.config))
             self.processor = build_processor(tokenizer, self.config.image_size, patch_size=cell_size)
         patch = getattr(self.processor, "patch_size", None)
-        for name, active in (("token_drop_fraction", token_drop_fraction > 0),
+        for name, active in (("token_drop_fraction", token_drop_fraction > 0), ("grounding_evidence", grounding_evidence),
                              ("eval_visual_tokens", eval_visual_tokens != "all")):
             if active and patch != cell_size:
                 raise ValueError(f"data.{name}={self.hparams[name]!r} needs one visual token per grid cell, "
@@ -180,6 +184,7 @@ class SyntheticVQADataModule(L.LightningDataModule):
             made = make_question(sample.scene, rng.choice(self.config.families), rng)
             if made is not None and made[0] not in [t[0] for t in turns]:
                 turns.append(made)
+        describe = None
         if rng.random() < self.hparams.describe_fraction:
             if rng.random() < 0.5:
                 describe = (DESCRIBE_SCENE, sample.scene.description(), sample.scene.objects)
@@ -198,8 +203,13 @@ class SyntheticVQADataModule(L.LightningDataModule):
             hidden = rng.uniform(0.5, 1.0)
         (question, answer, _), extra = turns[0], tuple((q, a) for q, a, _ in turns[1:])
         category = sample.family if question == sample.question else "describe"
+        evidence = ()
+        if self.hparams.grounding_evidence:
+            grid = self.config.grid
+            evidence = tuple(() if turn is describe else tuple(sorted(o.row * grid + o.col for o in turn[2]))
+                             for turn in turns)
         return dict(question=question, answer=answer, category=category, context=context,
-                    hidden_visual_fraction=hidden, extra_turns=extra, protected_visual=protected)
+                    hidden_visual_fraction=hidden, extra_turns=extra, protected_visual=protected, evidence=evidence)
 
     def _train_example(self, sample: VQASample, index: int) -> VQAExample:
         return VQAExample(sample.question_id, render(sample.scene, self.config.cell_size),

@@ -10,6 +10,7 @@ import torch
 
 from lightning_modules.common import (
     BASE_TRAINING_MEMORY_SETTINGS,
+    check_writable_directory,
     EVALUATION_MEMORY_SETTINGS,
     decode_answers,
     exact_match,
@@ -22,6 +23,7 @@ from lightning_modules.common import (
 )
 from lvlm_prune.data import answer_cross_entropy
 from lvlm_prune.generation import stock_greedy_generate
+from lvlm_prune.modeling.grounding import AttentionGrounding, grounding_queries
 from lvlm_prune.modeling.loading import load_base_model
 from lvlm_prune.modeling.tiny import (
     GROWTH_PLACEMENTS,
@@ -53,6 +55,11 @@ class BaseLVLMModule(L.LightningModule):
             unchanged). The embedded default trains a 4-layer LLM, grows it to 12 and trains on
             (configs/synthetic/base_describe.yaml, base_stage1.yaml, then base.yaml).
         grow_placement: where the trained layers go when growing: 'spread' or 'bottom'.
+        grounding_weight: weight of the attention-grounding loss (`lvlm_prune.modeling.grounding`): the chosen heads,
+            at the position predicting each answer, are trained to attend to the visual tokens the answer depends
+            on. Needs data that knows them (`data.grounding_evidence`); 0 turns it off.
+        grounding_layers: LLM layers whose heads it supervises (indices of this model's depth).
+        grounding_heads: query heads it supervises in each of those layers.
     """
 
     def __init__(
@@ -69,6 +76,9 @@ class BaseLVLMModule(L.LightningModule):
         seed: int = 0,
         init_from: str | None = None,
         grow_placement: str = "spread",
+        grounding_weight: float = 0.0,
+        grounding_layers: tuple[int, ...] = (2,),
+        grounding_heads: tuple[int, ...] = (0,),
     ):
         super().__init__()
         if isinstance(spec, dict):  # restored from a checkpoint's hyper-parameters
@@ -90,6 +100,10 @@ class BaseLVLMModule(L.LightningModule):
             self.model = build_tiny_llava(spec, **ids, attn_implementation=attn_implementation, seed=seed)
         else:
             self.model = _initial_model(init_from, spec, ids, attn_implementation, grow_placement, seed)
+        if grounding_weight < 0:
+            raise ValueError(f"model.grounding_weight={grounding_weight} must be at least 0")
+        self.grounding = (AttentionGrounding(self.model, grounding_layers, grounding_heads)
+                          if grounding_weight > 0 else None)
         self.categories = list(categories or [])
         self.val_accuracy = exact_match(self.categories)
         self.test_accuracy = exact_match(self.categories)
@@ -101,10 +115,26 @@ class BaseLVLMModule(L.LightningModule):
             position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
         ).logits
 
+    def on_fit_start(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            check_writable_directory(self.hparams.export_dir, "model.init_args.export_dir")
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        size = batch["input_ids"].shape[0]
         with out_of_memory_advice("the training step", BASE_TRAINING_MEMORY_SETTINGS):
-            loss = answer_cross_entropy(self(batch), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+            if self.grounding is None:
+                loss = answer_cross_entropy(self(batch), batch["labels"])
+            else:
+                with self.grounding.capturing():
+                    loss = answer_cross_entropy(self(batch), batch["labels"])
+                if "grounding" not in batch:
+                    raise ValueError("model.grounding_weight > 0 but the training batches carry no evidence: set "
+                                     "data.grounding_evidence=true (the synthetic data module knows it)")
+                grounding = self.grounding.loss(grounding_queries(batch), batch["attention_mask"])
+                self.log("train/grounding_loss", grounding, batch_size=size)
+                self.log("train/answer_loss", loss, batch_size=size)
+                loss = loss + self.hparams.grounding_weight * grounding
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:

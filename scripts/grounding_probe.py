@@ -16,6 +16,7 @@ answer is predicted on the referring word itself: the lookup needs one attention
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 import sys
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datamodules.synthetic import SyntheticVQADataModule  # noqa: E402
 from datamodules.synthetic_vqa import COLORS, SHAPES, SIZES  # noqa: E402
 from lvlm_prune.data import answer_cross_entropy  # noqa: E402
+from lvlm_prune.modeling.grounding import AttentionGrounding, grounding_queries  # noqa: E402
 from lvlm_prune.modeling.tiny import (  # noqa: E402
     GROWTH_PLACEMENTS, RESIDUAL_INITS, TinyLlavaSpec, build_tiny_llava, grow_llava_depth,
 )
@@ -49,7 +51,7 @@ def datamodule(args: argparse.Namespace) -> SyntheticVQADataModule:
         eval_batch_size=128, min_objects=low, max_objects=high, train_min_objects=args.train_min_objects,
         families=tuple(args.families),
         turns_per_image=args.turns, describe_fraction=args.describe_fraction, context_fraction=args.context_fraction,
-        train_skip=args.train_skip,
+        train_skip=args.train_skip, grounding_evidence=args.grounding_weight > 0,
     )
     if args.key_last:
         dm.template = replace(dm.template)
@@ -72,6 +74,34 @@ def patch_targets(scenes, question_ids: list[str], grid: int, position: bool) ->
         cells = torch.arange(grid * grid)
         targets[:, :, 3], targets[:, :, 4] = cells // grid, cells % grid
     return targets
+
+
+def evidence_attention(model, grounding: AttentionGrounding, dm: SyntheticVQADataModule) -> dict[str, float]:
+    """Per family, the supervised heads' mean attention mass on the answer's evidence at validation questions."""
+    grid, mass, count = dm.config.grid, {}, {}
+    samples = dm.samples("val")
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(samples), 128):
+            chunk = samples[start:start + 128]
+            examples = [replace(dm._eval_example(s, 0), evidence=(tuple(o.row * grid + o.col for o in s.relevant),))
+                        for s in chunk]
+            batch = dm.collator(examples)
+            queries = grounding_queries(batch)
+            with grounding.capturing():
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"], pixel_values=batch["pixel_values"])
+            evidence = torch.zeros(len(queries), batch["input_ids"].shape[1], dtype=torch.bool)
+            for k, q in enumerate(queries):
+                evidence[k, list(q.evidence)] = True
+            for layer in grounding.layers:
+                on_evidence = (grounding.attention(layer, queries, batch["attention_mask"]) * evidence[:, None]).sum(-1)
+                for q, value in zip(queries, on_evidence.mean(1).tolist()):
+                    family = chunk[q.row].family
+                    mass[family] = mass.get(family, 0.0) + value
+                    count[family] = count.get(family, 0) + 1
+    model.train()
+    return {f: mass[f] / count[f] for f in sorted(mass)}
 
 
 def first_answer_accuracy(model, batches) -> tuple[float, dict[str, float]]:
@@ -114,6 +144,10 @@ def main() -> None:
     parser.add_argument("--patch-aux", type=float, default=0.0,
                         help="weight of a per-patch colour/shape/size loss on the projector output (0: off)")
     parser.add_argument("--patch-aux-position", action="store_true", help="the per-patch loss also predicts row/col")
+    parser.add_argument("--grounding-weight", type=float, default=0.0,
+                        help="weight of the attention-grounding loss (lvlm_prune.modeling.grounding; 0: off)")
+    parser.add_argument("--grounding-layers", type=int, nargs="+", default=[2])
+    parser.add_argument("--grounding-heads", type=int, nargs="+", default=[0])
     parser.add_argument("--num-val", type=int, default=384)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--warmup-steps", type=int, default=50)
@@ -152,12 +186,15 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.98), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosineLambda(args.steps, args.warmup_steps, 0.1))
     val = list(dm.val_dataloader())
+    grounding = AttentionGrounding(model, args.grounding_layers, args.grounding_heads) if args.grounding_weight > 0 else None
     start, step = time.time(), 0
     for batch in dm.train_dataloader():
         projected.clear()
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], pixel_values=batch["pixel_values"]).logits
+        with grounding.capturing() if grounding else contextlib.nullcontext():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"], pixel_values=batch["pixel_values"]).logits
         loss = answer_cross_entropy(logits, batch["labels"])
+        ground = grounding.loss(grounding_queries(batch), batch["attention_mask"]) if grounding else None
         if projected:
             targets = patch_targets(scenes, batch["question_ids"], dm.config.grid, args.patch_aux_position)
             pieces = aux_head(projected.pop()).split(classes, dim=-1)
@@ -166,6 +203,8 @@ def main() -> None:
             loss_total = loss + args.patch_aux * aux
         else:
             loss_total = loss
+        if ground is not None:
+            loss_total = loss_total + args.grounding_weight * ground
         optimizer.zero_grad()
         loss_total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -176,6 +215,9 @@ def main() -> None:
             accuracy, per_family = first_answer_accuracy(model, val)
             families = " ".join(f"{f} {a:.2f}" for f, a in per_family.items())
             aux_text = f"  aux {aux.item():.3f}" if args.patch_aux > 0 else ""
+            if ground is not None:
+                masses = " ".join(f"{f} {m:.2f}" for f, m in evidence_attention(model, grounding, dm).items())
+                aux_text += f"  grounding {ground.item():.3f} (val attention on evidence: {masses})"
             print(f"step {step:5d}  loss {loss.item():.3f}{aux_text}  val {accuracy:.3f}  ({families})  "
                   f"{time.time() - start:.0f}s", flush=True)
         if step >= args.steps:

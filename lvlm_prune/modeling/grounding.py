@@ -1,0 +1,121 @@
+"""Attention grounding: an auxiliary loss that points chosen attention heads at an answer's visual evidence.
+
+Used only to train the embedded default's base from scratch, where the data generator knows which visual tokens
+each answer depends on. The slow part of that training is the language model learning to find the right object
+among the visual tokens (docs/findings.md); this loss supervises exactly that lookup. For each answer turn with
+evidence, at the position that predicts the answer's first token, it takes the chosen heads' attention over the
+whole visible sequence and adds `-log(attention mass on the evidence tokens)`. It reads the layer's own input
+(projections, rotary embedding, mask), so it is the attention the layer really computes, whichever attention
+implementation runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+@dataclass(frozen=True)
+class GroundingQuery:
+    """One supervised lookup: in batch row `row`, the position `query` should attend to `evidence` positions."""
+
+    row: int
+    query: int
+    evidence: tuple[int, ...]
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The language model's decoder layers of a `LlavaForConditionalGeneration`."""
+    return model.model.language_model.layers
+
+
+class AttentionGrounding:
+    """Captures the inputs of chosen layers' self-attention during a forward pass and scores their heads.
+
+    Args:
+        model: a `LlavaForConditionalGeneration` with a Llama-style language model.
+        layers: decoder layer indices whose heads are supervised.
+        heads: query-head indices supervised in each of those layers.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int], heads: Sequence[int]):
+        blocks = decoder_layers(model)
+        attention = blocks[0].self_attn
+        num_heads = model.config.text_config.num_attention_heads
+        bad_layers = [i for i in layers if not 0 <= i < len(blocks)]
+        bad_heads = [h for h in heads if not 0 <= h < num_heads]
+        if not layers or bad_layers:
+            raise ValueError(f"grounding layers {list(layers)}: each must be in [0, {len(blocks)})")
+        if not heads or bad_heads:
+            raise ValueError(f"grounding heads {list(heads)}: each must be in [0, {num_heads})")
+        self.model, self.layers, self.heads = model, list(layers), list(heads)
+        self.head_dim = attention.head_dim
+        self.group = num_heads // model.config.text_config.num_key_value_heads
+        self._inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    @contextmanager
+    def capturing(self):
+        """Within the block, forward passes record the supervised layers' attention inputs."""
+        self._inputs.clear()
+        handles = [
+            decoder_layers(self.model)[i].self_attn.register_forward_pre_hook(self._recorder(i), with_kwargs=True)
+            for i in self.layers
+        ]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _recorder(self, index: int):
+        def record(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self._inputs[index] = (hidden, kwargs["position_embeddings"])
+        return record
+
+    def attention(self, index: int, queries: Sequence[GroundingQuery], attention_mask: torch.Tensor) -> torch.Tensor:
+        """(len(queries), len(heads), T): the supervised heads' attention probabilities at each query position."""
+        if index not in self._inputs:
+            raise RuntimeError(f"no forward pass of layer {index} was captured; run the model inside capturing()")
+        hidden, (cos, sin) = self._inputs[index]
+        # without explicit position_ids the rotary tables have batch size 1
+        cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
+        attention = decoder_layers(self.model)[index].self_attn
+        rows = torch.tensor([q.row for q in queries], device=hidden.device)
+        positions = torch.tensor([q.query for q in queries], device=hidden.device)
+        length = hidden.shape[1]
+        query_states = attention.q_proj(hidden[rows, positions]).view(len(queries), -1, self.head_dim)
+        query_states = query_states[:, self.heads]  # (Q, H, d)
+        kv_heads = sorted({h // self.group for h in self.heads})
+        key_states = attention.k_proj(hidden[rows]).view(len(queries), length, -1, self.head_dim)
+        key_states = key_states[:, :, kv_heads].transpose(1, 2)  # (Q, K, T, d)
+        query_states, _ = apply_rotary_pos_emb(query_states, query_states, cos[rows, positions], sin[rows, positions])
+        _, key_states = apply_rotary_pos_emb(key_states, key_states, cos[rows], sin[rows])
+        key_index = torch.tensor([kv_heads.index(h // self.group) for h in self.heads], device=hidden.device)
+        logits = torch.einsum("qhd,qhtd->qht", query_states, key_states[:, key_index]) * attention.scaling
+        visible = attention_mask[rows].bool() & (torch.arange(length, device=hidden.device) <= positions[:, None])
+        logits = logits.float().masked_fill(~visible[:, None, :], float("-inf"))
+        return logits.softmax(-1)
+
+    def loss(self, queries: Sequence[GroundingQuery], attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean over layers, queries and heads of -log(attention mass on the evidence); 0 when no query."""
+        if not queries:
+            return torch.zeros((), device=attention_mask.device)
+        evidence = torch.zeros(len(queries), attention_mask.shape[1], dtype=torch.bool, device=attention_mask.device)
+        for k, query in enumerate(queries):
+            evidence[k, list(query.evidence)] = True
+        terms = []
+        for index in self.layers:
+            probabilities = self.attention(index, queries, attention_mask)
+            mass = (probabilities * evidence[:, None, :]).sum(-1)
+            terms.append(-torch.log(mass.clamp_min(1e-6)).mean())
+        return torch.stack(terms).mean()
+
+
+def grounding_queries(batch: dict) -> list[GroundingQuery]:
+    """The batch's supervised lookups (`VQACollator` adds `grounding` when its examples carry evidence)."""
+    return [GroundingQuery(*entry) for entry in batch.get("grounding", ())]
