@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
+import sys
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
@@ -20,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: 
 from callbacks.requeue import SlurmRequeue  # noqa: E402
 from callbacks.resume import ResumableDataOrder, resume_checkpoint  # noqa: E402
 from lightning_modules.strategies import AtomicCheckpointIO  # noqa: E402
+from lvlm_prune.archives import torch_archive_problem  # noqa: E402
 
 
 class LVLMPruneCLI(LightningCLI):
@@ -57,9 +59,9 @@ class LVLMPruneCLI(LightningCLI):
             self._name_settings_that_differ(ckpt_path)
 
     def _name_settings_that_differ(self, ckpt_path: str | Path) -> None:
-        if not zipfile.is_zipfile(ckpt_path):  # torch.save's format; torch.load's own error suggests unsafe loading
-            raise ValueError(f"--ckpt_path {str(ckpt_path)!r} is not a readable Lightning checkpoint (not a torch.save "
-                             "archive: truncated or another kind of file)")
+        problem = torch_archive_problem(ckpt_path)  # torch.load's own errors suggest unsafe loading, or load garbage
+        if problem is not None:
+            raise ValueError(f"--ckpt_path {str(ckpt_path)!r} is not a readable Lightning checkpoint ({problem})")
         try:
             saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
         except pickle.UnpicklingError:  # objects the safe loader refuses: nothing to compare, the trainer loads it
@@ -132,7 +134,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def check_config_files(args: list[str]) -> None:
+    """A YAML syntax error in a `--config` file, named by its path: jsonargparse reports it in "<unicode string>", so
+    with several merged configs the broken one is not known."""
+    paths = [value for flag, value in zip(args, args[1:]) if flag == "--config"]
+    paths += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+    for path in paths:
+        if not Path(path).is_file():
+            continue  # jsonargparse names a missing file, and --config also takes inline YAML
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {path}: not valid YAML: {error}") from error
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> LVLMPruneCLI:
+    check_config_files(sys.argv[1:] if args is None else list(args))
     return LVLMPruneCLI(
         LightningModule,
         LightningDataModule,

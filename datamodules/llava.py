@@ -166,7 +166,8 @@ def _load_instruction_file(path: Path, bad: BadRecords) -> Iterator[tuple[str, A
     try:
         data = json.loads(read_utf8(path))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from error
+        raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno} column {error.colno}, "
+                         f"character {error.pos})") from error
     if not isinstance(data, list):
         raise ValueError(f"{path}: an instruction file must hold a JSON list of records")
     for position, raw in enumerate(data, start=1):

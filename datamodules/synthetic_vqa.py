@@ -243,6 +243,8 @@ class SyntheticVQAConfig:
             raise ValueError(
                 f"min_objects={self.min_objects}, max_objects={self.max_objects} do not fit a {self.grid}x{self.grid} grid"
             )
+        if self.train_min_objects is not None and not 1 <= self.train_min_objects <= self.max_objects:
+            raise ValueError(f"train_min_objects={self.train_min_objects} must be in [1, max_objects={self.max_objects}]")
 
     @property
     def image_size(self) -> int:

@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lvlm_prune.evaluation.metrics import ExactMatchAccuracy, stable_id
 from lvlm_prune.evaluation.normalize import normalize_answer
+
+
+def check_writable_directory(directory: str | Path, setting: str) -> None:
+    """Creates `directory` and checks that a file can be written in it, so an export at the end of fit cannot fail
+    after all of training on a path that was wrong from the start."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_check.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{setting}: cannot write to the directory {str(directory)!r} ({error}); the export at the end "
+                         "of fit would fail after training") from error
 
 
 def decode_answers(tokenizer: Any, tokens: torch.Tensor) -> list[str]:

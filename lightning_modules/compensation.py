@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from lightning_modules.common import (
     EVALUATION_MEMORY_SETTINGS,
+    check_writable_directory,
     generates_in_lockstep,
     out_of_memory_advice,
     partitioned,
@@ -143,6 +144,8 @@ class CompensationModule(FrozenBaseModule):
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
+        if self.hparams.plugin_export_path and self.trainer.is_global_zero:
+            check_writable_directory(Path(self.hparams.plugin_export_path).parent, "model.init_args.plugin_export_path")
         trainable = sum(_numel(p) for p in self.parameters() if p.requires_grad)
         frozen = sum(_numel(p) for p in self.parameters() if not p.requires_grad)
         message = (f"{self.compensation_name}: {trainable:,} trainable plug-in parameters, {frozen:,} frozen base "
@@ -281,6 +284,16 @@ class CompensationModule(FrozenBaseModule):
             raise ValueError(f"this checkpoint does not fit the configured {self.compensation.name} plug-in: missing "
                              f"{missing[:5]}, unexpected {unexpected[:5]}, other shape (checkpoint vs configured) "
                              f"{reshaped[:5]}; model.compensation's settings differ from the run that wrote it")
+        nonfinite = _nonfinite(state, own)
+        if nonfinite:
+            raise ValueError(f"this checkpoint's plug-in weights {nonfinite[:5]} hold NaN or infinite values: it is "
+                             "corrupt, or training diverged before it was written; resume from an earlier checkpoint")
+
+
+def _nonfinite(state: dict[str, torch.Tensor], names) -> list[str]:
+    """The floating-point entries of `state` among `names` with a NaN or an infinity."""
+    return [key for key in sorted(names) if key in state and state[key].is_floating_point()
+            and not bool(torch.isfinite(state[key]).all())]
 
 
 def _numel(parameter: torch.nn.Parameter) -> int:
@@ -356,6 +369,10 @@ def load_plugin_weights(plugin: Compensation, path: str | Path, base_fingerprint
                        f"(fingerprint {recorded['base_fingerprint']}), not on the loaded base (fingerprint "
                        f"{base_fingerprint}); they are only meaningful on the same model, e.g. in another dtype")
     own = plugin.state_dict()
+    nonfinite = _nonfinite(state, own)
+    if nonfinite:
+        raise ValueError(f"plug-in weights {str(path)!r} (model.plugin_weights_path): {nonfinite[:5]} hold NaN or "
+                         "infinite values; the file is corrupt or was exported from a diverged run")
     mismatched = [f"{key} {tuple(value.shape)} != {tuple(own[key].shape)}" for key, value in state.items()
                   if key in own and value.shape != own[key].shape]
     if mismatched:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from safetensors.torch import save_file
+
+from lvlm_prune.archives import torch_archive_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_PREFIX = "compensation."  # CompensationModule.compensation
@@ -31,9 +32,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     or a DeepSpeed ZeRO directory."""
     path = Path(path)
     if path.is_file():
-        if not zipfile.is_zipfile(path):  # torch.save's format; torch.load's own error names no file
-            raise ValueError(f"{str(path)!r} is not a readable Lightning checkpoint (not a torch.save archive: "
-                             "truncated or another kind of file)")
+        problem = torch_archive_problem(path)  # torch.load's own error names no file, or loads garbage
+        if problem is not None:
+            raise ValueError(f"{str(path)!r} is not a readable Lightning checkpoint ({problem})")
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         return checkpoint.get("state_dict", {}), checkpoint
     if not (path / "latest").is_file():

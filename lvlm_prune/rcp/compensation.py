@@ -221,6 +221,10 @@ class RCPCompensation(Compensation):
         if repair_statistic not in ("mean_var", "mean_std"):
             raise ValueError(f"rcp repair_statistic={repair_statistic!r}; choose 'mean_var' or 'mean_std'")
         self.target_prune_ratio = target_prune_ratio
+        for name, layers in (("pruning_layers", pruning_layers), ("repair_layers", repair_layers)):
+            if layers is not None and not list(layers):
+                hint = "; to train without the adapter set use_adapter: false" if name == "repair_layers" else ""
+                raise ValueError(f"rcp {name}=[] is empty: give at least one layer, or null for the defaults{hint}")
         self.requested_pruning_layers = tuple(pruning_layers) if pruning_layers else None
         self.requested_repair_layers = tuple(repair_layers) if repair_layers else None
         self.bottleneck, self.num_queries, self.context_dim = bottleneck, num_queries, context_dim
@@ -229,6 +233,9 @@ class RCPCompensation(Compensation):
         self.ce_weight, self.repair_weight, self.variance_weight = ce_weight, repair_weight, variance_weight
         self.repair_statistic = repair_statistic
         self.sparsity_weight = sparsity_weight
+        if not (temperature_start > 0 and temperature_end > 0):
+            raise ValueError(f"rcp temperature_start={temperature_start} and temperature_end={temperature_end} must "
+                             "both be > 0")
         self.schedule = RCPSchedule(1.0 - target_prune_ratio, temperature_start, temperature_end)
         self.use_adapter, self.use_repair_loss, self.use_learned_score = use_adapter, use_repair_loss, use_learned_score
         self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}

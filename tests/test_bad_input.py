@@ -1,0 +1,134 @@
+"""Bad input found by the bad-input audit: each is named, and found before the work it would spoil."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli import cli_main
+from conftest import TINY_DATA_ARGS
+from lvlm_prune.archives import torch_archive_problem
+from test_cli import TINY_BASE_ARGS, run_dir_args
+
+
+def flip_bytes_inside(path: Path, offset_fraction: float = 0.5, count: int = 8) -> None:
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * offset_fraction)
+    data[start:start + count] = b"\xff" * count
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_with_flipped_bytes_is_named_before_it_loads(tmp_path):
+    checkpoint = tmp_path / "flipped.ckpt"
+    torch.save({"state_dict": {"weight": torch.randn(64, 64)}, "global_step": 3}, checkpoint)
+    assert torch_archive_problem(checkpoint) is None
+    flip_bytes_inside(checkpoint)
+    torch.load(checkpoint, weights_only=True)  # what made this dangerous: torch loads the damaged tensor silently
+    assert "fails its checksum" in torch_archive_problem(checkpoint)
+    with pytest.raises(ValueError, match=r"flipped.ckpt' is not a readable Lightning checkpoint \(corrupt: the "
+                                         r"archive member .* fails its checksum\)"):
+        cli_main(["test", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+                  "--ckpt_path", str(checkpoint)])
+
+
+def test_the_plugin_export_script_refuses_a_damaged_checkpoint(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from export_plugin import read_checkpoint
+
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"compensation.w": torch.randn(64, 64)}}, checkpoint)
+    flip_bytes_inside(checkpoint)
+    with pytest.raises(ValueError, match="fails its checksum"):
+        read_checkpoint(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def rcp_module(tiny_base_dir):
+    from datamodules.synthetic import SyntheticVQADataModule
+    from lightning_modules.compensation import CompensationModule
+    from lvlm_prune.rcp.compensation import RCPCompensation
+
+    data = SyntheticVQADataModule(processor_path=str(tiny_base_dir), **TINY_DATA_ARGS)
+    plugin = RCPCompensation(target_prune_ratio=0.75, pruning_layers=[0, 1, 2], repair_layers=[2, 3], bottleneck=16,
+                             num_queries=4, context_dim=16, adapter_bottleneck=8)
+    return CompensationModule(str(tiny_base_dir), plugin, processor=data.processor, categories=data.categories,
+                              learning_rate=1e-3, max_new_tokens=2)
+
+
+def test_nan_plugin_weights_are_named_in_a_file_and_in_a_checkpoint(rcp_module, tmp_path):
+    from lightning_modules.compensation import export_plugin_weights, load_plugin_weights
+
+    state = {k: v.clone() for k, v in rcp_module.compensation.state_dict().items()}
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 2)
+    state[name][0, 0] = float("nan")
+    path = export_plugin_weights(rcp_module.compensation, tmp_path / "plugin.safetensors", {}, overrides=state)
+    with pytest.raises(ValueError, match=rf"plugin.safetensors' \(model.plugin_weights_path\): \['{name}'\] hold NaN"):
+        load_plugin_weights(rcp_module.compensation, path)
+
+    checkpoint = {"state_dict": {f"compensation.{k}": v for k, v in state.items()}}
+    with pytest.raises(ValueError, match=rf"plug-in weights \['compensation.{name}'\] hold NaN or infinite values"):
+        rcp_module.on_load_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("setting", ["pruning_layers", "repair_layers"])
+def test_an_empty_layer_list_is_not_silently_the_default(setting):
+    from lvlm_prune.rcp.compensation import RCPCompensation
+
+    with pytest.raises(ValueError, match=rf"rcp {setting}=\[\] is empty"):
+        RCPCompensation(target_prune_ratio=0.75, **{setting: []})
+
+
+def test_an_export_directory_that_cannot_be_written_is_named_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"model.init_args.export_dir: cannot write to the directory .*a_file/export"):
+        cli_main(["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+                  "--trainer.max_steps", "2", "--model.init_args.export_dir", str(blocker / "export")])
+    assert not list(tmp_path.rglob("*.ckpt"))  # it stopped before the first step
+
+
+def test_an_unwritable_plugin_export_path_is_named_before_training(tiny_base_dir, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "ops"))
+    from ops_helpers import tiny_experiment
+
+    config = tiny_experiment(tmp_path / "run", tiny_base_dir, max_steps=2)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"model.init_args.plugin_export_path: cannot write to the directory"):
+        cli_main(["fit", "--config", str(config), "--model.init_args.plugin_export_path",
+                  str(blocker / "plugin.safetensors")])
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_a_yaml_syntax_error_names_its_config_file(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  init_args:\n    learning_rate: [1e-3\n")
+    with pytest.raises(ValueError, match=r"--config .*broken.yaml: not valid YAML"):
+        cli_main(["fit", "--config", "configs/synthetic/base_describe.yaml", "--config", str(broken), *TINY_BASE_ARGS])
+
+
+def test_small_settings_are_named():
+    from datamodules.synthetic_vqa import SyntheticVQAConfig
+    from lvlm_prune.rcp.compensation import RCPCompensation
+
+    with pytest.raises(ValueError, match=r"train_min_objects=9 must be in \[1, max_objects=5\]"):
+        SyntheticVQAConfig(grid=4, min_objects=4, max_objects=5, train_min_objects=9)
+    with pytest.raises(ValueError, match=r"train_min_objects=0"):
+        SyntheticVQAConfig(grid=4, min_objects=4, max_objects=5, train_min_objects=0)
+    with pytest.raises(ValueError, match=r"rcp temperature_start=1.5 and temperature_end=0.0 must both be > 0"):
+        RCPCompensation(target_prune_ratio=0.75, temperature_end=0.0)
+
+
+def test_a_broken_instruction_json_names_line_and_column(tmp_path):
+    from datamodules.llava import _load_instruction_file
+    from lvlm_prune.evaluation.readers import BadRecords
+
+    broken = tmp_path / "mix.json"
+    broken.write_text('[{"id": "a", "conversations": []} {"id": "b"}]')
+    with pytest.raises(ValueError, match=r"mix.json: not valid JSON \(Expecting ',' delimiter, line 1 column 35, "
+                                         r"character 34\)"):
+        list(_load_instruction_file(broken, BadRecords(broken, "error")))
