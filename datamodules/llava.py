@@ -174,6 +174,11 @@ def _load_instruction_file(path: Path, bad: BadRecords) -> Iterator[tuple[str, A
         yield f"record {position}", raw
 
 
+TEXT_ONLY = ("has no 'image': a text-only record (data.text_only_records='skip' leaves such records out; the "
+             "plug-ins prune visual tokens, and a text-only record has none)")
+TEXT_ONLY_RECORDS = ("skip", "error")
+
+
 def _parse_conversation(
     record: Any, source: str, location: str, image_root: Path
 ) -> tuple[LlavaRecord | None, str | None]:
@@ -183,8 +188,10 @@ def _parse_conversation(
     if not _is_record_id(record.get("id")):
         return None, "needs an 'id' (an int or a non-empty string)"
     image = record.get("image")
+    if image is None:
+        return None, TEXT_ONLY
     if not isinstance(image, str) or not image:
-        return None, "has no 'image' (text-only records are not supported: every batch carries an image)"
+        return None, f"has 'image' {image!r}, expected the image file's path"
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         return None, "needs a non-empty 'conversations' list"
@@ -215,10 +222,13 @@ def _parse_conversation(
     return parsed, None
 
 
-def read_instruction_records(path: Path, image_root: Path, bad: BadRecords) -> list[LlavaRecord]:
+def read_instruction_records(path: Path, image_root: Path, bad: BadRecords, text_only: str = "error",
+                             text_only_count: list[int] | None = None) -> list[LlavaRecord]:
     """Structurally valid records of a LLaVA instruction file (`.json` list or `.jsonl`), in file order.
 
-    Bad (reported to `bad`): a `.jsonl` line that is not UTF-8 or JSON, not an object, no id, no image, roles not
+    A record without an `image` (LLaVA-1.5's mix holds 40,688 text-only ones) is left out when `text_only` is 'skip'
+    (counted in `text_only_count[0]`), and is a bad record when it is 'error'.
+    Bad (reported to `bad`): a `.jsonl` line that is not UTF-8 or JSON, not an object, no id, an image that is not a path, roles not
     alternating human/gpt from a human turn, an empty or non-string question or answer, not exactly one `<image>`
     (in the first human turn), an id twice (5 and "5" are one id). Image files are not checked here (see
     `select_usable`).
@@ -229,6 +239,10 @@ def read_instruction_records(path: Path, image_root: Path, bad: BadRecords) -> l
         record_id = raw.get("id") if isinstance(raw, dict) else None
         location = where + ("" if record_id is None else f" (id {record_id!r})")
         parsed, problem = _parse_conversation(raw, str(path), location, image_root)
+        if problem is TEXT_ONLY and text_only == "skip":
+            if text_only_count is not None:
+                text_only_count[0] += 1
+            continue
         if parsed is None:
             bad.report(f"{location}: {problem}")
             continue
@@ -549,6 +563,9 @@ class LlavaInstructionDataModule(L.LightningDataModule):
             run's `seed_everything`); a length-grouped order keeps this seed.
         on_bad_record: 'error' raises on a bad record naming the file and the record; 'skip' drops it, counts it
             (`skipped[split]`) and logs the count.
+        text_only_records: 'skip' leaves out records without an image (LLaVA-1.5's mix holds 40,688), counted in
+            `text_only_skipped` and logged: the plug-ins learn to prune and compensate visual tokens, and such a
+            record has none. 'error' treats one as a bad record (see on_bad_record).
         verify_images: decode every image at setup (of the subset only; False checks that the files exist).
         pad_to_square: pad images to a square with the processor's mean colour, as LLaVA-1.5 does.
         max_length: longest teacher-forced sequence; longer conversations are cut to it with a warning, as LLaVA cuts
@@ -574,6 +591,7 @@ class LlavaInstructionDataModule(L.LightningDataModule):
         group_by_length: bool = True,
         seed: int = 0,
         on_bad_record: str = "error",
+        text_only_records: str = "skip",
         verify_images: bool = True,
         pad_to_square: bool = True,
         max_length: int = 2048,
@@ -581,6 +599,8 @@ class LlavaInstructionDataModule(L.LightningDataModule):
     ):
         super().__init__()
         check_on_bad_record(on_bad_record)
+        if text_only_records not in TEXT_ONLY_RECORDS:
+            raise ValueError(f"data.text_only_records={text_only_records!r}; choose one of {TEXT_ONLY_RECORDS}")
         _check_positive(batch_size=batch_size, eval_batch_size=eval_batch_size, subset_size=subset_size,
                         max_length=max_length)
         get_template(template)
@@ -597,6 +617,7 @@ class LlavaInstructionDataModule(L.LightningDataModule):
         self.processor = self.batching.processor
         self.collator = self.batching.collator
         self.skipped: dict[str, tuple[str, ...]] = {}
+        self.text_only_skipped = 0
         # Question files are read now: the CLI links `categories` into the model at instantiation.
         eval_splits: dict[str, list[LlavaRecord]] = {}
         for split, question_file, root in (("val", val_question_file, val_image_root),
@@ -614,7 +635,12 @@ class LlavaInstructionDataModule(L.LightningDataModule):
         if self._train_records is None:
             hp = self.hparams
             bad = BadRecords(hp.train_file, hp.on_bad_record)
-            parsed = read_instruction_records(Path(hp.train_file), Path(hp.image_root), bad)
+            text_only = [0]
+            parsed = read_instruction_records(Path(hp.train_file), Path(hp.image_root), bad, hp.text_only_records,
+                                              text_only)
+            self.text_only_skipped = text_only[0]
+            if text_only[0]:
+                logger.info(f"{hp.train_file}: {text_only[0]} text-only records left out (data.text_only_records='skip')")
             self._train_records, held_out = select_usable(parsed, bad, hp.verify_images, hp.subset_size,
                                                           hp.subset_seed, hp.val_size)
             if hp.val_size:
@@ -690,6 +716,7 @@ class LlavaQuestionsDataModule(L.LightningDataModule):
         question_suffix: str | None = None,
         eval_batch_size: int = 16,
         on_bad_record: str = "error",
+        text_only_records: str = "skip",
         verify_images: bool = True,
         pad_to_square: bool = True,
         max_length: int = 2048,
@@ -697,6 +724,8 @@ class LlavaQuestionsDataModule(L.LightningDataModule):
     ):
         super().__init__()
         check_on_bad_record(on_bad_record)
+        if text_only_records not in TEXT_ONLY_RECORDS:
+            raise ValueError(f"data.text_only_records={text_only_records!r}; choose one of {TEXT_ONLY_RECORDS}")
         _check_positive(eval_batch_size=eval_batch_size, max_length=max_length)
         get_template(template)
         is_tsv = question_file.endswith(".tsv")

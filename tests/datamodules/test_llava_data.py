@@ -563,3 +563,21 @@ def test_integer_question_ids_stay_integers(exported, tmp_path):
     clash = write_jsonl(tmp_path / "clash.jsonl", [lines[0], {**lines[1], "question_id": "20000"}])
     with pytest.raises(ValueError, match=r"clash.jsonl: line 2: question id '20000' appears twice \(first at line 1\)"):
         questions_data(exported, clash, exported.test / "images")
+
+
+def test_text_only_records_are_left_out_and_counted_or_are_bad_records(exported, tmp_path):
+    text_only = {"id": "text-only", "conversations": [{"from": "human", "value": "What is two plus two?"},
+                                                      {"from": "gpt", "value": "four"}]}
+    path = write_instructions(tmp_path / "instructions.json", good_records(exported) + [text_only])
+    data = instruction_data(exported, path)  # on_bad_record='error': a text-only record is not an error by default
+    assert [r.question_id for r in data.train_records] == [r["id"] for r in good_records(exported)]
+    assert data.text_only_skipped == 1 and data.skipped["train"] == ()
+    strict = instruction_data(exported, path, text_only_records="error")
+    with pytest.raises(ValueError, match=r"\(id 'text-only'\): has no 'image': a text-only record"):
+        strict.setup("fit")
+    not_a_path = {**good_records(exported, 1)[0], "id": "odd", "image": 7}
+    path = write_instructions(tmp_path / "odd.json", good_records(exported) + [not_a_path])
+    with pytest.raises(ValueError, match=r"\(id 'odd'\): has 'image' 7, expected the image file's path"):
+        instruction_data(exported, path).setup("fit")
+    with pytest.raises(ValueError, match="data.text_only_records='maybe'"):
+        instruction_data(exported, path, text_only_records="maybe")
