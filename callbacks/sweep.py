@@ -18,6 +18,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_modules.common import exact_match, score
+from lvlm_prune.flops import CONVENTIONS
 from lvlm_prune.runner import per_sample_flops
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ class PruningSweep(L.Callback):
     projector and the method's own modules (caption model, selector, pruners).
     A (method, ratio) whose schedule cannot reach the ratio on this model is recorded with status
     'unreachable' and skipped; one whose realised ratio lies more than `ratio_tolerance` from the requested one
-    keeps its measurements but is also marked 'unreachable', so that it is not read as meeting the budget.
+    keeps its measurements but is also marked 'unreachable', so that it is not read as meeting the budget. A method
+    that cannot run at any ratio (e.g. PyramidDrop stage ends outside the model's layers) is an error at setup.
 
     The split is checked when the stage that sweeps starts (before any training): a missing or empty split is an
     error. After each pair the finished rows are written to `sweep.partial.csv` / `sweep.partial.json`; only a
@@ -73,6 +75,16 @@ class PruningSweep(L.Callback):
     ):
         if split not in ("val", "test"):
             raise ValueError(f"sweep split={split!r}; choose 'val' or 'test'")
+        if not methods:
+            raise ValueError("sweep methods=[] (PruningSweep init_args.methods) is empty: it would write a sweep.csv "
+                             "without rows; list the methods to evaluate, e.g. [full, random, fastv]")
+        pruned = [m for m in methods if m != "full"]
+        if pruned and not prune_ratios:
+            raise ValueError(f"sweep prune_ratios=[] (PruningSweep init_args.prune_ratios) is empty, so {pruned} "
+                             "would not run ('full' alone runs at r = 0); list the ratios, e.g. [0.5, 0.75]")
+        if flops_convention not in CONVENTIONS:
+            raise ValueError(f"sweep flops_convention={flops_convention!r} (PruningSweep init_args.flops_convention); "
+                             f"choose one of {list(CONVENTIONS)}")
         for ratio in prune_ratios:
             if not 0.0 <= ratio < 1.0:
                 raise ValueError(f"sweep prune ratio {ratio} must be in [0, 1)")
@@ -97,8 +109,25 @@ class PruningSweep(L.Callback):
         unknown = [m for m in self.methods if callable(known) and m not in known()]
         if unknown:
             raise ValueError(f"sweep methods {unknown} are unknown to {type(pl_module).__name__}; known: {known()}")
+        self._check_methods_run(pl_module)
         if (stage == "fit" and self.run_after_fit) or (stage == "test" and self.run_after_test):
             self._loader(trainer)
+
+    def _check_methods_run(self, pl_module: L.LightningModule) -> None:
+        """Every schedule reaches r = 0, so a method that cannot be built at r = 0 has a configuration error (layers
+        outside the model, a model family it refuses), which would otherwise be filed as an 'unreachable' row at
+        every ratio, after the fit. A ratio too high for the model's depth stays an 'unreachable' row."""
+        make = getattr(pl_module, "make_method", None)
+        if not callable(make):
+            return
+        options = getattr(pl_module, "method_options", None) or {}
+        for name in dict.fromkeys(self.methods):
+            try:
+                make(name, 0.0)
+            except ValueError as error:
+                setting = f" (model.method_options.{name}={options[name]})" if name in options else ""
+                raise ValueError(f"sweep method {name!r} (PruningSweep init_args.methods) cannot run on this model at "
+                                 f"any prune ratio: {error}{setting}") from error
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_train_end, not on_fit_end: Lightning tears the strategy down (module to CPU) before on_fit_end

@@ -100,6 +100,9 @@ class BaseLVLMModule(L.LightningModule):
             self.model = build_tiny_llava(spec, **ids, attn_implementation=attn_implementation, seed=seed)
         else:
             self.model = _initial_model(init_from, spec, ids, attn_implementation, grow_placement, seed)
+        if max_new_tokens < 1:
+            raise ValueError(f"model.init_args.max_new_tokens={max_new_tokens} must be at least 1 (the longest "
+                             "generated answer, in tokens)")
         if grounding_weight < 0:
             raise ValueError(f"model.grounding_weight={grounding_weight} must be at least 0")
         self.grounding = (AttentionGrounding(self.model, grounding_layers, grounding_heads)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -57,10 +59,10 @@ class FrozenBaseModule(L.LightningModule):
         method_options: dict[str, dict[str, Any]] | None = None,
     ):
         super().__init__()
-        unknown = sorted(set(method_options or {}) - set(TRAINING_FREE_METHODS))
-        if unknown:
-            raise ValueError(f"model.method_options names unknown methods {unknown}; known: {sorted(TRAINING_FREE_METHODS)}")
-        self.method_options = {name: dict(options) for name, options in (method_options or {}).items()}
+        if max_new_tokens < 1:
+            raise ValueError(f"model.init_args.max_new_tokens={max_new_tokens} must be at least 1 (the longest "
+                             "generated answer, in tokens)")
+        self.method_options = checked_method_options(method_options)
         if processor is None:
             raise ValueError("model.processor is missing: it is linked from the datamodule (data.processor)")
         # Lightning collects the init arguments of every class up the hierarchy: a subclass's plug-in module
@@ -70,6 +72,7 @@ class FrozenBaseModule(L.LightningModule):
         self.tokenizer = processor.tokenizer
         self.base = freeze(load_base_model(base_model_path, dtype, attn_implementation, quantization,
                                            setting="model.init_args.base_model_path"))
+        check_processor_matches_base(processor, self.base, base_model_path)
         self.engine = PrunedLlava(self.base)
         self.categories = list(categories or [])
         self.val_accuracy = exact_match(self.categories)
@@ -150,3 +153,74 @@ class FrozenBaseModule(L.LightningModule):
 
     def configure_optimizers(self):
         return None
+
+
+def checked_method_options(method_options: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """`method_options` as plain dicts, each checked against its method's constructor now, so that a misspelt
+    option fails at init rather than when a sweep (after the whole fit) first builds that method."""
+    unknown = sorted(set(method_options or {}) - set(TRAINING_FREE_METHODS))
+    if unknown:
+        raise ValueError(f"model.method_options names unknown methods {unknown}; known: {sorted(TRAINING_FREE_METHODS)}")
+    checked = {}
+    for name, options in (method_options or {}).items():
+        if not isinstance(options, Mapping):
+            raise ValueError(f"model.method_options.{name} must map option names to values, got {options!r}")
+        method = TRAINING_FREE_METHODS[name]
+        parameters = list(inspect.signature(method.__init__).parameters.values())[1:]  # after self
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            accepted = [p.name for p in parameters if p.name != "prune_ratio"
+                        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+            for key in options:
+                if key not in accepted:
+                    raise ValueError(f"model.method_options.{name}.{key} is not an option of {name} "
+                                     f"({method.__name__}); accepted: {accepted or 'none'}")
+        try:  # values the constructor refuses whatever the ratio (those bind refuses need the model: sweep setup)
+            build_method(name, 0.0, **options)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"model.method_options.{name}={dict(options)}: {error}") from error
+        checked[name] = dict(options)
+    return checked
+
+
+def check_processor_matches_base(processor: Any, base: torch.nn.Module, base_model_path: str) -> None:
+    """A processor saved with another base gives token ids the embedding does not have, or image tokens the
+    engine does not find: refused here, with both settings named, rather than at the first batch."""
+    settings = "data.init_args.processor_path and model.init_args.base_model_path do not match"
+    source = getattr(processor.tokenizer, "name_or_path", "")
+    source = f"comes from {source!r}" if source else "was built by the datamodule"
+    fix = (f"; the processor {source}, the base from {str(base_model_path)!r}: use the processor saved with the base "
+           "model (usually the same directory)")
+    config = base.config
+    image_token = getattr(processor, "image_token", None)
+    processor_id = getattr(processor, "image_token_id", None)
+    if processor_id is None and image_token is not None:
+        processor_id = processor.tokenizer.convert_tokens_to_ids(image_token)
+    base_id = getattr(config, "image_token_id", None)
+    if base_id is None:
+        base_id = getattr(config, "image_token_index", None)
+    if processor_id is not None and base_id is not None and processor_id != base_id:
+        raise ValueError(f"{settings}: the processor's image token {image_token!r} has id {processor_id}, the base "
+                         f"model's config.image_token_id is {base_id}{fix}")
+    # <=, not ==: checkpoints pad the embedding (LLaVA-1.5-7B: 32064 rows for a tokenizer of 32002 tokens)
+    rows = base.get_input_embeddings().num_embeddings
+    if len(processor.tokenizer) > rows:
+        raise ValueError(f"{settings}: the processor's tokenizer has {len(processor.tokenizer)} tokens, more than the "
+                         f"base model's {rows} embedding rows{fix}")
+    crop = crop_size(getattr(processor, "image_processor", None))
+    vision = getattr(getattr(config, "vision_config", None), "image_size", None)
+    if crop is not None and vision is not None and crop != (vision, vision):
+        raise ValueError(f"{settings}: the processor crops images to {crop[0]} x {crop[1]} pixels, the base model's "
+                         f"vision tower takes {vision} (vision_config.image_size){fix}")
+
+
+def crop_size(image_processor: Any) -> tuple[int, int] | None:
+    """(height, width) of the images (LLaVA-NeXT: of each anyres crop) the image processor hands the vision tower;
+    None where that is not its `crop_size` (no centre crop, or no crop size at all)."""
+    crop = getattr(image_processor, "crop_size", None)
+    if crop is None or not getattr(image_processor, "do_center_crop", True):
+        return None
+    try:
+        height, width = crop["height"], crop["width"]
+    except (KeyError, TypeError):
+        return None
+    return (height, width) if isinstance(height, int) and isinstance(width, int) else None

@@ -132,3 +132,9 @@ def test_a_broken_instruction_json_names_line_and_column(tmp_path):
     with pytest.raises(ValueError, match=r"mix.json: not valid JSON \(Expecting ',' delimiter, line 1 column 35, "
                                          r"character 34\)"):
         list(_load_instruction_file(broken, BadRecords(broken, "error")))
+
+
+def test_the_base_module_refuses_max_new_tokens_below_one(tmp_path):
+    with pytest.raises(ValueError, match=r"model.init_args.max_new_tokens=0 must be at least 1"):
+        cli_main(["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+                  "--model.init_args.max_new_tokens", "0"])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -68,10 +71,49 @@ def load_base_model(
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "attn_implementation": attn_implementation}
     if quantization is not None:
         kwargs.update(quantization_kwargs(quantization, DTYPES[dtype]))
-    config = AutoConfig.from_pretrained(str(path))
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{_named(setting)}{str(path / 'config.json')!r} is corrupt or incomplete: it could not be "
+                         f"read as a model config ({type(error).__name__}: {error})") from error
+    check_safetensors(path, setting)
     is_next = config.model_type == "llava_next"
     model_class = LlavaNextForConditionalGeneration if is_next else AutoModelForImageTextToText
-    return model_class.from_pretrained(str(path), config=config, **kwargs)
+    try:
+        return model_class.from_pretrained(str(path), config=config, **kwargs)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        # safetensors past the header check, or a damaged pytorch_model*.bin (torch's zip reader or unpickler)
+        if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
+            raise
+        raise ValueError(f"{_named(setting)}the weights in {str(path)!r} are corrupt or incomplete "
+                         f"({type(error).__name__}: {error}); download or save the base model again") from error
+
+
+def check_safetensors(path: Path, setting: str | None = None) -> None:
+    """Reads the header of each safetensors file the directory's checkpoint uses (the index's shards, or
+    model.safetensors): a truncated or overwritten file fails here, named, instead of deep inside from_pretrained.
+    The header check covers truncation: safetensors refuses a file shorter than its header says."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{_named(setting)}{str(index)!r} is corrupt or incomplete ({type(error).__name__}: "
+                             f"{error}); download or save the base model again") from error
+        files = [path / shard for shard in shards]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{_named(setting)}the base model is incomplete: {str(file)!r}, named in "
+                                        f"{str(index)!r}, does not exist; download or save the base model again")
+    else:
+        files = [file for file in (path / "model.safetensors",) if file.exists()]
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{_named(setting)}{str(file)!r} is corrupt or incomplete ({type(error).__name__}: "
+                             f"{error}); download or save the base model again") from error
 
 
 def quantization_kwargs(quantization: str, compute_dtype: torch.dtype) -> dict[str, Any]:
