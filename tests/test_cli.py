@@ -52,9 +52,21 @@ def test_resume_continues_the_step_count_and_exports(tmp_path, monkeypatch):
     last = tmp_path / "base_describe" / "run" / "checkpoints" / "last.ckpt"
     assert last.exists()
     assert torch.load(last, weights_only=False)["global_step"] == 2
+    saved = torch.load(last, weights_only=False)
     steps_at_start = []
-    monkeypatch.setattr(BaseLVLMModule, "on_train_start", lambda module: steps_at_start.append(module.global_step),
-                        raising=False)
+
+    def on_train_start(module):  # the resumed run starts from the checkpoint's weights and optimiser state
+        state = module.state_dict()
+        assert state.keys() == saved["state_dict"].keys()
+        for key, value in saved["state_dict"].items():
+            assert torch.equal(state[key], value), key
+        (expected,) = saved["optimizer_states"]
+        assert expected["state"]  # AdamW's moments of the trained weights
+        torch.testing.assert_close(module.trainer.optimizers[0].state_dict()["state"], expected["state"], rtol=0,
+                                   atol=0)
+        steps_at_start.append(module.global_step)
+
+    monkeypatch.setattr(BaseLVLMModule, "on_train_start", on_train_start, raising=False)
     cli = cli_main([*args, "--trainer.max_steps", "4", "--ckpt_path", str(last)])
     assert steps_at_start == [2] and cli.trainer.global_step == 4
     assert (tmp_path / "export" / "config.json").exists() and (tmp_path / "export" / "tokenizer.json").exists()
@@ -88,6 +100,7 @@ def test_every_config_starts_with_its_command_and_parses(path, capsys):
     subcommand, args = command[0], command[1:]
     if "--config" not in args:
         pytest.skip("fragment without a --config of its own")
+    assert path in args, f"{path}'s header command does not load {path}: {command}"
     with pytest.raises(SystemExit) as exit_info:
         cli_main([subcommand, *args, "--print_config"])
     assert exit_info.value.code in (0, None)

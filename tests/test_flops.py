@@ -167,6 +167,12 @@ def test_llava15_7b_fastv_convention_numbers():
     pruned = llm_prefill_flops(shape, 64, [64] * 32, "fastv")
     assert 3.2e12 <= unpruned <= 3.4e12
     assert 0.6e12 <= pruned <= 0.7e12
+
+    def fastv_formula(n, d=4096, m=11008, layers=32):  # FastV's per-layer 4nd^2 + 2n^2d + 2ndm, by hand
+        return layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+
+    assert unpruned == pytest.approx(3.3286e12, rel=1e-3) and unpruned == pytest.approx(fastv_formula(640), rel=1e-9)
+    assert pruned == pytest.approx(0.64854e12, rel=1e-3) and pruned == pytest.approx(fastv_formula(128), rel=1e-9)
     assert prune_ratio_realised([64] * 32, 576) == pytest.approx(1 - 64 / 576)
 
 

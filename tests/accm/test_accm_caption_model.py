@@ -173,13 +173,14 @@ def _check_candidates(candidates, num_candidates, max_new_tokens):
         assert len(set(rows)) == num_candidates
 
 
+@pytest.mark.parametrize("num_beams", [3, 4])  # 3 == num_candidates: both ACCM configs' setting
 @pytest.mark.parametrize("eos_boost", [0.0, 3.0])
-def test_beam_search_returns_distinct_candidates_scored_like_teacher_forcing(eos_boost):
+def test_beam_search_returns_distinct_candidates_scored_like_teacher_forcing(eos_boost, num_beams):
     model = make_model()
     handle = _boost_eos(model, eos_boost)
     instruction, instruction_mask, visual, visual_mask, _, _ = make_inputs()
     candidates = model.generate_candidates(
-        instruction, instruction_mask, visual, visual_mask, num_candidates=3, num_beams=4, max_new_tokens=8
+        instruction, instruction_mask, visual, visual_mask, num_candidates=3, num_beams=num_beams, max_new_tokens=8
     )
     _check_candidates(candidates, 3, 8)
     # Scores accumulated step by step through the KV cache equal a no-cache teacher-forced pass.
@@ -191,6 +192,82 @@ def test_beam_search_returns_distinct_candidates_scored_like_teacher_forcing(eos
     assert (normalised[:, :-1] >= normalised[:, 1:] - 1e-6).all()
     assert torch.equal(candidates.prefix_lengths, instruction_mask.sum(1) + 4)
     handle.remove()
+
+
+def _greedy(model, instruction, instruction_mask, visual, visual_mask, max_new_tokens):
+    """Greedy captions by full no-cache passes, under generate_candidates' rules (no PAD, no EOS first, EOS forced
+    at the last step): (B, T) ids padded after EOS."""
+    prefix, prefix_mask = model.embed_prefix(instruction, instruction_mask, visual, visual_mask)
+    tokens = torch.zeros(prefix.shape[0], 0, dtype=torch.long)
+    for step in range(max_new_tokens):
+        embeds = torch.cat([prefix, model.decoder.transformer.wte(tokens)], 1)
+        mask = torch.cat([prefix_mask, torch.ones_like(tokens)], 1)
+        logits = model.decoder(inputs_embeds=embeds, attention_mask=mask,
+                               position_ids=(mask.cumsum(1) - 1).clamp_min(0)).logits[:, -1]
+        logits[:, PAD] = float("-inf")
+        if step == 0:
+            logits[:, EOS] = float("-inf")
+        next_token = torch.full_like(logits[:, 0], EOS, dtype=torch.long) if step == max_new_tokens - 1 \
+            else logits.argmax(-1)
+        tokens = torch.cat([tokens, next_token[:, None]], 1)
+    ended = (tokens == EOS).long().cumsum(1)
+    return tokens.masked_fill((ended - (tokens == EOS).long()) > 0, PAD)  # PAD after the first EOS
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_beams", [3, 4])
+@pytest.mark.parametrize("eos_boost", [0.0, 3.0])
+def test_beam_search_scores_at_least_as_well_as_greedy_decoding(eos_boost, num_beams):
+    """The top candidate's length-normalised log-probability (the ranking score), checked by teacher forcing, is at
+    least that of the greedy caption."""
+    model = make_model()
+    handle = _boost_eos(model, eos_boost)
+    instruction, instruction_mask, visual, visual_mask, _, _ = make_inputs()
+    candidates = model.generate_candidates(
+        instruction, instruction_mask, visual, visual_mask, num_candidates=3, num_beams=num_beams, max_new_tokens=8)
+    greedy = _greedy(model, instruction, instruction_mask, visual, visual_mask, 8)
+    greedy_mask = greedy != PAD
+    greedy_score = model.sequence_logprob(instruction, instruction_mask, visual, visual_mask, greedy, greedy_mask)
+    top = model.sequence_logprob(instruction, instruction_mask, visual, visual_mask, candidates.token_ids[:, 0],
+                                 candidates.token_ids[:, 0] != PAD)
+    handle.remove()
+    assert (top / candidates.lengths[:, 0] >= greedy_score / greedy_mask.sum(1) - 1e-5).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_beams", [3, 6])
+def test_beam_search_of_two_tokens_matches_brute_force(num_beams):
+    """On a vocabulary of 8 (PAD, EOS and 6 other tokens) with max_new_tokens=2 every caption is [token, EOS]:
+    scored by teacher forcing, beam search returns the best 3 of the captions of the `num_beams` likeliest first
+    tokens, ranked; with a beam as wide as the allowed first tokens (6) those are the best 3 of all captions."""
+    vocab = 8
+    torch.manual_seed(3)
+    model = CaptionModel(vocab_size=vocab, visual_dim=VISUAL_DIM, embed_dim=32, num_layers=2, num_heads=2,
+                         prefix_length=4, mapper_layers=1, max_length=48, bos_token_id=BOS, eos_token_id=EOS,
+                         pad_token_id=PAD, dropout=0.0).eval()
+    g = torch.Generator().manual_seed(1)
+    instruction = torch.randint(3, vocab, (2, 5), generator=g)
+    instruction[0, :2] = PAD
+    instruction_mask = (instruction != PAD).long()
+    visual = torch.randn(2, 6, VISUAL_DIM, generator=g)
+    visual_mask = torch.ones(2, 6, dtype=torch.bool)
+    candidates = model.generate_candidates(instruction, instruction_mask, visual, visual_mask, num_candidates=3,
+                                           num_beams=num_beams, max_new_tokens=2)
+    words = [t for t in range(vocab) if t not in (PAD, EOS)]  # BOS is an ordinary token here
+    captions = torch.tensor([[w, EOS] for w in words]).expand(2, -1, -1)
+    scores = model.sequence_logprob(instruction, instruction_mask, visual, visual_mask, captions,
+                                    torch.ones_like(captions, dtype=torch.bool))  # (2, 6)
+    first, _ = model.caption_token_logprobs(instruction, instruction_mask, visual, visual_mask, captions,
+                                            torch.ones_like(captions, dtype=torch.bool))
+    for b in range(2):
+        beam = [words[i] for i in first[b, :, 0].topk(num_beams).indices.tolist()]  # the likeliest first words
+        expected = sorted(beam, key=lambda w: -scores[b, words.index(w)].item())[:3]
+        assert candidates.token_ids[b].tolist() == [[w, EOS] for w in expected]
+        torch.testing.assert_close(candidates.logprobs[b], scores[b, [words.index(w) for w in expected]],
+                                   atol=1e-4, rtol=1e-4)
+    if num_beams == len(words):  # exhaustive: the three best captions of all
+        best = scores.topk(3, dim=1).indices
+        assert candidates.token_ids[:, :, 0].tolist() == [[words[i] for i in row] for row in best.tolist()]
 
 
 def test_beam_search_decodes_one_token_per_step_with_the_cache():

@@ -165,13 +165,28 @@ def test_splice_context_keeps_hidden_visual_tokens_hidden():
     assert out.inserted.nonzero().tolist() == [[0, 3], [0, 4], [1, 4]]
 
 
+@pytest.fixture
+def unfrozen_base(setup):
+    """The fixture's base with requires_grad on for one test: a gradient that reached it would then be recorded
+    (with the freeze on, `grad is None` holds whatever the plug-in does)."""
+    _, engine, _ = setup
+    engine.model.requires_grad_(True)
+    try:
+        yield engine.model
+    finally:
+        engine.model.requires_grad_(False)
+        engine.model.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("objective", ["kl_ce", "dpo"])
-def test_losses_are_finite_and_only_plugin_parameters_get_gradients(setup, objective):
+def test_losses_are_finite_and_only_plugin_parameters_get_gradients(setup, objective, unfrozen_base):
     tokenizer, engine, batch = setup
     plugin = make_plugin(engine, tokenizer, objective=objective)
     base_ids = {id(p) for p in engine.model.parameters()}
     assert not base_ids & {id(p) for p in plugin.parameters()}
-    assert not any(p.requires_grad for p in engine.model.parameters())
+    # every base pass of ACCM (selection, warm-start descriptions, KL ranking) runs without a graph, so even a base
+    # left trainable gets no gradient
+    assert all(p.requires_grad for p in engine.model.parameters())
     for progress, expected in ((0.0, {"caption_warmup"}),
                                (0.9, {"selector", "kl_best", "kl_mean", "caption" if objective == "kl_ce" else "dpo"})):
         plugin.zero_grad(set_to_none=True)
@@ -270,9 +285,23 @@ def test_oracle_and_random_variants(setup):
     plugin = make_plugin(engine, tokenizer)
     assert plugin.variants() == ["accm", "accm_oracle", "accm_random", "accm_prune_only"]
     args = (engine, batch, RATIO, 4, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    alone = plugin.generate(*args, variant="accm_prune_only")
     for variant in ("accm_oracle", "accm_random"):
         result = plugin.generate(*args, variant=variant)
         assert result.tokens.shape[0] == 3 and set(result.plugin_flops) == {"caption_model"}
+    # the random variant splices the candidate `random_pick` names for each sample, and counts its tokens
+    picks, caption_inserts = [], plugin.caption_inserts
+    plugin.caption_inserts = lambda candidates, pick=None: picks.append(pick) or caption_inserts(candidates, pick)
+    try:
+        result = plugin.generate(*args, variant="accm_random")
+    finally:
+        del plugin.caption_inserts
+    candidates = plugin.caption_candidates(batch, plugin.select_visual_tokens(engine, batch, RATIO))
+    expected_pick = plugin.random_pick(batch, candidates.lengths.shape[1])
+    assert len(picks) == 1 and torch.equal(picks[0], expected_pick)
+    spliced = [len(plugin.context_prefix_ids) + len(caption_tokens(plugin, candidates, b, int(expected_pick[b])))
+               for b in range(3)]
+    assert (result.text_tokens - alone.text_tokens).tolist() == spliced
     sampled = make_plugin(engine, tokenizer, strategy="sample", sample_top_p=1.0)
     first = sampled.generate(*args)
     assert first.tokens.shape[0] == 3 and (first.plugin_flops["caption_model"] > 0).all()

@@ -30,6 +30,7 @@ import test_accm_compensation as tiny_lvlm
 
 RATIO, WORDS = tiny_lvlm.RATIO, tiny_lvlm.WORDS
 setup = tiny_lvlm.setup  # the tiny LVLM fixture, shared
+unfrozen_base = tiny_lvlm.unfrozen_base  # its base left trainable for one test
 
 EOT, SOT, UNK = "<|endoftext|>", "<|startoftext|>", "[UNK]"
 
@@ -298,7 +299,7 @@ def test_missing_or_wrong_paths_are_named(setup, paths, tmp_path):
         assert not hasattr(plugin, "caption_model")
 
 
-def test_a_fit_step_trains_the_pretrained_decoder_and_not_clip(setup, paths):
+def test_a_fit_step_trains_the_pretrained_decoder_and_not_clip(setup, paths, unfrozen_base):
     tokenizer, engine, batch = setup
     options = dict(caption_decoder_path=paths["gpt2"], selector_encoder="clip_text",
                    selector_encoder_path=paths["clip"])
@@ -318,7 +319,7 @@ def test_a_fit_step_trains_the_pretrained_decoder_and_not_clip(setup, paths):
             losses["loss"].backward()
             assert all(p.grad is not None for p in plugin.caption_model.decoder.parameters())
             assert all(p.grad is None for p in clip.parameters())
-            assert all(p.grad is None for p in engine.model.parameters())
+            assert all(p.grad is None for p in engine.model.parameters())  # trainable, yet no gradient came
             if progress > 0.5:
                 assert {"caption", "selector"} <= set(losses)
                 assert all(p.grad is not None for p in plugin.selector.parameters())
@@ -392,10 +393,21 @@ def test_a_lightning_fit_trains_and_exports_the_plugin_without_clip(tiny_base_di
                                 learning_rate=1e-3, max_new_tokens=2, plugin_export_path=str(export))
     clip = plugin.text_encoder.model
     decoder_before = plugin.caption_model.decoder.transformer.wte.weight.detach().clone()
+    modes = []
+
+    class BaseMode(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append((pl_module.compensation.training, any(m.training for m in pl_module.base.modules())))
+
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, limit_val_batches=0, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        default_root_dir=tmp_path)
+                        default_root_dir=tmp_path, callbacks=[BaseMode()])
     trainer.fit(module, datamodule=data)  # step 0: warm start, step 1: KL-ranked stage
+    assert modes == [(True, False), (True, False)]  # the plug-in trains, the base stays in eval mode
+    from lvlm_prune.modeling.loading import load_base_model
+
+    fresh, after = load_base_model(tiny_base_dir).state_dict(), module.base.state_dict()
+    assert after.keys() == fresh.keys() and all(torch.equal(after[k], fresh[k]) for k in fresh)
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimized == {id(p) for p in plugin.parameters() if p.requires_grad}
     assert {id(p) for p in plugin.caption_model.decoder.parameters()} <= optimized

@@ -16,6 +16,7 @@ from datamodules.llava import LlavaInstructionDataModule
 from datamodules.synthetic import SyntheticVQADataModule
 from lightning_modules.compensation import CompensationModule
 from lightning_modules.frozen_base import FrozenBaseModule
+from lvlm_prune.evaluation.normalize import normalize_answer
 from lvlm_prune.rcp.compensation import RCPCompensation
 
 
@@ -82,7 +83,13 @@ def test_a_failing_pair_keeps_the_finished_rows_on_disk_and_is_named(tiny_base_d
     rows = read_rows(tmp_path / "sweep.partial.csv")
     assert [(r["method"], r["status"]) for r in rows] == [("full", "ok"), ("random", "ok"),
                                                           ("fastv", "failed: RuntimeError: boom")]
-    assert float(rows[1]["accuracy"]) >= 0 and int(rows[1]["num_samples"]) == TINY_DATA_ARGS["num_test"]
+    assert int(rows[1]["num_samples"]) == TINY_DATA_ARGS["num_test"]
+    # the accuracy is the exact-match rate of the method's own answers over the whole split
+    matches = 0
+    for batch in data.test_dataloader():
+        predictions, _, _ = original(batch, "random", 0.5)
+        matches += sum(normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, batch["answers"]))
+    assert float(rows[1]["accuracy"]) == pytest.approx(matches / TINY_DATA_ARGS["num_test"], abs=1e-9)
     assert [r["method"] for r in json.loads((tmp_path / "sweep.partial.json").read_text())["rows"]] == [
         "full", "random", "fastv"]
     assert not (tmp_path / "sweep.csv").exists()  # its presence means "done" to scripts/demo.py
@@ -137,6 +144,37 @@ def test_a_complete_sweep_writes_its_files_and_drops_the_partial_ones(tiny_base_
     assert float(full["tflops_total"]) == pytest.approx(
         float(full["tflops_llm_exact"]) + (report.vision + report.projector) / 1e12, rel=1e-4)
     assert float(full["tflops"]) < float(full["tflops_llm_exact"])  # FastV counts a multiply-add once
+
+
+def test_a_sweep_logs_its_scalars_and_figure_to_tensorboard(tiny_base_dir, data, tmp_path):
+    """With the configs' TensorBoard logger and no dirpath, the files go to the logger's directory and the event file
+    holds an accuracy and a TFLOPs scalar per (method, ratio), equal to the table's, and the accuracy-vs-FLOPs
+    figure."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version="run")
+    sweep = PruningSweep(methods=["full", "random"], prune_ratios=[0.5, 0.75], limit_batches=1)
+    L.Trainer(accelerator="cpu", devices=1, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, callbacks=[sweep], default_root_dir=tmp_path).test(
+        frozen_base(tiny_base_dir, data), datamodule=data)
+    logger.experiment.flush()
+    log_dir = tmp_path / "tb" / "run"
+    rows = read_rows(log_dir / "sweep.csv")
+    assert [(r["method"], float(r["prune_ratio"]), r["status"]) for r in rows] == [
+        ("full", 0.0, "ok"), ("random", 0.5, "ok"), ("random", 0.75, "ok")]
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for row in rows:
+        for column, name in (("accuracy", "acc"), ("tflops", "tflops")):
+            tag = f"sweep/{row['method']}/{name}@r={float(row['prune_ratio'])}"
+            assert tag in scalars, (tag, sorted(scalars))
+            (event,) = events.Scalars(tag)
+            assert event.value == pytest.approx(float(row[column]), rel=1e-6, abs=1e-12)
+    assert events.Tags()["images"] == ["sweep/accuracy_vs_flops"]
+    (image,) = events.Images("sweep/accuracy_vs_flops")
+    assert image.encoded_image_string.startswith(b"\x89PNG") and image.width > 100 and image.height > 100
 
 
 @pytest.mark.parametrize("split, names", [("val", r"data\.val_question_file, data\.val_image_root, data\.val_size"),

@@ -60,6 +60,14 @@ def test_full_tokens_reproduce_stock_generation(tiny_spec, attn):
     ours, counts = PrunedLlava(model).generate(ids, mask, pixels, max_new_tokens=6)
     assert torch.equal(ours, stock)
     assert (counts == tiny_spec.num_visual_tokens).all()
+    # and Hugging Face's own generate (its positions, cache and EOS handling, not the project's reference loop)
+    eos, pad = model.generation_config.eos_token_id, 0
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6,
+                            do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    assert torch.equal(hf[:, : ids.shape[1]], ids)
+    ours, _ = PrunedLlava(model).generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=eos, pad_token_id=pad)
+    assert torch.equal(ours, hf[:, ids.shape[1]:])
 
 
 @pytest.mark.parametrize("layer", [None, 0, 2])

@@ -62,6 +62,19 @@ class NaNAt(L.Callback):
             handle.write(json.dumps({"step": trainer.global_step, "checksum": plugin_checksum(pl_module)}) + "\n")
 
 
+class ChecksumAtStart(L.Callback):
+    """Writes the plug-in checksum to `<record>.<rank>.json` when training starts (after a resume: what was
+    restored)."""
+
+    def __init__(self, record: str):
+        self.record = record
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        checksum = plugin_checksum(pl_module)  # every rank: a ZeRO-3 gather
+        Path(f"{self.record}.{trainer.global_rank}.json").write_text(
+            json.dumps({"step": trainer.global_step, "checksum": checksum}))
+
+
 class EndGenerationEarly(L.Callback):
     """On rank `rank`, makes EOS by far the likeliest token of the base's and the ACCM caption model's heads, so
     that rank's generations end long before the other ranks' (a rank that stops calling a ZeRO-3 partitioned module

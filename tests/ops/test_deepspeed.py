@@ -97,7 +97,11 @@ def test_zero3_two_processes_partition_the_base_train_validate_skip_export_and_r
         probe = json.loads((run_dir / f"partition.{rank}.json").read_text())
         assert 0.45 * probe["total"] < probe["held"] < 0.6 * probe["total"]
     rows = metric_rows(run_dir)
-    assert all(float(r["train/repair"]) >= 0 for r in rows if r["train/repair"])  # the teacher pass ran
+    # the teacher pass ran under ZeRO-3 and the noisy student dropped tokens: a finite, non-zero repair loss at every
+    # trained step (step 1, skipped, is left out: its row repeats step 0's values)
+    repair = {int(r["step"]): float(r["train/repair"]) for r in rows
+              if r["train/repair"] and not r["train/skipped_steps"]}
+    assert sorted(repair) == [0, 2, 3] and all(0 < value < float("inf") for value in repair.values()), repair
     assert [r for r in rows if r.get("val/avg_visual_tokens")], "no validation (generation under ZeRO-3) was logged"
     ranks = [[json.loads(line) for line in (run_dir / f"checksums.{rank}.jsonl").read_text().splitlines()]
              for rank in (0, 1)]
@@ -110,9 +114,14 @@ def test_zero3_two_processes_partition_the_base_train_validate_skip_export_and_r
     assert_same_weights(export_from_checkpoint(checkpoint, tmp_path / "exported.safetensors"),
                         load_file(run_dir / "plugin.safetensors"))
 
-    resumed = run_cli(common + ["--ckpt_path", "auto", "--trainer.max_steps", "6"], timeout=240)
+    resumed = run_cli(common + ["--ckpt_path", "auto", "--trainer.max_steps", "6",
+                                "--trainer.callbacks+=ops_helpers.ChecksumAtStart",
+                                f"--trainer.callbacks.init_args.record={run_dir / 'start'}"], timeout=240)
     assert f"--ckpt_path auto: resuming from {checkpoint}" in resumed
     assert model_states(checkpoint)[0]["global_step"] == 6
+    assert [int(r["step"]) for r in metric_rows(run_dir) if r["train/loss"]] == [4, 5]
+    for rank in (0, 1):  # the resumed run starts from the sharded weights of step 4, gathered
+        assert json.loads((run_dir / f"start.{rank}.json").read_text()) == {"step": 4, "checksum": checksums[4]}
 
 
 def test_zero3_two_processes_keep_accm_and_an_uneven_sweep_in_step(tiny_base_dir, tmp_path):

@@ -81,6 +81,76 @@ def test_a_non_finite_step_moves_neither_weights_nor_optimiser_state(tiny_base_d
         assert any(not torch.equal(snapshots.before[step][0][k], snapshots.after[step][0][k]) for k in weights_before)
 
 
+class BaseStaysFrozen(L.Callback):
+    """Checks at every training batch that the base is in eval mode while the plug-in trains, and before every
+    optimiser step that no gradient reached the base while the plug-in's pruners got one."""
+
+    def __init__(self):
+        self.batches = self.steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        assert pl_module.training and pl_module.compensation.training
+        assert not pl_module.base.training and not any(m.training for m in pl_module.base.modules())
+        self.batches += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        assert not any(p.requires_grad or p.grad is not None for p in pl_module.base.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pl_module.compensation.pruners.parameters())
+        self.steps += 1
+
+
+def test_a_fit_leaves_the_base_bitwise_unchanged_and_in_eval_mode(tiny_base_dir, data, tmp_path):
+    """The module's own freeze (no test-side one) and its train() override: after two AdamW steps with weight decay
+    (which would move any weight the optimiser held, gradient or not) the base equals a fresh load bit for bit."""
+    from lvlm_prune.modeling.loading import load_base_model
+
+    module = make_module(tiny_base_dir, data, weight_decay=0.1)
+    plugin_before = plugin_state(module)
+    module.train()
+    assert module.compensation.training and not module.base.training
+    probe = BaseStaysFrozen()
+    make_trainer(tmp_path, max_steps=2, callbacks=[probe]).fit(module, datamodule=data)
+    assert probe.batches == 2 and probe.steps == 2
+    fresh, after = load_base_model(tiny_base_dir).state_dict(), module.base.state_dict()
+    assert after.keys() == fresh.keys()
+    assert all(torch.equal(after[k], fresh[k]) for k in fresh)
+    assert any(not torch.equal(v, plugin_state(module)[k]) for k, v in plugin_before.items())  # the plug-in trained
+
+
+def test_a_fit_logs_each_loss_term_and_the_parameter_counts(tiny_base_dir, tmp_path):
+    """The CLI's CSV logger gets, per training step, the answer CE, the repair and sparsity losses, the kept-token
+    fraction and the schedule's values beside the total (which they make up), and once the trainable / frozen
+    parameter counts."""
+    import math
+
+    import yaml
+
+    from cli import cli_main
+    from ops_helpers import metric_rows, tiny_experiment
+
+    run_dir = tmp_path / "run"
+    cli = cli_main(["fit", "--config", str(tiny_experiment(run_dir, tiny_base_dir, max_steps=2)),
+                    "--trainer.limit_val_batches", "0"])
+    rows = [r for r in metric_rows(run_dir) if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [0, 1]
+    plugin = cli.model.compensation
+    for row in rows:
+        values = {k: float(row[f"train/{k}"]) for k in ("loss", "ce", "repair", "sparsity", "keep_fraction",
+                                                       "target_keep_fraction", "temperature")}
+        assert all(math.isfinite(v) for v in values.values()), values
+        assert values["ce"] > 0 and values["repair"] > 0 and values["sparsity"] >= 0
+        assert 0 < values["keep_fraction"] <= 1 and 0 < values["target_keep_fraction"] <= 1
+        assert values["temperature"] == pytest.approx(plugin.schedule(int(row["step"]) / 2).temperature)
+        total = (plugin.ce_weight * values["ce"] + plugin.repair_weight * values["repair"]
+                 + plugin.sparsity_weight * values["sparsity"])
+        assert values["loss"] == pytest.approx(total, rel=1e-5)
+    hparams = yaml.safe_load((run_dir / "logs" / "run" / "hparams.yaml").read_text())
+    trainable = sum(p.numel() for p in plugin.parameters())
+    frozen = sum(p.numel() for p in cli.model.base.parameters())
+    assert (hparams["params/trainable"], hparams["params/frozen"]) == (trainable, frozen)
+    assert trainable + frozen == sum(p.numel() for p in cli.model.parameters())
+
+
 def test_under_deepspeed_accumulation_a_non_finite_micro_batch_backpropagates_zero_and_still_steps(
         tiny_base_dir, data, monkeypatch):
     """DeepSpeed counts its accumulation window in the step after every micro-batch: skipping that step would
@@ -167,14 +237,48 @@ def test_fp32_plugins_train_on_a_quantised_base(tiny_base_dir, data, tmp_path, q
     assert all(torch.equal(v, base_after[k]) for k, v in base_before.items())
 
 
+class RestoredAtTrainStart(L.Callback):
+    """Compares, when the resumed run starts training, the plug-in weights, the optimiser state and the learning-rate
+    schedule with the checkpoint it resumes from, and the frozen base with `base_state`."""
+
+    def __init__(self, checkpoint, base_state):
+        self.checkpoint, self.base_state, self.checked = checkpoint, base_state, False
+
+    def on_train_start(self, trainer, pl_module):
+        saved = self.checkpoint["state_dict"]
+        plugin = pl_module.compensation.state_dict()
+        assert {f"compensation.{k}" for k in plugin} == {k for k in saved if k.startswith("compensation.")}
+        for key, value in plugin.items():
+            assert torch.equal(value, saved[f"compensation.{key}"]), key
+        (expected,) = self.checkpoint["optimizer_states"]
+        actual = trainer.optimizers[0].state_dict()
+        assert len(expected["state"]) == len(plugin) and all(s["step"] == 1 for s in expected["state"].values())
+        torch.testing.assert_close(actual["state"], expected["state"], rtol=0, atol=0)  # AdamW's moments and steps
+        assert [g["lr"] for g in actual["param_groups"]] == [g["lr"] for g in expected["param_groups"]]
+        assert trainer.lr_scheduler_configs[0].scheduler.state_dict() == self.checkpoint["lr_schedulers"][0]
+        base = pl_module.base.state_dict()  # the quantised weights and their quantisation state
+        assert base.keys() == self.base_state.keys()
+        assert all(torch.equal(base[k], v) for k, v in self.base_state.items() if isinstance(v, torch.Tensor))
+        self.checked = True
+
+
 def test_a_run_on_a_4bit_base_resumes_from_its_checkpoint(tiny_base_dir, data, tmp_path):
     checkpointing = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=0)
     first = make_module(tiny_base_dir, data, quantization="4bit")
+    base_state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in first.base.state_dict().items()}
     make_trainer(tmp_path, max_steps=1, callbacks=[checkpointing], checkpoint=True).fit(first, datamodule=data)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
     resumed = make_module(tiny_base_dir, data, quantization="4bit")
-    trainer = make_trainer(tmp_path, max_steps=2, checkpoint=True)
-    trainer.fit(resumed, datamodule=data, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
-    assert trainer.global_step == 2
+    fresh = plugin_state(resumed)
+    # the trained plug-in differs from a fresh one, so equal weights at the start mean they were restored
+    assert any(not torch.equal(v, checkpoint["state_dict"][f"compensation.{k}"]) for k, v in fresh.items())
+    restored = RestoredAtTrainStart(checkpoint, base_state)
+    trainer = make_trainer(tmp_path, max_steps=2, callbacks=[restored], checkpoint=True)
+    trainer.fit(resumed, datamodule=data, ckpt_path=path)
+    assert restored.checked and trainer.global_step == 2
+    base_after = resumed.base.state_dict()
+    assert all(torch.equal(base_after[k], v) for k, v in base_state.items() if isinstance(v, torch.Tensor))
 
 
 def test_gradients_through_a_4bit_layer_stay_right_after_a_no_grad_pass(tiny_base_dir, data):

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from types import SimpleNamespace
 
@@ -40,31 +39,49 @@ def test_atomic_save_failing_midway_keeps_the_previous_checkpoint(tmp_path, monk
 
 
 def test_atomic_save_killed_while_writing_leaves_a_whole_checkpoint(tmp_path):
+    """A saving process killed halfway through writing a checkpoint: the child saves steps 0 and 1, then writes half
+    of step 2's bytes into the staging file, reports it and blocks (it never finishes that save); the parent kills it
+    there."""
     path = tmp_path / "last.ckpt"
     script = (
-        "import sys, torch\n"
+        "import io, sys, torch\n"
         "from lightning_modules.strategies import AtomicCheckpointIO\n"
-        "io, step = AtomicCheckpointIO(), 0\n"
-        "while True:\n"
-        "    io.save_checkpoint({'step': step, 'w': torch.full((2_000_000,), float(step))}, sys.argv[1])\n"
-        "    print(step, flush=True)\n"
-        "    step += 1\n"
+        "checkpoint_io, real_save = AtomicCheckpointIO(), torch.save\n"
+        "def state(step):\n"
+        "    return {'step': step, 'w': torch.full((200_000,), float(step))}\n"
+        "for step in (0, 1):\n"
+        "    checkpoint_io.save_checkpoint(state(step), sys.argv[1])\n"
+        "def half_then_block(obj, handle):\n"
+        "    buffer = io.BytesIO()\n"
+        "    real_save(obj, buffer)\n"
+        "    data = buffer.getvalue()\n"
+        "    handle.write(data[: len(data) // 2])\n"
+        "    handle.flush()\n"
+        "    print(len(data) // 2, flush=True)\n"
+        "    sys.stdin.readline()  # blocks: the parent kills this process here\n"
+        "    handle.write(data[len(data) // 2:])\n"
+        "torch.save = half_then_block\n"
+        "checkpoint_io.save_checkpoint(state(2), sys.argv[1])\n"
+        "print('finished', flush=True)\n"
     )
-    child = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    child = subprocess.Popen([sys.executable, "-c", script, str(path)], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     try:
-        for _ in range(3):
-            assert child.stdout.readline(), "the saving process died"
-        deadline = time.monotonic() + 10
-        while not list(tmp_path.glob(".last.ckpt.*.tmp")) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert list(tmp_path.glob(".last.ckpt.*.tmp")), "no save under way to interrupt"
-        child.send_signal(signal.SIGKILL)  # while a save is being written
-        child.wait(timeout=30)
+        written = child.stdout.readline()  # returns once the child is blocked mid-write (or has died)
+        assert written.strip().isdigit(), f"the saving process died before step 2's write: {written!r}"
+        (staging,) = tmp_path.glob(".last.ckpt.*.tmp")
+        assert staging.stat().st_size == int(written)  # half of step 2 is on disk, beside the target
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
     finally:
         child.kill()
-    checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["step"] >= 2 and torch.equal(checkpoint["w"], torch.full((2_000_000,), float(checkpoint["step"])))
+        child.stdin.close()
+        child.stdout.close()
+    with pytest.raises(Exception):  # the interrupted staging file is a truncated archive ...
+        torch.load(staging, weights_only=True)
+    checkpoint = torch.load(path, weights_only=True)  # ... and the target is the previous save, whole
+    assert checkpoint["step"] == 1 and torch.equal(checkpoint["w"], torch.full((200_000,), 1.0))
 
 
 def test_resumable_sampler_is_seeded_per_epoch_and_starts_where_asked():

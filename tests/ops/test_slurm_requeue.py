@@ -7,7 +7,6 @@ with the weights of an uninterrupted run."""
 import os
 import signal
 import stat
-import time
 
 import pytest
 import torch
@@ -34,6 +33,10 @@ def test_sbatch_template_launches_cli_fit_with_requeue_settings():
     assert "/" not in output
 
 
+REQUEUE_STEP = 6  # mid-epoch: 4 training batches per epoch
+MAX_STEPS = 12
+
+
 def test_requeued_job_resumes_from_its_requeue_checkpoint(tiny_base_dir, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -44,32 +47,36 @@ def test_requeued_job_resumes_from_its_requeue_checkpoint(tiny_base_dir, tmp_pat
                   SLURM_JOB_NAME="lvlm-prune", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_PROCID="0",
                   SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="localhost")
     run_dir = tmp_path / "run"
-    config = tiny_experiment(run_dir, tiny_base_dir, max_steps=40, limit_val_batches=0)
+    config = tiny_experiment(run_dir, tiny_base_dir, max_steps=MAX_STEPS, limit_val_batches=0)
     command = ["fit", "--config", str(config), "--ckpt_path", "auto"]
+    # SIGUSR1 (what SLURM sends before the time limit) arrives during the training batch that ends at step
+    # REQUEUE_STEP: sent by the job to itself from a callback that runs before `SlurmRequeue` in the same hook, so
+    # the step it lands at is fixed, not a race with the training speed
+    signal_at = ["--trainer.callbacks+=ops_helpers.KillAt", f"--trainer.callbacks.init_args.step={REQUEUE_STEP}",
+                 "--trainer.callbacks.init_args.signal_name=SIGUSR1"]
 
-    first = launch(command, env)
-    last = run_dir / "logs" / "run" / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 90
-    while not last.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert last.exists(), "training never wrote a checkpoint"
-    first.send_signal(signal.SIGUSR1)
-    code, output = finish(first, timeout=60)
+    code, output = finish(launch(command + signal_at, env), timeout=120)
+    assert code == -signal.SIGKILL, output[-3000:]  # the stand-in scontrol ended the job, as SLURM does
     assert calls.read_text().split() == ["requeue", "4242"], output[-3000:]
     requeue_checkpoint = run_dir / "hpc_ckpt_1.ckpt"
-    stopped_at = torch.load(requeue_checkpoint, weights_only=False)["global_step"]
-    assert 0 < stopped_at < 40
+    assert torch.load(requeue_checkpoint, weights_only=False)["global_step"] == REQUEUE_STEP
+    # the job was ended inside the requeue hook, before the every-step checkpoint of that batch: `last.ckpt` is one
+    # step older, and resuming must pick the newer requeue checkpoint
+    last = run_dir / "logs" / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == REQUEUE_STEP - 1
     assert not (run_dir / "plugin.safetensors").exists(), "the first launch ran to the end"
 
-    output = run_cli(command, env=env)
+    output = run_cli(command + signal_at, env=env)  # launched again with the same command
     assert f"--ckpt_path auto: resuming from {requeue_checkpoint}" in output
-    assert torch.load(last, weights_only=False)["global_step"] == 40
+    assert calls.read_text().split() == ["requeue", "4242"], "the resumed job was requeued again"
+    assert torch.load(last, weights_only=False)["global_step"] == MAX_STEPS
     assert (run_dir / "plugin.safetensors").exists()
 
     # the requeue checkpoint was written between batches (`SlurmRequeue`), so the requeued job ends exactly as an
     # uninterrupted one
     reference_dir = tmp_path / "reference"
-    reference = tiny_experiment(reference_dir, tiny_base_dir, max_steps=40, limit_val_batches=0)
+    reference = tiny_experiment(reference_dir, tiny_base_dir, max_steps=MAX_STEPS, limit_val_batches=0)
     run_cli(["fit", "--config", str(reference)])
     expected, resumed = load_file(reference_dir / "plugin.safetensors"), load_file(run_dir / "plugin.safetensors")
+    assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from datamodules.synthetic import SyntheticVQADataModule
+from lvlm_prune.data import answer_generation_mask
 from lvlm_prune.engine import PrunedLlava
 from lvlm_prune.modeling.loading import freeze, load_base_model
 from lvlm_prune.rcp.compensation import RCPCompensation, RCPPruning, scale_layers
@@ -39,7 +40,7 @@ def test_initial_pruner_keeps_almost_everything_and_inference_masks_are_cumulati
         out = engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
                      method=threshold, logits="none")
     hook.remove()
-    assert out.visual_tokens_per_layer.mean() / engine.info.num_visual_tokens > 0.8
+    assert out.visual_tokens_per_layer.mean() / engine.info.num_visual_tokens >= 0.95  # measured: 1.0
     # the first pruner drops about half the tokens, the last one wants every token back (physical removal alone
     # could not show a comeback: it only ever removes)
     plugin.pruners[0].bias.data -= first_logits[0].median()
@@ -58,6 +59,7 @@ def test_gradients_reach_pruners_and_adapters_never_the_base(setup):
     engine, plugin, batch = setup
     losses = plugin.training_losses(engine, batch, progress=0.3)
     # the answer CE alone reaches the pruners only through the straight-through masks the attention uses
+    # (that it is the only route: test_the_answer_ce_reaches_the_pruners_only_through_the_straight_through_mask)
     losses["ce"].backward(retain_graph=True)
     assert all(p.grad is None for p in engine.model.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in plugin.pruners.parameters())
@@ -69,6 +71,36 @@ def test_gradients_reach_pruners_and_adapters_never_the_base(setup):
     assert any(g is not None and g.abs().sum() > 0 for g in pruner_grads)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in plugin.adapters.parameters())
     assert torch.isfinite(losses["loss"]) and set(losses) >= {"ce", "repair", "sparsity", "keep_fraction"}
+
+
+def test_the_answer_ce_reaches_the_pruners_only_through_the_straight_through_mask(setup, monkeypatch):
+    """With the straight-through term of the Gumbel mask detached (the forward unchanged), the answer CE gives the
+    pruners no gradient at all: the mask the attention applies is the gradient's only route to them."""
+    from lvlm_prune.rcp import compensation
+
+    engine, plugin, batch = setup
+    torch.manual_seed(0)
+    plugin.training_losses(engine, batch, progress=0.3)["ce"].backward()
+    live = [p.grad.clone() for p in plugin.pruners.parameters() if p.grad is not None]
+    assert any(g.abs().sum() > 0 for g in live)
+    plugin.zero_grad(set_to_none=True)
+
+    straight_through = compensation.gumbel_sigmoid
+    calls = []
+
+    def detached(*args, **kwargs):
+        soft, mask = straight_through(*args, **kwargs)
+        calls.append(1)
+        return soft, mask.detach()
+
+    monkeypatch.setattr(compensation, "gumbel_sigmoid", detached)
+    torch.manual_seed(0)
+    losses = plugin.training_losses(engine, batch, progress=0.3)
+    assert len(calls) == len(plugin.pruning_layers)  # every pruning layer's mask went through the patched function
+    losses["ce"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in plugin.pruners.parameters())
+    # the adapters still train from the CE: the loss was differentiable, only the masks' route was cut
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in plugin.adapters.parameters())
 
 
 def test_a_noisy_training_pass_never_brings_a_dropped_token_back(setup):
@@ -93,25 +125,64 @@ def test_a_noisy_training_pass_never_brings_a_dropped_token_back(setup):
     assert torch.equal(masks[2], masks[1])
 
 
-def hard_and_soft_passes(engine, plugin, batch):
-    """The physical-removal pass and the soft (noise-free) pass of pruners biased to drop a good share of tokens,
-    after checking that they agree."""
+def calibrate_pruners_to_drop_about_half(engine, plugin, args, labels):
+    """Sets each pruner's bias so that its threshold drops about half of the tokens still present at its layer (the
+    cut halfway between the two middle logits, away from 0 on both paths), pruner by pruner: a later pruner's
+    logits depend on the earlier ones' decisions."""
     for pruner in plugin.pruners:
-        pruner.bias.data.fill_(-0.5)
-    args = (batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"], batch["prompt_position_ids"])
+        seen = []
+        hook = pruner.register_forward_hook(lambda module, inputs, output: seen.append((output, inputs[4])))
+        with torch.no_grad():
+            engine(*args, labels=labels, method=RCPPruning(plugin, training=False, temperature=0.2), logits="none")
+        hook.remove()
+        logits, present = seen[0]
+        values = logits[present > 0.5].sort().values
+        middle = len(values) // 2
+        pruner.bias.data -= (values[middle - 1] + values[middle]) / 2
+
+
+def hard_and_soft_passes(engine, plugin, batch):
+    """The physical-removal pass and the soft (noise-free) pass of pruners calibrated to drop about half of the
+    tokens at each pruning layer, with non-identity adapters reading RCP's context of the pruned tokens, teacher
+    forced; after checking that they agree at every answer position (and every other real text position)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a non-identity repair, so that the context of the pruned tokens enters the logits
+        for module in (*plugin.adapters, *plugin.context_encoders):
+            for p in module.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"])
+    calibrate_pruners_to_drop_about_half(engine, plugin, args, batch["labels"])
     with torch.no_grad():
-        hard = engine(*args, method=RCPPruning(plugin, training=False, temperature=0.2), logits="last")
-        soft = engine(*args, method=RCPPruning(plugin, training=True, temperature=0.2, noise=False), soft=True,
-                      logits="last")
+        hard = engine(*args, labels=batch["labels"], method=RCPPruning(plugin, training=False, temperature=0.2))
+        soft = engine(*args, labels=batch["labels"], method=RCPPruning(plugin, training=True, temperature=0.2,
+                                                                        noise=False), soft=True)
+        unpruned = engine(*args, labels=batch["labels"])
     torch.testing.assert_close(hard.visual_tokens_per_layer, soft.visual_tokens_per_layer)
-    torch.testing.assert_close(hard.logits, soft.logits, atol=2e-4, rtol=1e-4)
+    answers = answer_generation_mask(batch["labels"])
+    text = batch["attention_mask"].bool() & (batch["input_ids"] != engine.image_token_id)
+    assert answers.any(1).all() and not (answers & ~text).any()
+    torch.testing.assert_close(hard.logits[answers], soft.logits[answers], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(hard.logits[text], soft.logits[text], atol=2e-4, rtol=1e-4)
+    # the pruning and the repair change the answers' logits: the agreement is not that of two unpruned passes
+    assert (hard.logits[answers] - unpruned.logits[answers]).abs().max() > 1e-2
     return hard, soft
+
+
+def assert_partial_and_falling(counts, drop_layers, n):
+    """At every drop layer every sample keeps some of its tokens but not all, and fewer than at the one before."""
+    for layer in drop_layers:
+        assert ((counts[:, layer] > 0) & (counts[:, layer] < n)).all(), (layer, counts[:, layer])
+    for earlier, later in zip(drop_layers, drop_layers[1:]):
+        assert (counts[:, later] < counts[:, earlier]).all(), (earlier, later, counts)
 
 
 def test_soft_and_physical_paths_agree_for_the_same_hard_mask(setup):
     engine, plugin, batch = setup
     hard, _ = hard_and_soft_passes(engine, plugin, batch)
-    assert hard.visual_tokens_per_layer.mean() < engine.info.num_visual_tokens * 0.9
+    n = engine.info.num_visual_tokens
+    assert plugin.drop_layers == (0, 1, 2)
+    assert_partial_and_falling(hard.visual_tokens_per_layer, plugin.drop_layers, n)
+    assert hard.visual_tokens_per_layer.mean() < n * 0.9
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.6, 0.7])
@@ -122,7 +193,7 @@ def test_budgeted_inference_realises_the_requested_ratio(setup, ratio):
                      method=plugin.inference_method(ratio), logits="none")
     counts = out.visual_tokens_per_layer
     realised = 1 - counts.mean().item() / engine.info.num_visual_tokens
-    assert abs(realised - ratio) < 0.04  # rounding to whole tokens on a 16-token, 4-layer model
+    assert abs(realised - ratio) < 1 / 64  # rounding to whole tokens: one token at one layer of 16 x 4
     assert (counts == counts[:1]).all(), "every sample gets the same per-layer budget"
     assert counts[0].tolist() == engine.bind(plugin.inference_method(ratio)).planned_visual_tokens()
     with pytest.raises(ValueError, match="largest reachable ratio"):
@@ -174,7 +245,7 @@ def short_fit(engine, plugin, batch, steps=12):
 def test_a_short_fit_lowers_the_loss(setup):
     engine, plugin, batch = setup
     history = short_fit(engine, plugin, batch)
-    assert history["loss"][-1] < history["loss"][0]
+    assert history["loss"][-1] < 0.8 * history["loss"][0], history["loss"]  # measured: 156 -> 74
 
 
 def test_a_short_fit_without_the_sparsity_term_lowers_the_answer_ce(setup):
@@ -213,9 +284,10 @@ def test_spec_timing_drops_after_the_pruning_layer(setup):
                         batch["prompt_position_ids"], method=plugin.inference_method(0.5), logits="none")
     counts = hard.visual_tokens_per_layer
     n = engine.info.num_visual_tokens
-    assert (counts[:, 0] == n).all() and (counts[:, 1] < n).all()  # layer 0 decides, layer 1 is the first pruned
-    assert (counts[:, 1] == counts[:, 2]).all() and (counts[:, 3] <= counts[:, 2]).all()
     assert plugin.drop_layers == (1, 3)
+    assert (counts[:, 0] == n).all()  # layer 0 decides on every token, layer 1 is the first pruned
+    assert (counts[:, 1] == counts[:, 2]).all()  # layer 2 decides on layer 1's tokens; they go at layer 3
+    assert_partial_and_falling(counts, plugin.drop_layers, n)
     assert abs(1 - budget.visual_tokens_per_layer.mean().item() / n - 0.5) < 0.05
     assert (budget.visual_tokens_per_layer[:, 0] == n).all()
     losses = plugin.training_losses(engine, batch, progress=0.5)
