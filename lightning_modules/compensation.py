@@ -177,6 +177,10 @@ class CompensationModule(FrozenBaseModule):
                 raise FloatingPointError(message + "set model.nonfinite_loss=skip to skip such steps")
             self.skipped_steps += 1
             self.log("train/skipped_steps", float(self.skipped_steps))
+            # this step's own terms (non-finite ones included): a term not logged now would show the last step's value
+            size = batch["input_ids"].shape[0]
+            self.log_dict({f"train/{k}": v.detach().float() for k, v in losses.items() if k != "loss"}, batch_size=size)
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
             zero = sum((p * 0.0).sum() for p in self.compensation.parameters() if p.requires_grad)
             if isinstance(self.trainer.strategy, DeepSpeedStrategy) and self.trainer.accumulate_grad_batches > 1:
                 # DeepSpeed counts its accumulation window in engine.step(), called after every micro-batch: a

@@ -98,7 +98,7 @@ def test_zero3_two_processes_partition_the_base_train_validate_skip_export_and_r
         assert 0.45 * probe["total"] < probe["held"] < 0.6 * probe["total"]
     rows = metric_rows(run_dir)
     # the teacher pass ran under ZeRO-3 and the noisy student dropped tokens: a finite, non-zero repair loss at every
-    # trained step (step 1, skipped, is left out: its row repeats step 0's values)
+    # trained step (step 1 is left out: rank 1's non-finite loss skipped it; the row holds rank 0's own terms)
     repair = {int(r["step"]): float(r["train/repair"]) for r in rows
               if r["train/repair"] and not r["train/skipped_steps"]}
     assert sorted(repair) == [0, 2, 3] and all(0 < value < float("inf") for value in repair.values()), repair

@@ -2,6 +2,7 @@
 different base, and a bitsandbytes-quantised (8-bit, 4-bit NF4) base under fp32 plug-ins."""
 
 import copy
+import math
 import io
 from pathlib import Path
 
@@ -79,6 +80,24 @@ def test_a_non_finite_step_moves_neither_weights_nor_optimiser_state(tiny_base_d
     assert module.skipped_steps == 1
     for step in (0, 2):  # the neighbouring steps do train
         assert any(not torch.equal(snapshots.before[step][0][k], snapshots.after[step][0][k]) for k in weights_before)
+
+
+def test_a_skipped_step_logs_its_own_non_finite_loss_not_the_last_steps(tiny_base_dir, data, tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = make_module(tiny_base_dir, data)
+    poison_step(module, step=1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, limit_val_batches=0, log_every_n_steps=1,
+                        logger=CSVLogger(tmp_path, name="logs", version="run"), enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    rows = {int(r["step"]): r for r in csv.DictReader(open(tmp_path / "logs" / "run" / "metrics.csv"))
+            if r.get("train/loss")}
+    assert float(rows[1]["train/loss"]) == float("inf") and float(rows[1]["train/skipped_steps"]) == 1
+    assert rows[1]["train/ce"] == rows[1]["train/ce"] and rows[1]["train/ce"] != rows[0]["train/ce"]
+    assert all(math.isfinite(float(rows[step]["train/loss"])) for step in (0, 2))
 
 
 class BaseStaysFrozen(L.Callback):
