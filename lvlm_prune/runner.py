@@ -65,13 +65,15 @@ def generate_with_method(
 
 
 def per_sample_flops(config: Any, result: GenerationResult, convention: str = "fastv") -> list[dict[str, float]]:
-    """Prefill FLOPs of each sample of a batch (LLM in `convention`; vision, projector, plug-ins exact)."""
+    """Prefill FLOPs of each sample of a batch (LLM in `convention`; vision, projector, plug-ins exact). Every
+    vision layer is charged: the engine encodes images with the model's stock `get_image_features`, which runs the
+    whole tower and then reads `vision_feature_layer` (LLaVA-1.5's -2 leaves the last layer's output unused)."""
     reports = []
     for b in range(result.tokens.shape[0]):
         plugins = {name: float(values[b]) for name, values in result.plugin_flops.items()}
         report = llava_prefill_report(
             config, float(result.text_tokens[b]), result.visual_tokens_per_layer[b].tolist(),
-            convention=convention, plugins=plugins,
+            convention=convention, plugins=plugins, run_all_vision_layers=True,
             num_images=result.vision_crops[b] if result.vision_crops is not None else 1,
         )
         reports.append(report.to_metrics())

@@ -305,3 +305,18 @@ def test_bad_input_raises_value_error_naming_the_argument(call, argument):
     shape = LLMShape(64, 128, 4, 4, 4, 16, 100)
     with pytest.raises(ValueError, match=argument):
         call(shape)
+
+
+def test_the_sweeps_counts_charge_every_vision_layer_the_engine_runs(tiny_spec):
+    from lvlm_prune.runner import GenerationResult, per_sample_flops
+
+    model = make_tiny_llava(tiny_spec)  # vision_feature_layer=-2: the stock tower still runs its last layer
+    assert model.config.vision_feature_layer == -2
+    visual = tiny_spec.num_visual_tokens
+    result = GenerationResult(torch.zeros(1, 2, dtype=torch.long), torch.full((1, tiny_spec.num_layers), float(visual)),
+                              torch.tensor([6.0]), {}, None)
+    (counted_report,) = per_sample_flops(model.config, result, "exact")
+    every_layer = llava_prefill_report(model.config, 6.0, [visual] * tiny_spec.num_layers, "exact",
+                                       run_all_vision_layers=True)
+    up_to_the_read_one = llava_prefill_report(model.config, 6.0, [visual] * tiny_spec.num_layers, "exact")
+    assert counted_report["vision"] == every_layer.vision > up_to_the_read_one.vision

@@ -36,6 +36,7 @@ def attention_rows(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     query_index: torch.Tensor,
     attention_bias: torch.Tensor,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention probabilities of the selected query rows, per head.
 
@@ -45,6 +46,7 @@ def attention_rows(
         position_embeddings: (cos, sin), each (B, T, head_dim), as the layer receives them.
         query_index: (B, Q) long, rows to compute.
         attention_bias: (B, 1, T, T) additive mask the layer itself uses.
+        keys: the layer's RoPE'd keys (`layer_keys`), when the caller already has them.
 
     Returns:
         (B, heads, Q, T) float32 probabilities.
@@ -57,7 +59,7 @@ def attention_rows(
     row_cos = cos.gather(1, query_index[..., None].expand(-1, -1, cos.shape[-1]))
     row_sin = sin.gather(1, query_index[..., None].expand(-1, -1, sin.shape[-1]))
     queries, _ = rotary_fn(attn)(queries, queries, row_cos, row_sin)
-    keys = layer_keys(layer, normed, position_embeddings)
+    keys = layer_keys(layer, normed, position_embeddings) if keys is None else keys
     groups = queries.shape[1] // keys.shape[1]
     keys = keys.repeat_interleave(groups, dim=1)
     scores = torch.matmul(queries.float(), keys.float().transpose(2, 3)) * attn.scaling

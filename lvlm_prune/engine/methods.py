@@ -98,6 +98,7 @@ class LayerContext:
     num_visual: torch.Tensor
     final_norm: torch.nn.Module | None = None  # the language model's last norm (DART compares tokens after it)
     _normed: torch.Tensor | None = field(default=None, repr=False)
+    _keys: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def normed(self) -> torch.Tensor:
@@ -112,7 +113,8 @@ class LayerContext:
 
     def attention_probs(self, query_index: torch.Tensor) -> torch.Tensor:
         """(B, heads, Q, T) attention probabilities of rows `query_index` (B, Q) at this layer."""
-        return attention_rows(self.layer, self.normed, self.position_embeddings, query_index, self.attention_bias)
+        return attention_rows(self.layer, self.normed, self.position_embeddings, query_index, self.attention_bias,
+                              keys=self.keys())
 
     def last_token_to_visual(self) -> torch.Tensor:
         """(B, T) head-averaged attention of the last prompt token to each present visual token (0 elsewhere)."""
@@ -127,13 +129,17 @@ class LayerContext:
         index, row_valid = gather_rows(positions, question, min_width=1)
         probs = self.attention_probs(index).mean(1)  # (B, Q, T)
         probs = (probs * row_valid[..., None]).sum(1) / counts.clamp(min=1)[:, None]
-        # no question token (e.g. an empty prompt): fall back to the last prompt token
+        # no question token (e.g. an empty prompt): fall back to the last prompt token. Evaluated for every batch, not
+        # only when needed: under ZeRO-3 a data-dependent call of the base's projections would leave the other ranks
+        # waiting in its weight gather (the keys are shared, so it costs one query row)
         probs = torch.where((counts > 0)[:, None], probs, self.last_token_to_visual())
         return probs * self.state.visual_mask
 
     def keys(self) -> torch.Tensor:
-        """(B, kv_heads, T, head_dim) RoPE'd keys of this layer."""
-        return layer_keys(self.layer, self.normed, self.position_embeddings)
+        """(B, kv_heads, T, head_dim) RoPE'd keys of this layer (computed once per layer context)."""
+        if self._keys is None:
+            self._keys = layer_keys(self.layer, self.normed, self.position_embeddings)
+        return self._keys
 
 
 class PruningMethod:

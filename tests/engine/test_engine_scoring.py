@@ -55,3 +55,15 @@ def test_scores_do_not_need_eager_attention(tiny_spec):
         PrunedLlava(eager)(ids, mask, pixels, method=b)
     assert sdpa.config._attn_implementation == "sdpa"
     torch.testing.assert_close(a.seen[1][1], b.seen[1][1], atol=1e-5, rtol=1e-4)
+
+
+def test_a_layers_keys_are_projected_once_however_many_scores_read_them(tiny_spec):
+    model = make_tiny_llava(tiny_spec)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=2)
+    calls = []
+    handle = model.model.language_model.layers[1].self_attn.k_proj.register_forward_hook(
+        lambda module, args, output: calls.append(args[0].shape))
+    with torch.no_grad():
+        PrunedLlava(model)(ids, mask, pixels, method=Probe([1]))  # three scores at layer 1, each reading the keys
+    handle.remove()
+    assert len(calls) == 2  # the scores' one projection + the layer's own forward
