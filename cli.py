@@ -55,6 +55,9 @@ class LVLMPruneCLI(LightningCLI):
         (for `auto`, once `before_fit` has found the checkpoint)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_dir() and not (Path(ckpt_path) / "latest").is_file():
+            raise ValueError(f"--ckpt_path {ckpt_path!r} is a directory but not a DeepSpeed checkpoint (no 'latest' file "
+                             "in it); give a checkpoint file such as last.ckpt, a DeepSpeed checkpoint directory, or auto")
         if ckpt_path and Path(ckpt_path).is_file():
             self._name_settings_that_differ(ckpt_path)
 

@@ -464,6 +464,10 @@ def read_question_records(
     skipped = loaded.skipped + bad.finish()
     if not usable:  # else the test "passes" on zero batches
         raise ValueError(no_records_message(path, skipped))
+    unanswered = sum(record.answer is None for record in usable)
+    if 0 < unanswered < len(usable):  # all or none is a benchmark's test file or an annotated one: nothing to say
+        logger.warning("%s: %d of %d questions have no reference answer; in-loop accuracy covers the other %d (the "
+                       "answer file holds all of them)", path, unanswered, len(usable), len(usable) - unanswered)
     return usable, skipped
 
 

@@ -100,6 +100,8 @@ class BaseLVLMModule(L.LightningModule):
             self.model = build_tiny_llava(spec, **ids, attn_implementation=attn_implementation, seed=seed)
         else:
             self.model = _initial_model(init_from, spec, ids, attn_implementation, grow_placement, seed)
+        if not learning_rate > 0:
+            raise ValueError(f"model.init_args.learning_rate={learning_rate} must be > 0")
         if max_new_tokens < 1:
             raise ValueError(f"model.init_args.max_new_tokens={max_new_tokens} must be at least 1 (the longest "
                              "generated answer, in tokens)")

@@ -81,6 +81,8 @@ class CompensationModule(FrozenBaseModule):
     ):
         if nonfinite_loss not in ("skip", "raise"):
             raise ValueError(f"model.nonfinite_loss={nonfinite_loss!r}; choose 'skip' or 'raise'")
+        if not learning_rate > 0:
+            raise ValueError(f"model.init_args.learning_rate={learning_rate} must be > 0")
         if not 0.0 <= warmup_fraction < 1.0 or not 0.0 <= final_lr_ratio <= 1.0:
             raise ValueError(f"model.warmup_fraction={warmup_fraction} must be in [0, 1) and model.final_lr_ratio="
                              f"{final_lr_ratio} in [0, 1]")

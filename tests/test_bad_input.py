@@ -138,3 +138,21 @@ def test_the_base_module_refuses_max_new_tokens_below_one(tmp_path):
     with pytest.raises(ValueError, match=r"model.init_args.max_new_tokens=0 must be at least 1"):
         cli_main(["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
                   "--model.init_args.max_new_tokens", "0"])
+
+
+def test_a_checkpoint_directory_that_is_not_deepspeeds_is_named(tmp_path):
+    (tmp_path / "not_a_checkpoint").mkdir()
+    with pytest.raises(ValueError, match=r"not_a_checkpoint' is a directory but not a DeepSpeed checkpoint"):
+        cli_main(["test", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+                  "--ckpt_path", str(tmp_path / "not_a_checkpoint")])
+
+
+@pytest.mark.parametrize("config", ["configs/synthetic/base_describe.yaml", "configs/synthetic/rcp.yaml"])
+def test_a_learning_rate_that_is_not_positive_is_named(config, tmp_path, tiny_base_dir):
+    extra = [] if "base" in config else ["--model.init_args.base_model_path", str(tiny_base_dir),
+                                          "--data.init_args.processor_path", str(tiny_base_dir)]
+    args = TINY_BASE_ARGS if "base" in config else ["--data.init_args.grid", "4", "--data.init_args.min_objects", "4",
+                                                     "--data.init_args.max_objects", "5"]
+    with pytest.raises(ValueError, match=r"model.init_args.learning_rate=-1.0 must be > 0"):
+        cli_main(["fit", "--config", config, *args, *extra, "--model.init_args.learning_rate", "-1",
+                  "--trainer.default_root_dir", str(tmp_path)])

@@ -581,3 +581,24 @@ def test_text_only_records_are_left_out_and_counted_or_are_bad_records(exported,
         instruction_data(exported, path).setup("fit")
     with pytest.raises(ValueError, match="data.text_only_records='maybe'"):
         instruction_data(exported, path, text_only_records="maybe")
+
+
+def test_questions_of_which_only_some_have_answers_are_named_in_a_warning(exported, tmp_path, caplog):
+    from datamodules.llava import read_question_records
+
+    lines = [json.loads(line) for line in (exported.test / "questions.jsonl").read_text().splitlines()][:6]
+    for line in lines[:2]:
+        line.pop("answer", None)
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with caplog.at_level(logging.WARNING):
+        records, _ = read_question_records(path, exported.test / "images")
+    assert sum(r.answer is None for r in records) == 2
+    assert "2 of 6 questions have no reference answer; in-loop accuracy covers the other 4" in caplog.text
+    caplog.clear()
+    for line in lines:
+        line.pop("answer", None)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with caplog.at_level(logging.WARNING):
+        read_question_records(path, exported.test / "images")  # a test file without answers: nothing to warn about
+    assert "no reference answer" not in caplog.text
