@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--llm-layers", type=int, default=12)
     parser.add_argument("--vision-layers", type=int, default=2)
     parser.add_argument("--hidden-size", type=int, default=128, help="LLM width (the MLP is twice as wide)")
+    parser.add_argument("--intermediate-size", type=int, default=None, help="LLM MLP width (default: twice the width)")
     parser.add_argument("--num-heads", type=int, default=4, help="LLM query heads")
     parser.add_argument("--num-kv-heads", type=int, default=2, help="LLM key/value heads (= --num-heads: no GQA)")
     parser.add_argument("--objects", type=int, nargs=2, default=(4, 7), metavar=("MIN", "MAX"))
@@ -163,7 +164,7 @@ def main() -> None:
     dm = datamodule(args)
     tokenizer = dm.processor.tokenizer
     spec = TinyLlavaSpec(num_layers=args.llm_layers, vision_layers=args.vision_layers, residual_init=args.residual_init,
-                         hidden_size=args.hidden_size, intermediate_size=2 * args.hidden_size,
+                         hidden_size=args.hidden_size, intermediate_size=args.intermediate_size or 2 * args.hidden_size,
                          num_heads=args.num_heads, num_kv_heads=args.num_kv_heads)
     if args.init_from is not None:
         spec = replace(spec, num_layers=args.init_layers or args.llm_layers)
