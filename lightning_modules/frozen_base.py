@@ -154,6 +154,15 @@ class FrozenBaseModule(L.LightningModule):
     def configure_optimizers(self):
         return None
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        own = {key.split(".", 1)[0] for key in self.state_dict()}
+        foreign = sorted({key.split(".", 1)[0] for key in checkpoint.get("state_dict") or {}} - own)
+        if foreign:
+            raise ValueError(f"this checkpoint holds modules {foreign} that {type(self).__name__} does not have: it was "
+                             "written by another model class (a plug-in's CompensationModule, for 'compensation'). "
+                             "Evaluate it with the config that trained it, or export the plug-in "
+                             "(scripts/export_plugin.py) and load it with model.plugin_weights_path")
+
 
 def checked_method_options(method_options: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
     """`method_options` as plain dicts, each checked against its method's constructor now, so that a misspelt

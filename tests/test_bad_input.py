@@ -156,3 +156,14 @@ def test_a_learning_rate_that_is_not_positive_is_named(config, tmp_path, tiny_ba
     with pytest.raises(ValueError, match=r"model.init_args.learning_rate=-1.0 must be > 0"):
         cli_main(["fit", "--config", config, *args, *extra, "--model.init_args.learning_rate", "-1",
                   "--trainer.default_root_dir", str(tmp_path)])
+
+
+def test_a_plugin_checkpoint_given_to_the_plain_base_module_is_named(tiny_base_dir, rcp_module):
+    from datamodules.synthetic import SyntheticVQADataModule
+    from lightning_modules.frozen_base import FrozenBaseModule
+
+    data = SyntheticVQADataModule(processor_path=str(tiny_base_dir), **TINY_DATA_ARGS)
+    module = FrozenBaseModule(str(tiny_base_dir), processor=data.processor, categories=data.categories)
+    with pytest.raises(ValueError, match=r"holds modules \['compensation'\] that FrozenBaseModule does not have"):
+        module.on_load_checkpoint({"state_dict": rcp_module.state_dict()})
+    module.on_load_checkpoint({"state_dict": module.state_dict()})  # its own checkpoint loads

@@ -124,3 +124,13 @@ def test_a_processor_cropping_another_size_is_refused(tmp_path, processor):
 def load_processor_copy(processor, tmp_path):
     processor.save_pretrained(tmp_path / "processor")
     return load_processor(str(tmp_path / "processor"))
+
+
+def test_an_unknown_attention_implementation_names_the_setting(tmp_path):
+    from conftest import save_tiny_base
+    from lvlm_prune.modeling.loading import load_base_model
+
+    base = save_tiny_base(tmp_path / "base")
+    with pytest.raises(ValueError, match=r"attn_implementation='flash' \(model.init_args.attn_implementation\): "
+                                         r"Specified `attn_implementation=\"flash\"` is not supported"):
+        load_base_model(base, attn_implementation="flash")

@@ -81,6 +81,11 @@ def load_base_model(
     model_class = LlavaNextForConditionalGeneration if is_next else AutoModelForImageTextToText
     try:
         return model_class.from_pretrained(str(path), config=config, **kwargs)
+    except ValueError as error:
+        if f'attn_implementation="{attn_implementation}"' not in str(error):
+            raise
+        raise ValueError(f"attn_implementation={attn_implementation!r} (model.init_args.attn_implementation): "
+                         f"{error}") from error
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as error:
         # safetensors past the header check, or a damaged pytorch_model*.bin (torch's zip reader or unpickler)
         if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
