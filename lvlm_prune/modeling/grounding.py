@@ -1,8 +1,8 @@
 """Attention grounding: an auxiliary loss that points chosen attention heads at an answer's visual evidence.
 
 Used only to train the embedded default's base from scratch, where the data generator knows which visual tokens
-each answer depends on. The slow part of that training is the language model learning to find the right object
-among the visual tokens (docs/findings.md); this loss supervises exactly that lookup. For each answer turn with
+each answer depends on. It supervises the language model's lookup of the right objects among the visual tokens
+directly (docs/findings.md: the heads learn it, yet accuracy moves between question families rather than up). For each answer turn with
 evidence, at the position that predicts the answer's first token, it takes the chosen heads' attention over the
 whole visible sequence and adds `-log(attention mass on the evidence tokens)`. It reads the layer's own input
 (projections, rotary embedding, mask), so it is the attention the layer really computes, whichever attention
