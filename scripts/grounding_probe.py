@@ -91,11 +91,8 @@ def evidence_attention(model, grounding: AttentionGrounding, dm: SyntheticVQADat
             with grounding.capturing():
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       position_ids=batch["position_ids"], pixel_values=batch["pixel_values"])
-            evidence = torch.zeros(len(queries), batch["input_ids"].shape[1], dtype=torch.bool)
-            for k, q in enumerate(queries):
-                evidence[k, list(q.evidence)] = True
             for layer in grounding.layers:
-                on_evidence = (grounding.attention(layer, queries, batch["attention_mask"]) * evidence[:, None]).sum(-1)
+                on_evidence = grounding.evidence_mass(layer, queries, batch["attention_mask"])
                 for q, value in zip(queries, on_evidence.mean(1).tolist()):
                     family = chunk[q.row].family
                     mass[family] = mass.get(family, 0.0) + value

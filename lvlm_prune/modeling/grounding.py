@@ -5,8 +5,8 @@ each answer depends on. It supervises the language model's lookup of the right o
 directly (docs/findings.md: the heads learn it, yet accuracy moves between question families rather than up). For each answer turn with
 evidence, at the position that predicts the answer's first token, it takes the chosen heads' attention over the
 whole visible sequence and adds `-log(attention mass on the evidence tokens)`. It reads the layer's own input
-(projections, rotary embedding, mask), so it is the attention the layer really computes, whichever attention
-implementation runs it.
+(projections, rotary embedding, mask) through the engine's `attention_rows`, so it is the attention the layer really
+computes, whichever attention implementation runs it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from lvlm_prune.engine.attention import attention_rows
+from lvlm_prune.engine.state import gather_rows
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,6 @@ class AttentionGrounding:
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[int], heads: Sequence[int]):
         blocks = decoder_layers(model)
-        attention = blocks[0].self_attn
         num_heads = model.config.text_config.num_attention_heads
         bad_layers = [i for i in layers if not 0 <= i < len(blocks)]
         bad_heads = [h for h in heads if not 0 <= h < num_heads]
@@ -53,8 +54,6 @@ class AttentionGrounding:
         if not heads or bad_heads:
             raise ValueError(f"grounding heads {list(heads)}: each must be in [0, {num_heads})")
         self.model, self.layers, self.heads = model, list(layers), list(heads)
-        self.head_dim = attention.head_dim
-        self.group = num_heads // model.config.text_config.num_key_value_heads
         self._inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @contextmanager
@@ -81,38 +80,35 @@ class AttentionGrounding:
         """(len(queries), len(heads), T): the supervised heads' attention probabilities at each query position."""
         if index not in self._inputs:
             raise RuntimeError(f"no forward pass of layer {index} was captured; run the model inside capturing()")
-        hidden, (cos, sin) = self._inputs[index]
+        normed, (cos, sin) = self._inputs[index]
+        batch, length = attention_mask.shape
         # without explicit position_ids the rotary tables have batch size 1
-        cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
-        attention = decoder_layers(self.model)[index].self_attn
-        rows = torch.tensor([q.row for q in queries], device=hidden.device)
-        positions = torch.tensor([q.query for q in queries], device=hidden.device)
-        length = hidden.shape[1]
-        query_states = attention.q_proj(hidden[rows, positions]).view(len(queries), -1, self.head_dim)
-        query_states = query_states[:, self.heads]  # (Q, H, d)
-        kv_heads = sorted({h // self.group for h in self.heads})
-        key_states = attention.k_proj(hidden[rows]).view(len(queries), length, -1, self.head_dim)
-        key_states = key_states[:, :, kv_heads].transpose(1, 2)  # (Q, K, T, d)
-        query_states, _ = apply_rotary_pos_emb(query_states, query_states, cos[rows, positions], sin[rows, positions])
-        _, key_states = apply_rotary_pos_emb(key_states, key_states, cos[rows], sin[rows])
-        key_index = torch.tensor([kv_heads.index(h // self.group) for h in self.heads], device=hidden.device)
-        logits = torch.einsum("qhd,qhtd->qht", query_states, key_states[:, key_index]) * attention.scaling
-        visible = attention_mask[rows].bool() & (torch.arange(length, device=hidden.device) <= positions[:, None])
-        logits = logits.float().masked_fill(~visible[:, None, :], float("-inf"))
-        return logits.softmax(-1)
+        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+        rows = torch.tensor([q.row for q in queries], device=normed.device)
+        positions = torch.tensor([q.query for q in queries], device=normed.device)
+        is_query = torch.zeros(batch, length, dtype=torch.bool, device=normed.device)
+        is_query[rows, positions] = True
+        query_index, _ = gather_rows(torch.arange(length, device=normed.device).expand(batch, -1), is_query, 1)
+        allowed = torch.ones(length, length, dtype=torch.bool, device=normed.device).tril() & attention_mask.bool()[:, None]
+        bias = torch.zeros(batch, 1, length, length, device=normed.device)
+        bias = bias.masked_fill(~allowed[:, None], torch.finfo(bias.dtype).min)
+        probabilities = attention_rows(decoder_layers(self.model)[index], normed, (cos, sin), query_index, bias)
+        slots = (is_query.cumsum(1) - 1)[rows, positions]  # each query's row in query_index
+        return probabilities[rows, :, slots][:, self.heads]
+
+    def evidence_mass(self, index: int, queries: Sequence[GroundingQuery], attention_mask: torch.Tensor) -> torch.Tensor:
+        """(len(queries), len(heads)): the supervised heads' attention mass on each query's evidence at layer `index`."""
+        evidence = torch.zeros(len(queries), attention_mask.shape[1], dtype=torch.bool, device=attention_mask.device)
+        for k, query in enumerate(queries):
+            evidence[k, list(query.evidence)] = True
+        return (self.attention(index, queries, attention_mask) * evidence[:, None, :]).sum(-1)
 
     def loss(self, queries: Sequence[GroundingQuery], attention_mask: torch.Tensor) -> torch.Tensor:
         """Mean over layers, queries and heads of -log(attention mass on the evidence); 0 when no query."""
         if not queries:
             return torch.zeros((), device=attention_mask.device)
-        evidence = torch.zeros(len(queries), attention_mask.shape[1], dtype=torch.bool, device=attention_mask.device)
-        for k, query in enumerate(queries):
-            evidence[k, list(query.evidence)] = True
-        terms = []
-        for index in self.layers:
-            probabilities = self.attention(index, queries, attention_mask)
-            mass = (probabilities * evidence[:, None, :]).sum(-1)
-            terms.append(-torch.log(mass.clamp_min(1e-6)).mean())
+        terms = [-torch.log(self.evidence_mass(index, queries, attention_mask).clamp_min(1e-6)).mean()
+                 for index in self.layers]
         return torch.stack(terms).mean()
 
 
