@@ -1,12 +1,14 @@
-"""Padding and step time of the base's training batches, shuffled against length-grouped (`data.group_by_length`).
+"""Padding and step time of the base's training batches: padded and shuffled (the data module's default),
+length-grouped (`data.group_by_length`) and packed (`data.pack_length`, what the base configs use).
 
-    python benchmarks/synthetic_batching.py [--batches 30]
+    python benchmarks/synthetic_batching.py [--batches 30] [--llm-layers 4] [--pack-length 256]
 
-Builds the base configs' training mix (three turns, description and context fractions 0.5 / 0.2, 1-12-object
-scenes; without their token-drop augmentation, which hides tokens through the attention mask and changes no shape)
-twice, shuffled and grouped by text length, and trains one freshly initialised base (the committed spec)
-on alternating batches of the two loaders, so both see the same machine state. Prints padded / real token ratios
-(real: the attention mask plus the hidden visual positions) and the mean seconds per training step of each.
+Builds the base configs' training mix (three turns, description, context and token-drop fractions 0.5 / 0.2 / 0.3,
+1-12-object scenes) three ways and trains one freshly initialised base (the committed spec, with --llm-layers
+layers: 4 in stages 0-1, 12 in stage 2) on the loaders' batches in turn, so all see the same machine state. Prints
+padded / real token ratios (real: every token of an example, hidden visual positions included), the seconds the
+loader takes to build a batch (rendering, the processor, packing) and the mean seconds per training step (forward,
+backward, AdamW).
 """
 
 from __future__ import annotations
@@ -24,19 +26,27 @@ from datamodules.synthetic import SyntheticVQADataModule  # noqa: E402
 from lvlm_prune.data import answer_cross_entropy  # noqa: E402
 from lvlm_prune.modeling.tiny import TinyLlavaSpec, build_tiny_llava  # noqa: E402
 
-BASE_MIX = dict(batch_size=32, train_min_objects=1, turns_per_image=3, describe_fraction=0.5, context_fraction=0.2)
+BASE_MIX = dict(batch_size=32, train_min_objects=1, turns_per_image=3, describe_fraction=0.5, context_fraction=0.2,
+                token_drop_fraction=0.3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=30, help="timed training steps per loader")
+    parser.add_argument("--llm-layers", type=int, default=4, help="LLM depth (the base trains 4, then 12)")
+    parser.add_argument("--pack-length", type=int, default=256, help="tokens per packed row")
     args = parser.parse_args()
-    loaders = {}
-    for name, grouped in (("shuffled", False), ("length-grouped", True)):
-        data = SyntheticVQADataModule(num_train=32 * (args.batches + 1), group_by_length=grouped, **BASE_MIX)
+    loaders, build_seconds = {}, {}
+    for name, options in (("padded, shuffled", {}), ("padded, length-grouped", {"group_by_length": True}),
+                          (f"packed into rows of {args.pack_length}", {"pack_length": args.pack_length})):
+        data = SyntheticVQADataModule(num_train=32 * (args.batches + 1), **options, **BASE_MIX)
+        torch.manual_seed(0)
+        start = time.perf_counter()
         loaders[name] = list(data.train_dataloader())
+        build_seconds[name] = (time.perf_counter() - start) / len(loaders[name])
     tokenizer = data.processor.tokenizer
-    model = build_tiny_llava(TinyLlavaSpec(residual_init="zero"), len(tokenizer), data.image_token_id,
+    spec = TinyLlavaSpec(residual_init="zero", num_layers=args.llm_layers)
+    model = build_tiny_llava(spec, len(tokenizer), data.image_token_id,
                              tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -56,12 +66,15 @@ def main() -> None:
     for pair in zip(*(loaders[name][1:] for name in loaders)):
         for name, batch in zip(loaders, pair):
             seconds[name] += step(batch)
-    print(f"{torch.get_num_threads()} threads, {args.batches} steps each, interleaved")
-    print("| batches | padded / real tokens | seconds per step |\n|---|---|---|")
+    print(f"{torch.get_num_threads()} threads, {args.llm_layers} LLM layers, {args.batches} steps each, interleaved")
+    print("| batches | rows per batch | padded / real tokens | seconds to build a batch | seconds per step |")
+    print("|---|---|---|---|---|")
     for name, batches in loaders.items():
         padded = sum(b["input_ids"].numel() for b in batches)
-        real = sum(int((b["labels"].shape[1] - (b["input_ids"] == tokenizer.pad_token_id).sum(1)).sum()) for b in batches)
-        print(f"| {name} | {padded / real:.2f} | {seconds[name] / args.batches:.3f} |")
+        real = sum(int((b["input_ids"] != tokenizer.pad_token_id).sum()) for b in batches)
+        rows = sum(b["input_ids"].shape[0] for b in batches) / len(batches)
+        print(f"| {name} | {rows:.1f} | {padded / real:.2f} | {build_seconds[name]:.3f} | "
+              f"{seconds[name] / args.batches:.3f} |")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,11 @@ class SyntheticVQADataModule(L.LightningDataModule):
             together and breaks when a pruner keeps the objects alone (docs/findings.md); a real LVLM is expected to
             answer from the tokens that carry the answer. Needs one visual token per grid cell (cell_size = the
             vision tower's patch size).
+        text_only_fraction: fraction of training examples given as text alone: no image, the whole scene's
+            description as the prompt's context, every question turn kept (the description covers all of them), no
+            description turn. A language-only stage (1.0) trains the LLM to answer from a scene's text, as a real
+            LVLM's LLM was pretrained on text before it saw images; such examples cost a fraction of an image
+            example (no vision tower, no visual tokens).
         grounding_evidence: give each training answer turn the visual tokens of the objects it depends on
             (`VQAExample.evidence`), for the base's attention-grounding loss (`model.grounding_weight`); description
             turns and answers without objects (a 'no', a count of zero) get none. Needs one visual token per cell.
@@ -86,6 +91,11 @@ class SyntheticVQADataModule(L.LightningDataModule):
             'relevant' (only the objects the answer depends on: an oracle pruner). Measures whether the base answers
             from the tokens that carry the answer; needs one visual token per grid cell.
         max_length: longest teacher-forced sequence (longer ones are cut to it with a warning, as LLaVA does).
+        pack_length: training batches come packed into rows of this many tokens (`lvlm_prune.data.pack_teacher_forced`:
+            the same examples, the same loss and gradients, a block-diagonal causal mask instead of padding; the
+            base's steps are about 1.4x faster, `benchmarks/synthetic_batching.py`). Only the base's training reads
+            packed batches (`model.attn_implementation` sdpa or eager); the pruning methods' training needs None.
+            Validation and test batches are never packed. None: padded batches.
         group_by_length: training batches of examples with similar text length (`LengthGroupedSampler`: about
             1.4x faster base steps from less padding; the order is fixed by the seed and the epoch). Off by default: on
             this benchmark the length follows the kind of example (description turns, context), so grouped batches
@@ -113,18 +123,20 @@ class SyntheticVQADataModule(L.LightningDataModule):
         context_fraction: float = 0.0,
         describe_fraction: float = 0.0,
         token_drop_fraction: float = 0.0,
+        text_only_fraction: float = 0.0,
         grounding_evidence: bool = False,
         turns_per_image: int = 1,
         eval_context: str = "none",
         eval_hidden_visual_fraction: float = 0.0,
         eval_visual_tokens: str = "all",
         max_length: int = 512,
+        pack_length: int | None = None,
         group_by_length: bool = False,
         num_workers: int = 0,
     ):
         super().__init__()
         for name, value in (("context_fraction", context_fraction), ("describe_fraction", describe_fraction),
-                            ("token_drop_fraction", token_drop_fraction),
+                            ("token_drop_fraction", token_drop_fraction), ("text_only_fraction", text_only_fraction),
                             ("eval_hidden_visual_fraction", eval_hidden_visual_fraction)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.{name}={value} must be in [0, 1]")
@@ -161,6 +173,9 @@ class SyntheticVQADataModule(L.LightningDataModule):
                                  f"but data.cell_size={cell_size} and the processor's patch_size={patch}")
         self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
         self.collator = VQACollator(self.processor, self.template, self.image_token_id, max_length, seed)
+        self.train_collator = (self.collator if pack_length is None else
+                               VQACollator(self.processor, self.template, self.image_token_id, max_length, seed,
+                                           pack_length=pack_length))
         self.categories = list(families)
         self._splits: dict[str, list[VQASample]] = {}
 
@@ -184,15 +199,19 @@ class SyntheticVQADataModule(L.LightningDataModule):
             made = make_question(sample.scene, rng.choice(self.config.families), rng)
             if made is not None and made[0] not in [t[0] for t in turns]:
                 turns.append(made)
+        # drawn only when asked for, so that configs without text-only examples keep their exact data
+        text_only = self.hparams.text_only_fraction > 0 and rng.random() < self.hparams.text_only_fraction
         describe = None
-        if rng.random() < self.hparams.describe_fraction:
+        if not text_only and rng.random() < self.hparams.describe_fraction:
             if rng.random() < 0.5:
                 describe = (DESCRIBE_SCENE, sample.scene.description(), sample.scene.objects)
             else:
                 describe = (f"{DESCRIBE_PREFIX} {sample.question}", sample.relevant_description, sample.relevant)
             turns.insert(rng.randrange(len(turns) + 1), describe)
         context, hidden, protected = None, 0.0, ()
-        if rng.random() < self.hparams.context_fraction:
+        if text_only:
+            context = f"{CONTEXT_PREFIX} {sample.scene.description()}"
+        elif rng.random() < self.hparams.context_fraction:
             text = sample.relevant_description if rng.random() < 0.7 else sample.scene.description()
             context = f"{CONTEXT_PREFIX} {text}"
             hidden = 1.0 if rng.random() < 0.5 else rng.uniform(0.5, 1.0)
@@ -204,16 +223,18 @@ class SyntheticVQADataModule(L.LightningDataModule):
         (question, answer, _), extra = turns[0], tuple((q, a) for q, a, _ in turns[1:])
         category = sample.family if question == sample.question else "describe"
         evidence = ()
-        if self.hparams.grounding_evidence:
+        if self.hparams.grounding_evidence and not text_only:
             grid = self.config.grid
             evidence = tuple(() if turn is describe else tuple(sorted(o.row * grid + o.col for o in turn[2]))
                              for turn in turns)
         return dict(question=question, answer=answer, category=category, context=context,
-                    hidden_visual_fraction=hidden, extra_turns=extra, protected_visual=protected, evidence=evidence)
+                    hidden_visual_fraction=hidden, extra_turns=extra, protected_visual=protected, evidence=evidence,
+                    text_only=text_only)
 
     def _train_example(self, sample: VQASample, index: int) -> VQAExample:
-        return VQAExample(sample.question_id, render(sample.scene, self.config.cell_size),
-                          **self._train_conversation(sample))
+        text = self._train_conversation(sample)
+        image = None if text.pop("text_only") else render(sample.scene, self.config.cell_size)
+        return VQAExample(sample.question_id, image, **text)
 
     def train_text_lengths(self) -> list[int]:
         """Words of each training example's text (the word-level tokenizer's token count, up to the template)."""
@@ -254,7 +275,8 @@ class SyntheticVQADataModule(L.LightningDataModule):
             sampler, shuffle = LengthGroupedSampler(self.train_text_lengths(), batch_size * world_size,
                                                     self.hparams.seed), False
         return DataLoader(_ExampleDataset(self.samples(split), None, make), batch_size=batch_size, shuffle=shuffle,
-                          sampler=sampler, collate_fn=self.collator, num_workers=self.hparams.num_workers,
+                          sampler=sampler, collate_fn=self.train_collator if split == "train" else self.collator,
+                          num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0, drop_last=split == "train")
 
     def train_dataloader(self) -> DataLoader:

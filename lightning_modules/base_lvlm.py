@@ -21,7 +21,7 @@ from lightning_modules.common import (
     prediction_records,
     score,
 )
-from lvlm_prune.data import answer_cross_entropy
+from lvlm_prune.data import additive_attention_mask, answer_cross_entropy
 from lvlm_prune.generation import stock_greedy_generate
 from lvlm_prune.modeling.grounding import AttentionGrounding, grounding_queries
 from lvlm_prune.modeling.loading import load_base_model
@@ -115,8 +115,11 @@ class BaseLVLMModule(L.LightningModule):
         self.test_predictions: list[dict[str, Any]] = []
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        if mask.ndim == 4 and self.model.config.get_text_config()._attn_implementation == "eager":
+            mask = additive_attention_mask(mask, self.model.dtype)  # packed rows: eager adds its mask to the scores
         return self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            input_ids=batch["input_ids"], attention_mask=mask,
             position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
         ).logits
 
@@ -125,7 +128,7 @@ class BaseLVLMModule(L.LightningModule):
             check_writable_directory(self.hparams.export_dir, "model.init_args.export_dir")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        size = batch["input_ids"].shape[0]
+        size = len(batch["question_ids"])  # examples, also when packed into fewer rows
         with out_of_memory_advice("the training step", BASE_TRAINING_MEMORY_SETTINGS):
             if self.grounding is None:
                 loss = answer_cross_entropy(self(batch), batch["labels"])

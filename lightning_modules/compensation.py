@@ -159,6 +159,9 @@ class CompensationModule(FrozenBaseModule):
             self.logger.log_hyperparams({"params/trainable": trainable, "params/frozen": frozen})
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
+        if "packed_rows" in batch:
+            raise ValueError("the training batches are packed (data.pack_length is set), but the pruning engine masks "
+                             "tokens per padded row: set data.init_args.pack_length to null for RCP and ACCM training")
         total = max(1, int(self.trainer.estimated_stepping_batches))
         progress = min(1.0, self.global_step / total)
         # The plug-in's random draws (RCP's Gumbel noise) use the global generator reseeded from (seed, rank,

@@ -23,7 +23,7 @@ class VQAExample:
 
     Args:
         question_id: unique id (kept through to the answer file).
-        image: RGB image.
+        image: RGB image, or None for a text-only example (its prompt has no image placeholder).
         question: the question text (the user's instruction).
         answer: the target answer (None at pure inference).
         category: question family / benchmark category for per-category metrics.
@@ -40,7 +40,7 @@ class VQAExample:
     """
 
     question_id: int | str  # as the question file has it (LLaVA keeps integer ids)
-    image: Image.Image
+    image: Image.Image | None
     question: str
     answer: str | None = None
     category: str = ""
@@ -61,10 +61,15 @@ class VQACollator:
     `attention_mask` of the teacher-forced layout also hides the visual tokens an example asks to hide;
     `position_ids` are computed before hiding, so hidden tokens keep the positions they would have had.
     Teacher-forced sequences longer than `max_length` are cut to it (with a warning), as LLaVA's training cuts to
-    `model_max_length`.
+    `model_max_length`. With `pack_length`, batches with answers come packed for training (`pack_teacher_forced`:
+    examples share rows of that many tokens, no generation layout).
     """
 
-    def __init__(self, processor: Any, template: ConversationTemplate, image_token_id: int, max_length: int = 512, seed: int = 0):
+    def __init__(self, processor: Any, template: ConversationTemplate, image_token_id: int, max_length: int = 512,
+                 seed: int = 0, pack_length: int | None = None):
+        if pack_length is not None and pack_length < 1:
+            raise ValueError(f"pack_length={pack_length} must be at least 1 (tokens per packed row) or None")
+        self.pack_length = pack_length
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.template = template
@@ -74,13 +79,13 @@ class VQACollator:
 
     def _encode(self, images: list[Image.Image], texts: list[str], side: str) -> dict[str, torch.Tensor]:
         self.tokenizer.padding_side = side
-        return self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        return self.processor(images=images or None, text=texts, padding=True, return_tensors="pt")
 
     def __call__(self, examples: list[VQAExample]) -> dict[str, Any]:
         if not examples:
             raise ValueError("empty batch")
-        images = [e.image for e in examples]
-        prompts = [self.template.prompt(e.question, e.context) for e in examples]
+        images = [e.image for e in examples if e.image is not None]
+        prompts = [self.template.prompt(e.question, e.context, with_image=e.image is not None) for e in examples]
         batch: dict[str, Any] = {
             "question_ids": [e.question_id for e in examples],
             "questions": [e.question for e in examples],
@@ -89,7 +94,9 @@ class VQACollator:
             "contexts": [e.context for e in examples],
         }
         generation = self._encode(images, prompts, side="left")
-        batch["pixel_values"] = generation["pixel_values"]
+        batch["pixel_values"] = generation.get("pixel_values")  # None when no example has an image
+        if len(images) < len(examples):  # text-only examples: which examples the images belong to
+            batch["image_examples"] = [i for i, e in enumerate(examples) if e.image is not None]
         if "image_sizes" in generation:  # LLaVA-NeXT processors: the anyres layout depends on each image's size
             batch["image_sizes"] = generation["image_sizes"]
         batch["prompt_input_ids"] = generation["input_ids"]
@@ -124,6 +131,8 @@ class VQACollator:
         batch.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
         if any(e.evidence for e in examples):
             batch["grounding"] = self._grounding(input_ids, attention_mask, examples, answer_starts)
+        if self.pack_length is not None:
+            return pack_teacher_forced(batch, self.pack_length, self.tokenizer.pad_token_id)
         return batch
 
     def _grounding(self, input_ids, attention_mask, examples, answer_starts) -> list[tuple[int, int, tuple[int, ...]]]:
@@ -196,6 +205,83 @@ class VQACollator:
                 order = random.Random(f"{self.seed}/{e.question_id}").sample(candidates, n_hide)
                 attention_mask[i, [image_positions[j] for j in order]] = 0
         return attention_mask
+
+
+# per-example entries of a collated batch that packing reorders with its examples
+EXAMPLE_KEYS = ("question_ids", "questions", "answers", "categories", "contexts")
+
+
+def pack_teacher_forced(batch: dict[str, Any], row_length: int, pad_token_id: int) -> dict[str, Any]:
+    """Packs the right-padded teacher-forced layout of a collated batch into fewer, fuller rows.
+
+    Several examples share a row end to end (first fit, longest first, into rows of `row_length` tokens, or of the
+    longest example's length when that is longer), each keeping its own `position_ids`. `attention_mask` becomes a
+    (rows, 1, T, T) boolean mask (True: may attend): causal within each example, nothing across examples, and the
+    visual tokens an example hides stay hidden. The loss and every gradient are those of the padded batch; only
+    the padding the rows no longer carry is not computed. `pixel_values` and the per-example entries follow the
+    examples' new order (LLaVA fills the image tokens in order, row after row); `packed_rows` lists each row's
+    examples by their index in the padded batch. The generation layout (`prompt_*`) is dropped: packed batches are
+    for training. Needs a language model that takes a 4-D mask as it is (transformers' sdpa does; eager wants
+    it additive, see `additive_attention_mask`).
+    """
+    if batch.get("image_sizes") is not None:
+        raise ValueError("packing needs one fixed-size image per example; this batch carries image_sizes (anyres)")
+    input_ids, mask2d = batch["input_ids"], batch["attention_mask"]
+    # right-padded: an example's tokens end after its last position that is visible or hidden but not padding
+    lengths = (batch["position_ids"].argmax(1) + 1).tolist()
+    capacity = max(row_length, max(lengths))
+    rows: list[list[int]] = []
+    filled: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, used in enumerate(filled) if used + lengths[index] <= capacity), None)
+        if row is None:
+            rows.append([])
+            filled.append(0)
+            row = len(rows) - 1
+        rows[row].append(index)
+        filled[row] += lengths[index]
+    length = max(filled)
+    packed_ids = input_ids.new_full((len(rows), length), pad_token_id)
+    positions = torch.zeros(len(rows), length, dtype=batch["position_ids"].dtype)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=batch["labels"].dtype)
+    allowed = torch.zeros(len(rows), 1, length, length, dtype=torch.bool)
+    order: list[int] = []
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            n, stop = lengths[i], start + lengths[i]
+            packed_ids[r, start:stop] = input_ids[i, :n]
+            positions[r, start:stop] = batch["position_ids"][i, :n]
+            labels[r, start:stop] = batch["labels"][i, :n]
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            allowed[r, 0, start:stop, start:stop] = causal & mask2d[i, :n].bool()[None, :]
+            start = stop
+            order.append(i)
+        # padding after the last example attends to itself only (a row with nothing to attend to gives NaN)
+        tail = torch.arange(start, length)
+        allowed[r, 0, tail, tail] = True
+    packed = {key: [batch[key][i] for i in order] for key in EXAMPLE_KEYS if key in batch}
+    packed.update(input_ids=packed_ids, position_ids=positions, labels=labels, attention_mask=allowed, packed_rows=rows)
+    pixels = batch["pixel_values"]
+    if "image_examples" in batch:  # some examples are text-only: the images follow the ones that have them
+        image_of = {example: k for k, example in enumerate(batch["image_examples"])}
+        with_image = [i for i in order if i in image_of]
+        packed["image_examples"] = [order.index(i) for i in with_image]
+        pixels = None if pixels is None else pixels[[image_of[i] for i in with_image]]
+    else:
+        pixels = pixels[order]
+    packed["pixel_values"] = pixels
+    if "grounding" in batch:
+        offsets = {i: (r, sum(lengths[j] for j in members[:k])) for r, members in enumerate(rows)
+                   for k, i in enumerate(members)}
+        packed["grounding"] = [(offsets[i][0], offsets[i][1] + query, tuple(offsets[i][1] + p for p in evidence))
+                               for i, query, evidence in batch["grounding"]]
+    return packed
+
+
+def additive_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean (B, 1, T, T) mask (True: may attend) as the additive one eager attention adds to its scores."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def answer_generation_mask(labels: torch.Tensor) -> torch.Tensor:

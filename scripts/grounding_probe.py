@@ -52,11 +52,12 @@ def datamodule(args: argparse.Namespace) -> SyntheticVQADataModule:
         families=tuple(args.families),
         turns_per_image=args.turns, describe_fraction=args.describe_fraction, context_fraction=args.context_fraction,
         train_skip=args.train_skip, grounding_evidence=args.grounding_weight > 0,
+        text_only_fraction=args.text_only_fraction, pack_length=args.pack_length,
     )
     if args.key_last:
         dm.template = replace(dm.template)
         object.__setattr__(dm.template, "prompt", key_last_prompt)
-        dm.collator.template = dm.template
+        dm.collator.template = dm.train_collator.template = dm.template
     return dm
 
 
@@ -139,6 +140,10 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=1)
     parser.add_argument("--describe-fraction", type=float, default=0.0)
     parser.add_argument("--context-fraction", type=float, default=0.0)
+    parser.add_argument("--text-only-fraction", type=float, default=0.0,
+                        help="training examples as text alone (the scene's description, no image)")
+    parser.add_argument("--pack-length", type=int, default=None, help="pack training batches into rows of this length")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--patch-aux", type=float, default=0.0,
                         help="weight of a per-patch colour/shape/size loss on the projector output (0: off)")
     parser.add_argument("--patch-aux-position", action="store_true", help="the per-patch loss also predicts row/col")
@@ -181,7 +186,7 @@ def main() -> None:
         params += list(aux_head.parameters())
         model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: projected.append(o))
         scenes = {s.question_id: s.scene for s in dm.samples("train")}
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.98), weight_decay=0.01)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosineLambda(args.steps, args.warmup_steps, 0.1))
     val = list(dm.val_dataloader())
     grounding = AttentionGrounding(model, args.grounding_layers, args.grounding_heads) if args.grounding_weight > 0 else None

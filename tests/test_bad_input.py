@@ -167,3 +167,8 @@ def test_a_plugin_checkpoint_given_to_the_plain_base_module_is_named(tiny_base_d
     with pytest.raises(ValueError, match=r"holds modules \['compensation'\] that FrozenBaseModule does not have"):
         module.on_load_checkpoint({"state_dict": rcp_module.state_dict()})
     module.on_load_checkpoint({"state_dict": module.state_dict()})  # its own checkpoint loads
+
+
+def test_packed_batches_are_refused_by_the_pruning_methods_training(rcp_module):
+    with pytest.raises(ValueError, match="pack_length to null for RCP and ACCM training"):
+        rcp_module.training_step({"packed_rows": [[0, 1]]}, 0)

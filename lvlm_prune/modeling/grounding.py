@@ -81,7 +81,7 @@ class AttentionGrounding:
         if index not in self._inputs:
             raise RuntimeError(f"no forward pass of layer {index} was captured; run the model inside capturing()")
         normed, (cos, sin) = self._inputs[index]
-        batch, length = attention_mask.shape
+        batch, length = attention_mask.shape[0], attention_mask.shape[-1]
         # without explicit position_ids the rotary tables have batch size 1
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
         rows = torch.tensor([q.row for q in queries], device=normed.device)
@@ -89,7 +89,10 @@ class AttentionGrounding:
         is_query = torch.zeros(batch, length, dtype=torch.bool, device=normed.device)
         is_query[rows, positions] = True
         query_index, _ = gather_rows(torch.arange(length, device=normed.device).expand(batch, -1), is_query, 1)
-        allowed = torch.ones(length, length, dtype=torch.bool, device=normed.device).tril() & attention_mask.bool()[:, None]
+        if attention_mask.ndim == 4:  # packed rows (`lvlm_prune.data.pack_teacher_forced`): already (B, 1, T, T)
+            allowed = attention_mask[:, 0].bool()
+        else:
+            allowed = torch.ones(length, length, dtype=torch.bool, device=normed.device).tril() & attention_mask.bool()[:, None]
         bias = torch.zeros(batch, 1, length, length, device=normed.device)
         bias = bias.masked_fill(~allowed[:, None], torch.finfo(bias.dtype).min)
         probabilities = attention_rows(decoder_layers(self.model)[index], normed, (cos, sin), query_index, bias)
@@ -98,7 +101,7 @@ class AttentionGrounding:
 
     def evidence_mass(self, index: int, queries: Sequence[GroundingQuery], attention_mask: torch.Tensor) -> torch.Tensor:
         """(len(queries), len(heads)): the supervised heads' attention mass on each query's evidence at layer `index`."""
-        evidence = torch.zeros(len(queries), attention_mask.shape[1], dtype=torch.bool, device=attention_mask.device)
+        evidence = torch.zeros(len(queries), attention_mask.shape[-1], dtype=torch.bool, device=attention_mask.device)
         for k, query in enumerate(queries):
             evidence[k, list(query.evidence)] = True
         return (self.attention(index, queries, attention_mask) * evidence[:, None, :]).sum(-1)
