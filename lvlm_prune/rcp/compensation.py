@@ -212,6 +212,8 @@ class RCPCompensation(Compensation):
         drop_after_pruning_layer: bool = False,
     ):
         super().__init__()
+        # the constructor's arguments and nothing else: read before any other local exists
+        self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if not 0.0 <= target_prune_ratio < 1.0:
             raise ValueError(f"rcp target_prune_ratio={target_prune_ratio} must be in [0, 1)")
         if noise_free_keep not in ("threshold", "budget"):
@@ -238,7 +240,6 @@ class RCPCompensation(Compensation):
                              "both be > 0")
         self.schedule = RCPSchedule(1.0 - target_prune_ratio, temperature_start, temperature_end)
         self.use_adapter, self.use_repair_loss, self.use_learned_score = use_adapter, use_repair_loss, use_learned_score
-        self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
 
     def export_config(self) -> dict[str, Any]:
         return dict(self._config)

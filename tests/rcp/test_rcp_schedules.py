@@ -98,3 +98,18 @@ def test_the_plugin_module_trains_with_this_schedule_and_names_a_bad_fraction(ti
     assert scheduler.lr_lambdas[0].warmup_steps == expected.warmup_steps == 2  # ceil(1.5): at least the fraction
     with pytest.raises(ValueError, match="model.warmup_fraction=1.0"):
         module(warmup_fraction=1.0)
+
+
+@pytest.mark.parametrize("plugin_class", ["rcp", "accm"])
+def test_exported_config_is_the_constructor_arguments_and_rebuilds_the_plugin(plugin_class):
+    import inspect
+
+    from lvlm_prune.accm.compensation import ACCMCompensation
+    from lvlm_prune.rcp.compensation import RCPCompensation
+
+    cls = {"rcp": RCPCompensation, "accm": ACCMCompensation}[plugin_class]
+    plugin = cls(target_prune_ratio=0.75)
+    config = plugin.export_config()
+    assert set(config) == set(inspect.signature(cls.__init__).parameters) - {"self"}
+    assert config["target_prune_ratio"] == 0.75
+    assert cls(**config).export_config() == config
