@@ -79,7 +79,8 @@ class SyntheticVQADataModule(L.LightningDataModule):
             description as the prompt's context, every question turn kept (the description covers all of them), no
             description turn. A language-only stage (1.0) trains the LLM to answer from a scene's text, as a real
             LVLM's LLM was pretrained on text before it saw images; such examples cost a fraction of an image
-            example (no vision tower, no visual tokens).
+            example (no vision tower, no visual tokens). An all-text stage leaves the vision tower and projector
+            without gradients: under DDP it needs `find_unused_parameters` (e.g. `strategy: ddp_find_unused_parameters_true`).
         grounding_evidence: give each training answer turn the visual tokens of the objects it depends on
             (`VQAExample.evidence`), for the base's attention-grounding loss (`model.grounding_weight`); description
             turns and answers without objects (a 'no', a count of zero) get none. Needs one visual token per cell.
@@ -223,10 +224,10 @@ class SyntheticVQADataModule(L.LightningDataModule):
         (question, answer, _), extra = turns[0], tuple((q, a) for q, a, _ in turns[1:])
         category = sample.family if question == sample.question else "describe"
         evidence = ()
-        if self.hparams.grounding_evidence and not text_only:
+        if self.hparams.grounding_evidence:  # a text-only example has no visual token to point at
             grid = self.config.grid
-            evidence = tuple(() if turn is describe else tuple(sorted(o.row * grid + o.col for o in turn[2]))
-                             for turn in turns)
+            evidence = tuple(() if turn is describe or text_only
+                             else tuple(sorted(o.row * grid + o.col for o in turn[2])) for turn in turns)
         return dict(question=question, answer=answer, category=category, context=context,
                     hidden_visual_fraction=hidden, extra_turns=extra, protected_visual=protected, evidence=evidence,
                     text_only=text_only)

@@ -163,6 +163,8 @@ def main() -> None:
     parser.add_argument("--grow-placement", choices=GROWTH_PLACEMENTS, default="spread")
     args = parser.parse_args()
 
+    if args.patch_aux > 0 and args.text_only_fraction > 0:
+        raise SystemExit("--patch-aux needs an image in every training example; drop --text-only-fraction")
     dm = datamodule(args)
     tokenizer = dm.processor.tokenizer
     spec = TinyLlavaSpec(num_layers=args.llm_layers, vision_layers=args.vision_layers, residual_init=args.residual_init,

@@ -119,6 +119,9 @@ def test_base_fit_through_the_cli_trains_on_packed_rows(tmp_path):
     cli = cli_main(["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
                     "--trainer.fast_dev_run", "2", "--data.init_args.pack_length", "128"])
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert batch["attention_mask"].ndim == 4 and len(batch["packed_rows"]) < len(batch["question_ids"])
+    assert "packed_rows" not in next(iter(cli.datamodule.val_dataloader()))  # evaluation is never packed
 
 
 def test_text_only_examples_carry_the_scene_in_words_and_no_image():
@@ -153,5 +156,11 @@ def test_a_text_only_stage_trains_without_any_image(tmp_path):
     from cli import cli_main
 
     cli = cli_main(["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
-                    "--trainer.fast_dev_run", "1", "--data.init_args.text_only_fraction", "1.0"])
+                    "--trainer.fast_dev_run", "1", "--data.init_args.text_only_fraction", "1.0",
+                    "--model.init_args.grounding_weight", "0.5", "--model.init_args.grounding_layers", "[1]",
+                    "--data.init_args.grounding_evidence", "true"])
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert batch["pixel_values"] is None and not (batch["input_ids"] == cli.datamodule.image_token_id).any()
+    # no visual token to point at: the grounding loss has no lookup (0), and the step is not refused
+    assert batch["grounding"] == [] and cli.trainer.callback_metrics["train/grounding_loss"] == 0
