@@ -93,8 +93,8 @@ class SyntheticVQADataModule(L.LightningDataModule):
             from the tokens that carry the answer; needs one visual token per grid cell.
         max_length: longest teacher-forced sequence (longer ones are cut to it with a warning, as LLaVA does).
         pack_length: training batches come packed into rows of this many tokens (`lvlm_prune.data.pack_teacher_forced`:
-            the same examples, the same loss and gradients, a block-diagonal causal mask instead of padding; the
-            base's steps are about 1.4x faster, `benchmarks/synthetic_batching.py`). Only the base's training reads
+            the same examples, the same loss and gradients, a block-diagonal causal mask instead of padding; a base step
+            costs 0.74x / 0.70x a padded one with 4 / 12 LLM layers, `benchmarks/synthetic_batching.py`). Only the base's training reads
             packed batches (`model.attn_implementation` sdpa or eager); the pruning methods' training needs None.
             Validation and test batches are never packed. None: padded batches.
         group_by_length: training batches of examples with similar text length (`LengthGroupedSampler`: about

@@ -246,9 +246,11 @@ def pack_teacher_forced(batch: dict[str, Any], row_length: int, pad_token_id: in
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=batch["labels"].dtype)
     allowed = torch.zeros(len(rows), 1, length, length, dtype=torch.bool)
     order: list[int] = []
+    placed: dict[int, tuple[int, int]] = {}  # example -> (row, first position in it)
     for r, members in enumerate(rows):
         start = 0
         for i in members:
+            placed[i] = (r, start)
             n, stop = lengths[i], start + lengths[i]
             packed_ids[r, start:stop] = input_ids[i, :n]
             positions[r, start:stop] = batch["position_ids"][i, :n]
@@ -272,9 +274,7 @@ def pack_teacher_forced(batch: dict[str, Any], row_length: int, pad_token_id: in
         pixels = pixels[order]
     packed["pixel_values"] = pixels
     if "grounding" in batch:
-        offsets = {i: (r, sum(lengths[j] for j in members[:k])) for r, members in enumerate(rows)
-                   for k, i in enumerate(members)}
-        packed["grounding"] = [(offsets[i][0], offsets[i][1] + query, tuple(offsets[i][1] + p for p in evidence))
+        packed["grounding"] = [(placed[i][0], placed[i][1] + query, tuple(placed[i][1] + p for p in evidence))
                                for i, query, evidence in batch["grounding"]]
     return packed
 
