@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lightning_modules.common import (
     BASE_TRAINING_MEMORY_SETTINGS,
@@ -25,6 +26,7 @@ from lvlm_prune.data import additive_attention_mask, answer_cross_entropy
 from lvlm_prune.generation import stock_greedy_generate
 from lvlm_prune.modeling.grounding import AttentionGrounding, grounding_queries
 from lvlm_prune.modeling.loading import load_base_model
+from lvlm_prune.modeling.optimizers import OPTIMIZERS, OptimizerName, build_optimizer
 from lvlm_prune.modeling.tiny import (
     GROWTH_PLACEMENTS,
     TinyLlavaSpec,
@@ -42,8 +44,12 @@ class BaseLVLMModule(L.LightningModule):
         processor: the data's LlavaProcessor (linked from the datamodule by the CLI).
         categories: question families for per-family accuracy (linked from the datamodule).
         spec: shape of the tiny model.
-        learning_rate: AdamW peak learning rate.
-        weight_decay: AdamW weight decay.
+        learning_rate: peak learning rate.
+        weight_decay: decoupled weight decay of the weight matrices (not of norms and biases).
+        optimizer: 'adamw', or 'muon': Muon on the linear layers' weight matrices of the LLM, vision tower and
+            projector, AdamW on embeddings, LM head, norms and biases (`lvlm_prune.modeling.optimizers`; Muon's update
+            is scaled to AdamW's RMS, so AdamW's learning rate carries over). Not for DeepSpeed ZeRO, which
+            partitions and flattens the matrices Muon orthogonalises.
         warmup_steps: linear warm-up steps before the cosine decay.
         max_new_tokens: longest generated answer at evaluation.
         attn_implementation: sdpa | eager.
@@ -69,6 +75,7 @@ class BaseLVLMModule(L.LightningModule):
         spec: TinyLlavaSpec = TinyLlavaSpec(),
         learning_rate: float = 2e-3,
         weight_decay: float = 0.01,
+        optimizer: OptimizerName = "adamw",
         warmup_steps: int = 100,
         max_new_tokens: int = 24,
         attn_implementation: str = "sdpa",
@@ -102,6 +109,8 @@ class BaseLVLMModule(L.LightningModule):
             self.model = _initial_model(init_from, spec, ids, attn_implementation, grow_placement, seed)
         if not learning_rate > 0:
             raise ValueError(f"model.init_args.learning_rate={learning_rate} must be > 0")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"model.init_args.optimizer={optimizer!r}; choose one of {list(OPTIMIZERS)}")
         if max_new_tokens < 1:
             raise ValueError(f"model.init_args.max_new_tokens={max_new_tokens} must be at least 1 (the longest "
                              "generated answer, in tokens)")
@@ -195,12 +204,11 @@ class BaseLVLMModule(L.LightningModule):
         log_accuracy(self, metric, stage)
 
     def configure_optimizers(self):
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.learning_rate, betas=(0.9, 0.98),
-        )
+        if self.hparams.optimizer == "muon" and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            raise ValueError("model.init_args.optimizer=muon does not run under DeepSpeed (ZeRO flattens the weight "
+                             "matrices Muon orthogonalises); use adamw with that strategy")
+        optimizer = build_optimizer(self.model, self.hparams.optimizer, self.hparams.learning_rate,
+                                    self.hparams.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, WarmupCosineLambda(int(self.trainer.estimated_stepping_batches), self.hparams.warmup_steps, 0.1)
         )

@@ -32,6 +32,7 @@ from datamodules.synthetic import SyntheticVQADataModule  # noqa: E402
 from datamodules.synthetic_vqa import COLORS, SHAPES, SIZES  # noqa: E402
 from lvlm_prune.data import answer_cross_entropy  # noqa: E402
 from lvlm_prune.modeling.grounding import AttentionGrounding, grounding_queries  # noqa: E402
+from lvlm_prune.modeling.optimizers import OPTIMIZERS, build_optimizer  # noqa: E402
 from lvlm_prune.modeling.tiny import (  # noqa: E402
     GROWTH_PLACEMENTS, RESIDUAL_INITS, TinyLlavaSpec, build_tiny_llava, grow_llava_depth,
 )
@@ -144,6 +145,8 @@ def main() -> None:
                         help="training examples as text alone (the scene's description, no image)")
     parser.add_argument("--pack-length", type=int, default=None, help="pack training batches into rows of this length")
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                        help="muon: Muon on the linear layers' matrices, AdamW on the rest (lvlm_prune.modeling.optimizers)")
     parser.add_argument("--patch-aux", type=float, default=0.0,
                         help="weight of a per-patch colour/shape/size loss on the projector output (0: off)")
     parser.add_argument("--patch-aux-position", action="store_true", help="the per-patch loss also predicts row/col")
@@ -188,7 +191,12 @@ def main() -> None:
         params += list(aux_head.parameters())
         model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: projected.append(o))
         scenes = {s.question_id: s.scene for s in dm.samples("train")}
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.98), weight_decay=args.weight_decay)
+    if args.optimizer == "muon":
+        if args.patch_aux > 0:
+            raise SystemExit("--optimizer muon does not train the --patch-aux head; use one or the other")
+        optimizer = build_optimizer(model, "muon", args.learning_rate, args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosineLambda(args.steps, args.warmup_steps, 0.1))
     val = list(dm.val_dataloader())
     grounding = AttentionGrounding(model, args.grounding_layers, args.grounding_heads) if args.grounding_weight > 0 else None

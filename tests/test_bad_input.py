@@ -172,3 +172,25 @@ def test_a_plugin_checkpoint_given_to_the_plain_base_module_is_named(tiny_base_d
 def test_packed_batches_are_refused_by_the_pruning_methods_training(rcp_module):
     with pytest.raises(ValueError, match="pack_length to null for RCP and ACCM training"):
         rcp_module.training_step({"packed_rows": [[0, 1]]}, 0)
+
+
+def test_an_unknown_optimizer_and_muon_under_deepspeed_are_named(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from lightning_modules.base_lvlm import BaseLVLMModule
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+                  "--model.init_args.optimizer", "sgd"])
+    error = capsys.readouterr().err
+    assert 'Parser key "optimizer"' in error and "Expected a typing.Literal['adamw', 'muon']. Got value: sgd" in error
+    cli = cli_main(["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+                    "--model.init_args.optimizer", "muon", "--trainer.fast_dev_run", "1"])
+    module = cli.model
+    with pytest.raises(ValueError, match=r"model.init_args.optimizer='sgd'; choose one of \['adamw', 'muon'\]"):
+        BaseLVLMModule(processor=module.processor, spec=module.hparams.spec, optimizer="sgd")
+    module.trainer = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
+    with pytest.raises(ValueError, match="optimizer=muon does not run under DeepSpeed"):
+        module.configure_optimizers()

@@ -1,0 +1,110 @@
+import copy
+
+import pytest
+import torch
+
+from conftest import make_batch
+from lvlm_prune.modeling.optimizers import MuonWithAdamW, build_optimizer, muon_parameter_names
+from lvlm_prune.rcp.schedules import WarmupCosineLambda
+
+
+def _loss(model, spec):
+    ids, mask, pixels = make_batch(spec)
+    logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def test_muon_takes_the_block_and_projector_matrices_and_nothing_else(tiny_llava):
+    names = muon_parameter_names(tiny_llava)
+    shapes = dict(tiny_llava.named_parameters())
+    assert names and all(shapes[n].ndim == 2 for n in names)
+    assert any("language_model.layers.0.self_attn.q_proj" in n for n in names)
+    assert any("language_model.layers.0.mlp.down_proj" in n for n in names)
+    assert any("vision_tower" in n and "fc1" in n for n in names)
+    assert any("multi_modal_projector.linear_1" in n for n in names)
+    assert not any("embed" in n or "lm_head" in n or "norm" in n for n in names)
+
+
+def test_every_trainable_parameter_is_in_exactly_one_group(tiny_llava):
+    tiny_llava.model.vision_tower.requires_grad_(False)
+    optimizer = build_optimizer(tiny_llava, "muon", lr=1e-3, weight_decay=0.01)
+    grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    trainable = [id(p) for p in tiny_llava.parameters() if p.requires_grad]
+    assert sorted(grouped) == sorted(trainable)
+    assert len(optimizer.muon.param_groups[0]["params"]) > 0
+
+
+def test_scheduler_learning_rate_reaches_both_inner_optimizers(tiny_llava):
+    optimizer = build_optimizer(tiny_llava, "muon", lr=1e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosineLambda(10, 4, 0.1))
+    for _ in range(2):
+        optimizer.step()
+        schedule.step()
+    expected = 1e-3 * WarmupCosineLambda(10, 4, 0.1)(2)
+    assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(expected)
+    assert all(g["lr"] == pytest.approx(expected) for g in optimizer.adamw.param_groups)
+
+
+def test_a_scheduler_made_before_loading_still_reaches_both_inner_optimizers(tiny_llava):
+    saved = build_optimizer(tiny_llava, "muon", lr=1e-3, weight_decay=0.01).state_dict()
+    optimizer = build_optimizer(tiny_llava, "muon", lr=1e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)  # as Lightning: scheduler, then load
+    optimizer.load_state_dict(saved)
+    schedule.step()
+    assert [g["lr"] for g in optimizer.muon.param_groups + optimizer.adamw.param_groups] == [5e-4] * 3
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_a_few_steps_lower_the_loss(tiny_spec, name):
+    from conftest import make_tiny_llava
+
+    model = make_tiny_llava(tiny_spec).train()
+    optimizer = build_optimizer(model, name, lr=3e-3, weight_decay=0.0)
+    first = _loss(model, tiny_spec).item()
+    for _ in range(8):
+        optimizer.zero_grad()
+        _loss(model, tiny_spec).backward()
+        optimizer.step()
+    assert _loss(model, tiny_spec).item() < first - 0.1
+
+
+def test_state_dict_round_trip_resumes_the_same_trajectory(tiny_spec):
+    from conftest import make_tiny_llava
+
+    def train(model, optimizer, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            _loss(model, tiny_spec).backward()
+            optimizer.step()
+
+    model = make_tiny_llava(tiny_spec).train()
+    optimizer = build_optimizer(model, "muon", lr=3e-3, weight_decay=0.01)
+    train(model, optimizer, 2)
+    # state dicts hold live tensors that later steps update in place: copy them, as saving a checkpoint does
+    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    train(model, optimizer, 2)
+
+    resumed = make_tiny_llava(tiny_spec, seed=1).train()
+    resumed.load_state_dict(saved_model)
+    resumed_optimizer = build_optimizer(resumed, "muon", lr=3e-3, weight_decay=0.01)
+    resumed_optimizer.load_state_dict(saved_optimizer)
+    assert len(resumed_optimizer.state) == len(optimizer.state)
+    for parameter in list(resumed_optimizer.state):  # what Lightning does when it moves the state to a device
+        resumed_optimizer.state[parameter] = dict(resumed_optimizer.state[parameter])
+    resumed_optimizer.state_dict()
+    train(resumed, resumed_optimizer, 2)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_loading_an_adamw_state_names_the_mismatch(tiny_llava):
+    adamw_state = build_optimizer(tiny_llava, "adamw", lr=1e-3, weight_decay=0.0).state_dict()
+    with pytest.raises(ValueError, match="optimizer: adamw"):
+        build_optimizer(tiny_llava, "muon", lr=1e-3, weight_decay=0.0).load_state_dict(adamw_state)
+
+
+def test_unknown_optimizer_and_no_matrices_are_refused(tiny_llava):
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        build_optimizer(tiny_llava, "sgd", lr=1e-3, weight_decay=0.0)
+    with pytest.raises(ValueError, match="no 2-D weights"):
+        MuonWithAdamW([], [{"params": [torch.nn.Parameter(torch.zeros(2))]}], lr=1e-3, weight_decay=0.0)
