@@ -230,11 +230,11 @@ def read_instruction_records(path: Path, image_root: Path, bad: BadRecords, text
     (counted in `text_only_count[0]`), and is a bad record when it is 'error'.
     Bad (reported to `bad`): a `.jsonl` line that is not UTF-8 or JSON, not an object, no id, an image that is not a path, roles not
     alternating human/gpt from a human turn, an empty or non-string question or answer, not exactly one `<image>`
-    (in the first human turn), an id twice (5 and "5" are one id). Image files are not checked here (see
+    (in the first human turn). A repeated id (5 and "5" are one id) is not an error: LLaVA keys its conversations
+    by image, so the k-th record with an id becomes '<id>#k' (logged). Image files are not checked here (see
     `select_usable`).
     """
     records: list[LlavaRecord] = []
-    first_seen: dict[str, str] = {}  # by str(id): 5 and "5" are one id, as in the question readers
     for where, raw in _load_instruction_file(path, bad):
         record_id = raw.get("id") if isinstance(raw, dict) else None
         location = where + ("" if record_id is None else f" (id {record_id!r})")
@@ -246,13 +246,33 @@ def read_instruction_records(path: Path, image_root: Path, bad: BadRecords, text
         if parsed is None:
             bad.report(f"{location}: {problem}")
             continue
-        key = str(parsed.question_id)
-        if key in first_seen:
-            bad.report(f"{location}: id {record_id!r} appears twice (first at {first_seen[key]})")
-            continue
-        first_seen[key] = where
         records.append(parsed)
-    return records
+    return _with_unique_ids(records, path)
+
+
+def _with_unique_ids(records: list[LlavaRecord], path: Path) -> list[LlavaRecord]:
+    """LLaVA's instruction data keys records by image, so one id holds several conversations (LLaVA-Instruct's
+    conversation, detail and reasoning records of one COCO image share it). Each record needs its own id (answer files, ACCM's description cache): the k-th record with an
+    id becomes '<id>#k', skipping names another record of the file already has."""
+    taken = {str(record.question_id) for record in records}  # by str(id): 5 and "5" are one id
+    seen: set[str] = set()
+    unique, renamed = [], 0
+    for record in records:
+        key = str(record.question_id)
+        if key in seen:
+            repeat = 2
+            while f"{key}#{repeat}" in taken:
+                repeat += 1
+            key = f"{key}#{repeat}"
+            taken.add(key)
+            record = replace(record, question_id=key)
+            renamed += 1
+        seen.add(key)
+        unique.append(record)
+    if renamed:
+        logger.info("%s: %d record(s) repeat an earlier record's id (LLaVA keys conversations by image); they are "
+                    "named '<id>#2', '<id>#3', ... in file order", path, renamed)
+    return unique
 
 
 def no_records_message(source: str | Path, skipped: Sequence[str]) -> str:
@@ -260,6 +280,23 @@ def no_records_message(source: str | Path, skipped: Sequence[str]) -> str:
         return f"{source} holds no records"
     return (f"{source} has no usable records: all {len(skipped)} were skipped as bad (data.on_bad_record='skip'); "
             f"first: {skipped[0]}")
+
+
+class ImageCheck:
+    """`_image_problem` once per image file. LLaVA's files ask several questions of one image (VQAv2 about three,
+    the 665k mix several conversations per COCO image), and decoding each image once per record would multiply the
+    set-up time by that. Base64 images (MMBench) are checked each time: every row carries its own."""
+
+    def __init__(self, verify: bool) -> None:
+        self.verify = verify
+        self._problems: dict[Path, str | None] = {}
+
+    def __call__(self, image: Path | str) -> str | None:
+        if not isinstance(image, Path):
+            return _image_problem(image, self.verify)
+        if image not in self._problems:
+            self._problems[image] = _image_problem(image, self.verify)
+        return self._problems[image]
 
 
 def select_usable(
@@ -281,8 +318,9 @@ def select_usable(
         random.Random(subset_seed).shuffle(order)
     wanted = None if subset_size is None else subset_size + held_out
     chosen: list[int] = []
+    image_problem = ImageCheck(verify_images)
     for index in order:
-        problem = _image_problem(records[index].image, verify_images)
+        problem = image_problem(records[index].image)
         if problem is not None:
             bad.report(f"{records[index].location}: {problem}")
             continue
@@ -453,10 +491,11 @@ def read_question_records(
         if text_only:
             logger.info("%s: left out %d text-only problem(s) (ScienceQA-IMG keeps image problems)", path, text_only)
     usable = []
+    image_problem = ImageCheck(verify_images)
     for record in records:
         if isinstance(record.image, Path) and image_root is not None:
             record = replace(record, image=image_root / record.image)
-        problem = _image_problem(record.image, verify_images)
+        problem = image_problem(record.image)
         if problem is not None:
             bad.report(f"{record.location}: {problem}")
             continue
@@ -720,7 +759,6 @@ class LlavaQuestionsDataModule(L.LightningDataModule):
         question_suffix: str | None = None,
         eval_batch_size: int = 16,
         on_bad_record: str = "error",
-        text_only_records: str = "skip",
         verify_images: bool = True,
         pad_to_square: bool = True,
         max_length: int = 2048,
@@ -728,8 +766,6 @@ class LlavaQuestionsDataModule(L.LightningDataModule):
     ):
         super().__init__()
         check_on_bad_record(on_bad_record)
-        if text_only_records not in TEXT_ONLY_RECORDS:
-            raise ValueError(f"data.text_only_records={text_only_records!r}; choose one of {TEXT_ONLY_RECORDS}")
         _check_positive(eval_batch_size=eval_batch_size, max_length=max_length)
         get_template(template)
         is_tsv = question_file.endswith(".tsv")

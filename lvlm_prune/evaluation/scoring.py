@@ -8,8 +8,10 @@ annotation). Nothing scorable raises a ValueError instead of returning an empty 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,8 @@ from lvlm_prune.evaluation.readers import (
     read_textvqa_annotations,
     read_vqa_annotations,
 )
+
+logger = logging.getLogger(__name__)
 
 PathLike = str | Path
 Scorer = Callable[..., dict[str, float]]
@@ -200,8 +204,18 @@ def score_scienceqa(
     image_root: PathLike | None = None, on_bad_record: str = "error",
 ) -> dict[str, float]:
     """ScienceQA accuracy; "acc/img" is ScienceQA-IMG. `annotation` is `problems.json`; the question file is
-    LLaVA's `.json` (conversations) or a `.jsonl`; text-only problems are allowed."""
-    questions, matched = _load(question_file, answer_file, image_root, on_bad_record, require_image=False)
+    LLaVA's `.json` (conversations) or a `.jsonl`. Text-only problems are scored when the answer file answers any
+    of them (LLaVA's own evaluation answers all); otherwise, as this project's test runs answer ScienceQA-IMG only,
+    they are left out (counted in `num_skipped`) and a missing answer to an image problem is still an error."""
+    questions = read_questions(question_file, image_root=image_root, on_bad_record=on_bad_record, require_image=False)
+    answers = read_answers(answer_file, on_bad_record=on_bad_record)
+    num_read = questions.num_read
+    text_only = {key for key, question in questions.records.items() if question.image is None}
+    if text_only and not text_only & answers.records.keys():
+        logger.info("%s: no answer to any of the %d text-only problems: scoring ScienceQA-IMG only", answer_file,
+                    len(text_only))
+        questions = replace(questions, records={k: q for k, q in questions.records.items() if k not in text_only})
+    matched = match_answers(questions, answers, on_bad_record=on_bad_record)
     path = _require_annotation(annotation, "scienceqa")
     problems = read_scienceqa_problems(path)
     bad = BadRecords(path, on_bad_record)
@@ -213,7 +227,7 @@ def score_scienceqa(
         [a.text for _, a, _ in rows], [p.answer for *_, p in rows],
         [len(p.choices) for *_, p in rows], [p.has_image for *_, p in rows],
     )
-    return _result(metric.compute(), len(rows), questions.num_read)
+    return _result(metric.compute(), len(rows), num_read)
 
 
 def _score_vqa(

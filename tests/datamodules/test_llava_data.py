@@ -281,14 +281,11 @@ def bad_instruction(kind, exported, tmp_path):
                 "the first turn is from 'gpt', expected 'human'")
     if kind == "empty question":
         return conversation("bad", f"{sample.question_id}.png", "<image>\n  ", answer), "empty question"
-    if kind == "id twice":
-        duplicate = good_records(exported, 1)[0]
-        return duplicate, "appears twice"
     raise AssertionError(kind)
 
 
 INSTRUCTION_CASES = ["missing image", "unreadable image", "truncated jpeg", "no placeholder", "first turn not human",
-                     "empty question", "id twice"]
+                     "empty question"]
 
 
 @pytest.mark.parametrize("kind", INSTRUCTION_CASES)
@@ -514,9 +511,22 @@ def test_bad_lines_of_an_instruction_jsonl_are_bad_records(exported, tmp_path):
     assert [m.split(":")[0] for m in data.skipped["train"]] == ["line 2", "line 3"]
     assert "not valid JSON" in data.skipped["train"][1]
     # the record count is by line: a bad record further on is named by its line too
-    duplicate = write_jsonl(tmp_path / "dup.jsonl", [good[0], b"", {**good[1], "id": 5}, {**good[2], "id": "5"}])
-    with pytest.raises(ValueError, match=r"dup.jsonl: line 4 \(id '5'\): id '5' appears twice \(first at line 3\)"):
-        _ = instruction_data(exported, duplicate).train_records
+    later_bad = write_jsonl(tmp_path / "later.jsonl", [good[0], b"", good[1], {**good[2], "conversations": []}])
+    with pytest.raises(ValueError, match=r"later.jsonl: line 4 \(id '\S+'\): needs a non-empty 'conversations'"):
+        _ = instruction_data(exported, later_bad).train_records
+
+
+def test_records_that_repeat_an_id_are_kept_under_their_own_ids(exported, tmp_path, caplog):
+    # LLaVA's instruction data keys conversations by image id, so the 665k mix repeats ids (5 and "5" are one id)
+    good = good_records(exported, 4)
+    path = write_jsonl(tmp_path / "mix.jsonl", [{**good[0], "id": 5}, {**good[1], "id": "5"}, {**good[2], "id": "5#2"},
+                                                {**good[3], "id": 5}])
+    with caplog.at_level(logging.INFO):
+        records = instruction_data(exported, path).train_records
+    assert [r.question_id for r in records] == [5, "5#3", "5#2", "5#4"]
+    assert [r.question for r in records] == [r["conversations"][0]["value"].replace("<image>", "").strip()
+                                             for r in good]
+    assert "2 record(s) repeat an earlier record's id" in caplog.text
 
 
 def test_a_file_without_a_usable_record_is_an_error(exported, tmp_path):

@@ -114,6 +114,20 @@ def test_scienceqa_img_accuracy():
     assert result["acc"] == 0.75 and result["acc/img"] == pytest.approx(2 / 3) and result["acc/no_img"] == 1.0
 
 
+def test_scienceqa_answers_to_image_problems_only_score_scienceqa_img_and_missing_ones_are_named(tmp_path):
+    questions, problems = fixture_paths("scienceqa")
+    lines = (FIXTURES / "scienceqa" / "answers.jsonl").read_text().splitlines()
+    img_only = tmp_path / "answers.jsonl"  # what a test run writes: ScienceQA-IMG's questions only
+    img_only.write_text("".join(line + "\n" for line in lines if json.loads(line)["question_id"] != "5"))
+    result = score_answer_file("scienceqa", questions, img_only, problems)
+    assert result["acc/img"] == pytest.approx(2 / 3) and result["acc"] == pytest.approx(2 / 3)
+    assert result["num_scored"] == 3 and result["num_skipped"] == 1  # the text-only problem
+    truncated = tmp_path / "truncated.jsonl"  # a run cut short: an image problem lacks its answer
+    truncated.write_text("".join(line + "\n" for line in lines if json.loads(line)["question_id"] not in ("5", "8")))
+    with pytest.raises(ValueError, match=r"1 of 3 questions of .*llava_test_CQM-A.json have no answer"):
+        score_answer_file("scienceqa", questions, truncated, problems)
+
+
 def test_vqav2_soft_accuracy_by_answer_type():
     result = score_fixture("vqav2")
     # "Skateboarding." -> skateboarding, 2 of 10 humans -> 0.6; "two" -> 2, 10 humans -> 1.0;
