@@ -612,3 +612,19 @@ def test_questions_of_which_only_some_have_answers_are_named_in_a_warning(export
     with caplog.at_level(logging.WARNING):
         read_question_records(path, exported.test / "images")  # a test file without answers: nothing to warn about
     assert "no reference answer" not in caplog.text
+
+
+def test_each_image_file_is_decoded_once_however_many_questions_ask_about_it(exported, tmp_path, monkeypatch):
+    import datamodules.llava as llava
+
+    first = json.loads((exported.test / "questions.jsonl").read_text().splitlines()[0])
+    lines = [{**first, "question_id": f"q{k}"} for k in range(3)] + [{**first, "question_id": "gone",
+                                                                        "image": "nowhere.png"}]
+    path = write_jsonl(tmp_path / "questions.jsonl", lines)
+    checked = Counter()
+    real = llava._image_problem
+    monkeypatch.setattr(llava, "_image_problem", lambda image, verify: checked.update([image]) or real(image, verify))
+    records, skipped = llava.read_question_records(path, exported.test / "images", on_bad_record="skip")
+    assert [r.question_id for r in records] == ["q0", "q1", "q2"]
+    assert len(skipped) == 1 and "image file not found" in skipped[0]
+    assert sorted(checked.values()) == [1, 1]
