@@ -7,7 +7,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_modules.common import (
     BASE_TRAINING_MEMORY_SETTINGS,
@@ -48,8 +49,8 @@ class BaseLVLMModule(L.LightningModule):
         weight_decay: decoupled weight decay of the weight matrices (not of norms and biases).
         optimizer: 'adamw', or 'muon': Muon on the linear layers' weight matrices of the LLM, vision tower and
             projector, AdamW on embeddings, LM head, norms and biases (`lvlm_prune.modeling.optimizers`; Muon's update
-            is scaled to AdamW's RMS, so AdamW's learning rate carries over). Not for DeepSpeed ZeRO, which
-            partitions and flattens the matrices Muon orthogonalises.
+            is scaled to AdamW's RMS, so AdamW's learning rate carries over). Not for DeepSpeed ZeRO or FSDP,
+            which shard and flatten the matrices Muon orthogonalises.
         warmup_steps: linear warm-up steps before the cosine decay.
         max_new_tokens: longest generated answer at evaluation.
         attn_implementation: sdpa | eager.
@@ -203,10 +204,20 @@ class BaseLVLMModule(L.LightningModule):
     def _log_accuracy(self, metric, stage: str) -> None:
         log_accuracy(self, metric, stage)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("optimizer_states") or []
+        if not states or self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return  # validate / test load the weights only
+        saved = "muon" if set(states[0]) == {"muon", "adamw"} else "adamw"
+        if saved != self.hparams.optimizer:
+            raise ValueError(f"the checkpoint's optimizer state is {saved}'s, but model.init_args.optimizer="
+                             f"{self.hparams.optimizer!r}: resume with optimizer: {saved}, or start a new run")
+
     def configure_optimizers(self):
-        if self.hparams.optimizer == "muon" and isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            raise ValueError("model.init_args.optimizer=muon does not run under DeepSpeed (ZeRO flattens the weight "
-                             "matrices Muon orthogonalises); use adamw with that strategy")
+        sharding = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
+        if self.hparams.optimizer == "muon" and isinstance(self.trainer.strategy, sharding):
+            raise ValueError(f"model.init_args.optimizer=muon does not run under {type(self.trainer.strategy).__name__} "
+                             "(it shards and flattens the weight matrices Muon orthogonalises); use adamw with it")
         optimizer = build_optimizer(self.model, self.hparams.optimizer, self.hparams.learning_rate,
                                     self.hparams.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -55,6 +55,10 @@ def datamodule(args: argparse.Namespace) -> SyntheticVQADataModule:
         train_skip=args.train_skip, grounding_evidence=args.grounding_weight > 0,
         text_only_fraction=args.text_only_fraction, pack_length=args.pack_length,
     )
+    if args.train_family_weights:
+        dm.samples("val")  # validation keeps the uniform mix; training draws (first and extra turns) by weight
+        weights = dict(item.split("=") for item in args.train_family_weights)
+        dm.config = replace(dm.config, families=tuple(f for f in args.families for _ in range(int(weights.get(f, 1)))))
     if args.key_last:
         dm.template = replace(dm.template)
         object.__setattr__(dm.template, "prompt", key_last_prompt)
@@ -132,6 +136,8 @@ def main() -> None:
     parser.add_argument("--objects", type=int, nargs=2, default=(4, 7), metavar=("MIN", "MAX"))
     parser.add_argument("--train-min-objects", type=int, default=None, help="fewest objects of a training scene")
     parser.add_argument("--families", nargs="+", default=["query_ref"])
+    parser.add_argument("--train-family-weights", nargs="+", default=[], metavar="FAMILY=N",
+                        help="draw training questions of FAMILY N times as often (integer; validation stays uniform)")
     parser.add_argument("--key-last", action="store_true")
     parser.add_argument("--residual-init", choices=RESIDUAL_INITS, default="normal",
                         help="zero: residual output projections start at 0 (every block starts as the identity)")

@@ -192,5 +192,16 @@ def test_an_unknown_optimizer_and_muon_under_deepspeed_are_named(tmp_path, capsy
     with pytest.raises(ValueError, match=r"model.init_args.optimizer='sgd'; choose one of \['adamw', 'muon'\]"):
         BaseLVLMModule(processor=module.processor, spec=module.hparams.spec, optimizer="sgd")
     module.trainer = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
-    with pytest.raises(ValueError, match="optimizer=muon does not run under DeepSpeed"):
+    with pytest.raises(ValueError, match="optimizer=muon does not run under DeepSpeedStrategy"):
         module.configure_optimizers()
+
+
+def test_resuming_a_muon_checkpoint_with_adamw_is_named(tmp_path):
+    args = ["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+            "--trainer.limit_val_batches", "0", "--checkpoint.every_n_train_steps", "1"]
+    cli_main([*args, "--model.init_args.optimizer", "muon", "--trainer.max_steps", "1"])
+    last = tmp_path / "base_describe" / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"optimizer state is muon's, but model.init_args.optimizer='adamw'"):
+        cli_main([*args, "--trainer.max_steps", "2", "--ckpt_path", str(last)])
+    cli_main(["test", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
+              "--ckpt_path", str(last)])  # evaluation reads the weights only, whatever the optimizer

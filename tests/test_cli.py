@@ -50,10 +50,10 @@ def optimizer_moments(state_dict):
     return [state_dict["state"]] if "state" in state_dict else [inner["state"] for inner in state_dict.values()]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_continues_the_step_count_and_exports(tmp_path, monkeypatch, optimizer):
+@pytest.mark.parametrize("optimizer_name", ["adamw", "muon"])
+def test_resume_continues_the_step_count_and_exports(tmp_path, monkeypatch, optimizer_name):
     args = ["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
-            "--model.init_args.optimizer", optimizer,
+            "--model.init_args.optimizer", optimizer_name,
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--checkpoint.every_n_train_steps", "2"]
     cli_main([*args, "--trainer.max_steps", "2"])
     last = tmp_path / "base_describe" / "run" / "checkpoints" / "last.ckpt"
@@ -70,8 +70,14 @@ def test_resume_continues_the_step_count_and_exports(tmp_path, monkeypatch, opti
         (expected,) = saved["optimizer_states"]
         expected_moments = optimizer_moments(expected)
         assert all(expected_moments)  # the optimiser's moments of the trained weights
-        torch.testing.assert_close(optimizer_moments(module.trainer.optimizers[0].state_dict()), expected_moments,
-                                   rtol=0, atol=0)
+        optimizer = module.trainer.optimizers[0]
+        torch.testing.assert_close(optimizer_moments(optimizer.state_dict()), expected_moments, rtol=0, atol=0)
+        inner = [optimizer.muon, optimizer.adamw] if optimizer_name == "muon" else [optimizer]
+        groups = [group for o in inner for group in o.param_groups]
+        assert all(a is b for a, b in zip(groups, optimizer.param_groups, strict=True))  # what the scheduler sets
+        saved_groups = [g for o in ([expected["muon"], expected["adamw"]] if optimizer_name == "muon" else [expected])
+                        for g in o["param_groups"]]
+        assert [g["lr"] for g in groups] == [g["lr"] for g in saved_groups]
         steps_at_start.append(module.global_step)
 
     monkeypatch.setattr(BaseLVLMModule, "on_train_start", on_train_start, raising=False)
@@ -79,7 +85,7 @@ def test_resume_continues_the_step_count_and_exports(tmp_path, monkeypatch, opti
     assert steps_at_start == [2] and cli.trainer.global_step == 4
     assert (tmp_path / "export" / "config.json").exists() and (tmp_path / "export" / "tokenizer.json").exists()
     test = cli_main(["test", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
-                     "--model.init_args.optimizer", optimizer, "--ckpt_path", str(last),
+                     "--model.init_args.optimizer", optimizer_name, "--ckpt_path", str(last),
                      "--trainer.callbacks+=callbacks.answer_writer.AnswerFileWriter"])
     answers = [json.loads(line) for line in (tmp_path / "base_describe" / "run" / "answers_test.jsonl").open()]
     assert len(answers) == 8
@@ -88,7 +94,7 @@ def test_resume_continues_the_step_count_and_exports(tmp_path, monkeypatch, opti
     # the command line wins over the settings saved in the checkpoint (Lightning's default is the reverse)
     with pytest.warns(UserWarning, match=r"\['learning_rate'\] differently .* the config's values are used"):
         test = cli_main(["test", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS,
-                         *run_dir_args(tmp_path), "--model.init_args.optimizer", optimizer, "--ckpt_path", str(last),
+                         *run_dir_args(tmp_path), "--model.init_args.optimizer", optimizer_name, "--ckpt_path", str(last),
                          "--model.init_args.learning_rate", "0.5"])
     assert test.model.hparams.learning_rate == 0.5
 

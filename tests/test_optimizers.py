@@ -25,6 +25,30 @@ def test_muon_takes_the_block_and_projector_matrices_and_nothing_else(tiny_llava
     assert not any("embed" in n or "lm_head" in n or "norm" in n for n in names)
 
 
+def test_tied_output_embeddings_stay_with_adamw():
+    class TiedModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.hidden = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def get_output_embeddings(self):
+            return self.head
+
+    assert muon_parameter_names(TiedModel()) == {"hidden.weight"}
+
+
+def test_adamw_keeps_the_layout_of_the_committed_runs(tiny_llava):
+    optimizer = build_optimizer(tiny_llava, "adamw", lr=1e-3, weight_decay=0.01)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.98)
+    decay, no_decay = optimizer.param_groups
+    assert [id(p) for p in decay["params"]] == [id(p) for p in tiny_llava.parameters() if p.ndim >= 2]
+    assert [id(p) for p in no_decay["params"]] == [id(p) for p in tiny_llava.parameters() if p.ndim < 2]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
+
+
 def test_every_trainable_parameter_is_in_exactly_one_group(tiny_llava):
     tiny_llava.model.vision_tower.requires_grad_(False)
     optimizer = build_optimizer(tiny_llava, "muon", lr=1e-3, weight_decay=0.01)
@@ -95,6 +119,29 @@ def test_state_dict_round_trip_resumes_the_same_trajectory(tiny_spec):
     train(resumed, resumed_optimizer, 2)
     for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_group_added_later_is_trained_by_adamw(tiny_llava):
+    optimizer = build_optimizer(tiny_llava, "muon", lr=1e-2, weight_decay=0.0)
+    extra = torch.nn.Parameter(torch.zeros(3))
+    optimizer.add_param_group({"params": [extra]})
+    assert optimizer.param_groups[-1] is optimizer.adamw.param_groups[-1]
+    extra.grad = torch.ones(3)
+    optimizer.step()
+    assert (extra < 0).all() and extra in optimizer.state
+
+
+def test_state_lookups_create_nothing_and_a_deep_copy_still_steps(tiny_llava):
+    optimizer = build_optimizer(tiny_llava, "muon", lr=1e-3, weight_decay=0.0)
+    first = next(tiny_llava.parameters())
+    assert first not in optimizer.state and len(optimizer.state) == 0
+    copied = copy.deepcopy(optimizer)
+    assert copied.param_groups[0] is copied.muon.param_groups[0]
+    for group in copied.param_groups:
+        for parameter in group["params"]:
+            parameter.grad = torch.ones_like(parameter)
+    copied.step()
+    assert len(copied.state) == sum(len(g["params"]) for g in copied.param_groups) and len(optimizer.state) == 0
 
 
 def test_loading_an_adamw_state_names_the_mismatch(tiny_llava):

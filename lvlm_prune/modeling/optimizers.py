@@ -37,12 +37,16 @@ class _RoutedState(MutableMapping):
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
         self._optimizers = optimizers
+        self._owner = {id(p): optimizer for optimizer in optimizers for group in optimizer.param_groups
+                       for p in group["params"]}
 
     def _state_of(self, parameter: torch.Tensor) -> dict:
-        for optimizer in self._optimizers:
-            if any(p is parameter for group in optimizer.param_groups for p in group["params"]):
-                return optimizer.state
-        raise KeyError("a tensor that is not a parameter of this optimizer")
+        if id(parameter) not in self._owner:
+            raise KeyError("a tensor that is not a parameter of this optimizer")
+        return self._owner[id(parameter)].state
+
+    def __contains__(self, parameter: object) -> bool:  # without creating the inner defaultdict's entry
+        return any(parameter in optimizer.state for optimizer in self._optimizers)
 
     def __getitem__(self, parameter: torch.Tensor) -> dict:
         return self._state_of(parameter)[parameter]
@@ -84,8 +88,26 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                      adjust_lr_fn=adjust_lr_fn)
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, weight_decay=weight_decay)
+        self._built = False
         super().__init__(self.muon.param_groups + self.adamw.param_groups, {"lr": lr})
+        self._built = True
         self.state = _RoutedState([self.muon, self.adamw])
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Groups added after construction (e.g. Lightning's fine-tuning callbacks unfreezing layers) go to AdamW."""
+        if not self._built:  # torch.optim.Optimizer.__init__ registering the inner optimizers' groups
+            super().add_param_group(param_group)
+            return
+        self.adamw.add_param_group(param_group)
+        self.param_groups.append(self.adamw.param_groups[-1])
+        self.state = _RoutedState([self.muon, self.adamw])
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle keep the inner optimizers
+        return {**super().__getstate__(), "muon": self.muon, "adamw": self.adamw, "_built": self._built}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.state = _RoutedState([self.muon, self.adamw])  # its routing is by the parameters' identity
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -110,6 +132,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.adamw.load_state_dict(state_dict["adamw"])
         # loading gives the inner optimizers new group dicts: share them again, or a scheduler would set stale ones
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        self.state = _RoutedState([self.muon, self.adamw])
 
 
 def build_optimizer(
