@@ -57,7 +57,10 @@ def datamodule(args: argparse.Namespace) -> SyntheticVQADataModule:
     )
     if args.train_family_weights:
         dm.samples("val")  # validation keeps the uniform mix; training draws (first and extra turns) by weight
-        weights = dict(item.split("=") for item in args.train_family_weights)
+        weights = dict(item.split("=", 1) for item in args.train_family_weights if "=" in item)
+        unknown = [item for item in args.train_family_weights if item.split("=", 1)[0] not in args.families]
+        if unknown or len(weights) != len(args.train_family_weights):
+            raise SystemExit(f"--train-family-weights takes FAMILY=N with FAMILY one of --families; got {unknown or args.train_family_weights}")
         dm.config = replace(dm.config, families=tuple(f for f in args.families for _ in range(int(weights.get(f, 1)))))
     if args.key_last:
         dm.template = replace(dm.template)

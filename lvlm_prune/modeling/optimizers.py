@@ -69,8 +69,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """Muon for `muon_params`, AdamW for `adamw_groups`, behind one optimizer interface.
 
     The inner optimizers' param-group dicts are this optimizer's param groups (the same objects, also after
-    `load_state_dict`), so an LR scheduler's change reaches both; `state` reads and writes both inner states. `adjust_lr_fn="match_rms_adamw"` scales Muon's update to AdamW's RMS, so the
-    learning rate and weight decay tuned for AdamW carry over.
+    `load_state_dict`), so an LR scheduler's change reaches both; `state` reads and writes both inner states.
+    `adjust_lr_fn="match_rms_adamw"` scales Muon's update to AdamW's RMS, so the learning rate and weight decay tuned
+    for AdamW carry over. Limits: state-dict hooks registered on this object do not run (the inner optimizers' do),
+    and global optimizer step hooks run for each inner optimizer as well as for this one.
     """
 
     def __init__(
