@@ -2,7 +2,8 @@
 
 Runs each method once in the engine on a random tiny default (the shape of configs/synthetic/base.yaml), counts the
 matmul FLOPs of its scoring hooks (`before_llm`, `at_layer`) with FlopCounterMode, subtracts what the method's own
-`plugin_flops` already counts (RCP's pruners), and prints them beside the counted total of `llava_prefill_report`.
+`plugin_flops` already counts (RCP's pruners and context encoders), and prints them beside the counted total of
+`llava_prefill_report`.
 
     OMP_NUM_THREADS=1 python benchmarks/scoring_flops.py --text-tokens 15
 """
@@ -70,7 +71,7 @@ def main() -> None:
             method = engine.bind(method)
             flops, schedule = scoring_flops(engine, method, ids, mask, pixels)
             plugins = method.plugin_flops(args.text_tokens)
-            flops -= plugins.get("rcp_pruners", 0.0)  # counted already
+            flops -= plugins.get("rcp_pruners", 0.0) + plugins.get("rcp_context", 0.0)  # counted already
             total = llava_prefill_report(model.config, args.text_tokens, schedule, "exact", plugins=plugins).total
             print(f"| {ratio} | {name} | {flops / 1e6:.2f} | {total / 1e6:.1f} | {100 * flops / total:.2f} % |")
 

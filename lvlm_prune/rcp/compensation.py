@@ -341,7 +341,8 @@ class RCPCompensation(Compensation):
         return [max(1, round(n * lam ** (i + 1))) for i in range(len(spans))]
 
     def flops_per_sample(self, text_tokens: int) -> dict[str, float]:
-        """Exact FLOPs of pruners (at full N, an upper bound) and adapters (on one answer position). Computed once:
+        """Exact FLOPs of pruners (at full N, an upper bound), context encoders (once per pruning layer) and adapters
+        (on one answer position). Computed once:
         the question enters the pruners through a masked mean, which has no matmul, so the count does not depend on
         `text_tokens` (checked: 3 and 40 question tokens give the same count)."""
         if not hasattr(self, "_flops_cache"):
@@ -358,6 +359,11 @@ class RCPCompensation(Compensation):
                              torch.ones(1, 1, dtype=torch.bool, device=device))
                 for adapter in self.adapters
             )
-            self._flops_cache = {"rcp_pruners": float(pruner_flops), "rcp_adapters": float(adapter_flops)}
+            pruned = torch.zeros(1, n, dtype=torch.bool, device=device)
+            pruned[0, : n // 2] = True  # the count does not depend on how many were pruned (a masked mean)
+            context_flops = sum(module_flops(encoder, torch.randn(1, n, d, device=device), pruned, ~pruned)
+                                for encoder in self.context_encoders)
+            self._flops_cache = {"rcp_pruners": float(pruner_flops), "rcp_adapters": float(adapter_flops),
+                                 "rcp_context": float(context_flops)}
         return dict(self._flops_cache)
 

@@ -352,3 +352,11 @@ def test_a_repair_layer_reads_the_same_context_while_decoding_as_in_the_prefill(
                     position_ids=batch["prompt_position_ids"], method=plugin.inference_method(0.5), max_new_tokens=3)
     assert len(contexts) == 3  # the prefill and two decoding steps
     assert all(torch.equal(context, contexts[0]) for context in contexts[1:])
+
+
+def test_flops_count_the_context_encoders_of_every_pruning_layer(setup):
+    engine, plugin, _ = setup
+    d, n, context = engine.info.hidden_size, engine.info.num_visual_tokens, plugin.context_dim
+    projection, positions = 2 * d * context, 2 * n * context  # matmuls only: the masked mean is a sum
+    flops = plugin.flops_per_sample(text_tokens=5)
+    assert flops["rcp_context"] == len(plugin.pruning_layers) * (projection + positions)
