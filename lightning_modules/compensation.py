@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import load_file, save_file
 
@@ -146,6 +146,12 @@ class CompensationModule(FrozenBaseModule):
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
+        ddp = self.trainer.strategy.model if isinstance(self.trainer.strategy, DDPStrategy) else None
+        if (self.compensation.leaves_parameters_unused and ddp is not None
+                and not getattr(ddp, "find_unused_parameters", True)):
+            raise ValueError(f"{self.compensation_name} leaves some plug-in parameters without a gradient in some "
+                             "training steps, which plain DDP (trainer.strategy: ddp) cannot reduce: use "
+                             "--trainer.strategy ddp_find_unused_parameters_true")
         if self.hparams.plugin_export_path and self.trainer.is_global_zero:
             check_writable_directory(Path(self.hparams.plugin_export_path).parent, "model.init_args.plugin_export_path")
         trainable = sum(_numel(p) for p in self.parameters() if p.requires_grad)

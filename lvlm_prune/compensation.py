@@ -24,6 +24,9 @@ class Compensation(nn.Module, ABC):
     # processes gathers each submodule's weights collectively): loops whose length depends on the data (decoding
     # until EOS, beam search until every beam is done) then run to their maximum length, discarding the extra steps.
     lockstep: bool = False
+    # True when some training steps leave trainable parameters without a gradient (ACCM's selector before its
+    # stage): plain DDP then fails on the next step, and the training module asks for find_unused_parameters.
+    leaves_parameters_unused: bool = False
 
     @abstractmethod
     def attach(self, engine: PrunedLlava, tokenizer: Any) -> None:

@@ -205,3 +205,23 @@ def test_resuming_a_muon_checkpoint_with_adamw_is_named(tmp_path):
         cli_main([*args, "--trainer.max_steps", "2", "--ckpt_path", str(last)])
     cli_main(["test", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
               "--ckpt_path", str(last)])  # evaluation reads the weights only, whatever the optimizer
+
+
+def test_plain_ddp_with_a_plugin_that_leaves_parameters_unused_is_named_before_training(rcp_module, monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lvlm_prune.accm.compensation import ACCMCompensation
+    from lvlm_prune.rcp.compensation import RCPCompensation
+
+    assert ACCMCompensation.leaves_parameters_unused and not RCPCompensation.leaves_parameters_unused
+    strategy = DDPStrategy.__new__(DDPStrategy)
+    strategy._model = SimpleNamespace(find_unused_parameters=False)
+    monkeypatch.setattr(rcp_module.compensation, "leaves_parameters_unused", True)
+    rcp_module.trainer = SimpleNamespace(strategy=strategy)
+    try:
+        with pytest.raises(ValueError, match="use --trainer.strategy ddp_find_unused_parameters_true"):
+            rcp_module.on_fit_start()
+    finally:
+        rcp_module.trainer = None

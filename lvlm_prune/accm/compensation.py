@@ -289,6 +289,8 @@ class ACCMCompensation(Compensation):
         seed: seeds the 'accm_random' variant's choice (per question id) and caption sampling (per batch of questions).
     """
 
+    leaves_parameters_unused = True  # stage 1 trains the caption model alone: the selector gets no gradient
+
     name = "accm"
 
     def __init__(
