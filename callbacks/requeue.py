@@ -24,6 +24,13 @@ def slurm_job_id() -> str:
     return job
 
 
+def _inside_accumulation_window(trainer: L.Trainer) -> bool:
+    """Whether the batch that just ended leaves gradients to accumulate (Lightning's own test, the same for a
+    strategy that accumulates itself: DeepSpeed's micro-step count is not in its checkpoints, so a checkpoint at a
+    window's end is also where a resumed engine's count, 0, agrees with Lightning's)."""
+    return trainer.fit_loop.epoch_loop._should_accumulate()
+
+
 class SlurmRequeue(L.Callback):
     """Checkpoints and requeues a SLURM job on its requeue signal (`--signal=SIGUSR1@90`), at a batch boundary.
 
@@ -31,7 +38,9 @@ class SlurmRequeue(L.Callback):
     happens to be: with several ranks the checkpoint's collectives can meet another rank's gradient all-reduce and
     hang, and even one rank can be caught between the optimiser step and the data order's bookkeeping, so the
     resumed run repeats a batch. Here the handler only notes the signal; after each training batch (after
-    `ResumableDataOrder` has counted it) the ranks agree whether any of them got it, and if so all of them write
+    `ResumableDataOrder` has counted it) the ranks agree whether any of them got it, and if so, once the batch
+    closes a gradient-accumulation window (`accumulate_grad_batches`: a checkpoint inside one would lose the
+    gradients summed so far), all of them write
     `<default_root_dir>/hpc_ckpt_<n>.ckpt`, the file `--ckpt_path auto` looks for, and rank 0 runs
     `scontrol requeue <job id>`. Training then goes on until SLURM ends the tasks (as with Lightning's handler).
 
@@ -68,6 +77,8 @@ class SlurmRequeue(L.Callback):
             return
         if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
             return
+        if _inside_accumulation_window(trainer):
+            return  # the gradients summed so far are in no checkpoint: write after the window's last batch
         self._done = True
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)

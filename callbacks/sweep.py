@@ -28,6 +28,10 @@ COLUMNS = ("method", "prune_ratio", "realised_prune_ratio", "avg_visual_tokens",
            "status")
 
 
+class FinishedRunNotSwept(RuntimeError):
+    """Fit resumed from a checkpoint where training had ended: the sweep after fit did not run (see the message)."""
+
+
 class PruningSweep(L.Callback):
     """Evaluates every (method, prune ratio) pair on a split and writes `sweep.csv`, `sweep.json` and
     `accuracy_vs_flops.png` into the run's log directory; logs `sweep/<method>/acc@r=<r>` scalars and the
@@ -129,10 +133,14 @@ class PruningSweep(L.Callback):
                 raise ValueError(f"sweep method {name!r} (PruningSweep init_args.methods) cannot run on this model at "
                                  f"any prune ratio: {error}{setting}") from error
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._swept_after_fit = False
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_train_end, not on_fit_end: Lightning tears the strategy down (module to CPU) before on_fit_end
         if not self.run_after_fit or trainer.sanity_checking:
             return
+        self._swept_after_fit = True
         self._check_trained(trainer)
         export = getattr(pl_module, "export_plugin", None)  # the module's own on_train_end comes after this hook:
         if callable(export):  # write the trained plug-in first, so a sweep that fails loses nothing of the training
@@ -141,8 +149,20 @@ class PruningSweep(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # with no training batch at all Lightning skips the training loop, and on_train_end with it
-        if self.run_after_fit:
-            self._check_trained(trainer)
+        if not self.run_after_fit:
+            return
+        self._check_trained(trainer)
+        if not getattr(self, "_swept_after_fit", True):
+            # resumed where training had ended: Lightning skipped the training loop. The module is past its
+            # strategy's teardown, so the sweep cannot run here; the export can (the module's on_fit_end).
+            export = getattr(pl_module, "export_after_finished_resume", None)
+            if callable(export):
+                export()
+            raise FinishedRunNotSwept(
+                f"the sweep after fit did not run: fit resumed from a checkpoint at step {trainer.global_step}, "
+                "where training had already ended, so Lightning ran no training loop (the sweep runs at its end). "
+                "Sweep the checkpoint's plug-ins with test: python cli.py test --config <this config> --ckpt_path "
+                "<that checkpoint> --trainer.callbacks.init_args.run_after_test true")
 
     def _check_trained(self, trainer: L.Trainer) -> None:
         if trainer.global_step == 0:

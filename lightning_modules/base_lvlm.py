@@ -226,6 +226,15 @@ class BaseLVLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_train_end(self) -> None:
+        self._train_ended = True
+        self._export()
+
+    def on_fit_end(self) -> None:
+        # fit resumed from a checkpoint where training had ended runs no training loop, and no on_train_end
+        if not getattr(self, "_train_ended", False) and self.global_step > 0:
+            self._export()
+
+    def _export(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
             export_dir = Path(self.hparams.export_dir)
             export_dir.mkdir(parents=True, exist_ok=True)

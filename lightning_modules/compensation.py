@@ -100,9 +100,10 @@ class CompensationModule(FrozenBaseModule):
         self.compensation = compensation
         self.compensation.attach(self.engine, self.tokenizer)
         self.base_fingerprint = fingerprint(self.base)
+        self._base_fingerprints = (self.base_fingerprint, fingerprint(self.base, with_load_path=True))
         keep_quantized_base_differentiable(self.base)
         if plugin_weights_path:
-            load_plugin_weights(self.compensation, plugin_weights_path, base_fingerprint=self.base_fingerprint)
+            load_plugin_weights(self.compensation, plugin_weights_path, base_fingerprints=self._base_fingerprints)
         # base weights are not in lean checkpoints; on_load_checkpoint checks the plug-in's keys itself
         self.strict_loading = False
         self.skipped_steps = 0
@@ -238,6 +239,23 @@ class CompensationModule(FrozenBaseModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_train_end(self) -> None:
+        self._train_ended = True
+        self.export_plugin()
+
+    def on_fit_end(self) -> None:
+        if not getattr(self, "_train_ended", False) and self.global_step > 0:
+            self.export_after_finished_resume()
+
+    def export_after_finished_resume(self) -> None:
+        """Fit resumed from a checkpoint where training had ended (max_steps / max_epochs) runs no training loop, so
+        `on_train_end` and the export in it never run. The restored plug-in is exported from `on_fit_end` instead,
+        after the strategy's teardown; DeepSpeed's engine is gone by then, so there the checkpoint is exported."""
+        if not self.hparams.plugin_export_path or self._exported_at_step == self.global_step:
+            return
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            raise ValueError(f"fit resumed from a checkpoint at step {self.global_step}, where training had already "
+                             "ended, so the plug-in export did not run; export it from the checkpoint: python "
+                             f"scripts/export_plugin.py <checkpoint dir> {self.hparams.plugin_export_path}")
         self.export_plugin()
 
     def export_plugin(self) -> None:
@@ -279,7 +297,7 @@ class CompensationModule(FrozenBaseModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         recorded = checkpoint.get("base_model")
-        if recorded is not None and recorded["fingerprint"] != self.base_fingerprint:
+        if recorded is not None and recorded["fingerprint"] not in self._base_fingerprints:
             raise ValueError(
                 f"this checkpoint belongs to the base model at {recorded['path']!r} (fingerprint "
                 f"{recorded['fingerprint']}), but the loaded base {self.hparams.base_model_path!r} has fingerprint "
@@ -334,9 +352,15 @@ def keep_quantized_base_differentiable(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the base's config and a sample of its weights (first/last values of every tensor)."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+def fingerprint(model: torch.nn.Module, with_load_path: bool = False) -> str:
+    """A short hash of the base's config and a sample of its weights (first/last values of every tensor). The
+    config's `_name_or_path` (the directory it was loaded from) is left out, so a moved or copied base keeps its
+    fingerprint; `with_load_path=True` gives the earlier, path-dependent hash, which older checkpoints record."""
+    if with_load_path:
+        text = model.config.to_json_string(use_diff=False)
+    else:
+        text = json.dumps(_without_load_paths(model.config.to_dict()), sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode())
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().flatten()
         sample = torch.cat([flat[:4], flat[-4:]]).float().cpu() if flat.numel() else flat.float().cpu()
@@ -362,9 +386,16 @@ def export_plugin_weights(plugin: Compensation, path: str | Path, metadata: dict
     return path
 
 
-def load_plugin_weights(plugin: Compensation, path: str | Path, base_fingerprint: str | None = None) -> None:
-    """Loads exported plug-in weights. With `base_fingerprint`, warns when the `.json` beside them names another base
-    (the same model in another dtype or quantisation also differs, so it is not an error)."""
+def _without_load_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_load_paths(v) for k, v in value.items() if k != "_name_or_path"}
+    return value
+
+
+def load_plugin_weights(plugin: Compensation, path: str | Path, base_fingerprints: tuple[str, ...] = ()) -> None:
+    """Loads exported plug-in weights. With `base_fingerprints` (the loaded base's, current first), warns when the `.json` beside
+    them names another base (the same model in another dtype or quantisation also differs, so it is not an
+    error)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"plug-in weights {str(path)!r} do not exist (model.plugin_weights_path)")
@@ -379,10 +410,10 @@ def load_plugin_weights(plugin: Compensation, path: str | Path, base_fingerprint
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{str(info_path)!r}, the record beside the plug-in weights, is not readable JSON ({error}); "
                          "restore it, or delete it to load the weights without the base check") from error
-    if base_fingerprint and recorded.get("base_fingerprint") not in (None, base_fingerprint):
+    if base_fingerprints and recorded.get("base_fingerprint") not in (None, *base_fingerprints):
         rank_zero_warn(f"plug-in weights {str(path)!r} were trained on the base at {recorded.get('base_model_path')!r} "
                        f"(fingerprint {recorded['base_fingerprint']}), not on the loaded base (fingerprint "
-                       f"{base_fingerprint}); they are only meaningful on the same model, e.g. in another dtype")
+                       f"{base_fingerprints[0]}); they are only meaningful on the same model, e.g. in another dtype")
     own = plugin.state_dict()
     nonfinite = _nonfinite(state, own)
     if nonfinite:

@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from callbacks.sweep import FinishedRunNotSwept  # noqa: E402
 from cli import cli_main  # noqa: E402
 
 STAGES = ("data", "base_describe", "base_stage1", "base", "base_eval", "sweep", "rcp", "rcp_r0.778", "accm")
@@ -136,9 +137,15 @@ class Demo:
         if (self.run_dir / name / "run" / "sweep.csv").exists():
             print(f"reusing {self.run_dir / name}")
             return
-        run_cli(["fit", "--config", config, *base_args(self.run_dir), *logger_args(self.run_dir, name),
-                 "--model.init_args.plugin_export_path", str(self.run_dir / name / "plugin.safetensors"),
-                 *extra, *resume_args(self.run_dir, name)])
+        common = [*base_args(self.run_dir), *logger_args(self.run_dir, name),
+                  "--model.init_args.plugin_export_path", str(self.run_dir / name / "plugin.safetensors"), *extra]
+        resume = resume_args(self.run_dir, name)
+        try:
+            run_cli(["fit", "--config", config, *common, *resume])
+        except FinishedRunNotSwept:  # interrupted after training, during the sweep: sweep the final checkpoint
+            print(f"{name}: training had ended before the interruption; sweeping its final checkpoint")
+            run_cli(["test", "--config", config, *common, *resume, "--trainer.callbacks.init_args.run_after_test",
+                     "true"])
 
     def rcp(self) -> None:
         self._compensation("configs/synthetic/rcp.yaml", "rcp_r0.889")

@@ -4,6 +4,7 @@ different base, and a bitsandbytes-quantised (8-bit, 4-bit NF4) base under fp32 
 import copy
 import math
 import io
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import TINY_DATA_ARGS
 from datamodules.synthetic import SyntheticVQADataModule
-from lightning_modules.compensation import BASE_PREFIX, CompensationModule
+from lightning_modules.compensation import BASE_PREFIX, CompensationModule, fingerprint
 from lvlm_prune.rcp.compensation import RCPCompensation
 from ops_helpers import one_thread, other_base_dir  # noqa: F401  (fixtures)
 
@@ -235,6 +236,14 @@ def test_checkpoints_are_lean_and_refuse_another_base(tiny_base_dir, other_base_
     assert other.base_fingerprint != module.base_fingerprint
     with pytest.raises(ValueError, match=r"belongs to the base model at .*point model.base_model_path at the original"):
         other.on_load_checkpoint(torch.load(path, weights_only=False))
+
+    # the same base moved elsewhere is the same base; checkpoints that recorded the older, path-dependent hash load
+    moved = make_module(shutil.copytree(tiny_base_dir, tmp_path / "moved_base"), data)
+    assert moved.base_fingerprint == module.base_fingerprint
+    moved.on_load_checkpoint(torch.load(path, weights_only=False))
+    legacy = fingerprint(module.base, with_load_path=True)
+    assert legacy != module.base_fingerprint
+    module.on_load_checkpoint(dict(checkpoint, base_model={"path": str(tiny_base_dir), "fingerprint": legacy}))
 
 
 @pytest.mark.parametrize("quantization, layer_type", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])

@@ -319,3 +319,24 @@ def test_exporting_from_a_file_that_is_not_a_checkpoint_names_it(tmp_path):
     corrupt.write_bytes(b"\x80\x04 not a checkpoint")
     with pytest.raises(ValueError, match=r"last.ckpt' is not a readable Lightning checkpoint"):
         read_checkpoint(corrupt)
+
+
+def test_a_requeue_signal_inside_an_accumulation_window_checkpoints_at_the_window_end(tmp_path):
+    from callbacks.requeue import SlurmRequeue
+
+    accumulating = iter([True, True, False])  # the signal lands on the first batch of a 3-batch window
+    saved = []
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=lambda: next(accumulating))),
+        _checkpoint_connector=SimpleNamespace(hpc_save_path=lambda root: str(tmp_path / "hpc_ckpt_1.ckpt")),
+        default_root_dir=str(tmp_path), save_checkpoint=saved.append, is_global_zero=False, global_step=4,
+    )
+    requeue = SlurmRequeue()
+    requeue._signal = signal.SIGUSR1
+    requeue._note(signal.SIGUSR1, None)
+    for batch_idx in range(3):
+        requeue.on_train_batch_end(trainer, None, None, None, batch_idx)
+        assert saved == ([] if batch_idx < 2 else [str(tmp_path / "hpc_ckpt_1.ckpt")])
+    requeue.on_train_batch_end(trainer, None, None, None, 3)  # once only
+    assert len(saved) == 1
