@@ -25,9 +25,10 @@ def slurm_job_id() -> str:
 
 
 def _inside_accumulation_window(trainer: L.Trainer) -> bool:
-    """Whether the batch that just ended leaves gradients to accumulate (Lightning's own test, the same for a
-    strategy that accumulates itself: DeepSpeed's micro-step count is not in its checkpoints, so a checkpoint at a
-    window's end is also where a resumed engine's count, 0, agrees with Lightning's)."""
+    """Whether the batch that just ended leaves gradients to accumulate: Lightning's own test. Under DeepSpeed,
+    which accumulates itself and saves no micro-step count, a checkpoint at a window's end is where a resumed
+    engine's count (0) agrees with Lightning's, as long as each epoch's batch count is a multiple of
+    `accumulate_grad_batches`: Lightning counts windows from each epoch's start, DeepSpeed across epochs."""
     return trainer.fit_loop.epoch_loop._should_accumulate()
 
 

@@ -152,7 +152,7 @@ class PruningSweep(L.Callback):
         if not self.run_after_fit:
             return
         self._check_trained(trainer)
-        if not getattr(self, "_swept_after_fit", True):
+        if not getattr(self, "_swept_after_fit", True) and trainer.fit_loop.done:
             # resumed where training had ended: Lightning skipped the training loop. The module is past its
             # strategy's teardown, so the sweep cannot run here; the export can (the module's on_fit_end).
             export = getattr(pl_module, "export_after_finished_resume", None)

@@ -134,6 +134,7 @@ class BaseLVLMModule(L.LightningModule):
         ).logits
 
     def on_fit_start(self) -> None:
+        self._train_ended = False
         if self.hparams.export_dir and self.trainer.is_global_zero:
             check_writable_directory(self.hparams.export_dir, "model.init_args.export_dir")
 
@@ -231,7 +232,7 @@ class BaseLVLMModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         # fit resumed from a checkpoint where training had ended runs no training loop, and no on_train_end
-        if not getattr(self, "_train_ended", False) and self.global_step > 0:
+        if not self._train_ended and self.global_step > 0 and self.trainer.fit_loop.done:
             self._export()
 
     def _export(self) -> None:

@@ -147,6 +147,7 @@ class CompensationModule(FrozenBaseModule):
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
+        self._train_ended = False
         ddp = self.trainer.strategy.model if isinstance(self.trainer.strategy, DDPStrategy) else None
         if (self.compensation.leaves_parameters_unused and ddp is not None
                 and not getattr(ddp, "find_unused_parameters", True)):
@@ -243,7 +244,7 @@ class CompensationModule(FrozenBaseModule):
         self.export_plugin()
 
     def on_fit_end(self) -> None:
-        if not getattr(self, "_train_ended", False) and self.global_step > 0:
+        if not self._train_ended and self.global_step > 0 and self.trainer.fit_loop.done:
             self.export_after_finished_resume()
 
     def export_after_finished_resume(self) -> None:
