@@ -99,8 +99,8 @@ class CompensationModule(FrozenBaseModule):
         self.hparams.eval_prune_ratio = target if eval_prune_ratio is None else eval_prune_ratio
         self.compensation = compensation
         self.compensation.attach(self.engine, self.tokenizer)
-        self.base_fingerprint = fingerprint(self.base)
-        self._base_fingerprints = (self.base_fingerprint, fingerprint(self.base, with_load_path=True))
+        self._base_fingerprints = fingerprints(self.base)
+        self.base_fingerprint = self._base_fingerprints[0]
         keep_quantized_base_differentiable(self.base)
         if plugin_weights_path:
             load_plugin_weights(self.compensation, plugin_weights_path, base_fingerprints=self._base_fingerprints)
@@ -353,21 +353,20 @@ def keep_quantized_base_differentiable(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def fingerprint(model: torch.nn.Module, with_load_path: bool = False) -> str:
-    """A short hash of the base's config and a sample of its weights (first/last values of every tensor). The
-    config's `_name_or_path` (the directory it was loaded from) is left out, so a moved or copied base keeps its
-    fingerprint; `with_load_path=True` gives the earlier, path-dependent hash, which older checkpoints record."""
-    if with_load_path:
-        text = model.config.to_json_string(use_diff=False)
-    else:
-        text = json.dumps(_without_load_paths(model.config.to_dict()), sort_keys=True, default=str)
-    digest = hashlib.sha256(text.encode())
-    for name, tensor in model.state_dict().items():
+def fingerprints(model: torch.nn.Module) -> tuple[str, str]:
+    """Short hashes of the base's config and a sample of its weights (first/last values of every tensor): the
+    current one, whose config leaves out `_name_or_path` (the directory it was loaded from, so a moved or copied base
+    keeps its fingerprint), and the earlier, path-dependent one that older checkpoints record."""
+    current = hashlib.sha256(json.dumps(_without_load_paths(model.config.to_dict()), sort_keys=True,
+                                        default=str).encode())
+    with_path = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in model.state_dict().items():  # one pass over the weights feeds both
         flat = tensor.detach().flatten()
         sample = torch.cat([flat[:4], flat[-4:]]).float().cpu() if flat.numel() else flat.float().cpu()
-        digest.update(name.encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
+        for digest in (current, with_path):
+            digest.update(name.encode())
+            digest.update(sample.numpy().tobytes())
+    return current.hexdigest()[:16], with_path.hexdigest()[:16]
 
 
 def export_plugin_weights(plugin: Compensation, path: str | Path, metadata: dict[str, Any],
@@ -394,9 +393,9 @@ def _without_load_paths(value: Any) -> Any:
 
 
 def load_plugin_weights(plugin: Compensation, path: str | Path, base_fingerprints: tuple[str, ...] = ()) -> None:
-    """Loads exported plug-in weights. With `base_fingerprints` (the loaded base's, current first), warns when the `.json` beside
-    them names another base (the same model in another dtype or quantisation also differs, so it is not an
-    error)."""
+    """Loads exported plug-in weights. With `base_fingerprints` (the loaded base's, current first), warns when the
+    `.json` beside them names another base (the same model in another dtype or quantisation also differs, so it is
+    not an error)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"plug-in weights {str(path)!r} do not exist (model.plugin_weights_path)")

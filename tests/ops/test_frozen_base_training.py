@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import TINY_DATA_ARGS
 from datamodules.synthetic import SyntheticVQADataModule
-from lightning_modules.compensation import BASE_PREFIX, CompensationModule, fingerprint
+from lightning_modules.compensation import BASE_PREFIX, CompensationModule, fingerprints
 from lvlm_prune.rcp.compensation import RCPCompensation
 from ops_helpers import one_thread, other_base_dir  # noqa: F401  (fixtures)
 
@@ -241,7 +241,7 @@ def test_checkpoints_are_lean_and_refuse_another_base(tiny_base_dir, other_base_
     moved = make_module(shutil.copytree(tiny_base_dir, tmp_path / "moved_base"), data)
     assert moved.base_fingerprint == module.base_fingerprint
     moved.on_load_checkpoint(torch.load(path, weights_only=False))
-    legacy = fingerprint(module.base, with_load_path=True)
+    legacy = fingerprints(module.base)[1]
     assert legacy != module.base_fingerprint
     module.on_load_checkpoint(dict(checkpoint, base_model={"path": str(tiny_base_dir), "fingerprint": legacy}))
 
