@@ -15,13 +15,16 @@ from lightning_modules.common import (
     check_writable_directory,
     EVALUATION_MEMORY_SETTINGS,
     decode_answers,
+    deepspeed_fp32_masters,
     exact_match,
     generates_in_lockstep,
     log_accuracy,
     out_of_memory_advice,
     pad_after_eos,
+    partitioned,
     prediction_records,
     score,
+    whole_state_dict,
 )
 from lvlm_prune.data import additive_attention_mask, answer_cross_entropy
 from lvlm_prune.generation import stock_greedy_generate
@@ -236,10 +239,18 @@ class BaseLVLMModule(L.LightningModule):
             self._export()
 
     def _export(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
+        """Every rank calls it: under DeepSpeed the weights are gathered (ZeRO-3) and taken from the fp32 masters."""
+        if not self.hparams.export_dir:
+            return
+        keep = self.trainer.is_global_zero
+        masters = deepspeed_fp32_masters(self.trainer.strategy, self.model, keep=keep)
+        state = None
+        if masters or partitioned(self.model.parameters()):
+            state = whole_state_dict(self.model, keep=keep, overrides=masters)
+        if keep:
             export_dir = Path(self.hparams.export_dir)
             export_dir.mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(export_dir)
+            self.model.save_pretrained(export_dir, state_dict=state)
             self.processor.save_pretrained(export_dir)
 
 

@@ -109,6 +109,60 @@ def partitioned(parameters: Iterable[torch.nn.Parameter]) -> bool:
     return any(hasattr(p, "ds_id") for p in parameters)
 
 
+def gathered(parameters: Iterable[torch.nn.Parameter]):
+    """Context in which ZeRO-3 partitioned `parameters` are whole on every rank (a no-op otherwise)."""
+    parameters = list(parameters)
+    if not partitioned(parameters):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+
+
+def deepspeed_fp32_masters(strategy: Any, module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Under DeepSpeed, the optimiser's fp32 master copy of each trainable weight of `module`, on CPU: with bf16
+    DeepSpeed casts the module's own weights to bf16, and an export (like `scripts/export_plugin.py` from a
+    checkpoint) keeps full precision. Empty elsewhere, or where DeepSpeed keeps no separate master (fp32 training).
+    A collective under ZeRO-3, so every rank calls it; only ranks with `keep` hold the copies (one whole weight at
+    a time is on the device)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return {}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad or (hasattr(parameter, "ds_id") and not hasattr(parameter, "_z3_optimizer")):
+            continue
+        master = safe_get_full_fp32_param(parameter)
+        if master is not None and keep:
+            masters[name] = master.detach().float().cpu()
+    return masters
+
+
+def whole_state_dict(module: torch.nn.Module, keep: bool = True,
+                     overrides: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
+    """`module.state_dict()` on CPU with every ZeRO-3 partition gathered, one submodule's weights at a time, so no
+    rank ever holds the whole model on its device (saving a partitioned model's own state dict writes empty
+    tensors). `overrides` (by parameter name, e.g. `deepspeed_fp32_masters`) replace those weights, under every
+    name they are tied to. A collective under ZeRO-3: every rank calls it; ranks without `keep` get None."""
+    by_id: dict[int, torch.Tensor] = {}
+    for submodule in module.modules():  # the same gathers on every rank, whatever each rank keeps
+        direct = list(submodule.parameters(recurse=False))
+        if not direct:
+            continue
+        with gathered(direct):
+            if keep:
+                by_id.update((id(p), p.detach().to("cpu", copy=True)) for p in direct)
+    if not keep:
+        return None
+    parameter_ids = {name: id(p) for name, p in module.named_parameters()}
+    by_id.update((parameter_ids[name], value) for name, value in (overrides or {}).items())
+    return {name: by_id[id(value)] if id(value) in by_id else value.detach().cpu()
+            for name, value in module.state_dict(keep_vars=True).items()}
+
+
 def generates_in_lockstep(module: Any) -> bool:
     """Whether every rank must make the same module calls while generating: ZeRO-3 partitioned weights and several
     processes. Ranks then decode max_new_tokens steps whatever EOS says (`pad_after_eos` tidies the tokens)."""

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +17,10 @@ from safetensors.torch import load_file, save_file
 from lightning_modules.common import (
     EVALUATION_MEMORY_SETTINGS,
     check_writable_directory,
+    deepspeed_fp32_masters,
+    gathered,
     generates_in_lockstep,
     out_of_memory_advice,
-    partitioned,
 )
 from lightning_modules.frozen_base import FrozenBaseModule
 from lvlm_prune.compensation import Compensation
@@ -264,30 +263,14 @@ class CompensationModule(FrozenBaseModule):
         calls this before it starts, and `on_train_end` after it). Every rank calls it (ZeRO-3 gathers)."""
         if not self.hparams.plugin_export_path or self._exported_at_step == self.global_step:
             return
-        masters = self._deepspeed_fp32_masters()  # a collective under ZeRO-3: every rank
+        # both collectives under ZeRO-3: every rank
+        masters = deepspeed_fp32_masters(self.trainer.strategy, self.compensation, keep=self.trainer.is_global_zero)
         with gathered(self.compensation.parameters()):  # ZeRO-3: every rank takes part in the gather
             if self.trainer.is_global_zero:
                 export_plugin_weights(self.compensation, self.hparams.plugin_export_path,
                                       {"base_model_path": self.hparams.base_model_path,
                                        "base_fingerprint": self.base_fingerprint}, overrides=masters)
         self._exported_at_step = self.global_step
-
-    def _deepspeed_fp32_masters(self) -> dict[str, torch.Tensor]:
-        """Under DeepSpeed, the optimiser's fp32 master copy of each trainable plug-in weight: with bf16 DeepSpeed
-        casts the module's own weights to bf16, and the export (like `scripts/export_plugin.py` from a checkpoint)
-        keeps full precision. Empty elsewhere, or where DeepSpeed keeps no separate master (fp32 training)."""
-        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            return {}
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        masters = {}
-        for name, parameter in self.compensation.named_parameters():
-            if not parameter.requires_grad or (hasattr(parameter, "ds_id") and not hasattr(parameter, "_z3_optimizer")):
-                continue
-            master = safe_get_full_fp32_param(parameter)
-            if master is not None:
-                masters[name] = master.detach().float().cpu()
-        return masters
 
     # ------------------------------------------------------------------ lean checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -332,16 +315,6 @@ def _nonfinite(state: dict[str, torch.Tensor], names) -> list[str]:
 
 def _numel(parameter: torch.nn.Parameter) -> int:
     return getattr(parameter, "ds_numel", parameter.numel())  # a ZeRO-3 partitioned parameter has numel 0
-
-
-def gathered(parameters: Iterable[torch.nn.Parameter]):
-    """Context in which ZeRO-3 partitioned `parameters` are whole on every rank (a no-op otherwise)."""
-    parameters = list(parameters)
-    if not partitioned(parameters):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
 
 
 def keep_quantized_base_differentiable(model: torch.nn.Module) -> None:

@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from callbacks.sweep import PruningSweep
-from lightning_modules.compensation import CompensationModule, gathered
+from lightning_modules.common import gathered
+from lightning_modules.compensation import CompensationModule
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

@@ -157,3 +157,27 @@ def test_zero3_two_processes_keep_accm_and_an_uneven_sweep_in_step(tiny_base_dir
     assert [r for r in metric_rows(run_dir) if r.get("val/acc")], "no validation (ACCM generation) was logged"
     rows = json.loads((run_dir / "sweep" / "sweep.json").read_text())["rows"]
     assert {(r["method"], r["num_samples"]) for r in rows} == {("accm", 24), ("accm_prune_only", 24)}
+
+
+def test_zero3_two_processes_train_the_base_and_export_it_whole(tmp_path):
+    """The base trains with every parameter partitioned; its export gathers them (one submodule at a time) and
+    writes the trained weights, equal to the checkpoint's consolidated fp32 state, not the ranks' empty shards."""
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    from lvlm_prune.modeling.loading import load_base_model
+    from test_cli import TINY_BASE_ARGS
+
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+             "zero_allow_untested_optimizer": True}
+    run_cli(["fit", "--config", str(ROOT / "configs" / "synthetic" / "base_describe.yaml"), "--config", ZERO3,
+             "--trainer.devices", "2", f"--trainer.strategy.init_args.config={json.dumps(zero3)}", *TINY_BASE_ARGS,
+             "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir",
+             str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path), "--model.init_args.export_dir",
+             str(tmp_path / "export")], timeout=240)
+
+    checkpoint = tmp_path / "base_describe" / "run" / "checkpoints" / "last.ckpt"
+    convert_zero_checkpoint_to_fp32_state_dict(str(checkpoint), str(tmp_path / "consolidated.pt"))
+    trained = torch.load(tmp_path / "consolidated.pt", weights_only=False)["state_dict"]
+    exported = load_base_model(str(tmp_path / "export")).state_dict()
+    assert len(exported) == len(trained) and sum(t.numel() for t in exported.values()) > 50_000
+    assert all(torch.equal(value, trained[f"model.{name}"]) for name, value in exported.items())
