@@ -12,13 +12,14 @@ import hashlib
 import math
 import re
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lvlm_prune.evaluation.normalize import (
     OPTION_LETTERS,
@@ -72,10 +73,37 @@ def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
     return torch.where(denominator > 0, numerator.to(torch.float64) / denominator.clamp(min=1), math.nan)
 
 
-def _cat_or_empty(state: list[Tensor] | Tensor, dtype: torch.dtype) -> Tensor:
-    if isinstance(state, list) and not state:
-        return torch.zeros(0, dtype=dtype)
-    return dim_zero_cat(state)
+class _PerItemStates(Metric):
+    """A metric with per-item states: lists of 1-d tensors, each of one dtype, concatenated across processes.
+
+    A process that never called update() (the sampler gave it no batch, or it had nothing to score) holds empty
+    lists, which torchmetrics gathers as empty tensors of `self.dtype` (float32) while the other processes send
+    int64 / float64: the all-gather of mismatched dtypes fails (gloo aborts on the size mismatch). Empty lists are
+    sent in their state's dtype instead.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._item_state_dtypes: dict[str, torch.dtype] = {}
+
+    def _add_item_state(self, name: str, dtype: torch.dtype) -> None:
+        self.add_state(name, [], dist_reduce_fx="cat")
+        self._item_state_dtypes[name] = dtype
+
+    def _item_state(self, name: str) -> Tensor:
+        """The state concatenated (all processes' rows after a sync), empty of its dtype when nothing was added."""
+        state = getattr(self, name)
+        if isinstance(state, list) and not state:
+            return torch.zeros(0, dtype=self._item_state_dtypes[name], device=self.device)
+        return dim_zero_cat(state)
+
+    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any | None = None) -> None:
+        # sync() has cached the states and unsync() restores them, so the placeholders do not outlive the sync
+        for name in self._item_state_dtypes:
+            state = getattr(self, name)
+            if isinstance(state, list) and not state:
+                setattr(self, name, [self._item_state(name)])
+        super()._sync_dist(dist_sync_fn, process_group)
 
 
 def stable_id(text: str) -> int:
@@ -83,7 +111,7 @@ def stable_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1
 
 
-class _CategorisedMean(Metric):
+class _CategorisedMean(_PerItemStates):
     """Mean of per-item scores in [0, 1], overall and per category (states: sums of fixed size).
 
     Items given with `ids` are kept per item instead (concatenated across processes) and counted once per id:
@@ -103,9 +131,9 @@ class _CategorisedMean(Metric):
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("category_score_sum", torch.zeros(num, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("category_count", torch.zeros(num, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("item_ids", [], dist_reduce_fx="cat")
-        self.add_state("item_scores", [], dist_reduce_fx="cat")
-        self.add_state("item_categories", [], dist_reduce_fx="cat")
+        self._add_item_state("item_ids", torch.long)
+        self._add_item_state("item_scores", torch.float64)
+        self._add_item_state("item_categories", torch.long)
 
     def _add_scores(self, scores: Sequence[float], categories: Sequence[str] | None,
                     ids: Sequence[int] | None = None) -> None:
@@ -133,10 +161,10 @@ class _CategorisedMean(Metric):
     def compute(self) -> dict[str, Tensor]:
         score_sum, count = self.score_sum.clone(), self.count.clone()
         category_score_sum, category_count = self.category_score_sum.clone(), self.category_count.clone()
-        ids = _cat_or_empty(self.item_ids, torch.long)
+        ids = self._item_state("item_ids")
         if ids.numel():
-            scores = _cat_or_empty(self.item_scores, torch.float64)
-            categories = _cat_or_empty(self.item_categories, torch.long)
+            scores = self._item_state("item_scores")
+            categories = self._item_state("item_categories")
             # the first occurrence of each id (a repeat scores the same answer again)
             unique, inverse = torch.unique(ids, return_inverse=True)
             order = torch.arange(ids.numel(), device=ids.device)
@@ -341,7 +369,7 @@ class POPEMetrics(Metric):
         return result
 
 
-class MMEScore(Metric):
+class MMEScore(_PerItemStates):
     """MME: per subtask accuracy and accuracy+ (all questions of an image right), in percent as MME reports.
 
     Predictions are parsed with MME's rule (`parse_mme_answer`; "other" is wrong). A subtask's score is
@@ -359,9 +387,9 @@ class MMEScore(Metric):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.add_state("subtask_index", [], dist_reduce_fx="cat")
-        self.add_state("image_group", [], dist_reduce_fx="cat")
-        self.add_state("correct", [], dist_reduce_fx="cat")
+        self._add_item_state("subtask_index", torch.long)
+        self._add_item_state("image_group", torch.long)
+        self._add_item_state("correct", torch.long)
 
     def update(
         self, predictions: Sequence[str], answers: Sequence[str], subtasks: Sequence[str], images: Sequence[str]
@@ -381,9 +409,9 @@ class MMEScore(Metric):
         self.correct.append(torch.tensor(hits, dtype=torch.long, device=device))
 
     def compute(self) -> dict[str, Tensor]:
-        subtask_index = _cat_or_empty(self.subtask_index, torch.long)
-        image_group = _cat_or_empty(self.image_group, torch.long)
-        correct = _cat_or_empty(self.correct, torch.long)
+        subtask_index = self._item_state("subtask_index")
+        image_group = self._item_state("image_group")
+        correct = self._item_state("correct")
         result: dict[str, Tensor] = {}
         sums = {group: torch.tensor(0.0, dtype=torch.float64) for group in ("perception", "cognition")}
         for i, subtask in enumerate(self.subtasks):
@@ -404,7 +432,7 @@ class MMEScore(Metric):
         return result
 
 
-class MMBenchCircularAccuracy(Metric):
+class MMBenchCircularAccuracy(_PerItemStates):
     """MMBench circular evaluation: a question is right only if every option rotation of it is answered right.
 
     Rotations of one question share `index % 1_000_000` (the MMBench tsv stores the rotations of question i at
@@ -424,9 +452,9 @@ class MMBenchCircularAccuracy(Metric):
     def __init__(self, categories: Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.categories = _check_names(categories or (), "categories")
-        self.add_state("index", [], dist_reduce_fx="cat")
-        self.add_state("correct", [], dist_reduce_fx="cat")
-        self.add_state("category_index", [], dist_reduce_fx="cat")
+        self._add_item_state("index", torch.long)
+        self._add_item_state("correct", torch.long)
+        self._add_item_state("category_index", torch.long)
 
     def update(
         self,
@@ -446,7 +474,7 @@ class MMBenchCircularAccuracy(Metric):
         if not self.categories and categories is not None:
             raise ValueError("categories were given but this metric was built with categories=None")
         for target, options in zip(targets, choices):
-            if target not in OPTION_LETTERS[: len(options)]:
+            if target not in tuple(OPTION_LETTERS[: len(options)]):  # a letter, not a substring ("AB")
                 raise ValueError(f"targets: {target!r} is not one of the {len(options)} option letters")
         hits = [parse_option_letter(p, len(c), c) == t for p, t, c in zip(predictions, targets, choices)]
         category_index = (
@@ -458,9 +486,9 @@ class MMBenchCircularAccuracy(Metric):
         self.category_index.append(torch.tensor(category_index, dtype=torch.long, device=device))
 
     def compute(self) -> dict[str, Tensor]:
-        index = _cat_or_empty(self.index, torch.long)
-        correct = _cat_or_empty(self.correct, torch.long)
-        category_index = _cat_or_empty(self.category_index, torch.long)
+        index = self._item_state("index")
+        correct = self._item_state("correct")
+        category_index = self._item_state("category_index")
         nan = torch.tensor(math.nan, dtype=torch.float64)
         result: dict[str, Tensor] = {"acc": nan, "acc/vanilla": nan}
         result.update({f"acc/{name}": nan for name in self.categories})

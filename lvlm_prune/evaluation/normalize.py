@@ -146,32 +146,31 @@ def parse_mme_answer(text: str) -> str:
     return "other"
 
 
-_SCIENCEQA_OPTIONS = "ABCDE"  # LLaVA's eval_science_qa.py: the letters it recognises
+_SCIENCEQA_OPTIONS = ("A", "B", "C", "D", "E")  # LLaVA's eval_science_qa.py: a list, so `in` is membership
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
 
 def parse_scienceqa_choice(text: str, num_choices: int) -> int:
     """LLaVA's ScienceQA rule (`eval_science_qa.py`): the chosen option index, or -1 when it finds no valid letter.
 
-    The text as generated (not stripped): exactly a letter A-E ("B"); or a letter A-E followed by ". " ("B. cat");
-    or exactly one "The answer is X" followed by any character ("The answer is B." or "The answer is B,"). Where
-    LLaVA's script gives an unparsed answer a random option, it counts as wrong here (-1): a score must not depend
-    on chance.
+    The text as generated (not stripped): exactly one letter A-E ("B"; "AB" is no answer); or a letter A-E followed
+    by ". " ("B. cat"); or exactly one "The answer is X" followed by any character but a newline ("The answer is
+    B." or "The answer is B,"). The letter must be one of the first `num_choices` of A-E. An unparsed answer is
+    wrong (-1), as in LLaVA-1.5's script (LLaVA-1's drew a random option).
 
     Args:
         text: the generated answer.
         num_choices: number of options of the problem; letters beyond it are invalid.
     """
-    letter = None
     if text in _SCIENCEQA_OPTIONS:
-        letter = text or None
+        letter = text
     elif len(text) >= 3 and text[0] in _SCIENCEQA_OPTIONS and text[1:3] == ". ":
         letter = text[0]
     else:
         found = _ANSWER_IS.findall(text)
         letter = found[0] if len(found) == 1 else None
-    valid = OPTION_LETTERS[:num_choices]
-    return valid.index(letter) if letter is not None and letter in valid else -1
+    valid = _SCIENCEQA_OPTIONS[:num_choices]
+    return valid.index(letter) if letter in valid else -1
 
 
 _BARE_LETTER = re.compile(r"^\(?([A-Z])\)?[.:]?$")

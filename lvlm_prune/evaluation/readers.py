@@ -629,7 +629,7 @@ def read_mmbench_tsv(path: str | Path, on_bad_record: str = "error") -> LoadedRe
             if question is None or len(options) < 2:
                 bad.report(f"line {number}: needs a question and at least options A and B")
                 continue
-            if answer is not None and answer not in "ABCDEFGHIJ"[: len(options)]:
+            if answer is not None and answer not in tuple("ABCDEFGHIJ"[: len(options)]):
                 bad.report(f"line {number}: answer {answer!r} is not one of the {len(options)} option letters")
                 continue
             if index_text in records:

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 
@@ -90,6 +91,99 @@ def test_items_repeated_by_a_distributed_sampler_count_once():
     assert float(without_ids.compute()["acc"]) == pytest.approx(4 / 6)  # the repeat counted twice
     with pytest.raises(ValueError, match="same length"):
         whole.update(["red"], ["red"], ["color"], ids=[1, 2])
+
+
+# Per metric class with per-item states: a constructor and each rank's share of the items (one update() each).
+# Rank 0's share repeats an item, rank 1's repeats one of rank 0's, as a distributed sampler's padding does.
+TWO_RANK_CASES = {
+    "exact_match": (
+        lambda: ExactMatchAccuracy(categories=["color", "count", "shape"]),
+        (["red", "blue", "3", "red"], ["red", "green", "3", "red"], ["color", "color", "count", "color"],
+         [11, 12, 13, 11]),
+        (["circle", "5", "red"], ["circle", "4", "red"], ["shape", "count", "color"], [14, 15, 11]),
+    ),
+    "mme": (
+        MMEScore,
+        (["Yes", "No", "Yes"], ["Yes", "Yes", "No"], ["color", "color", "code_reasoning"], ["1.jpg", "1.jpg", "2.jpg"]),
+        (["No", "No"], ["No", "no"], ["color", "color"], ["3.jpg", "3.jpg"]),
+    ),
+    "mmbench": (
+        lambda: MMBenchCircularAccuracy(categories=["ocr", "scene"]),
+        (["A", "A", "B"], ["A", "B", "B"], [3, 1_000_003, 4], [["x", "y"]] * 3, ["scene", "scene", "ocr"]),
+        (["A"], ["A"], [1_000_004], [["x", "y"]], ["ocr"]),
+    ),
+}
+SCORED_BY = {"nobody": (), "rank 0 only": (0,), "both ranks": (0, 1)}
+
+
+def _score_on_two_ranks(rank: int, port: int, out: str) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    # a dtype mismatch aborts in gloo's all-gather, or leaves the other rank waiting: fail fast instead
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        warnings.simplefilter("ignore")  # compute() before any update() warns
+        results = {}
+        for name, (make, *shares) in TWO_RANK_CASES.items():
+            for scored_by, ranks in SCORED_BY.items():
+                metric = make()  # a fresh metric: compute() again without an update would return its cache unsynced
+                if rank in ranks:
+                    metric.update(*shares[rank])
+                results[name, scored_by] = as_floats(metric.compute())
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    """Every case of `TWO_RANK_CASES` computed on 2 gloo processes (one spawn for all: it costs seconds)."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("two_ranks")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_score_on_two_ranks, args=(port, str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+@pytest.mark.parametrize("scored_by", list(SCORED_BY))
+@pytest.mark.parametrize("name", list(TWO_RANK_CASES))
+def test_per_item_states_sync_when_a_rank_scored_nothing(two_rank_results, name, scored_by):
+    """DDP: a rank the sampler gave no batch gathers its empty per-item states in their dtypes (not float32, which
+    aborted the all-gather); every rank gets the result of one process that saw the items once."""
+    make, *shares = TWO_RANK_CASES[name]
+    expected = make()
+    for rank in SCORED_BY[scored_by]:
+        expected.update(*shares[rank])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # compute() before any update() warns
+        expected = as_floats(expected.compute())
+    for result in two_rank_results:
+        assert result[name, scored_by] == pytest.approx(expected, nan_ok=True)
+    if name == "exact_match" and scored_by == "nobody":
+        assert math.isnan(expected["acc"]) and math.isnan(expected["acc/color"])
+    if name == "exact_match" and scored_by == "rank 0 only":
+        # item 11 twice counts once: red right, blue wrong, 3 right -> 2/3; color 1/2, count 1/1, shape none
+        assert expected["acc"] == pytest.approx(2 / 3) and expected["acc/color"] == 0.5
+        assert math.isnan(expected["acc/shape"])
+    if name == "exact_match" and scored_by == "both ranks":
+        # rank 1's repeat of item 11 counts once too: + circle right, 5 wrong -> 3/5; count 1/2
+        assert expected["acc"] == pytest.approx(3 / 5) and expected["acc/count"] == 0.5
+    if name == "mme" and scored_by == "rank 0 only":
+        # color: 1 of image 1's 2 questions right -> acc 50, acc+ 0; code_reasoning wrong -> 0
+        assert expected["color/score"] == 50.0 and expected["code_reasoning/score"] == 0.0
+    if name == "mmbench" and scored_by == "rank 0 only":
+        # question 3: rotation 1000003 wrong; question 4 right -> circular 1/2, scene 0, ocr 1; originals right
+        assert expected == {"acc": 0.5, "acc/vanilla": 1.0, "acc/ocr": 1.0, "acc/scene": 0.0}
 
 
 def test_merged_rotations_from_two_ranks_form_one_circular_group():
@@ -214,6 +308,8 @@ def test_mmbench_rejects_inconsistent_rotations_and_bad_targets():
         metric.compute()
     with pytest.raises(ValueError, match="option letters"):
         MMBenchCircularAccuracy().update(["A"], ["C"], [0], [["x", "y"]])
+    with pytest.raises(ValueError, match="'AB' is not one of"):  # a letter, not a substring of "AB"
+        MMBenchCircularAccuracy().update(["A"], ["AB"], [0], [["x", "y"]])
 
 
 def test_scienceqa_accuracy_with_image_subset():
@@ -222,6 +318,9 @@ def test_scienceqa_accuracy_with_image_subset():
     result = as_floats(metric.compute())
     # B -> 1 right; A -> 0 right; C beyond 2 choices -> wrong: 2/3; image 1/2; no image 1/1
     assert result == pytest.approx({"acc": 2 / 3, "acc/img": 0.5, "acc/no_img": 1.0})
+    multi_letter = ScienceQAAccuracy()
+    multi_letter.update(["AB", "A"], [0, 0], [4, 4], [True, True])
+    assert float(multi_letter.compute()["acc"]) == 0.5  # "AB" names no option, though it starts with A
     with pytest.raises(ValueError, match="outside"):
         metric.update(["A"], [2], [2], [True])
 

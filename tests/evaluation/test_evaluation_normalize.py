@@ -121,10 +121,20 @@ def test_mme_answer_parsing_uses_the_first_four_characters(raw, expected):
         ("The answer is B", 3, -1),  # the pattern needs a character after the letter
         ("The answer is A. The answer is B.", 3, -1),  # two answers
         ("", 3, -1),
+        ("The answer is B\n", 3, -1),  # the pattern's "." is not a newline
+        ("The answer is B,", 3, 1),
+        ("E. nothing", 5, 4),
+        ("The answer is F.", 6, -1),  # the script knows A-E only, whatever the number of choices
     ],
 )
 def test_scienceqa_choice_parsing(raw, num_choices, expected):
     assert parse_scienceqa_choice(raw, num_choices) == expected
+
+
+def test_scienceqa_letter_is_a_member_of_the_options_not_a_substring():
+    """LLaVA's options are a list: "AB" is not an answer, though it is a substring of "ABCDE"."""
+    raws = ["A", "AB", "BC", "ABCD", "CD", "E", "The answer is B.", "ABCDE", "AB. cat"]
+    assert [parse_scienceqa_choice(raw, 4) for raw in raws] == [0, -1, -1, -1, -1, -1, 1, -1, -1]
 
 
 @pytest.mark.parametrize(

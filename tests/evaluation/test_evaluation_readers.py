@@ -230,6 +230,9 @@ def test_mmbench_bad_rows(tmp_path):
     path.write_text(header + "0\tQ?\tx\ty\tC\tocr\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"mm.tsv: line 2: answer 'C' is not one of the 2 option letters"):
         read_mmbench_tsv(path)
+    path.write_text(header + "0\tQ?\tx\ty\tAB\tocr\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"line 2: answer 'AB' is not one of the 2 option letters"):
+        read_mmbench_tsv(path)
     path.write_text(header + "0\tQ?\tx\ty\tA\tocr\n0\tQ?\tx\ty\tB\tocr\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"line 3: index 0 appears twice"):
         read_mmbench_tsv(path)
