@@ -206,10 +206,15 @@ class PyramidDrop(PruningMethod):
 
 
 class VisionZip(PruningMethod):
-    """VisionZip (CVPR'25), before the LLM: dominant tokens = the patches with the highest [CLS] attention at
-    the vision layer LLaVA reads; contextual tokens = the rest merged by key similarity into a few uniformly
-    strided targets. The split follows the paper's 54 + 10 of 64. LLaVA-1.5 only: needs the [CLS] attention of one
-    CLIP grid per image (the engine raises ValueError on LLaVA-NeXT)."""
+    """VisionZip (CVPR'25), before the LLM, as the authors' code does it.
+
+    Dominant tokens: the patches with the highest [CLS] attention at the vision layer LLaVA reads. Contextual
+    tokens: the remaining tokens, in order, give C targets at the step (remaining // C); every other remaining
+    token joins the target most similar to it (cosine of that layer's keys, averaged over heads); a contextual
+    token is its target's vision feature plus the mean of the tokens that joined it (a target nobody joined stays
+    itself), merged at the vision layer LLaVA reads and then passed through the projector. The split follows the
+    paper's 54 + 10 of 64. LLaVA-1.5 only: needs the [CLS] attention of one CLIP grid per image (the engine raises
+    ValueError on LLaVA-NeXT)."""
 
     name = "visionzip"
 
@@ -231,36 +236,65 @@ class VisionZip(PruningMethod):
     def before_llm(self, ctx: PreLLMContext) -> torch.Tensor:
         layer, layer_input = ctx.vision_read_layer()
         features = ctx.visual_features
-        b, n, _ = features.shape
+        b, n, d = features.shape
         cls_attention = cls_attention_to_visual_tokens(layer, layer_input, n)  # (B, N)
         all_tokens = torch.ones(b, n, dtype=torch.bool, device=features.device)
         dominant = top_k_mask(cls_attention, all_tokens, self.dominant)
         if self.contextual == 0:
             return dominant
-        keys = layer.self_attn.k_proj(layer.layer_norm1(layer_input))[:, -n:]
-        keys = F.normalize(keys.float(), dim=-1)
-        rest = ~dominant
-        rest_index = torch.sort((~rest).to(torch.int8), dim=1, stable=True).indices[:, : n - self.dominant]
-        stride = (n - self.dominant) / self.contextual
-        pick = torch.tensor([int(i * stride) for i in range(self.contextual)], device=features.device)
-        targets = rest_index[:, pick]  # (B, C) uniformly strided among the remaining tokens
-        similarity = torch.einsum("bnc,btc->bnt", keys, keys.gather(1, targets[..., None].expand(-1, -1, keys.shape[-1])))
-        assign = similarity.argmax(-1)  # (B, N): most similar target of every token
-        member = F.one_hot(assign, self.contextual).float() * rest[..., None].float()  # only non-dominant tokens merge
-        merged = torch.einsum("bnt,bnd->btd", member, features.float()) / member.sum(1).clamp(min=1)[..., None]
-        new_features = features.clone()
-        new_features.scatter_(1, targets[..., None].expand(-1, -1, features.shape[-1]), merged.to(features.dtype))
-        ctx.visual_features = new_features
-        keep = dominant.clone()
-        keep.scatter_(1, targets, True)
-        return keep
+        keys = head_averaged_keys(layer, layer_input)[:, -n:]  # the visual tokens' rows ([CLS] only under 'full')
+        targets, merged, joined = merge_contextual_tokens(ctx.projector_input(), keys, ~dominant, self.contextual)
+        at_targets = features.gather(1, targets[..., None].expand(-1, -1, d))
+        # a target nobody joined keeps the engine's own projection of it, bit for bit
+        contextual = torch.where(joined[..., None], ctx.project(merged).to(features.dtype), at_targets)
+        ctx.visual_features = features.scatter(1, targets[..., None].expand(-1, -1, d), contextual)
+        return dominant.scatter(1, targets, True)
+
+
+def head_averaged_keys(layer: torch.nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + N, head_dim) a CLIP layer's keys (k_proj of its normed input), averaged over its heads."""
+    attention = layer.self_attn
+    keys = attention.k_proj(layer.layer_norm1(layer_input))
+    return keys.view(*keys.shape[:2], -1, attention.head_dim).mean(2)
+
+
+def merge_contextual_tokens(vision_features: torch.Tensor, keys: torch.Tensor, remaining: torch.Tensor,
+                            num_targets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual merge over the `remaining` tokens (B, N) bool, the same count in every row.
+
+    Targets: the remaining tokens at positions 0, s, 2s, ... (s = remaining // num_targets) of their order, the
+    first `num_targets` of them. Every other remaining token joins the target whose key is most similar (cosine).
+
+    Returns:
+        targets (B, C) long token indices; merged (B, C, F) = the target's `vision_features` + the mean of the
+        tokens that joined it (the target alone when none did), in `vision_features`' dtype; joined (B, C) bool,
+        some token joined the target.
+    """
+    counts = remaining.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"visionzip: every sample needs the same number of remaining tokens, got {counts.tolist()}")
+    count = int(counts[0])
+    order = torch.sort((~remaining).to(torch.int8), dim=1, stable=True).indices[:, :count]  # remaining, in order
+    step = max(1, count // num_targets)
+    targets = order[:, torch.arange(0, count, step, device=order.device)[:num_targets]]
+    others = remaining.scatter(1, targets, False)
+    keys = F.normalize(keys.float(), dim=-1)
+    target_keys = keys.gather(1, targets[..., None].expand(-1, -1, keys.shape[-1]))
+    closest = torch.einsum("bnh,bth->bnt", keys, target_keys).argmax(-1)  # (B, N)
+    membership = F.one_hot(closest, targets.shape[1]).float() * others[..., None].float()  # (B, N, C)
+    members = membership.sum(1)  # (B, C)
+    features = vision_features.float()
+    others_mean = torch.einsum("bnt,bnf->btf", membership, features) / members.clamp(min=1)[..., None]
+    at_targets = features.gather(1, targets[..., None].expand(-1, -1, features.shape[-1]))
+    return targets, (at_targets + others_mean).to(vision_features.dtype), members > 0
 
 
 class DART(PruningMethod):
     """DART (EMNLP'25): prunes at layer K's input (K = 2 of 32, scaled) by duplication, with no attention map.
 
-    As the authors' code does: pivots are the image tokens and the question tokens with the largest L1 key norm at
-    layer K - 1 (keys of all heads concatenated; 4 + 4 per 576 image tokens, scaled with N); then each pivot in
+    As the authors' code does: pivots are the image tokens and the prompt tokens after the image (the question and
+    the last prompt token, never answer tokens of a teacher-forced pass) with the largest L1 key norm at layer
+    K - 1 (keys of all heads concatenated; 4 + 4 per 576 image tokens, scaled with N); then each pivot in
     turn adds the image tokens least similar (cosine, hidden states after the language model's final norm) to it
     among those not taken yet, budget // pivots each, and what is kept is the image pivots and the tokens added,
     filled up to the budget (when it does not divide) by the lowest highest-similarity to any pivot. Budget and
@@ -306,8 +340,9 @@ class DART(PruningMethod):
         visual = ctx.state.visual_mask
         keep = per_sample(ctx.num_visual, lambda count: self._budget(count)[0])
         image_pivots = top_k_mask(self._key_norm, visual, per_sample(ctx.num_visual, lambda c: self._budget(c)[1]))
-        text_pivots = top_k_mask(self._key_norm, ctx.state.question_mask,
-                                 per_sample(ctx.num_visual, self._text_pivots).minimum(ctx.state.question_mask.sum(1)))
+        queries = ctx.prompt_after_image()
+        text_pivots = top_k_mask(self._key_norm, queries,
+                                 per_sample(ctx.num_visual, self._text_pivots).minimum(queries.sum(1)))
         hidden = ctx.final_norm(ctx.state.hidden) if ctx.final_norm is not None else ctx.normed
         hidden = F.normalize(hidden.float(), dim=-1)
         similarity = torch.einsum("btd,bsd->bts", hidden, hidden)  # (B, T, T)

@@ -293,9 +293,7 @@ class PrunedLlava:
 
     @staticmethod
     def last_real_index(state: SequenceState) -> torch.Tensor:
-        # not padding of the input (right padding is not a valid key either) nor of the engine's compaction
-        real = (state.source_index >= 0) & state.key_valid
-        return (state.source_index.masked_fill(~real, -1)).argmax(1)
+        return state.last_real_index()
 
     def _apply_keep(self, state: SequenceState, keep: torch.Tensor, soft: bool) -> SequenceState:
         is_visual = state.visual_index >= 0

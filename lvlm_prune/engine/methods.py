@@ -79,6 +79,24 @@ class PreLLMContext:
             raise ValueError(f"vision_feature_layer={read} does not name an encoder layer's output")
         return layers[index - 1], self.vision_hidden_states[index - 1]
 
+    def projector_input(self) -> torch.Tensor:
+        """(B, N, C) the vision features LLaVA's projector reads, built as the stock `get_image_features` builds
+        them: the hidden states of `vision_feature_layer` (several layers' concatenated along C), without [CLS]
+        under the 'default' feature strategy. Row j is visual token j: `project` of it gives `visual_features`
+        as the engine computed them, before any method changed them."""
+        if not self.vision_hidden_states:
+            raise ValueError("the vision tower's hidden states are not available (LLaVA-NeXT gives them per crop)")
+        config = self.model.config
+        read = config.vision_feature_layer
+        rows = [self.vision_hidden_states[layer] for layer in (read if isinstance(read, (list, tuple)) else [read])]
+        if getattr(config, "vision_feature_select_strategy", "default") == "default":
+            rows = [hidden[:, 1:] for hidden in rows]
+        return torch.cat(rows, -1)
+
+    def project(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """(B, M, d): LLaVA's projector applied to (B, M, C) vision features (e.g. tokens merged before it)."""
+        return self.model.model.multi_modal_projector(vision_features)
+
 
 @dataclass
 class LayerContext:
@@ -108,8 +126,18 @@ class LayerContext:
         return self._normed
 
     def last_prompt_index(self) -> torch.Tensor:
-        """(B,) index of the last prompt token (the first answer-generation position)."""
-        return self.state.answer_mask.float().argmax(1)
+        """(B,) index of the last prompt token: the first answer-generation position, or, in a row that has none
+        (a teacher-forced sample whose answer tokens are all ignored, e.g. cut away by truncation), its last real
+        token, as for a prompt without labels."""
+        answer = self.state.answer_mask
+        return torch.where(answer.any(1), answer.float().argmax(1), self.state.last_real_index())
+
+    def prompt_after_image(self) -> torch.Tensor:
+        """(B, T) bool: the prompt tokens after the image, i.e. the question tokens and the last prompt token;
+        never an answer token of a teacher-forced pass."""
+        last = torch.zeros_like(self.state.question_mask)
+        last[torch.arange(last.shape[0], device=last.device), self.last_prompt_index()] = True
+        return self.state.question_mask | (last & self.state.key_valid & (self.state.visual_index < 0))
 
     def attention_probs(self, query_index: torch.Tensor) -> torch.Tensor:
         """(B, heads, Q, T) attention probabilities of rows `query_index` (B, Q) at this layer."""

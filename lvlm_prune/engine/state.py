@@ -40,6 +40,12 @@ class SequenceState:
             present = present & (self.key_weight > 0.5)
         return present
 
+    def last_real_index(self) -> torch.Tensor:
+        """(B,) index of each sample's last real token: not padding of the input (right padding is not a valid key
+        either) nor of the engine's compaction."""
+        real = (self.source_index >= 0) & self.key_valid
+        return self.source_index.masked_fill(~real, -1).argmax(1)
+
     def visual_counts(self) -> torch.Tensor:
         """(B,) float: visual tokens present per sample."""
         return self.visual_mask.sum(1).float()

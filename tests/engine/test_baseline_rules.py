@@ -19,7 +19,8 @@ from lvlm_prune.engine import LayerContext, ModelInfo, PreLLMContext, SequenceSt
 
 def token_state(layouts: list[str], hidden: torch.Tensor | None = None) -> SequenceState:
     """One sample per string, one token per letter: 'p' padding, 't' text before the image, 'v' visual,
-    'q' question, 'a' the last prompt token."""
+    'q' question, 'a' the last prompt token, 'r' an answer token of a teacher-forced pass (a generation position
+    too, like 'a')."""
     codes = [list(layout) for layout in layouts]
     is_ = lambda letter: torch.tensor([[c == letter for c in row] for row in codes])  # noqa: E731
     real, visual = ~is_("p"), is_("v")
@@ -30,7 +31,7 @@ def token_state(layouts: list[str], hidden: torch.Tensor | None = None) -> Seque
         key_valid=real,
         visual_index=torch.where(visual, visual.long().cumsum(1) - 1, -1),
         question_mask=is_("q"),
-        answer_mask=is_("a"),
+        answer_mask=is_("a") | is_("r"),
         source_index=torch.arange(t).expand(b, t).clone(),
     )
 
@@ -152,7 +153,7 @@ def test_dart_pivots_have_the_largest_l1_key_norm_and_each_keeps_its_least_simil
         [[-.5, 0], [0, .5]],
         [[-2, -2], [0, 0]],  # q0: L1 4 (signed sum -4)
         [[1, 1], [0, 0]],  # q1: L1 2
-        [[4, 4], [4, 4]],
+        [[.5, .5], [.5, .5]],  # a: L1 2
     ]).permute(1, 0, 2)[None]
     num_visual = torch.tensor([8])
     assert method.at_layer(layer_context(0, state, num_visual, keys=keys)) is None
@@ -161,6 +162,42 @@ def test_dart_pivots_have_the_largest_l1_key_norm_and_each_keeps_its_least_simil
     # left of the budget: v1, the least similar to its most similar pivot (v3 and v5 are at 45 degrees to one)
     assert kept_visual(keep, state) == [[0, 1, 2, 4, 6, 7]]
     assert keep[~state.visual_mask].all()
+
+
+def test_dart_can_take_the_last_prompt_token_as_text_pivot_but_never_an_answer_token():
+    """The authors take query tokens from everything after the image in the prompt, ':' of 'ASSISTANT:' included."""
+    method = DART(0.1875, layer=1, num_pivots=2, num_text_pivots=1)
+    method.bind(info(layers=4, visual=8))
+    e1, e2, e3, e4 = torch.eye(4)
+    tokens = [
+        e1 + e2,  # t
+        -e2, e4, e1, e1 + e4, -e1, e2 + 2 * e4, e2, -e3,  # v0-v7
+        e3, -e3, e4,  # q0, q1, a
+    ]
+    # sample 0 teacher-forced (two answer tokens after 'a'), sample 1 a left-padded prompt as in generation
+    state = token_state(["tvvvvvvvvqqarr", "pptvvvvvvvvqqa"], torch.stack([
+        torch.stack(tokens + [e1, e2]), torch.stack([e1, e1] + tokens)]))
+    key_norms = {"t": 10.0, "v2": 4.0, "v6": 3.5, "q0": 4.0, "q1": 2.0, "a": 5.0, "r": 9.0}  # L1 over heads
+    names = ["t"] + [f"v{i}" for i in range(8)] + ["q0", "q1", "a"]
+    rows = [[key_norms.get(name, 1.0) for name in names + ["r", "r"]],
+            [0.0, 0.0] + [key_norms.get(name, 1.0) for name in names]]
+    keys = torch.tensor(rows)[:, None, :, None] / 2 * torch.ones(1, 1, 1, 2)  # one kv head, head_dim 2
+    num_visual = torch.tensor([8, 8])
+    assert method.at_layer(layer_context(0, state, num_visual, keys=keys)) is None
+    keep = method.at_layer(layer_context(1, state, num_visual))
+    # pivots v2 (e1), v6 (e2), a (e4), one token each: v4 (-e1), v0 (-e2), v7 (-e3, orthogonal to e4); the one left:
+    # v3, whose most similar pivot is the least similar (.71; v1 is e4 itself, v5 .89 to it). With q0 (e3) as
+    # pivot instead, v7 would go to q0 and v1 fill the budget: [0, 1, 2, 4, 6, 7]
+    assert kept_visual(keep, state) == [[0, 2, 3, 4, 6, 7]] * 2
+
+
+def test_candidate_query_tokens_are_the_prompt_after_the_image_and_a_cut_answer_falls_back_to_the_last_token():
+    state = token_state(["tvvqqarrp", "tvvqqqqqq", "pptvvqqqa"])
+    state.answer_mask[1] = False  # teacher-forced with every label ignored: no generation position at all
+    ctx = layer_context(0, state, torch.tensor([2, 2, 2]))
+    assert ctx.last_prompt_index().tolist() == [5, 8, 8]
+    assert [row.nonzero().flatten().tolist() for row in ctx.prompt_after_image()] == [[3, 4, 5], [3, 4, 5, 6, 7, 8],
+                                                                                        [5, 6, 7, 8]]
 
 
 def clip_read_layer(width: int) -> CLIPEncoderLayer:
@@ -174,16 +211,27 @@ def clip_read_layer(width: int) -> CLIPEncoderLayer:
     return layer.eval()
 
 
-def pre_llm_context(features, pixels=None, vision_input=None):
+class Squared(nn.Module):
+    """A projector for which merging before it and after it differ."""
+
+    def forward(self, x):
+        return x * x
+
+
+def pre_llm_context(features, pixels=None, vision_input=None, vision_output=None):
+    """`vision_input`, `vision_output`: (B, 1 + N, C) input and output of the vision layer LLaVA reads; the
+    projector squares, and `features` should be the projection of `vision_output`'s patches."""
     b, n, _ = features.shape
     state = token_state(["t" + "v" * n + "qa"] * b)
     model, hidden_states = None, ()
     if vision_input is not None:  # LLaVA reads layer 0 of 2 (vision_feature_layer -2): its input is hidden_states[0]
         layers = [clip_read_layer(vision_input.shape[-1]), None]
         tower = SimpleNamespace(encoder=SimpleNamespace(layers=layers))
-        model = SimpleNamespace(model=SimpleNamespace(vision_tower=tower),
-                                config=SimpleNamespace(vision_feature_layer=-2))
-        hidden_states = (vision_input, torch.zeros_like(vision_input), torch.zeros_like(vision_input))
+        config = SimpleNamespace(vision_feature_layer=-2, vision_feature_select_strategy="default")
+        llava = SimpleNamespace(vision_tower=tower, multi_modal_projector=Squared())
+        model = SimpleNamespace(model=llava, config=config)
+        output = vision_output if vision_output is not None else torch.zeros_like(vision_input)
+        hidden_states = (vision_input, output, torch.zeros_like(vision_input))
     pixels = pixels if pixels is not None else torch.zeros(b, 3, 2, 2)
     return PreLLMContext(model, pixels, features, torch.zeros(b, state.hidden.shape[1], 2), state, hidden_states)
 
@@ -193,36 +241,42 @@ def test_visionzip_keeps_the_top_cls_attention_patches_and_merges_the_rest_into_
     method.bind(info(layers=4, visual=8))
     assert (method.dominant, method.contextual) == (2, 2)
     cls = [1.0, 0, 0, 0]  # [CLS] attention logit of a patch = its first coordinate
-    vision_input = torch.tensor([
+    vision_input = torch.tensor([  # the read layer's input: [CLS] attention and keys
         [cls,
-         [0, 1, 0, 0],  # v0: first target (A)
+         [0, 1, 0, 0],  # v0: first target (A), the first of the 6 remaining tokens
          [0, .2, 1, 0],  # -> B
          [4, 0, 0, 0],  # dominant
          [0, 1, .2, 0],  # -> A
-         [0, 0, 1, 0],  # v4: second target (B), 3 non-dominant tokens after v0
+         [0, 0, 1, 0],  # v4: second target (B), 6 // 2 = 3 remaining tokens after v0
          [3, 0, 0, 0],  # dominant
          [-2, 5, .5, 0],  # -> A; the largest key norm, the lowest [CLS] attention
          [0, .1, 1, 0]],  # -> B
         [cls,
          [2.5, 0, 0, 0],  # dominant
          [0, 0, 1, .1],  # v1: first target (C)
-         [0, 1, 0, 0],  # -> D
+         [0, .3, 1, 0],  # -> C
          [0, 0, 1, 0],  # -> C
-         [0, .9, .3, 0],  # v4: second target (D)
+         [0, 0, 0, 1],  # v4: second target (D), which no token joins
          [0, .1, 1, 0],  # -> C
          [3.5, 0, 0, 0],  # dominant
-         [0, 1, .1, 0]],  # -> D
+         [0, 1, 1, 0]],  # -> C (.70, orthogonal to D)
     ])
-    features = torch.stack([torch.arange(8.0), torch.arange(8.0) ** 2], -1).expand(2, 8, 2).clone()
-    ctx = pre_llm_context(features.clone(), vision_input=vision_input)
+    k = torch.arange(9.0)
+    vision_output = torch.stack([torch.stack([k + 10 * b, (k - 4) ** 2 / 4, 1 - k], -1) for b in range(2)])
+    features = Squared()(vision_output[:, 1:])  # what the engine hands the method: the projected patches
+    ctx = pre_llm_context(features.clone(), vision_input=vision_input, vision_output=vision_output)
     keep = method.before_llm(ctx)
     assert [row.nonzero().flatten().tolist() for row in keep] == [[0, 2, 4, 5], [0, 1, 4, 6]]
     merged = ctx.visual_features
-    mean = lambda tokens: features[0, tokens].mean(0)  # noqa: E731  (both samples have the same features)
-    torch.testing.assert_close(merged[0, [0, 4]], torch.stack([mean([0, 3, 6]), mean([1, 4, 7])]))
-    torch.testing.assert_close(merged[1, [1, 4]], torch.stack([mean([1, 3, 5]), mean([2, 4, 7])]))
-    torch.testing.assert_close(merged[0, [2, 5]], features[0, [2, 5]])  # dominant tokens keep their features
-    torch.testing.assert_close(merged[1, [0, 6]], features[1, [0, 6]])
+    patch = vision_output[:, 1:]
+    # target + mean of the tokens that joined it, at the vision layer, then projected
+    contextual = lambda b, target, joined: Squared()(patch[b, target] + patch[b, joined].mean(0))  # noqa: E731
+    torch.testing.assert_close(merged[0, 0], contextual(0, 0, [3, 6]))
+    torch.testing.assert_close(merged[0, 4], contextual(0, 4, [1, 7]))
+    torch.testing.assert_close(merged[1, 1], contextual(1, 1, [2, 3, 5, 7]))
+    assert torch.equal(merged[1, 4], features[1, 4])  # nobody joined D: it stays itself
+    assert torch.equal(merged[0, [2, 5]], features[0, [2, 5]])  # dominant tokens keep their features
+    assert torch.equal(merged[1, [0, 6]], features[1, [0, 6]])
 
 
 # features[b, k] = (k + 100 b, k^2) on a 4 x 4 grid

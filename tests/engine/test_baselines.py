@@ -76,33 +76,76 @@ def test_every_method_runs_and_realises_its_plan(tiny_spec, name):
     assert torch.isfinite(out.logits).all() and tokens.shape == (3, 3)
 
 
-def test_visionzip_keeps_high_cls_attention_tokens_and_merges_the_rest(tiny_spec):
-    model = make_tiny_llava(tiny_spec, attn_implementation="eager")
-    ids, mask, pixels = make_batch(tiny_spec, batch_size=2)
-    seen = {}
-
-    class Recording(VisionZip):
-        def before_llm(self, ctx):
-            seen["features"] = ctx.visual_features.clone()
-            seen["keep"] = super().before_llm(ctx)
-            seen["merged"] = ctx.visual_features
-            return seen["keep"]
-
-    method = Recording(0.5)
+def visionzip_reference(model, pixels, dominant, contextual, average_heads=True):
+    """The authors' rule written out per sample on the stock vision tower: per sample, {target: merged vision
+    feature} and {target: the tokens that joined it}, and the dominant tokens."""
     with torch.no_grad():
-        out = PrunedLlava(model)(ids, mask, pixels, method=method)
-        # the layer LLaVA reads (vision_feature_layer -2 of 2) is the first: its [CLS] row, heads averaged
-        cls_attention = model.model.vision_tower(pixels, output_attentions=True).attentions[0][:, :, 0, 1:].mean(1)
-    assert (method.dominant, method.contextual) == (7, 1)  # round(8 x 54 / 64) of the 8 kept
-    assert (out.visual_tokens_per_layer == 8).all()
-    features, keep, merged = seen["features"], seen["keep"], seen["merged"]
-    for b in range(2):
-        dominant = cls_attention[b].topk(7).indices.sort().values
-        rest = [i for i in range(16) if i not in dominant.tolist()]
-        # one contextual token: every non-dominant token merges into the first of them
-        assert keep[b].nonzero().flatten().tolist() == sorted(dominant.tolist() + rest[:1])
-        torch.testing.assert_close(merged[b, dominant], features[b, dominant])
-        torch.testing.assert_close(merged[b, rest[0]], features[b, rest].mean(0))
+        tower = model.model.vision_tower(pixels, output_hidden_states=True, output_attentions=True)
+        layer = model.model.vision_tower.encoder.layers[0]  # vision_feature_layer -2 of 2: LLaVA reads layer 0
+        keys = layer.self_attn.k_proj(layer.layer_norm1(tower.hidden_states[0]))[:, 1:]
+    if average_heads:
+        keys = keys.view(*keys.shape[:2], layer.self_attn.num_heads, -1).mean(2)
+    cls_attention = tower.attentions[0][:, :, 0, 1:].mean(1)
+    vision = tower.hidden_states[1][:, 1:]  # what the projector reads ('default' strategy: [CLS] dropped)
+    merged, joined, dominants = [], [], []
+    for b in range(pixels.shape[0]):
+        top = sorted(cls_attention[b].topk(dominant).indices.tolist())
+        rest = [i for i in range(vision.shape[1]) if i not in top]
+        targets = rest[:: max(1, len(rest) // contextual)][:contextual]
+        unit = torch.nn.functional.normalize(keys[b], dim=-1)
+        groups = {t: [] for t in targets}
+        for i in rest:
+            if i not in targets:
+                groups[targets[int(torch.stack([unit[i] @ unit[t] for t in targets]).argmax())]].append(i)
+        merged.append({t: vision[b, t] + (vision[b, g].mean(0) if g else 0) for t, g in groups.items()})
+        joined.append(groups)
+        dominants.append(top)
+    return merged, joined, dominants
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_visionzip_hands_the_llm_the_authors_contextual_tokens(tiny_spec, soft):
+    """Contextual token = projector(target + mean of the tokens that joined it), merged at the vision layer LLaVA
+    reads with head-averaged keys; a target nobody joined reaches the LLM as the stock projection of itself."""
+    model = make_tiny_llava(tiny_spec, attn_implementation="eager")
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=3, left_pad=(0, 1, 2))
+    method = VisionZip(0.5, dominant_fraction=0.25)  # 8 kept: 2 dominant, 6 targets at step 14 // 6 = 2
+    llm_input = []
+    first_layer = model.model.language_model.layers[0]
+    hook = first_layer.register_forward_pre_hook(lambda module, args: llm_input.append(args[0]))
+    with torch.no_grad():
+        out = PrunedLlava(model)(ids, mask, pixels, method=method, soft=soft)
+        stock = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    hook.remove()
+    assert (method.dominant, method.contextual) == (2, 6)
+    merged, joined, dominants = visionzip_reference(model, pixels, 2, 6)
+    assert joined != visionzip_reference(model, pixels, 2, 6, average_heads=False)[1]  # the heads' average matters
+    empty = 0
+    for b in range(3):
+        present = out.state.visual_index[b] >= 0
+        present &= out.state.key_weight[b] > 0.5 if soft else out.state.key_valid[b]
+        at = {int(v): int(p) for p, v in zip(present.nonzero().flatten(), out.state.visual_index[b][present])}
+        assert sorted(at) == sorted(dominants[b] + list(merged[b]))
+        for token in dominants[b]:
+            torch.testing.assert_close(llm_input[0][b, at[token]], stock[b][token])
+        for target, vision in merged[b].items():
+            expected = model.model.multi_modal_projector(vision[None])[0].detach()
+            torch.testing.assert_close(llm_input[0][b, at[target]], expected, atol=1e-6, rtol=1e-5)
+            if not joined[b][target]:
+                empty += 1
+                assert torch.equal(llm_input[0][b, at[target]], stock[b][target])
+    assert empty and any(len(group) > 1 for groups in joined for group in groups.values())
+
+
+def test_visionzip_soft_path_matches_physical_removal(tiny_spec):
+    model = make_tiny_llava(tiny_spec)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=2, left_pad=(0, 2))
+    engine = PrunedLlava(model)
+    with torch.no_grad():
+        hard = engine(ids, mask, pixels, method=VisionZip(0.5))
+        soft = engine(ids, mask, pixels, method=VisionZip(0.5), soft=True)
+    text = mask.bool() & (ids != model.config.image_token_id)
+    torch.testing.assert_close(hard.logits[text], soft.logits[text], atol=1e-4, rtol=1e-4)
 
 
 def test_random_draws_each_image_s_subset_whatever_its_batch(tiny_spec):

@@ -3,6 +3,8 @@
 import torch
 from conftest import make_batch, make_tiny_llava
 
+from lvlm_prune.baselines import FastV
+from lvlm_prune.data import IGNORE_INDEX
 from lvlm_prune.engine import PrunedLlava, PruningMethod
 
 
@@ -67,3 +69,27 @@ def test_a_layers_keys_are_projected_once_however_many_scores_read_them(tiny_spe
         PrunedLlava(model)(ids, mask, pixels, method=Probe([1]))  # three scores at layer 1, each reading the keys
     handle.remove()
     assert len(calls) == 2  # the scores' one projection + the layer's own forward
+
+
+def test_a_teacher_forced_sample_without_answer_labels_scores_from_its_last_real_token(tiny_spec):
+    """A sample whose labels are all ignored (its answer cut by truncation) has no generation position: its last
+    prompt token is its last real token, as without labels, not position 0."""
+    model = make_tiny_llava(tiny_spec)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=2, left_pad=(0, 2))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[1, -2:] = ids[1, -2:]  # sample 1 answers with its last two tokens; sample 0 keeps no label
+    kept = []
+
+    class Recording(FastV):
+        def at_layer(self, ctx):
+            keep = super().at_layer(ctx)
+            if keep is not None:
+                kept.append((keep & ctx.state.visual_mask).clone())
+            return keep
+
+    with torch.no_grad():
+        PrunedLlava(model)(ids, mask, pixels, labels=labels, method=Recording(0.5, layer=1))
+        PrunedLlava(model)(ids, mask, pixels, method=Recording(0.5, layer=1))
+    with_labels, without_labels = kept
+    assert torch.equal(with_labels[0], without_labels[0])
+    assert with_labels[0].any()
