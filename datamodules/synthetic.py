@@ -191,7 +191,8 @@ class SyntheticVQADataModule(L.LightningDataModule):
         """The text of a training example (its image aside): question, answer, category, context, hidden visual
         tokens and extra turns. Fixed per sample (not per epoch): resumed runs see exactly the same examples."""
         rng = random.Random(f"{self.hparams.seed}/view/{sample.question_id}")
-        turns = [(sample.question, sample.answer, sample.relevant)]
+        asked = (sample.question, sample.answer, sample.relevant)
+        turns = [asked]
         attempts = 0
         # a small scene may hold fewer distinct questions of the configured families than turns_per_image (one
         # object, query_ref only: two); it then gets the ones found
@@ -216,7 +217,7 @@ class SyntheticVQADataModule(L.LightningDataModule):
             text = sample.relevant_description if rng.random() < 0.7 else sample.scene.description()
             context = f"{CONTEXT_PREFIX} {text}"
             hidden = 1.0 if rng.random() < 0.5 else rng.uniform(0.5, 1.0)
-            turns = turns[:1]  # the description only covers the first question's objects
+            turns = [asked]  # the context covers this question's objects (the description turn may come first)
         elif rng.random() < self.hparams.token_drop_fraction:
             grid = self.config.grid
             protected = tuple(sorted({o.row * grid + o.col for _, _, relevant in turns for o in relevant}))
@@ -290,7 +291,8 @@ class SyntheticVQADataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def export_llava_format(self, split: str, out_dir: str | Path) -> Path:
-        """Write the split as LLaVA files: PNG images, instruction JSON (train) and question `.jsonl` (all)."""
+        """Write the split as LLaVA files: PNG images, an instruction JSON and a question `.jsonl`. One question
+        per image, as generated: not the base's training mix (no context, description or extra turns)."""
         from datamodules.llava_export import export_split
 
         return export_split(self, split, Path(out_dir))

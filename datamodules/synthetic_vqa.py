@@ -30,11 +30,14 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("square", "circle", "triangle", "cross")
 SIZES = ("small", "large")
-DIRECTIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
+# the neighbouring cell: "directly", since "left of the red square" alone also fits objects further along the row
+DIRECTIONS = {"directly left of": (0, -1), "directly right of": (0, 1), "directly above": (-1, 0),
+              "directly below": (1, 0)}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 YES_NO = ("yes", "no")
 FAMILIES = ("query_at", "query_ref", "relate", "exist", "count", "compare")
 SPLITS = ("train", "val", "test")
+MAX_FAILED_DRAWS = 20_000
 _SPLIT_BUCKETS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}
 ANSWER_VOCABULARY = tuple(COLORS) + SHAPES + SIZES + YES_NO + NUMBER_WORDS
 DESCRIBE_PREFIX = "describe the objects that matter for :"
@@ -237,6 +240,8 @@ class SyntheticVQAConfig:
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
+        if not self.families:
+            raise ValueError(f"families is empty: choose at least one of {list(FAMILIES)}")
         if unknown:
             raise ValueError(f"unknown question families {unknown}; known: {list(FAMILIES)}")
         if not 1 <= self.min_objects <= self.max_objects or self.max_objects + 4 > self.grid**2:
@@ -256,11 +261,19 @@ def generate_samples(config: SyntheticVQAConfig, split: str, num_samples: int) -
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
     rng = random.Random(f"{config.seed}/{split}")
+    fewest = config.train_min_objects if split == "train" and config.train_min_objects else config.min_objects
     samples: list[VQASample] = []
+    failed_draws = 0  # since the last sample: a family no scene of these sizes can ask would otherwise loop forever
     while len(samples) < num_samples:
+        if failed_draws == MAX_FAILED_DRAWS:
+            family = config.families[len(samples) % len(config.families)]
+            raise ValueError(f"no {split} sample of family {family!r} in {MAX_FAILED_DRAWS} scenes of "
+                             f"{fewest}-{config.max_objects} objects on a {config.grid}x{config.grid} grid: the family "
+                             "needs other scene sizes (compare: two objects of distinct colours; relate: two "
+                             "neighbours), or leave it out of families")
+        failed_draws += 1
         scene_seed = rng.getrandbits(32)
         scene_rng = random.Random(scene_seed)
-        fewest = config.train_min_objects if split == "train" and config.train_min_objects else config.min_objects
         scene = sample_scene(scene_rng, config.grid, fewest, config.max_objects, scene_seed)
         if split_of(scene) != split:
             continue
@@ -270,6 +283,7 @@ def generate_samples(config: SyntheticVQAConfig, split: str, num_samples: int) -
             continue
         question, answer, relevant = made
         samples.append(VQASample(f"{split}-{len(samples):06d}", scene, question, answer, family, relevant))
+        failed_draws = 0
     return samples
 
 

@@ -144,7 +144,7 @@ class VQACollator:
                                  f"conversation has {len(starts)}")
             image_positions = (input_ids[i] == self.image_token_id).nonzero().squeeze(1).tolist()
             for indices, start in zip(e.evidence, starts):
-                if start > input_ids.shape[1]:  # truncated away
+                if start >= input_ids.shape[1]:  # truncated away
                     continue
                 outside = [j for j in indices if not 0 <= j < len(image_positions)]
                 if outside:

@@ -220,3 +220,31 @@ def test_a_scene_with_fewer_distinct_questions_than_turns_keeps_the_ones_it_has(
     conversations = [dm._train_conversation(sample) for sample in dm.samples("train")]
     questions = [[c["question"], *(q for q, _ in c["extra_turns"])] for c in conversations]
     assert all(len(set(q)) == len(q) == 2 for q in questions)
+
+
+def test_an_example_with_a_context_asks_its_own_question_alone():
+    """The description turn is drawn before the context: when it came first, the example used to keep only it (the
+    whole scene to describe with the image hidden and a context of a few objects) and drop the question."""
+    dm = SyntheticVQADataModule(num_train=200, num_val=8, num_test=8, context_fraction=1.0, describe_fraction=1.0,
+                                turns_per_image=3, train_min_objects=1)
+    for sample in dm.samples("train"):
+        conversation = dm._train_conversation(sample)
+        assert (conversation["question"], conversation["answer"]) == (sample.question, sample.answer)
+        assert conversation["extra_turns"] == () and conversation["category"] == sample.family
+        assert conversation["context"].startswith("additional information :")
+
+
+def test_relation_questions_name_the_neighbouring_cell():
+    samples = [s for s in generate_samples(SyntheticVQAConfig(families=("relate",)), "test", 40)]
+    for sample in samples:
+        reference, target = sample.relevant
+        assert " directly " in sample.question
+        assert abs(reference.row - target.row) + abs(reference.col - target.col) == 1
+
+
+def test_families_no_scene_can_ask_are_named_instead_of_looping():
+    with pytest.raises(ValueError, match="families is empty"):
+        SyntheticVQAConfig(families=())
+    config = SyntheticVQAConfig(families=("compare",), min_objects=1, max_objects=1)  # needs two objects
+    with pytest.raises(ValueError, match="no train sample of family 'compare' in 20000 scenes of 1-1 objects"):
+        generate_samples(config, "train", 1)
