@@ -29,7 +29,8 @@ class LVLMPruneCLI(LightningCLI):
 
     - The datamodule owns the processor (tokenizer + image processor) and the question categories; the
       model receives them at instantiation, so a YAML names them once.
-    - A `ModelCheckpoint` is always present (`--checkpoint.*`) and keeps `last.ckpt` for resuming.
+    - A `ModelCheckpoint` is always present (`--checkpoint.*`) and keeps `last.ckpt` for resuming; a new fit in
+      the same run directory replaces it (no `last-v1.ckpt`).
     - A TQDM progress bar is always present (`--progress_bar.*`): it also prints progress when the output is a
       log file, which Rich's bar does not.
     - Resuming is exact and automatic: `ResumableDataOrder` (`--data_order.*`) continues the data order
@@ -43,7 +44,10 @@ class LVLMPruneCLI(LightningCLI):
         parser.link_arguments("data.processor", "model.init_args.processor", apply_on="instantiate")
         parser.link_arguments("data.categories", "model.init_args.categories", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        # run directories are fixed (version: run), so a new fit there replaces last.ckpt instead of writing
+        # last-v1.ckpt beside it, which `--ckpt_path .../last.ckpt` and `make demo` would then pass over
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                             "checkpoint.enable_version_counter": False})
         parser.add_lightning_class_args(TQDMProgressBar, "progress_bar")
         parser.set_defaults({"progress_bar.refresh_rate": 10})
         parser.add_lightning_class_args(ResumableDataOrder, "data_order")

@@ -58,7 +58,8 @@ class PruningSweep(L.Callback):
         split: 'val' or 'test' dataloader of the datamodule.
         run_after_fit: sweep when `fit` ends (on the trained plug-ins).
         run_after_test: sweep when `test` ends.
-        limit_batches: evaluate at most this many batches per pair (None: all).
+        limit_batches: evaluate at most this many batches per pair (None: the trainer's `limit_test_batches` or
+            `limit_val_batches` for the split, a count or a fraction of it, as Lightning's own loops take it).
         flops_convention: 'fastv' or 'exact' for the LLM prefill count.
         dirpath: output directory (default: the logger's log_dir).
         ratio_tolerance: largest accepted |realised - requested| prune ratio. 0.05 passes rounding to whole
@@ -102,6 +103,7 @@ class PruningSweep(L.Callback):
         self.run_after_fit = run_after_fit
         self.run_after_test = run_after_test
         self.limit_batches = limit_batches
+        self.batch_limit: int | None = limit_batches  # in effect for the current run (`_loader`)
         self.flops_convention = flops_convention
         self.dirpath = dirpath
         self.ratio_tolerance = ratio_tolerance
@@ -196,13 +198,29 @@ class PruningSweep(L.Callback):
             loader = datamodule.val_dataloader() if self.split == "val" else datamodule.test_dataloader()
         except (ValueError, MisconfigurationException) as error:
             raise ValueError(f"{setting}: {type(datamodule).__name__} has no {self.split} data ({error}); {fix}") from error
+        self.batch_limit = self._batch_limit(trainer, loader)
         try:
-            empty = sweep_batch_count(loader, self.limit_batches) == 0
+            empty = sweep_batch_count(loader, self.batch_limit) == 0
         except TypeError:  # an iterable loader without a length: found out when evaluated
             empty = False
         if empty:
             raise ValueError(f"{setting}: the {self.split} split of {type(datamodule).__name__} is empty; {fix}")
         return loader
+
+    def _batch_limit(self, trainer: L.Trainer, loader) -> int | None:
+        if self.limit_batches is not None:
+            return self.limit_batches
+        limit = getattr(trainer, f"limit_{self.split}_batches", None)
+        if not limit or isinstance(limit, bool):  # 0 turns Lightning's loop off, not the sweep
+            return None
+        if isinstance(limit, int):
+            return limit
+        if limit >= 1.0:  # the whole split
+            return None
+        try:
+            return max(1, int(len(loader) * limit))
+        except TypeError:  # a loader without a length: a fraction of it is unknown
+            return None
 
     def directory(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath or (trainer.logger.log_dir if trainer.logger else trainer.default_root_dir))
@@ -268,7 +286,7 @@ class PruningSweep(L.Callback):
                 # Every rank runs as many batches as the busiest one: under ZeRO-3 each module call gathers
                 # weights collectively, so a rank with one batch fewer would leave the others waiting. The extra run
                 # (another rank's batch) is discarded.
-                rounds = math.ceil(sweep_batch_count(loader, self.limit_batches) / world)
+                rounds = math.ceil(sweep_batch_count(loader, self.batch_limit) / world)
                 for _ in range(rounds - evaluated):
                     pl_module.run_method(pl_module.transfer_batch_to_device(spare, pl_module.device, 0), name, ratio)
         except Exception as error:  # noqa: BLE001 - re-raised below, after the other ranks know
@@ -292,7 +310,7 @@ class PruningSweep(L.Callback):
         """This rank's share of the split: scores into `metric`, counts into `sums`; (batches run, a spare batch)."""
         evaluated, spare = 0, None
         for index, batch in enumerate(loader):
-            if self.limit_batches is not None and index >= self.limit_batches:
+            if self.batch_limit is not None and index >= self.batch_limit:
                 break
             if index % world != rank:  # shard batches over ranks; the metric and sums are reduced below
                 spare = batch if spare is None else spare
@@ -320,7 +338,7 @@ class PruningSweep(L.Callback):
     def _row(self, metric, sums: torch.Tensor, name: str, ratio: float) -> dict[str, Any]:
         if sums[0] == 0:
             raise ValueError(f"sweep: {name} at r={ratio} evaluated 0 samples of the {self.split} split (PruningSweep "
-                             f"init_args.split, limit_batches={self.limit_batches}); not recording it")
+                             f"init_args.split, batches limited to {self.batch_limit}); not recording it")
         values = {k: float(v) for k, v in metric.compute().items()}
         n = float(sums[0])
         realised = 1.0 - float(sums[7]) / n

@@ -23,6 +23,7 @@ from lightning_modules.common import (
     out_of_memory_advice,
 )
 from lightning_modules.frozen_base import FrozenBaseModule
+from lvlm_prune.archives import with_default_permissions
 from lvlm_prune.compensation import Compensation
 from lvlm_prune.rcp.schedules import warmup_cosine_lr_lambda
 from lvlm_prune.runner import GenerationResult
@@ -352,7 +353,7 @@ def export_plugin_weights(plugin: Compensation, path: str | Path, metadata: dict
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in {**plugin.state_dict(), **(overrides or {})}.items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={"plugin": plugin.name})
-    tmp.replace(path)
+    with_default_permissions(tmp).replace(path)
     info = {"plugin": plugin.name, "config": plugin.export_config(), **metadata,
 }
     Path(str(path) + ".json").write_text(json.dumps(info, indent=2, default=str))

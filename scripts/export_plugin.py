@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from lvlm_prune.archives import torch_archive_problem
+from lvlm_prune.archives import torch_archive_problem, with_default_permissions
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_PREFIX = "compensation."  # CompensationModule.compensation
@@ -81,7 +81,7 @@ def export_plugin(checkpoint: str | Path, output: str | Path) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(output.name + ".tmp")
     save_file(tensors, str(staging), metadata={"plugin": name or "unknown"})
-    staging.replace(output)
+    with_default_permissions(staging).replace(output)
     base = entries.get("base_model") or {}
     info = {"plugin": name, "config": (compensation or {}).get("init_args"), "base_model_path": base.get("path"),
             "base_fingerprint": base.get("fingerprint"),

@@ -1,6 +1,7 @@
 """The real CLI in process: fit, resume, test, config parsing, bad input."""
 
 import json
+import stat
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -84,6 +85,9 @@ def test_resume_continues_the_step_count_and_exports(tmp_path, monkeypatch, opti
     cli = cli_main([*args, "--trainer.max_steps", "4", "--ckpt_path", str(last)])
     assert steps_at_start == [2] and cli.trainer.global_step == 4
     assert (tmp_path / "export" / "config.json").exists() and (tmp_path / "export" / "tokenizer.json").exists()
+    # the weights as readable as the files beside them (safetensors alone writes 0600)
+    assert stat.S_IMODE((tmp_path / "export" / "model.safetensors").stat().st_mode) == \
+        stat.S_IMODE((tmp_path / "export" / "config.json").stat().st_mode)
     test = cli_main(["test", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
                      "--model.init_args.optimizer", optimizer_name, "--ckpt_path", str(last),
                      "--trainer.callbacks+=callbacks.answer_writer.AnswerFileWriter"])
@@ -97,6 +101,15 @@ def test_resume_continues_the_step_count_and_exports(tmp_path, monkeypatch, opti
                          *run_dir_args(tmp_path), "--model.init_args.optimizer", optimizer_name, "--ckpt_path", str(last),
                          "--model.init_args.learning_rate", "0.5"])
     assert test.model.hparams.learning_rate == 0.5
+
+
+def test_a_new_fit_in_the_same_run_directory_replaces_last_ckpt(tmp_path):
+    args = ["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path)]
+    cli_main([*args, "--trainer.max_steps", "1"])
+    cli_main([*args, "--trainer.max_steps", "2"])
+    checkpoints = tmp_path / "base_describe" / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 2
 
 
 def test_corrupt_checkpoint_is_named(tmp_path):
@@ -181,10 +194,10 @@ def test_missing_checkpoint_is_named(tmp_path):
 
 def test_missing_base_model_directory_is_named(tmp_path, tiny_base_dir):
     # the constructor's own error, not jsonargparse's wrapping of it with the whole settings namespace
-    with pytest.raises(FileNotFoundError, match=r"^data.init_args.processor_path: processor directory '.*no_base' does not exist$"):
+    with pytest.raises(FileNotFoundError, match=r"^data.init_args.processor_path: processor directory '.*no_base' does not exist \(a base is a local "):
         cli_main(["test", "--config", "configs/synthetic/sweep.yaml", "--model.init_args.base_model_path",
                   str(tmp_path / "no_base"), "--data.init_args.processor_path", str(tmp_path / "no_base")])
-    with pytest.raises(FileNotFoundError, match=r"^model.init_args.base_model_path: base model directory '.*no_base' does not exist$"):
+    with pytest.raises(FileNotFoundError, match=r"^model.init_args.base_model_path: base model directory '.*no_base' does not exist \(.*make demo"):
         cli_main(["test", "--config", "configs/synthetic/sweep.yaml", "--model.init_args.base_model_path",
                   str(tmp_path / "no_base"), "--data.init_args.processor_path", str(tiny_base_dir)])
 

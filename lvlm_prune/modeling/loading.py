@@ -17,7 +17,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def _require_dir(path: str | Path, what: str, setting: str | None = None) -> Path:
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"{_named(setting)}{what} directory {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{_named(setting)}{what} directory {str(path)!r} does not exist (a base is a local "
+                                "Hugging Face directory; the embedded default's, runs/demo/base_model, is made by "
+                                "`make demo` or by fitting configs/synthetic/base_describe.yaml, base_stage1.yaml and "
+                                "base.yaml in turn)")
     return path
 
 

@@ -197,7 +197,7 @@ def test_a_pair_evaluated_on_no_sample_is_not_recorded(tiny_base_dir, data, tmp_
         sweep.run(stub_trainer(empty, tmp_path), frozen_base(tiny_base_dir, data))
     assert [r["status"] for r in read_rows(tmp_path / "sweep.partial.csv")] == [
         "failed: ValueError: sweep: full at r=0.0 evaluated 0 samples of the test split (PruningSweep "
-        "init_args.split, limit_batches=None); not recording it"]
+        "init_args.split, batches limited to None); not recording it"]
 
 
 def test_no_sweep_after_a_fit_of_zero_training_steps(tiny_base_dir, data, tmp_path):
@@ -208,6 +208,19 @@ def test_no_sweep_after_a_fit_of_zero_training_steps(tiny_base_dir, data, tmp_pa
                                          r"plug-ins.*data\.batch_size"):
         fit.fit(module, datamodule=data)
     assert not list(tmp_path.glob("sweep*"))
+
+
+@pytest.mark.parametrize("trainer_limit, own_limit, samples", [(1, None, 8), (0.5, None, 8), (1.0, None, 16),
+                                                              (0, None, 16), (1, 2, 16)])
+def test_the_sweep_takes_the_trainers_batch_limit_for_its_split_unless_it_sets_its_own(
+        tiny_base_dir, data, tmp_path, trainer_limit, own_limit, samples):
+    """16 test questions in batches of 8: `limit_test_batches` (a count or a fraction, as Lightning's loops take it)
+    limits the sweep too, so a debug preset's limit reaches the sweep after fit; 0 (test loop off) does not."""
+    stub = stub_trainer(data, tmp_path)
+    stub.limit_test_batches, stub.limit_val_batches = trainer_limit, 1  # the test split is swept
+    sweep = PruningSweep(methods=["full"], prune_ratios=[0.5], dirpath=str(tmp_path), limit_batches=own_limit)
+    (row,) = sweep.run(stub, frozen_base(tiny_base_dir, data))
+    assert row["num_samples"] == samples
 
 
 def test_settings_are_checked():

@@ -5,6 +5,7 @@ import copy
 import math
 import io
 import shutil
+import stat
 from pathlib import Path
 
 import lightning as L
@@ -333,6 +334,8 @@ def test_plugin_weights_name_their_file_when_they_do_not_fit(tiny_base_dir, othe
     module = make_module(tiny_base_dir, data)
     path = export_plugin_weights(module.compensation, tmp_path / "plugin.safetensors",
                                  {"base_model_path": str(tiny_base_dir), "base_fingerprint": module.base_fingerprint})
+    # as readable as its .json (safetensors alone writes 0600)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(Path(f"{path}.json").stat().st_mode)
     with pytest.warns(UserWarning, match=r"plugin.safetensors' were trained on the base at .*only meaningful"):
         make_module(other_base_dir, data, plugin_weights_path=str(path))
 
@@ -387,6 +390,8 @@ def test_exported_plugin_weights_load_through_the_module_setting(tiny_base_dir, 
             pruner.bias.fill_(0.0)
     path = export_plugin_weights(module.compensation, tmp_path / "plugin.safetensors",
                                  {"base_model_path": str(tiny_base_dir), "base_fingerprint": module.base_fingerprint})
+    # as readable as its .json (safetensors alone writes 0600)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(Path(f"{path}.json").stat().st_mode)
     loaded = make_module(tiny_base_dir, data, plugin_weights_path=str(path))
     fresh = make_module(tiny_base_dir, data)
     exported, restored, initial = plugin_state(module), plugin_state(loaded), plugin_state(fresh)
