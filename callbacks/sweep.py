@@ -58,8 +58,9 @@ class PruningSweep(L.Callback):
         split: 'val' or 'test' dataloader of the datamodule.
         run_after_fit: sweep when `fit` ends (on the trained plug-ins).
         run_after_test: sweep when `test` ends.
-        limit_batches: evaluate at most this many batches per pair (None: the trainer's `limit_test_batches` or
-            `limit_val_batches` for the split, a count or a fraction of it, as Lightning's own loops take it).
+        limit_batches: evaluate at most this many batches per pair (None: on the test split the trainer's
+            `limit_test_batches`, a count or a fraction of it as Lightning's test loop takes it; on the validation
+            split all of it, since `limit_val_batches` keeps the checks during training cheap, not the sweep).
         flops_convention: 'fastv' or 'exact' for the LLM prefill count.
         dirpath: output directory (default: the logger's log_dir).
         ratio_tolerance: largest accepted |realised - requested| prune ratio. 0.05 passes rounding to whole
@@ -210,7 +211,9 @@ class PruningSweep(L.Callback):
     def _batch_limit(self, trainer: L.Trainer, loader) -> int | None:
         if self.limit_batches is not None:
             return self.limit_batches
-        limit = getattr(trainer, f"limit_{self.split}_batches", None)
+        if self.split != "test":
+            return None
+        limit = getattr(trainer, "limit_test_batches", None)
         if not limit or isinstance(limit, bool):  # 0 turns Lightning's loop off, not the sweep
             return None
         if isinstance(limit, int):

@@ -90,9 +90,11 @@ def test_max_new_tokens_below_one_fails_at_init(tmp_path, processor, value):
 def test_a_processor_with_another_image_token_is_refused(tmp_path, processor):
     # the vocabulary is large enough, but the base expects its image token elsewhere
     base = save_base(tmp_path / "other", vocab_size=len(processor.tokenizer) + 4, image_token_id=3)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert image_token_id != 3
     with pytest.raises(ValueError, match=r"^data\.init_args\.processor_path and model\.init_args\.base_model_path do "
-                                         r"not match: the processor's image token '<image>' has id 69, the base "
-                                         r"model's config\.image_token_id is 3"):
+                                         rf"not match: the processor's image token '<image>' has id {image_token_id}, "
+                                         r"the base model's config\.image_token_id is 3"):
         FrozenBaseModule(base, processor=processor)
 
 

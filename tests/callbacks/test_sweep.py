@@ -210,15 +210,19 @@ def test_no_sweep_after_a_fit_of_zero_training_steps(tiny_base_dir, data, tmp_pa
     assert not list(tmp_path.glob("sweep*"))
 
 
-@pytest.mark.parametrize("trainer_limit, own_limit, samples", [(1, None, 8), (0.5, None, 8), (1.0, None, 16),
-                                                              (0, None, 16), (1, 2, 16)])
-def test_the_sweep_takes_the_trainers_batch_limit_for_its_split_unless_it_sets_its_own(
-        tiny_base_dir, data, tmp_path, trainer_limit, own_limit, samples):
-    """16 test questions in batches of 8: `limit_test_batches` (a count or a fraction, as Lightning's loops take it)
-    limits the sweep too, so a debug preset's limit reaches the sweep after fit; 0 (test loop off) does not."""
+@pytest.mark.parametrize("split, trainer_limit, own_limit, samples", [
+    ("test", 1, None, 8), ("test", 0.5, None, 8), ("test", 1.0, None, 16), ("test", 0, None, 16), ("test", 1, 2, 16),
+    ("val", 1, None, 16)])
+def test_the_sweep_of_the_test_split_takes_the_trainers_test_batch_limit_unless_it_sets_its_own(
+        tiny_base_dir, data, tmp_path, split, trainer_limit, own_limit, samples):
+    """16 questions per split in batches of 8: `limit_test_batches` (a count or a fraction, as Lightning's test loop
+    takes it) limits a sweep of the test split too, so a debug preset's limit reaches the sweep after fit; 0 (test
+    loop off) does not. `limit_val_batches` never limits the sweep: it keeps the checks during training cheap (the
+    7B RCP config sweeps the validation split with it at 8)."""
     stub = stub_trainer(data, tmp_path)
-    stub.limit_test_batches, stub.limit_val_batches = trainer_limit, 1  # the test split is swept
-    sweep = PruningSweep(methods=["full"], prune_ratios=[0.5], dirpath=str(tmp_path), limit_batches=own_limit)
+    stub.limit_test_batches = stub.limit_val_batches = trainer_limit
+    sweep = PruningSweep(methods=["full"], prune_ratios=[0.5], dirpath=str(tmp_path), limit_batches=own_limit,
+                         split=split)
     (row,) = sweep.run(stub, frozen_base(tiny_base_dir, data))
     assert row["num_samples"] == samples
 
