@@ -359,12 +359,13 @@ class POPEMetrics(Metric):
             "yes_ratio": safe(tp + fp, total),
         }
         present = total > 0
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=total.device)
         result: dict[str, Tensor] = {}
         for i, split in enumerate(self.splits):
             for name, values in metrics.items():
-                result[f"{split}/{name}"] = values[i] if present[i] else torch.tensor(math.nan, dtype=torch.float64)
+                result[f"{split}/{name}"] = values[i] if present[i] else nan
         for name in ("acc", "f1"):
-            mean = metrics[name][present].mean() if present.any() else torch.tensor(math.nan, dtype=torch.float64)
+            mean = metrics[name][present].mean() if present.any() else nan
             result[name] = mean
         return result
 
@@ -413,7 +414,8 @@ class MMEScore(_PerItemStates):
         image_group = self._item_state("image_group")
         correct = self._item_state("correct")
         result: dict[str, Tensor] = {}
-        sums = {group: torch.tensor(0.0, dtype=torch.float64) for group in ("perception", "cognition")}
+        sums = {group: torch.tensor(0.0, dtype=torch.float64, device=correct.device)
+                for group in ("perception", "cognition")}
         for i, subtask in enumerate(self.subtasks):
             selected = subtask_index == i
             if not selected.any():
@@ -489,7 +491,7 @@ class MMBenchCircularAccuracy(_PerItemStates):
         index = self._item_state("index")
         correct = self._item_state("correct")
         category_index = self._item_state("category_index")
-        nan = torch.tensor(math.nan, dtype=torch.float64)
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=correct.device)
         result: dict[str, Tensor] = {"acc": nan, "acc/vanilla": nan}
         result.update({f"acc/{name}": nan for name in self.categories})
         if index.numel() == 0:
@@ -498,9 +500,9 @@ class MMBenchCircularAccuracy(_PerItemStates):
         num_groups = base.numel()
         misses = torch.bincount(group, weights=(1 - correct).double(), minlength=num_groups)
         group_right = misses == 0
-        lowest = torch.full((num_groups,), len(self.categories), dtype=torch.long)
+        lowest = torch.full((num_groups,), len(self.categories), dtype=torch.long, device=index.device)
         lowest = lowest.scatter_reduce(0, group, category_index, reduce="amin")
-        highest = torch.full((num_groups,), -1, dtype=torch.long)
+        highest = torch.full((num_groups,), -1, dtype=torch.long, device=index.device)
         highest = highest.scatter_reduce(0, group, category_index, reduce="amax")
         if (lowest != highest).any():
             bad = base[lowest != highest][:5].tolist()

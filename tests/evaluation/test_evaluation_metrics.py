@@ -2,6 +2,7 @@ import math
 import warnings
 
 import pytest
+import torch
 
 from lvlm_prune.evaluation.metrics import (
     CIDErD,
@@ -310,6 +311,45 @@ def test_mmbench_rejects_inconsistent_rotations_and_bad_targets():
         MMBenchCircularAccuracy().update(["A"], ["C"], [0], [["x", "y"]])
     with pytest.raises(ValueError, match="'AB' is not one of"):  # a letter, not a substring of "AB"
         MMBenchCircularAccuracy().update(["A"], ["AB"], [0], [["x", "y"]])
+
+
+def _pope_filled():
+    metric = POPEMetrics(splits=["random", "popular"])
+    metric.update(["yes", "no"], ["yes", "no"], ["random", "random"])  # "popular" gets nothing: its values are nan
+    return metric
+
+
+def _mme_filled():
+    metric = MMEScore()
+    metric.update(["Yes", "No"], ["Yes", "Yes"], ["color", "code_reasoning"], ["1.jpg", "1.jpg"])
+    return metric
+
+
+def _mmbench_filled():
+    metric = MMBenchCircularAccuracy(categories=["ocr", "scene"])
+    metric.update(["A", "B"], ["A", "A"], [3, 1_000_003], [["x", "y"], ["y", "x"]], ["ocr", "ocr"])
+    return metric
+
+
+def _exact_match_filled():
+    metric = ExactMatchAccuracy(categories=["a", "b"])
+    metric.update(["x", "y", "y"], ["x", "x", "x"], ["a", "a", "a"], ids=[1, 2, 2])
+    return metric
+
+
+@pytest.mark.parametrize("filled", [_pope_filled, _mme_filled, _mmbench_filled, _exact_match_filled])
+def test_compute_builds_its_tensors_on_the_states_device(filled):
+    # Under a different default device, a tensor built without `device=` lands there and meets the states' device in
+    # one operation: on a GPU run MME and MMBench failed that way (a CPU sum, a CPU scatter target). `meta` stands in
+    # for the GPU here: the states stay on the CPU, any tensor made without a device would not.
+    metric = filled()
+    expected = {key: float(value) for key, value in filled().compute().items()}
+    with torch.device("meta"):
+        result = metric.compute()
+    assert {value.device.type for value in result.values()} == {"cpu"}
+    observed = {key: float(value) for key, value in result.items()}
+    assert observed.keys() == expected.keys()
+    assert all(observed[k] == expected[k] or (math.isnan(observed[k]) and math.isnan(expected[k])) for k in expected)
 
 
 def test_scienceqa_accuracy_with_image_subset():
