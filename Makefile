@@ -24,7 +24,7 @@ demo: install
 	PYTHONUNBUFFERED=1 $(PY) scripts/demo.py --run-dir $(RUN_DIR)
 
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 clean-runs:
 	rm -rf runs/
