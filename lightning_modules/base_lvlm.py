@@ -26,7 +26,7 @@ from lightning_modules.common import (
     score,
     whole_state_dict,
 )
-from lvlm_prune.archives import with_default_permissions
+from lvlm_prune.archives import staged_export, with_default_permissions
 from lvlm_prune.data import additive_attention_mask, answer_cross_entropy
 from lvlm_prune.generation import stock_greedy_generate
 from lvlm_prune.modeling.grounding import AttentionGrounding, grounding_queries
@@ -249,12 +249,11 @@ class BaseLVLMModule(L.LightningModule):
         if masters or partitioned(self.model.parameters()):
             state = whole_state_dict(self.model, keep=keep, overrides=masters)
         if keep:
-            export_dir = Path(self.hparams.export_dir)
-            export_dir.mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(export_dir, state_dict=state)
-            self.processor.save_pretrained(export_dir)
-            for weights in export_dir.glob("*.safetensors"):
-                with_default_permissions(weights)
+            with staged_export(self.hparams.export_dir) as staging:
+                self.model.save_pretrained(staging, state_dict=state)
+                self.processor.save_pretrained(staging)
+                for weights in staging.glob("*.safetensors"):
+                    with_default_permissions(weights)
 
 
 def _initial_model(path: str, spec: TinyLlavaSpec, ids: dict, attn_implementation: str, placement: str, seed: int):

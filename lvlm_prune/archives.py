@@ -1,10 +1,14 @@
-"""Files on disk: integrity checks of `torch.save` archives (Lightning checkpoints) before they are loaded, and the
-permissions of exported weights."""
+"""Files on disk: integrity checks of `torch.save` archives (Lightning checkpoints) before they are loaded, the
+permissions of exported weights, and exports that are complete or absent."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -30,3 +34,31 @@ def with_default_permissions(path: str | Path) -> Path:
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
     return Path(path)
+
+
+@contextlib.contextmanager
+def staged_export(target: str | Path, last: tuple[str, ...] = ("config.json",)) -> Iterator[Path]:
+    """A directory to write an export into; on success its files move into `target`, the files named in `last` after
+    all others, so that `target/<last>` present means the latest export into `target` finished.
+
+    `save_pretrained` writes `config.json` before the weights: an export interrupted in between used to leave a
+    directory that looked finished to whatever tests for `config.json` (`make demo`'s reuse, `from_pretrained`) and
+    failed to load. The `last` files already in `target` are removed before any file moves in, so an interrupted
+    move leaves no `config.json` either. Other files in `target` stay. On an error the staging directory is deleted
+    and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield staging
+        target.mkdir(exist_ok=True)
+        for name in last:
+            (target / name).unlink(missing_ok=True)
+        files = sorted(path for path in staging.rglob("*") if path.is_file())
+        for path in sorted(files, key=lambda path: path.relative_to(staging).as_posix() in last):
+            destination = target / path.relative_to(staging)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -5,13 +5,18 @@
          -> RCP (trained on the frozen base) -> ACCM (trained on the frozen base) -> summary
 
 Every stage writes under one run directory and is skipped when its output exists, so re-running continues
-where a previous run stopped (an interrupted training resumes from its last.ckpt).
+where a previous run stopped (an interrupted training resumes from its last.ckpt). The outputs made from the base
+(its evaluation, the sweep, the plug-ins) record which base they were made from, and one made from another base
+(retrained since) is named instead of reused. `timings.json` holds each stage's time, written after each stage; a
+stage that was interrupted and finished in a later invocation is listed in its "interrupted" entry and its time is
+the sum over the attempts.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 import time
@@ -53,25 +58,91 @@ def base_args(run_dir: Path) -> list[str]:
     return ["--model.init_args.base_model_path", path, "--data.init_args.processor_path", path]
 
 
+class StaleOutput(RuntimeError):
+    """An output of the run directory was made from another base model than the one there now."""
+
+
+def read_timings(path: Path) -> dict:
+    """{"seconds": {stage: seconds}, "interrupted": [stages]}; also reads the flat {stage: seconds} of earlier runs."""
+    if not path.exists():
+        return {"seconds": {}, "interrupted": []}
+    data = json.loads(path.read_text())
+    if "seconds" not in data:
+        return {"seconds": {k: v for k, v in data.items() if k != "total"}, "interrupted": []}
+    return data
+
+
 class Demo:
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {}  # this invocation's stages that did work
+        self.timings_path = run_dir / "timings.json"
+        self.made_from_path = run_dir / "made_from_base.json"
 
     def timed(self, name: str, fn) -> None:
+        """Runs a stage; records its time when it did work (a reused output costs nothing), and the time spent so far
+        when it fails or is interrupted, so that the finishing attempt adds to it."""
         start = time.perf_counter()
-        fn()
-        self.timings[name] = time.perf_counter() - start
+        try:
+            worked = fn()
+        except StaleOutput:
+            raise
+        except BaseException:
+            self._record_time(name, time.perf_counter() - start, interrupted=True)
+            raise
+        if worked:
+            self._record_time(name, time.perf_counter() - start, interrupted=False)
 
-    def data(self) -> None:
+    def _record_time(self, name: str, seconds: float, interrupted: bool) -> None:
+        timings = read_timings(self.timings_path)
+        earlier = timings["seconds"].get(name, 0.0) if name in timings["interrupted"] else 0.0
+        timings["seconds"][name] = earlier + seconds
+        if interrupted and name not in timings["interrupted"]:
+            timings["interrupted"].append(name)
+        timings["total"] = sum(timings["seconds"].values())
+        self.timings[name] = timings["seconds"][name]
+        self.timings_path.write_text(json.dumps(timings, indent=2))
+
+    def base_digest(self) -> str:
+        """sha256 of the base's weights: what the outputs made from it record."""
+        digest = hashlib.sha256()
+        for weights in sorted((self.run_dir / "base_model").glob("*.safetensors")):
+            with weights.open("rb") as file:
+                while chunk := file.read(1 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+    def _made_from(self) -> dict[str, str]:
+        return json.loads(self.made_from_path.read_text()) if self.made_from_path.exists() else {}
+
+    def _reuse(self, output: str, done: Path, made: Path) -> bool:
+        """Whether the base-made `output` exists (`done`: its last file) and was made from the base there now; a
+        `StaleOutput` naming what to remove (`made`) when it was made from another one."""
+        if not done.exists():
+            return False
+        recorded = self._made_from().get(output)
+        if recorded is not None and recorded != self.base_digest():
+            raise StaleOutput(f"{made} was made from another base model than {self.run_dir / 'base_model'} (the base "
+                              f"was retrained since): remove it (rm -r {made}) to make it again from this base, or use "
+                              "a new run directory")
+        print(f"reusing {done}")
+        return True
+
+    def _made(self, output: str) -> None:
+        made = self._made_from()
+        made[output] = self.base_digest()
+        self.made_from_path.write_text(json.dumps(made, indent=2))
+
+    def data(self) -> bool:
         from datamodules.synthetic import SyntheticVQADataModule
 
         target = self.run_dir / "data" / "test"
         if (target / "questions.jsonl").exists():
             print(f"reusing {target}")
-            return
+            return False
         SyntheticVQADataModule(num_test=1024).export_llava_format("test", target)
         print(f"wrote the test split in LLaVA formats (questions.jsonl, instructions.json, images/) to {target}")
+        return True
 
     def _reusable(self, *exports: str) -> bool:
         """A later stage's export makes the earlier stages unnecessary."""
@@ -81,34 +152,36 @@ class Demo:
                 return True
         return False
 
-    def base_describe(self) -> None:
+    def base_describe(self) -> bool:
         if self._reusable("base_model", "base_stage1_model", "base_describe_model"):
-            return
+            return False
         run_cli(["fit", "--config", "configs/synthetic/base_describe.yaml", *logger_args(self.run_dir, "base_describe"),
                  "--model.init_args.export_dir", str(self.run_dir / "base_describe_model"),
                  *resume_args(self.run_dir, "base_describe")])
+        return True
 
-    def base_stage1(self) -> None:
+    def base_stage1(self) -> bool:
         if self._reusable("base_model", "base_stage1_model"):
-            return
+            return False
         run_cli(["fit", "--config", "configs/synthetic/base_stage1.yaml", *logger_args(self.run_dir, "base_stage1"),
                  "--model.init_args.init_from", str(self.run_dir / "base_describe_model"),
                  "--model.init_args.export_dir", str(self.run_dir / "base_stage1_model"),
                  *resume_args(self.run_dir, "base_stage1")])
+        return True
 
-    def base(self) -> None:
+    def base(self) -> bool:
         if (self.run_dir / "base_model" / "config.json").exists():
             print(f"reusing the trained base model in {self.run_dir / 'base_model'}")
-            return
+            return False
         run_cli(["fit", "--config", "configs/synthetic/base.yaml", *logger_args(self.run_dir, "base"),
                  "--model.init_args.init_from", str(self.run_dir / "base_stage1_model"),
                  "--model.init_args.export_dir", str(self.run_dir / "base_model"), *resume_args(self.run_dir, "base")])
+        return True
 
-    def base_eval(self) -> None:
+    def base_eval(self) -> bool:
         path = self.run_dir / "base_eval.json"
-        if path.exists():
-            print(f"reusing {path}")
-            return
+        if self._reuse("base_eval", path, path):
+            return False
         settings = {
             "all visual tokens": [],
             "random 11% of visual tokens (before the LLM)": ["--data.init_args.eval_hidden_visual_fraction", "0.889"],
@@ -125,18 +198,20 @@ class Demo:
                                "--trainer.callbacks", "[]", *extra])
             results[name] = {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
         path.write_text(json.dumps(results, indent=2))
+        self._made("base_eval")
+        return True
 
-    def sweep(self) -> None:
-        if (self.run_dir / "sweep" / "run" / "sweep.csv").exists():
-            print(f"reusing {self.run_dir / 'sweep' / 'run' / 'sweep.csv'}")
-            return
+    def sweep(self) -> bool:
+        if self._reuse("sweep", self.run_dir / "sweep" / "run" / "sweep.csv", self.run_dir / "sweep"):
+            return False
         run_cli(["test", "--config", "configs/synthetic/sweep.yaml", *base_args(self.run_dir),
                  *logger_args(self.run_dir, "sweep")])
+        self._made("sweep")
+        return True
 
-    def _compensation(self, config: str, name: str, extra: tuple[str, ...] = ()) -> None:
-        if (self.run_dir / name / "run" / "sweep.csv").exists():
-            print(f"reusing {self.run_dir / name}")
-            return
+    def _compensation(self, config: str, name: str, extra: tuple[str, ...] = ()) -> bool:
+        if self._reuse(name, self.run_dir / name / "run" / "sweep.csv", self.run_dir / name):
+            return False
         common = [*base_args(self.run_dir), *logger_args(self.run_dir, name),
                   "--model.init_args.plugin_export_path", str(self.run_dir / name / "plugin.safetensors"), *extra]
         resume = resume_args(self.run_dir, name)
@@ -146,18 +221,20 @@ class Demo:
             print(f"{name}: training had ended before the interruption; sweeping its final checkpoint")
             run_cli(["test", "--config", config, *common, *resume, "--trainer.callbacks.init_args.run_after_test",
                      "true"])
+        self._made(name)
+        return True
 
-    def rcp(self) -> None:
-        self._compensation("configs/synthetic/rcp.yaml", "rcp_r0.889")
+    def rcp(self) -> bool:
+        return self._compensation("configs/synthetic/rcp.yaml", "rcp_r0.889")
 
-    def rcp_r0778(self) -> None:
+    def rcp_r0778(self) -> bool:
         """A second RCP checkpoint, trained for r = 0.778 (the sweep also meets 0.778 with the 0.889 one)."""
-        self._compensation("configs/synthetic/rcp.yaml", "rcp_r0.778", (
+        return self._compensation("configs/synthetic/rcp.yaml", "rcp_r0.778", (
             "--model.init_args.compensation.init_args.target_prune_ratio", "0.778",
             "--trainer.callbacks.init_args.methods", "[rcp]", "--trainer.callbacks.init_args.prune_ratios", "[0.778]"))
 
-    def accm(self) -> None:
-        self._compensation("configs/synthetic/accm.yaml", "accm_r0.969")
+    def accm(self) -> bool:
+        return self._compensation("configs/synthetic/accm.yaml", "accm_r0.969")
 
     def summary(self) -> None:
         banner("summary")
@@ -194,7 +271,9 @@ class Demo:
             accuracy_vs_flops_figure(figure_rows).savefig(self.run_dir / "accuracy_vs_flops.png", dpi=120,
                                                                  bbox_inches="tight")
             print(f"\nall methods on one plot: {self.run_dir / 'accuracy_vs_flops.png'}")
-        print("\nstage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.timings.items()))
+        if self.timings:
+            print("\nstage times (the stages that ran): "
+                  + ", ".join(f"{k} {v / 60:.1f} min" for k, v in self.timings.items()))
         print(f"outputs in {self.run_dir} (TensorBoard: tensorboard --logdir {self.run_dir})")
 
 
@@ -228,19 +307,15 @@ def main() -> None:
               "base_eval": "evaluation of the base", "sweep": "training-free pruning sweep",
               "rcp": "RCP (frozen base, r = 0.889)", "rcp_r0.778": "RCP trained for r = 0.778",
               "accm": "ACCM (frozen base, r = 0.969)"}
-    for index, stage in enumerate(args.stages, 1):
-        banner(f"{index}/{len(args.stages)} {titles[stage]}")
-        demo.timed(stage, getattr(demo, stage.replace(".", "")))
+    try:
+        for index, stage in enumerate(args.stages, 1):
+            banner(f"{index}/{len(args.stages)} {titles[stage]}")
+            demo.timed(stage, getattr(demo, stage.replace(".", "")))
+    except StaleOutput as error:
+        sys.exit(f"demo.py: {error}")
     demo.summary()
     total = time.perf_counter() - start
     print(f"total: {total / 60:.1f} min")
-    # stages run by earlier invocations (a resumed or partial demo) keep their measured times
-    path = run_dir / "timings.json"
-    timings = json.loads(path.read_text()) if path.exists() else {}
-    timings.pop("total", None)
-    timings.update(demo.timings)
-    timings["total"] = sum(v for k, v in timings.items())
-    path.write_text(json.dumps(timings, indent=2))
 
 
 if __name__ == "__main__":

@@ -155,9 +155,15 @@ def build(args: argparse.Namespace) -> tuple[str, Path | None]:
 
     timings = run / "timings.json"
     if timings.exists():
-        t = read_json(timings)
+        recorded = read_json(timings)
         with reading(timings):
-            rows = [[k, f"{v / 60:.1f}"] for k, v in t.items()]
+            # {"seconds": {stage: s}, "interrupted": [stage], "total": s}; before: {stage: s, "total": s}
+            flat = "seconds" not in recorded
+            t = {k: v for k, v in recorded.items() if k != "total"} if flat else dict(recorded["seconds"])
+            interrupted = set(recorded.get("interrupted", ()))
+            t["total"] = sum(t.values())
+            note = " (interrupted, finished by a later invocation: the attempts' sum)"
+            rows = [[k + (note if k in interrupted else ""), f"{v / 60:.1f}"] for k, v in t.items()]
             stages = [k for k in ("base_describe", "base_stage1", "base") if k in t]
             if "base" in t and len(stages) > 1:  # the base's training budget covers all its stages
                 label = " + ".join({"base_describe": "stage 0", "base_stage1": "stage 1", "base": "stage 2"}[k]
@@ -201,9 +207,11 @@ def build(args: argparse.Namespace) -> tuple[str, Path | None]:
                   "about 3.3 % more: `docs/flops.md`). `realised r` is the layer-averaged fraction of visual "
                   "tokens removed; latency is generation time per sample at the sweep's batch size.", "",
                   table(["method", "r", "realised r", "visual tokens", "text tokens", "GFLOPs LLM", "GFLOPs total",
-                         "latency ms", "accuracy"], body), "",
-                  "![accuracy vs FLOPs](accuracy_vs_flops.png)", ""]
+                         "latency ms", "accuracy"], body), ""]
         figure = run / "accuracy_vs_flops.png" if (run / "accuracy_vs_flops.png").exists() else None
+        # without the run's figure the report shows none: an image left from another run would not match the table
+        parts += ["![accuracy vs FLOPs](accuracy_vs_flops.png)" if figure else
+                  f"(No figure: {run / 'accuracy_vs_flops.png'} is missing; `scripts/demo.py`'s summary draws it.)", ""]
         unreachable = [r for r in rows if r["status"].startswith("unreachable")]
         # the sweep keeps the measurements of a pair it ran whose realised ratio missed the requested one
         missed = [r for r in unreachable if r["realised_prune_ratio"]]

@@ -134,3 +134,16 @@ def test_a_damaged_optional_input_is_named(run_dir, tmp_path):
     out.write_text(OLD_REPORT)
     (tmp_path / "no_rcp_cost.json").write_text(json.dumps({"threads": 2}))
     assert f"{tmp_path / 'no_rcp_cost.json'}: unexpected content (KeyError: 'batch')" in refused(run_dir, out)
+
+
+def test_interrupted_stages_are_marked_and_a_missing_figure_is_not_shown(run_dir, tmp_path):
+    (run_dir / "timings.json").write_text(json.dumps(
+        {"seconds": {"base": 600.0, "sweep": 90.0}, "interrupted": ["sweep"], "total": 690.0}))
+    out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir()
+    (out.parent / "accuracy_vs_flops.png").write_bytes(b"an earlier run's figure")
+    run_report(run_dir, out)
+    text = out.read_text()
+    assert "| base | 10.0 |" in text and "| total | 11.5 |" in text
+    assert "| sweep (interrupted, finished by a later invocation: the attempts' sum) | 1.5 |" in text
+    assert "![accuracy vs FLOPs]" not in text and "accuracy_vs_flops.png is missing" in text
