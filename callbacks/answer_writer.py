@@ -1,4 +1,5 @@
-"""Writes test predictions as a LLaVA answer `.jsonl` (one file, from rank 0, all ranks' records), batch by batch."""
+"""Writes test and predict answers as a LLaVA answer `.jsonl` (one file, from rank 0, all ranks' records), batch by
+batch."""
 
 from __future__ import annotations
 
@@ -23,25 +24,28 @@ def _answer_key(record: dict[str, Any]) -> tuple[str, str]:
 
 
 def _answer_line(record: dict[str, Any]) -> str:
-    record = dict(record)
+    record = {key: value for key, value in record.items() if key != "dataset_index"}  # for ordering only
     record.setdefault("answer_id", answer_id_for(record["question_id"], record.get("prompt", "")))
     record.setdefault("metadata", {})  # LLaVA's model_vqa*.py write it (empty)
     return json.dumps(record) + "\n"
 
 
 class AnswerFileWriter(L.Callback):
-    """Writes `pl_module.test_predictions` (a list of dicts with `question_id`, `prompt`, `text`, `model_id`, ...)
-    as LLaVA answer records while `test` runs: the records of each batch are appended and flushed when the batch
-    ends, so a run that stops mid-test keeps the answers of every finished batch. The file is emptied when the test
-    epoch starts (a rerun never appends to an old file). A (question id, prompt) pair is written once (a
-    distributed sampler repeats samples to even out ranks).
+    """Writes answer records (dicts with `question_id`, `prompt`, `text`, `model_id`, ...) as LLaVA answer records:
+    while `test` runs those of `pl_module.test_predictions`, while `predict` runs the list each `predict_step`
+    returns. The records of each batch are appended and flushed when the batch ends, so a run that stops mid-test
+    keeps the answers of every finished batch. The file is emptied when the epoch starts (a rerun never appends to
+    an old file). A (question id, prompt) pair is written once (a distributed sampler repeats samples to even out
+    ranks).
 
     ScienceQA (the datamodule's `benchmark`): the prompt is written as LLaVA's `model_vqa_science.py` writes it for
     a problem with an image, "<image>\n" + question; LLaVA's `eval_science_qa.py` counts the IMG problems by it.
 
-    With several processes each rank appends to its own `<stem>.rank<k><suffix>` while testing; at the end rank 0
+    With several processes each rank appends to its own `<stem>.rank<k><suffix>` while running; at the end rank 0
     writes all ranks' records to the answer file and the rank files are removed (after a crash they hold the
-    finished batches).
+    finished batches). The distributed sampler deals the questions out rank by rank, so rank 0 writes them in the
+    order of their `dataset_index` (their position in the question file; LLaVA's POPE evaluation pairs answers with
+    labels by position), when every record has one (`dataset_index` itself is not written).
 
     Args:
         filename: file name inside the logger's directory (or `dirpath`).
@@ -54,6 +58,7 @@ class AnswerFileWriter(L.Callback):
         self.last_path: Path | None = None
         self._part: Path | None = None  # where this process appends
         self._written = 0  # records of `test_predictions` already appended
+        self._records: list[dict[str, Any]] = []  # this process's records of the epoch, as written
         self._seen: set[tuple[str, str]] = set()
         self._image_prompts = False  # prefix "<image>\n" to prompts (ScienceQA)
 
@@ -65,6 +70,12 @@ class AnswerFileWriter(L.Callback):
         return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer)
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer)
+
+    def _start(self, trainer: L.Trainer) -> None:
         # rank 0's directory: a logger may resolve its version directory differently on other ranks
         path = Path(trainer.strategy.broadcast(str(self._path(trainer))))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,27 +83,39 @@ class AnswerFileWriter(L.Callback):
             path.write_text("")
         self._part = self._rank_path(path, dist.get_rank()) if _distributed() else path
         self._part.write_text("")
-        self._written, self._seen = 0, set()
+        self._written, self._seen, self._records = 0, set(), []
         self.last_path = path
         hparams = getattr(trainer.datamodule, "hparams", None) or {}
         self._image_prompts = hparams.get("benchmark") == "scienceqa"  # its text-only problems are left out
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._append(pl_module)
+        self._append_test_predictions(pl_module)
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not isinstance(outputs, list) or not all(isinstance(record, dict) for record in outputs):
+            raise TypeError(f"AnswerFileWriter: {type(pl_module).__name__}.predict_step returned "
+                            f"{type(outputs).__name__}; the answer file needs a list of answer records (dicts with "
+                            "question_id, prompt and text)")
+        self._append(outputs)
 
     def _as_written(self, record: dict[str, Any]) -> dict[str, Any]:
         if not self._image_prompts:
             return record
         return {**record, "prompt": f"<image>\n{record.get('prompt', '')}"}
 
-    def _append(self, pl_module: L.LightningModule) -> None:
+    def _append_test_predictions(self, pl_module: L.LightningModule) -> None:
         records = getattr(pl_module, "test_predictions", [])
+        new, self._written = records[self._written:], len(records)  # a slice: copying all every batch is quadratic
+        self._append(new)
+
+    def _append(self, new: list[dict[str, Any]]) -> None:
         if self._part is None:
             return
-        new, self._written = records[self._written:], len(records)  # a slice: copying all every batch is quadratic
         lines = []
         for record in map(self._as_written, new):
+            self._records.append(record)
             key = _answer_key(record)
             if key not in self._seen:
                 self._seen.add(key)
@@ -102,19 +125,27 @@ class AnswerFileWriter(L.Callback):
                 handle.writelines(lines)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._append(pl_module)
+        self._append_test_predictions(pl_module)
+        self._merge(trainer)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._merge(trainer)
+
+    def _merge(self, trainer: L.Trainer) -> None:
         if not _distributed():
             return
-        records = list(getattr(pl_module, "test_predictions", []))
         gathered: list[list[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(gathered, records)
+        dist.all_gather_object(gathered, self._records)
         path = self.last_path
         assert path is not None and self._part is not None
         if trainer.is_global_zero:
+            records = [record for part in gathered for record in part]
+            if all("dataset_index" in record for record in records):
+                records.sort(key=lambda record: record["dataset_index"])
             seen: set[tuple[str, str]] = set()
             tmp = path.with_name(path.name + ".tmp")
             with open(tmp, "w") as handle:
-                for record in (self._as_written(r) for part in gathered for r in part):
+                for record in records:
                     if _answer_key(record) not in seen:
                         seen.add(_answer_key(record))
                         handle.write(_answer_line(record))

@@ -61,7 +61,9 @@ class LlavaRecord:
     """One validated record; `question_id` keeps the file's type (an int id stays an int in the answer file:
     LLaVA's VQAv2 converter looks answers up by it; compare ids as `str(question_id)`); `image` is a file path, or
     base64 bytes for MMBench's tsv; `source` (the file) and `location` (the record in it) name it in error
-    messages; `length` is the conversation's word count (for length grouping)."""
+    messages; `length` is the conversation's word count (for length grouping); `prompt` is the question file's own
+    text, which the answer file's `prompt` repeats (LLaVA's scripts match answers to questions by it), where
+    `question`, what the model reads, adds a `question_suffix` (None: the same as `question`)."""
 
     question_id: int | str
     image: Path | str
@@ -73,6 +75,7 @@ class LlavaRecord:
     source: str = ""
     location: str = ""
     length: int = 0
+    prompt: str | None = None
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
@@ -149,6 +152,30 @@ class LlavaRecordDataset(Dataset):
             image = expand_to_square(image, self.pad_fill)
         return VQAExample(record.question_id, image, record.question, record.answer, record.category,
                           context=record.context, extra_turns=record.extra_turns)
+
+
+class EvaluationDataset(LlavaRecordDataset):
+    """`LlavaRecordDataset` whose items also carry the record's position in the question file and its `prompt`,
+    for `EvaluationCollator`."""
+
+    def __getitem__(self, index: int) -> tuple[int, str, VQAExample]:  # type: ignore[override]
+        record = self.records[index]
+        return index, record.question if record.prompt is None else record.prompt, super().__getitem__(index)
+
+
+@dataclass
+class EvaluationCollator:
+    """`VQACollator`'s batch + `dataset_indices` (positions in the question file: a distributed sampler deals
+    them out rank by rank, and `AnswerFileWriter` restores the file's order, which LLaVA's POPE evaluation pairs
+    answers with labels by) and `prompts` (the question file's texts, for the answer file)."""
+
+    collator: VQACollator
+
+    def __call__(self, items: list[tuple[int, str, VQAExample]]) -> dict[str, Any]:
+        batch = self.collator([example for _, _, example in items])
+        batch["dataset_indices"] = [index for index, _, _ in items]
+        batch["prompts"] = [prompt for _, prompt, _ in items]
+        return batch
 
 
 # ------------------------------------------------------------------------------------------- instruction data
@@ -463,7 +490,7 @@ def read_question_records(
             options = "".join(f"\n{letter}. {option}" for letter, option in zip(OPTION_LETTERS, row.options))
             records.append(LlavaRecord(row.index, row.image, with_suffix(f"{row.question}{options}"),
                                        row.answer, row.category or "", context=row.hint, source=str(path),
-                                       location=location))
+                                       location=location, prompt=f"{row.question}{options}"))
     else:
         loaded = read_questions(path, image_root=None, on_bad_record=on_bad_record,
                                 require_image=benchmark != "scienceqa",
@@ -487,7 +514,8 @@ def read_question_records(
                 bad.report(f"{location}: {annotation} has no answer for this question")
                 continue
             records.append(LlavaRecord(question.question_id, Path(question.image), with_suffix(question.text),
-                                       answer, question.category or "", source=str(path), location=location))
+                                       answer, question.category or "", source=str(path), location=location,
+                                       prompt=question.text))
         if text_only:
             logger.info("%s: left out %d text-only problem(s) (ScienceQA-IMG keeps image problems)", path, text_only)
     usable = []
@@ -520,6 +548,12 @@ def categorize(splits: Sequence[list[LlavaRecord]]) -> tuple[list[str], list[lis
 
 
 # ------------------------------------------------------------------------------------------- datamodules
+def expand_user(path: str | None) -> str | None:
+    """`path` with `~` expanded: the datamodules expand their path settings once, before `check_paths`, so that the
+    readers (and the saved hyperparameters) use the path that was checked."""
+    return None if path is None else str(Path(path).expanduser())
+
+
 def check_paths(
     files: dict[str, str | None], directories: dict[str, str | None], either: dict[str, str | None] | None = None
 ) -> None:
@@ -572,6 +606,12 @@ class Batching:
         return DataLoader(LlavaRecordDataset(records, self.pad_fill), batch_size=batch_size, sampler=sampler,
                           shuffle=False, drop_last=drop_last, collate_fn=self.collator,
                           num_workers=num_workers, persistent_workers=num_workers > 0)
+
+    def evaluation_loader(self, records: Sequence[LlavaRecord], batch_size: int, num_workers: int) -> DataLoader:
+        """Batches in file order that also carry `dataset_indices` and `prompts` (`EvaluationCollator`)."""
+        return DataLoader(EvaluationDataset(records, self.pad_fill), batch_size=batch_size, shuffle=False,
+                          collate_fn=EvaluationCollator(self.collator), num_workers=num_workers,
+                          persistent_workers=num_workers > 0)
 
 
 class LlavaInstructionDataModule(L.LightningDataModule):
@@ -649,6 +689,9 @@ class LlavaInstructionDataModule(L.LightningDataModule):
         get_template(template)
         if val_size < 0 or (val_size and val_question_file is not None):
             raise ValueError(f"data.val_size={val_size}: must be >= 0, and 0 when data.val_question_file is set")
+        (train_file, image_root, processor_path, val_question_file, test_question_file, val_image_root,
+         test_image_root) = map(expand_user, (train_file, image_root, processor_path, val_question_file,
+                                              test_question_file, val_image_root, test_image_root))
         check_paths(
             {"data.train_file": train_file, "data.val_question_file": val_question_file,
              "data.test_question_file": test_question_file},
@@ -712,12 +755,14 @@ class LlavaInstructionDataModule(L.LightningDataModule):
             _ = self.train_records  # holds the validation records out
         if "val" not in self.eval_records:
             return []  # Lightning skips validation for an empty list
-        return self.batching.loader(self.eval_records["val"], self.hparams.eval_batch_size, self.hparams.num_workers)
+        return self.batching.evaluation_loader(self.eval_records["val"], self.hparams.eval_batch_size,
+                                               self.hparams.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.eval_records:
             raise ValueError("no test split: set data.test_question_file")
-        return self.batching.loader(self.eval_records["test"], self.hparams.eval_batch_size, self.hparams.num_workers)
+        return self.batching.evaluation_loader(self.eval_records["test"], self.hparams.eval_batch_size,
+                                               self.hparams.num_workers)
 
 
 class LlavaQuestionsDataModule(L.LightningDataModule):
@@ -768,6 +813,8 @@ class LlavaQuestionsDataModule(L.LightningDataModule):
         check_on_bad_record(on_bad_record)
         _check_positive(eval_batch_size=eval_batch_size, max_length=max_length)
         get_template(template)
+        question_file, image_root, processor_path, annotation = map(
+            expand_user, (question_file, image_root, processor_path, annotation))
         is_tsv = question_file.endswith(".tsv")
         if is_tsv and benchmark not in (None, "mmbench"):
             raise ValueError(f"data.question_file={question_file!r} is a tsv (MMBench), data.benchmark={benchmark!r}")
@@ -790,7 +837,7 @@ class LlavaQuestionsDataModule(L.LightningDataModule):
         self.categories, (self.records,) = categorize([records])
 
     def test_dataloader(self) -> DataLoader:
-        return self.batching.loader(self.records, self.hparams.eval_batch_size, self.hparams.num_workers)
+        return self.batching.evaluation_loader(self.records, self.hparams.eval_batch_size, self.hparams.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

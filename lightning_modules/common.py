@@ -34,14 +34,22 @@ def decode_answers(tokenizer: Any, tokens: torch.Tensor) -> list[str]:
 
 
 def prediction_records(batch: dict[str, Any], predictions: list[str], model_id: str) -> list[dict[str, Any]]:
-    """LLaVA answer-file records (`question_id`, `prompt`, `text`, `model_id`) + the reference answer."""
-    return [
-        {"question_id": qid, "prompt": question, "text": pred, "model_id": model_id, "answer": answer,
+    """LLaVA answer-file records (`question_id`, `prompt`, `text`, `model_id`) + the reference answer, and with a
+    batch's `dataset_indices` each item's `dataset_index` (`AnswerFileWriter` writes the file in that order).
+
+    `prompt` is the batch's `prompts` where it has them: the question file's own text, without the
+    `question_suffix` the model read (LLaVA's scripts match MME and TextVQA answers to questions by it)."""
+    records = [
+        {"question_id": qid, "prompt": prompt, "text": pred, "model_id": model_id, "answer": answer,
          "category": category}
-        for qid, question, pred, answer, category in zip(
-            batch["question_ids"], batch["questions"], predictions, batch["answers"], batch["categories"]
+        for qid, prompt, pred, answer, category in zip(
+            batch["question_ids"], batch.get("prompts") or batch["questions"], predictions, batch["answers"],
+            batch["categories"]
         )
     ]
+    for record, index in zip(records, batch.get("dataset_indices") or []):
+        record["dataset_index"] = index
+    return records
 
 
 def exact_match(categories: list[str]) -> ExactMatchAccuracy:

@@ -508,7 +508,7 @@ def read_vqa_annotations(path: str | Path) -> dict[str, VQAAnnotation]:
         answers = entry.get("answers") if isinstance(entry, dict) else None
         if not isinstance(answers, list) or not answers or "question_id" not in entry:
             raise ValueError(f"{path}: entry {position} needs a question_id and a non-empty answers list")
-        texts = tuple(a["answer"] if isinstance(a, dict) else a for a in answers)
+        texts = tuple(a.get("answer") if isinstance(a, dict) else a for a in answers)
         if not all(isinstance(t, str) for t in texts):
             raise ValueError(f"{path}: entry {position}: answers must be strings or {{'answer': str}} objects")
         annotations[str(entry["question_id"])] = VQAAnnotation(texts, entry.get("answer_type"))
@@ -517,14 +517,18 @@ def read_vqa_annotations(path: str | Path) -> dict[str, VQAAnnotation]:
 
 def textvqa_question(prompt: str) -> str:
     """The question of a LLaVA TextVQA prompt, lower-cased, as LLaVA's TextVQA evaluation finds it: between
-    "Question:" and "Short answer:" in the OCR-token prompt format, else the first line ("<question>\nReference OCR
-    token: ...\n<instruction>" or "<question>\n<instruction>")."""
+    "Question:" and "Short answer:" in the OCR-token prompt format; the second line of a three-line prompt that
+    starts with the OCR tokens ("Reference OCR token: ...\n<question>\n<instruction>"); else the first line
+    ("<question>\nReference OCR token: ...\n<instruction>" or "<question>\n<instruction>")."""
     prompt = strip_image_placeholder(prompt)
     if prompt.startswith("OCR tokens: "):
         match = re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL)
         if match:
             return match.group(1).lower()
-    return prompt.split("\n", 1)[0].lower()
+    lines = prompt.split("\n")
+    if len(lines) == 3 and "Reference OCR token: " in prompt and prompt.startswith("Reference OCR token:"):
+        return lines[1].lower()
+    return lines[0].lower()
 
 
 @dataclass(frozen=True)
@@ -657,9 +661,12 @@ def read_caption_references(path: str | Path) -> dict[str, list[str]]:
     elif isinstance(data, dict) and isinstance(data.get("images"), list):
         for position, entry in enumerate(data["images"]):
             sentences = entry.get("sentences") if isinstance(entry, dict) else None
-            if "filename" not in entry or not isinstance(sentences, list) or not sentences:
+            if not isinstance(sentences, list) or not sentences or "filename" not in entry:
                 raise ValueError(f"{path}: image {position} needs a filename and a non-empty sentences list")
-            references[entry["filename"]] = [s["raw"] if isinstance(s, dict) else s for s in sentences]
+            captions = [s.get("raw") if isinstance(s, dict) else s for s in sentences]
+            if not all(isinstance(c, str) for c in captions):
+                raise ValueError(f"{path}: image {position}: sentences must be strings or {{'raw': str}} objects")
+            references[entry["filename"]] = captions
     else:
         raise ValueError(f"{path}: expected COCO-style 'annotations' or Karpathy-style 'images'")
     return references

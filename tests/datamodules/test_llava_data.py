@@ -22,6 +22,7 @@ from datamodules.llava import (
     expand_to_square,
 )
 from datamodules.synthetic import SyntheticVQADataModule
+from lightning_modules.common import prediction_records
 from lvlm_prune.data import IGNORE_INDEX, VQAExample
 from lvlm_prune.evaluation.export import score_answer_file, write_answers_jsonl
 from lvlm_prune.evaluation.readers import AnswerRecord, read_questions, read_textvqa_annotations, read_vqa_annotations
@@ -86,19 +87,27 @@ def test_training_batches_equal_the_synthetic_path(exported):
         assert (batch["labels"] != IGNORE_INDEX).any(dim=1).all()
 
 
+def assert_same_eval_batch(actual, expected, number):
+    """The synthetic batch + each question's position in the question file and its text (for the answer file)."""
+    assert actual.pop("dataset_indices") == list(range(number * BATCH, (number + 1) * BATCH))
+    assert actual.pop("prompts") == expected["questions"]
+    assert_same_batch(actual, expected)
+
+
 def test_eval_batches_equal_the_synthetic_path(exported):
     data = instruction_data(exported, val_question_file=str(exported.val / "questions.jsonl"),
                             val_image_root=str(exported.val / "images"))
     assert data.categories == sorted(exported.synthetic.categories)
-    for actual, expected in zip(data.val_dataloader(), exported.synthetic.val_dataloader(), strict=True):
-        assert_same_batch(actual, expected)
+    pairs = zip(data.val_dataloader(), exported.synthetic.val_dataloader(), strict=True)
+    for number, (actual, expected) in enumerate(pairs):
+        assert_same_eval_batch(actual, expected, number)
 
     questions = questions_data(exported, exported.test / "questions.jsonl", exported.test / "images")
     assert questions.categories == sorted(exported.synthetic.categories)
     loaders = (questions.test_dataloader(), exported.synthetic.test_dataloader())
     assert len(loaders[0]) == 16 // BATCH
-    for actual, expected in zip(*loaders, strict=True):
-        assert_same_batch(actual, expected)
+    for number, (actual, expected) in enumerate(zip(*loaders, strict=True)):
+        assert_same_eval_batch(actual, expected, number)
     predicted = next(iter(questions.predict_dataloader()))
     assert predicted["question_ids"] == next(iter(loaders[1]))["question_ids"]
 
@@ -421,6 +430,42 @@ def test_reference_answers_come_from_the_benchmark_annotation(benchmark, exporte
     assert scores[metric] in (1.0, 100.0)
     if benchmark == "scienceqa":
         assert all(r.question.endswith(LETTER_PROMPT) and r.question.count(LETTER_PROMPT) == 1 for r in data.records)
+
+
+@pytest.mark.parametrize("benchmark", ["mme", "textvqa"])
+def test_answer_records_keep_the_question_files_text_under_a_question_suffix(benchmark, exported, tmp_path):
+    """MME and TextVQA answers are matched to their questions by the question text (their ids repeat), as LLaVA's
+    scripts do: the suffix the model reads stays out of the answer file's prompt."""
+    question_name, annotation_name, _ = BENCHMARK_FILES[benchmark]
+    question_file, annotation = EVAL_FIXTURES / question_name, EVAL_FIXTURES / annotation_name
+    questions = list(read_questions(question_file, key_by_text=True))
+    for question in questions:
+        (tmp_path / question.image).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / question.image)
+    data = questions_data(exported, question_file, tmp_path, benchmark=benchmark, annotation=str(annotation),
+                          question_suffix="Answer briefly.", eval_batch_size=3)
+    records = []
+    for batch in data.test_dataloader():
+        assert all(question.endswith("\nAnswer briefly.") for question in batch["questions"])  # the model's input
+        records += prediction_records(batch, batch["answers"], "m")
+    assert [r["prompt"] for r in records] == [q.text for q in questions]
+    assert [r["dataset_index"] for r in records] == list(range(len(questions)))
+    write_jsonl(tmp_path / "answers.jsonl", [{k: r[k] for k in ("question_id", "prompt", "text")} for r in records])
+    scores = score_answer_file(benchmark, question_file, tmp_path / "answers.jsonl", annotation)
+    assert scores["num_scored"] == len(questions)
+
+
+def test_paths_starting_with_a_tilde_are_expanded_once_for_every_use(exported, monkeypatch):
+    monkeypatch.setenv("HOME", str(exported.root))
+    questions = questions_data(exported, "~/test/questions.jsonl", "~/test/images")
+    assert questions.records[0].image == exported.test / "images" / questions.records[0].image.name
+    assert questions.hparams.question_file == str(exported.test / "questions.jsonl")
+    data = LlavaInstructionDataModule(train_file="~/train/instructions.json", image_root="~/train/images",
+                                      processor_path="~/processor", test_question_file="~/test/questions.jsonl",
+                                      test_image_root="~/test/images", template="tiny", batch_size=BATCH)
+    data.setup("fit")
+    assert len(data.train_records) == 24 and data.train_records[0].image.parent == exported.train / "images"
+    assert len(data.eval_records["test"]) == 16
 
 
 def test_annotation_without_an_answer_is_a_bad_record(exported, tmp_path):

@@ -1,5 +1,6 @@
-"""AnswerFileWriter: answers reach the file batch by batch, a rerun starts a fresh file, ids keep their type, and
-several processes still give one file with every answer once."""
+"""AnswerFileWriter: answers reach the file batch by batch, a rerun starts a fresh file, ids keep their type,
+`predict` writes the same file as `test`, and several processes still give one file with every answer once, in the
+question file's order."""
 
 import json
 
@@ -15,7 +16,8 @@ IDS = list(range(20000, 20010))
 
 
 class Answering(L.LightningModule):
-    """Answers "yes" to question ids; fails at batch `fail_at` (an out-of-memory, a bad image ...)."""
+    """Answers "yes" to (position in the question file, question id) batches; fails at batch `fail_at` (an
+    out-of-memory, a bad image ...)."""
 
     def __init__(self, fail_at: int | None = None):
         super().__init__()
@@ -26,17 +28,24 @@ class Answering(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_predictions = []
 
-    def test_step(self, batch, batch_idx):
+    def predict_step(self, batch, batch_idx):
         if batch_idx == self.fail_at:
             raise RuntimeError(f"failed at batch {batch_idx}")
-        self.test_predictions.extend({"question_id": int(q), "prompt": f"question {int(q)}", "text": "yes",
-                                      "model_id": "m"} for q in batch)
+        return [{"question_id": int(q), "prompt": f"question {int(q)}", "text": "yes", "model_id": "m",
+                 "dataset_index": int(index)} for index, q in zip(*batch)]
+
+    def test_step(self, batch, batch_idx):
+        self.test_predictions.extend(self.predict_step(batch, batch_idx))
 
 
-def run_test(tmp_path, module, ids=IDS, **trainer_args):
+def questions(ids):
+    return DataLoader(list(enumerate(ids)), batch_size=4)
+
+
+def run_test(tmp_path, module, ids=IDS, loop="test", **trainer_args):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, callbacks=[AnswerFileWriter(dirpath=str(tmp_path))], **trainer_args)
-    trainer.test(module, DataLoader(ids, batch_size=4))
+    getattr(trainer, loop)(module, questions(ids))
 
 
 def read(tmp_path):
@@ -58,13 +67,34 @@ def test_a_rerun_replaces_the_file_and_ids_keep_their_type(tmp_path):
                           "answer_id": answer_id_for(20000, "question 20000"), "metadata": {}}
 
 
+def test_predict_writes_the_same_answer_file_as_test(tmp_path):
+    run_test(tmp_path, Answering())
+    tested = (tmp_path / "answers_test.jsonl").read_text()
+    (tmp_path / "answers_test.jsonl").unlink()
+    run_test(tmp_path, Answering(), loop="predict")
+    assert (tmp_path / "answers_test.jsonl").read_text() == tested
+    with pytest.raises(RuntimeError, match="failed at batch 1"):
+        run_test(tmp_path, Answering(fail_at=1), loop="predict")
+    assert [a["question_id"] for a in read(tmp_path)] == IDS[:4]  # a fresh file, with the finished batch
+
+
+class Untyped(Answering):
+    def predict_step(self, batch, batch_idx):
+        return batch[1]
+
+
+def test_predict_outputs_that_are_not_answer_records_are_named(tmp_path):
+    with pytest.raises(TypeError, match=r"Untyped.predict_step returned Tensor; the answer file needs a list"):
+        run_test(tmp_path, Untyped(), loop="predict")
+
+
 class ScienceQAData(L.LightningDataModule):
     def __init__(self):
         super().__init__()
         self.save_hyperparameters({"benchmark": "scienceqa"})
 
     def test_dataloader(self):
-        return DataLoader(IDS[:4], batch_size=4)
+        return questions(IDS[:4])
 
 
 def test_scienceqa_prompts_carry_the_image_placeholder_as_llava_writes_them(tmp_path):
@@ -75,7 +105,9 @@ def test_scienceqa_prompts_carry_the_image_placeholder_as_llava_writes_them(tmp_
 
 
 @pytest.mark.slow
-def test_several_processes_write_one_file_with_every_answer_once(tmp_path):
-    run_test(tmp_path, Answering(), ids=IDS[:9], strategy="ddp_spawn", devices=2)  # 9 ids: the sampler repeats one
-    assert sorted(a["question_id"] for a in read(tmp_path)) == IDS[:9]
+@pytest.mark.parametrize("loop", ["test", "predict"])
+def test_several_processes_write_one_file_with_every_answer_once_in_file_order(loop, tmp_path):
+    # 9 ids: the test sampler repeats one; ranks get ids 0, 2, 4, ... and 1, 3, 5, ...
+    run_test(tmp_path, Answering(), ids=IDS[:9], loop=loop, strategy="ddp_spawn", devices=2)
+    assert [a["question_id"] for a in read(tmp_path)] == IDS[:9]  # LLaVA's POPE evaluation pairs answers by position
     assert sorted(p.name for p in tmp_path.iterdir()) == ["answers_test.jsonl"]  # the rank files are gone

@@ -265,6 +265,22 @@ def test_annotation_readers_reject_malformed_files(tmp_path):
         read_caption_references(bad_gqa)
 
 
+def test_annotation_entries_without_their_answer_text_name_file_and_entry(tmp_path):
+    vqa = tmp_path / "vqa.json"
+    vqa.write_text(json.dumps({"annotations": [{"question_id": 1, "answers": [{"answer": "yes"}]},
+                                               {"question_id": 2, "answers": [{"answer_id": 1}]}]}))
+    with pytest.raises(ValueError, match=r"vqa.json: entry 1: answers must be strings or \{'answer': str\}"):
+        read_vqa_annotations(vqa)
+    karpathy = tmp_path / "captions.json"
+    karpathy.write_text(json.dumps({"images": [{"filename": "a.jpg", "sentences": [{"raw": "a dog"}]},
+                                               {"filename": "b.jpg", "sentences": [{"tokens": ["a", "cat"]}]}]}))
+    with pytest.raises(ValueError, match=r"captions.json: image 1: sentences must be strings or \{'raw': str\}"):
+        read_caption_references(karpathy)
+    karpathy.write_text(json.dumps({"images": [7]}))
+    with pytest.raises(ValueError, match=r"captions.json: image 0 needs a filename and a non-empty sentences list"):
+        read_caption_references(karpathy)
+
+
 def test_a_line_that_is_not_utf8_is_a_bad_record_naming_file_and_line(tmp_path):
     latin1 = b'{"question_id": 2, "text": "caf\xe9"}'
     lines = [json.dumps(question(1)).encode(), latin1, json.dumps(question(3)).encode()]
@@ -312,3 +328,5 @@ def test_textvqa_question_follows_llava_prompt_formats():
     assert textvqa_question("<image>\nWhat Is It?\nReference OCR token: a\nAnswer briefly.") == "what is it?"
     assert textvqa_question("What is it?\nAnswer briefly.") == "what is it?"
     assert textvqa_question("OCR tokens: a, b Question: What is it? Short answer:") == "what is it?"
+    # OCR tokens first: LLaVA's evaluation takes the second line
+    assert textvqa_question("<image>\nReference OCR token: a, b\nWhat Is It?\nAnswer briefly.") == "what is it?"
