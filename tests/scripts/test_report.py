@@ -147,3 +147,12 @@ def test_interrupted_stages_are_marked_and_a_missing_figure_is_not_shown(run_dir
     assert "| base | 10.0 |" in text and "| total | 11.5 |" in text
     assert "| sweep (interrupted, finished by a later invocation: the attempts' sum) | 1.5 |" in text
     assert "![accuracy vs FLOPs]" not in text and "accuracy_vs_flops.png is missing" in text
+
+
+def test_the_question_count_and_flops_convention_come_from_the_sweep(run_dir, tmp_path):
+    (run_dir / "sweep" / "run" / "sweep.json").write_text(json.dumps({"flops_convention": "exact", "rows": []}))
+    out = tmp_path / "results.md"
+    run_report(run_dir, out)
+    text = out.read_text()
+    assert "synthetic test split (16 questions, 8-12 objects per scene)" in text  # the fixture's num_samples
+    assert "LLM prefill counted exactly (a multiply-add counts twice)" in text and "FastV convention" not in text
