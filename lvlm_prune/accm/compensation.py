@@ -75,13 +75,13 @@ class PruMergePlusPruning(PruningMethod):
 
     Args:
         prune_ratio: fraction of visual tokens removed (K = max(1, round((1 - r) N))).
-        text_fraction: share of the budget left after the outliers given to text-relevant patches.
+        text_fraction: share of K kept for the patches most similar to the question (ACCM's code: 12 of 18).
         iqr_factor: outlier threshold Q3 + iqr_factor * IQR.
     """
 
     name = "prumerge"
 
-    def __init__(self, prune_ratio: float = 0.0, text_fraction: float = 0.5, iqr_factor: float = 1.5):
+    def __init__(self, prune_ratio: float = 0.0, text_fraction: float = 2 / 3, iqr_factor: float = 1.5):
         super().__init__(prune_ratio)
         if not 0.0 <= text_fraction <= 1.0:
             raise ValueError(f"prumerge: text_fraction={text_fraction} must be in [0, 1]")
@@ -228,7 +228,8 @@ class ACCMCompensation(Compensation):
         target_prune_ratio: fraction of visual tokens removed before the LLM during training (0.969 = 18 of 576).
         vision_selection: pre-LLM selection: 'prumerge' (ACCM's) or a pre-LLM baseline ('random', 'pool',
             'visionzip').
-        text_fraction: prumerge's share of the budget left after the outliers given to question-relevant patches.
+        text_fraction: prumerge's share of K kept for the patches most similar to the question (ACCM's code: 12 of
+            18; the [CLS]-attention outliers and an even fill take the rest).
         caption_decoder_path: local directory of a pretrained GPT-2 (`GPT2LMHeadModel` + its tokenizer, Hugging
             Face layout) to start the caption decoder from; it is trained with the rest of the plug-in and its
             weights are in the exported plug-in (the directory is read again to rebuild it). The caption model then
@@ -297,7 +298,7 @@ class ACCMCompensation(Compensation):
         self,
         target_prune_ratio: float = 0.969,
         vision_selection: str = "prumerge",
-        text_fraction: float = 0.5,
+        text_fraction: float = 2 / 3,
         caption_decoder_path: str | None = None,
         caption_embed_dim: int = 128,
         caption_num_layers: int = 2,

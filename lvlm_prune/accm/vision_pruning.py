@@ -1,7 +1,9 @@
 """ACCM's vision-side pruning: PruMerge+-style selection of K visual tokens before the LLM.
 
 Kept tokens = [CLS]-attention outliers (value > Q3 + 1.5 IQR) + the most text-relevant patches +
-patches spread evenly over the rest, in raster order. The [CLS] attention is computed for the CLS
+patches spread evenly over the rest, in raster order. The text-relevant patches have a share of K of their own, as
+in ACCM's code (12 of 18 kept tokens): capped at K alone, the outliers (8-16 of 64 patches on the tiny base, about
+32 of 576 reported for LLaVA-1.5) would fill every budget ACCM runs at and leave the question no say. The [CLS] attention is computed for the CLS
 query row only, from the vision layer's own q/k projections, so the tower can keep running SDPA.
 """
 
@@ -17,22 +19,22 @@ def prumerge_plus_select(
     text_relevance: torch.Tensor | None,
     keep: int,
     grid_side: int | None = None,
-    text_fraction: float = 0.5,
+    text_fraction: float = 2 / 3,
     iqr_factor: float = 1.5,
 ) -> torch.Tensor:
     """Indices of the K visual tokens to keep, per sample, in raster order.
 
-    Order of filling: outliers of the [CLS] attention (capped at K, highest first), then the top
-    `text_fraction` of the remaining budget by text relevance, then the rest spread with a uniform
+    Order of filling: outliers of the [CLS] attention (highest first, capped at K less the text share), then
+    the text share, round(`text_fraction` K) patches, by text relevance, then the rest spread with a uniform
     stride over the patches not yet chosen.
 
     Args:
         cls_attention: (B, N) [CLS] -> patch attention at the vision layer LLaVA reads.
-        text_relevance: (B, N) relevance of each patch to the question, or None (no text-guided
-            share: the budget after the outliers is filled evenly).
+        text_relevance: (B, N) relevance of each patch to the question, or None (no text share: the
+            outliers may take all of K, the rest is filled evenly).
         keep: K, tokens kept per sample (1 <= K <= N).
         grid_side: side of the patch grid; when given, N must equal grid_side ** 2.
-        text_fraction: share of the budget left after the outliers given to text-relevant patches.
+        text_fraction: share of K kept for the most text-relevant patches (ACCM's code: 12 of 18).
         iqr_factor: outlier threshold Q3 + iqr_factor * (Q3 - Q1).
 
     Returns:
@@ -54,19 +56,17 @@ def prumerge_plus_select(
     attention = cls_attention.detach().float()
     quartiles = torch.quantile(attention, torch.tensor([0.25, 0.75], device=attention.device), dim=1)
     threshold = quartiles[1] + iqr_factor * (quartiles[1] - quartiles[0])
+    num_text = 0 if text_relevance is None else min(keep, int(text_fraction * keep + 0.5))
     kept_rows = []
     for b in range(batch):
         chosen = torch.zeros(num_tokens, dtype=torch.bool, device=attention.device)
         outliers = (attention[b] > threshold[b]).nonzero().squeeze(1)
-        if len(outliers) > keep:
-            outliers = outliers[attention[b, outliers].topk(keep).indices]
+        if len(outliers) > keep - num_text:
+            outliers = outliers[attention[b, outliers].topk(keep - num_text).indices]
         chosen[outliers] = True
-        budget = keep - len(outliers)
-        if text_relevance is not None and budget > 0:
-            num_text = int(text_fraction * budget + 0.5)
-            if num_text > 0:
-                relevance = text_relevance[b].detach().float().masked_fill(chosen, float("-inf"))
-                chosen[relevance.topk(num_text).indices] = True
+        if num_text > 0:
+            relevance = text_relevance[b].detach().float().masked_fill(chosen, float("-inf"))
+            chosen[relevance.topk(num_text).indices] = True
         remaining = (~chosen).nonzero().squeeze(1)
         num_fill = keep - int(chosen.sum())
         if num_fill > 0:

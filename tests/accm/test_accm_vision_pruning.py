@@ -25,7 +25,7 @@ def test_prumerge_selection_keeps_outliers_text_patches_and_fills_evenly():
     relevance = torch.zeros(2, 64)
     relevance[0, [20, 21]] = 1.0
     relevance[1, [33]] = 1.0
-    kept = prumerge_plus_select(attention, relevance, keep=10, grid_side=8, text_fraction=0.3)
+    kept = prumerge_plus_select(attention, relevance, keep=10, grid_side=8, text_fraction=0.2)
     _check_rows(kept, 10, 64)
     assert {5, 40, 41, 20, 21} <= set(kept[0].tolist())
     assert {0, 63, 33} <= set(kept[1].tolist())
@@ -39,7 +39,7 @@ def test_prumerge_selection_keeps_outliers_text_patches_and_fills_evenly():
 def test_prumerge_caps_outliers_at_keep_and_covers_edge_budgets():
     attention = torch.zeros(1, 32)
     attention[0, [1, 3, 5, 7, 9]] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
-    kept = prumerge_plus_select(attention, torch.rand(1, 32), keep=3)
+    kept = prumerge_plus_select(attention, None, keep=3)
     assert kept[0].tolist() == [1, 3, 5]
     _check_rows(prumerge_plus_select(torch.rand(3, 16), torch.rand(3, 16), keep=16), 16, 16)
     _check_rows(prumerge_plus_select(torch.rand(3, 16), None, keep=1), 1, 16)
@@ -47,6 +47,19 @@ def test_prumerge_caps_outliers_at_keep_and_covers_edge_budgets():
         prumerge_plus_select(attention, None, keep=33)
     with pytest.raises(ValueError, match="grid_side"):
         prumerge_plus_select(attention, None, keep=4, grid_side=5)
+
+
+def test_the_question_keeps_its_share_when_the_outliers_alone_would_fill_the_budget():
+    # ACCM's budgets are smaller than the outlier count (2-7 kept of 64 with 8-16 outliers on the tiny base): capped
+    # at K alone the outliers took every slot and the text relevance never counted
+    attention = torch.zeros(1, 64)
+    attention[0, :12] = torch.linspace(2.0, 1.0, 12)  # twelve outliers, 0 the strongest
+    relevance = torch.zeros(1, 64)
+    relevance[0, [50, 60, 3, 40, 41]] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])  # 3 is an outlier too
+    assert prumerge_plus_select(attention, relevance, keep=2)[0].tolist() == [0, 50]  # round(2/3 * 2) = 1 each
+    assert prumerge_plus_select(attention, relevance, keep=3)[0].tolist() == [0, 50, 60]  # 1 outlier + 2
+    assert prumerge_plus_select(attention, relevance, keep=7)[0].tolist() == [0, 1, 3, 40, 41, 50, 60]  # 2 + 5
+    assert prumerge_plus_select(attention, None, keep=7)[0].tolist() == list(range(7))  # no question: outliers
 
 
 def test_text_relevance_prefers_tokens_aligned_with_the_question():
