@@ -69,9 +69,13 @@ OBJECTIVES = ("kl_ce", "dpo")
 
 
 class PruMergePlusPruning(PruningMethod):
-    """ACCM's vision-side pruning: keep K tokens before the LLM = [CLS]-attention outliers (Q3 + 1.5 IQR) at the
-    vision layer LLaVA reads + the patches most similar to the question's token embeddings + an even fill, in
-    raster order.
+    """ACCM's vision-side pruning: keep K tokens before the LLM = [CLS]-attention outliers (Q3 + 1.5 IQR) + the
+    patches most similar to the question's token embeddings + an even fill, in raster order.
+
+    The [CLS] attention is LLaVA-PruMerge's and ACCM's: one full-width head (softmax of q . k over all C channels
+    scaled by C^-0.5, the CLS row) of the vision layer *after* the one LLaVA reads, whose input is the features LLaVA
+    reads (LLaVA-1.5: layers[23] on the penultimate layer's output). Where LLaVA reads the last layer (the embedded
+    default's tiny tower) there is no layer after it, and the read layer itself is used, with the same form.
 
     Args:
         prune_ratio: fraction of visual tokens removed (K = max(1, round((1 - r) N))).
@@ -95,11 +99,18 @@ class PruMergePlusPruning(PruningMethod):
     def planned_visual_tokens(self) -> list[float]:
         return [float(self.keep)] * self.info.num_layers
 
+    @staticmethod
+    def cls_attention(ctx: PreLLMContext) -> torch.Tensor:
+        """(B, N) the [CLS] attention over the visual tokens: single-head, at the vision layer after the read one (the
+        read layer where LLaVA reads the last)."""
+        after = ctx.vision_layer_after_read()
+        layer, layer_input = after if after is not None else ctx.vision_read_layer()
+        return cls_attention_to_visual_tokens(layer, layer_input, ctx.visual_features.shape[1], single_head=True)
+
     def before_llm(self, ctx: PreLLMContext) -> torch.Tensor:
-        layer, layer_input = ctx.vision_read_layer()
         features = ctx.visual_features
         b, n, _ = features.shape
-        cls_attention = cls_attention_to_visual_tokens(layer, layer_input, n)
+        cls_attention = self.cls_attention(ctx)
         question = ctx.state.question_mask
         relevance = text_relevance_scores(features, ctx.text_embeds, question) if bool(question.any()) else None
         side = math.isqrt(n)

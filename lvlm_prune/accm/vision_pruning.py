@@ -3,8 +3,13 @@
 Kept tokens = [CLS]-attention outliers (value > Q3 + 1.5 IQR) + the most text-relevant patches +
 patches spread evenly over the rest, in raster order. The text-relevant patches have a share of K of their own, as
 in ACCM's code (12 of 18 kept tokens): capped at K alone, the outliers (8-16 of 64 patches on the tiny base, about
-32 of 576 reported for LLaVA-1.5) would fill every budget ACCM runs at and leave the question no say. The [CLS] attention is computed for the CLS
-query row only, from the vision layer's own q/k projections, so the tower can keep running SDPA.
+32 of 576 reported for LLaVA-1.5) would fill every budget ACCM runs at and leave the question no say. The [CLS]
+attention is computed for the CLS query row only, from the vision layer's own q/k projections, so the tower can keep
+running SDPA.
+
+Two forms of that attention: heads averaged (`single_head=False`, VisionZip's, at the layer LLaVA reads) and one
+full-width head (`single_head=True`, PruMerge's and ACCM's: q . k over all C channels scaled by C^-0.5, at the layer
+after the one LLaVA reads, see `PruMergePlusPruning`).
 """
 
 from __future__ import annotations
@@ -107,13 +112,16 @@ def text_relevance_scores(
     return (similarity * weights).sum(-1) / weights.sum(-1).clamp_min(1.0)
 
 
-def cls_attention_from_layer(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Head-averaged [CLS] -> patch attention of one CLIP encoder layer, for the CLS row only.
+def cls_attention_from_layer(layer: nn.Module, hidden_states: torch.Tensor, single_head: bool = False) -> torch.Tensor:
+    """[CLS] -> patch attention of one CLIP encoder layer, for the CLS row only.
 
     Args:
         layer: a transformers `CLIPEncoderLayer` (uses `layer_norm1`, `self_attn.q_proj`,
             `self_attn.k_proj`, `self_attn.num_heads`, `self_attn.head_dim`, `self_attn.scale`).
         hidden_states: (B, 1 + N, C) the layer's input; position 0 is CLS.
+        single_head: False: the layer's own heads, softmax per head, averaged over heads (VisionZip's form).
+            True: one head over the full width, softmax(q . k * C^-0.5) with q, k the (B, 1 + N, C) projections
+            (LLaVA-PruMerge's and ACCM's form, which hook q_proj/k_proj and ignore the head split).
 
     Returns:
         (B, N) attention probabilities (softmax over CLS + N keys, the CLS column left out).
@@ -121,18 +129,24 @@ def cls_attention_from_layer(layer: nn.Module, hidden_states: torch.Tensor) -> t
     attention = layer.self_attn
     normed = layer.layer_norm1(hidden_states)
     batch, length, _ = normed.shape
-    query = attention.q_proj(normed[:, :1]).view(batch, 1, attention.num_heads, attention.head_dim)
-    key = attention.k_proj(normed).view(batch, length, attention.num_heads, attention.head_dim)
-    scores = torch.einsum("bqhd,bkhd->bhqk", query.float(), key.float()) * attention.scale
+    query = attention.q_proj(normed[:, :1]).float()
+    key = attention.k_proj(normed).float()
+    if single_head:
+        scores = query @ key.transpose(1, 2) * query.shape[-1] ** -0.5  # (B, 1, 1 + N)
+        return scores.softmax(-1)[:, 0, 1:]
+    query = query.view(batch, 1, attention.num_heads, attention.head_dim)
+    key = key.view(batch, length, attention.num_heads, attention.head_dim)
+    scores = torch.einsum("bqhd,bkhd->bhqk", query, key) * attention.scale
     probs = scores.softmax(-1)[:, :, 0]
     return probs.mean(1)[:, 1:]
 
 
-def cls_attention_to_visual_tokens(layer: nn.Module, hidden_states: torch.Tensor, num_visual: int) -> torch.Tensor:
-    """(B, num_visual) [CLS] attention over the LLM's visual tokens: the patches' (`cls_attention_from_layer`);
-    under the 'full' feature strategy the [CLS] token is itself the first visual token, and it ranks above every
-    patch (the token the attention comes from)."""
-    patches = cls_attention_from_layer(layer, hidden_states)
+def cls_attention_to_visual_tokens(layer: nn.Module, hidden_states: torch.Tensor, num_visual: int,
+                                   single_head: bool = False) -> torch.Tensor:
+    """(B, num_visual) [CLS] attention over the LLM's visual tokens: the patches' (`cls_attention_from_layer`, with
+    `single_head`); under the 'full' feature strategy the [CLS] token is itself the first visual token, and it ranks
+    above every patch (the token the attention comes from)."""
+    patches = cls_attention_from_layer(layer, hidden_states, single_head=single_head)
     extra = num_visual - patches.shape[1]
     if extra < 0 or extra > 1:
         raise ValueError(f"{num_visual} visual tokens from a vision layer with {patches.shape[1]} patches: expected "

@@ -69,15 +69,30 @@ class PreLLMContext:
         n = self.visual_features.shape[1]
         return torch.arange(n, device=self.visual_features.device)[None] < self.num_visual[:, None]
 
-    def vision_read_layer(self) -> tuple[torch.nn.Module, torch.Tensor]:
-        """The vision encoder layer whose output LLaVA reads (`vision_feature_layer`) and that layer's input."""
+    def _vision_read_index(self) -> int:
+        """Index into the vision hidden states of the output LLaVA reads (the last of several layers')."""
         layers = self.model.model.vision_tower.encoder.layers
         read = self.model.config.vision_feature_layer
         read = read[-1] if isinstance(read, (list, tuple)) else read
-        index = read if read >= 0 else len(layers) + 1 + read  # index into hidden_states
+        index = read if read >= 0 else len(layers) + 1 + read
         if not 1 <= index <= len(layers) or len(self.vision_hidden_states) <= index:
             raise ValueError(f"vision_feature_layer={read} does not name an encoder layer's output")
-        return layers[index - 1], self.vision_hidden_states[index - 1]
+        return index
+
+    def vision_read_layer(self) -> tuple[torch.nn.Module, torch.Tensor]:
+        """The vision encoder layer whose output LLaVA reads (`vision_feature_layer`) and that layer's input."""
+        index = self._vision_read_index()
+        return self.model.model.vision_tower.encoder.layers[index - 1], self.vision_hidden_states[index - 1]
+
+    def vision_layer_after_read(self) -> tuple[torch.nn.Module, torch.Tensor] | None:
+        """The vision encoder layer after the one LLaVA reads and its input, i.e. the very features LLaVA reads
+        (LLaVA-1.5: layers[23], input = the penultimate layer's output); None where LLaVA reads the last layer.
+        The stock tower has already run it, but a score needs only its `layer_norm1` and q/k projections."""
+        index = self._vision_read_index()
+        layers = self.model.model.vision_tower.encoder.layers
+        if index >= len(layers):
+            return None
+        return layers[index], self.vision_hidden_states[index]
 
     def projector_input(self) -> torch.Tensor:
         """(B, N, C) the vision features LLaVA's projector reads, built as the stock `get_image_features` builds

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,6 +9,8 @@ from lvlm_prune.accm import (
     prumerge_plus_select,
     text_relevance_scores,
 )
+from lvlm_prune.accm.compensation import PruMergePlusPruning
+from lvlm_prune.engine import PreLLMContext, PrunedLlava
 
 
 def _check_rows(indices, keep, num_tokens):
@@ -88,3 +92,56 @@ def test_cls_attention_matches_eager_output_attentions(tiny_spec, layer_index):
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="layer_index"):
         cls_attention_from_vision_tower(tower, pixels, tiny_spec.vision_layers)
+
+
+def _pre_llm_context(spec):
+    """A random tiny LLaVA of `spec`, its engine and the PreLLMContext ACCM's selection builds (vision tower run once,
+    the prompt's embeddings), with the vision tower's hidden states."""
+    model = make_tiny_llava(spec)
+    engine = PrunedLlava(model)
+    ids, mask, pixels = make_batch(spec)
+    with torch.no_grad():
+        features, vision_hidden = engine.visual_features(pixels)
+        embeds = engine.language_model.embed_tokens(ids)
+    state = engine.initial_state(ids, mask, None, None, embeds)
+    return model, engine, PreLLMContext(model, pixels, features, embeds, state, vision_hidden)
+
+
+def _single_head_cls_attention(layer, layer_input):
+    """By hand: LLaVA-PruMerge's / ACCM's [CLS] attention, q = q_proj(LN1(x)), k = k_proj(LN1(x)) over all C
+    channels, softmax(q_cls . k / sqrt(C)) over CLS + patches, the patch columns."""
+    x = torch.nn.functional.layer_norm(layer_input, layer_input.shape[-1:], layer.layer_norm1.weight,
+                                       layer.layer_norm1.bias, layer.layer_norm1.eps)
+    q_proj, k_proj = layer.self_attn.q_proj, layer.self_attn.k_proj
+    query = x[:, 0] @ q_proj.weight.T + q_proj.bias  # (B, C)
+    keys = x @ k_proj.weight.T + k_proj.bias  # (B, 1 + N, C)
+    logits = torch.einsum("bc,btc->bt", query, keys) / keys.shape[-1] ** 0.5
+    return logits.softmax(-1)[:, 1:]
+
+
+@pytest.mark.parametrize("vision_layers, read, scored", [(3, -2, 2), (2, -1, 1)])
+def test_prumerge_cls_attention_is_the_single_head_attention_of_the_layer_after_the_read_one(
+        tiny_spec, vision_layers, read, scored):
+    # 3 layers reading -2 (LLaVA-1.5's layout): the authors hook q/k of the layer after the read one (layers[23] of
+    # 24), whose input is the read features. Reading the last layer, there is none after it: the read layer is used.
+    spec = dataclasses.replace(tiny_spec, vision_layers=vision_layers, vision_heads=4, vision_feature_layer=read)
+    model, engine, ctx = _pre_llm_context(spec)
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        hidden = tower(ctx.pixel_values, output_hidden_states=True).hidden_states
+        expected = _single_head_cls_attention(tower.encoder.layers[scored], hidden[scored])
+        after = ctx.vision_layer_after_read()
+        if read == -1:
+            assert after is None
+        else:
+            assert after[0] is tower.encoder.layers[scored]
+            torch.testing.assert_close(after[1], hidden[scored])
+            torch.testing.assert_close(ctx.projector_input(), hidden[scored][:, 1:])  # its input is what LLaVA reads
+        got = PruMergePlusPruning.cls_attention(ctx)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+        # and the selection ranks the visual tokens by it
+        method = engine.bind(PruMergePlusPruning(0.75))
+        keep = method.before_llm(ctx)
+    relevance = text_relevance_scores(ctx.visual_features, ctx.text_embeds, ctx.state.question_mask)
+    index = prumerge_plus_select(expected, relevance, method.keep, grid_side=4)
+    assert [row.nonzero().flatten().tolist() for row in keep] == index.tolist()
