@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -199,14 +200,39 @@ def _not_rebuildable(loader: Any) -> str | None:
     return None
 
 
+# What a killed requeue save leaves in the run directory: the DeepSpeed strategy's staging directory
+# (`.hpc_ckpt_<n>.ckpt.saving`, `CPUDeepSpeedStrategy.save_checkpoint`) or `AtomicCheckpointIO`'s temporary file
+# (`.hpc_ckpt_<n>.ckpt.<pid>.tmp`).
+REQUEUE_STAGING = re.compile(r"\.hpc_ckpt_\d+\.ckpt\.(saving|\d+\.tmp)")
+
+
+def remove_requeue_staging(directory: str | Path) -> None:
+    """Removes the staging of killed requeue saves from `directory`. Fit under SLURM without a checkpoint resumes
+    from `hpc_ckpt_<n>.ckpt`, n made of the digits of every name in the run directory that contains `hpc_ckpt_`
+    (Lightning's `_hpc_resume_path`): a leftover made every later launch look for a checkpoint that does not exist."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if not REQUEUE_STAGING.fullmatch(path.name):
+            continue
+        rank_zero_warn(f"--ckpt_path auto: removing {str(path)!r}, left by a requeue checkpoint save that was killed")
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)  # every rank of the node may be removing it
+        else:
+            path.unlink(missing_ok=True)
+
+
 def resume_checkpoint(trainer: L.Trainer) -> str | None:
     """The newest checkpoint a restarted run of this configuration should resume from, or None.
 
     Candidates: Lightning's SLURM requeue checkpoint (`<default_root_dir>/hpc_ckpt_<n>.ckpt`, written on the
     requeue signal) and `last*.ckpt` of every `ModelCheckpoint` (a file, or a DeepSpeed directory; its
     `.last*.ckpt.previous` when a save was killed between the two renames that replace it). The run directory must be
-    stable across launches: a fixed logger `version` or a `checkpoint.dirpath`.
+    stable across launches: a fixed logger `version` or a `checkpoint.dirpath`. The staging of killed requeue saves
+    is removed first (`remove_requeue_staging`).
     """
+    remove_requeue_staging(trainer.default_root_dir)
     candidates = list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
     for callback in trainer.checkpoint_callbacks:
         directory = Path(checkpoint_directory(trainer, callback))

@@ -237,7 +237,24 @@ class BaseLVLMModule(L.LightningModule):
     def on_fit_end(self) -> None:
         # fit resumed from a checkpoint where training had ended runs no training loop, and no on_train_end
         if not self._train_ended and self.global_step > 0 and self.trainer.fit_loop.done:
-            self._export()
+            self._export_after_finished_resume()
+
+    def _export_after_finished_resume(self) -> None:
+        """`on_fit_end` runs after the strategy's teardown: DeepSpeed's module is back on the CPU, where its fp32
+        master gather (a collective) fails under NCCL, so there the checkpoint is exported instead."""
+        if not self.hparams.export_dir:
+            return
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            checkpoint = self.trainer.ckpt_path or "<checkpoint dir>"
+            raise ValueError(
+                f"fit resumed from a checkpoint at step {self.global_step}, where training had already ended, so the "
+                f"export to model.init_args.export_dir={self.hparams.export_dir!r} did not run, and under DeepSpeed "
+                "it cannot run after fit; export it from the checkpoint: lightning.pytorch.utilities.deepspeed."
+                f"convert_zero_checkpoint_to_fp32_state_dict({str(checkpoint)!r}, <file>) consolidates its weights, "
+                "then load the file's 'state_dict' into the model and save_pretrained it (the commands are in "
+                "docs/operations.md, 'Resuming a run whose training had ended')"
+            )
+        self._export()
 
     def _export(self) -> None:
         """Every rank calls it: under DeepSpeed the weights are gathered (ZeRO-3) and taken from the fp32 masters."""

@@ -165,10 +165,21 @@ def whole_state_dict(module: torch.nn.Module, keep: bool = True,
                 by_id.update((id(p), p.detach().to("cpu", copy=True)) for p in direct)
     if not keep:
         return None
-    parameter_ids = {name: id(p) for name, p in module.named_parameters()}
-    by_id.update((parameter_ids[name], value) for name, value in (overrides or {}).items())
-    return {name: by_id[id(value)] if id(value) in by_id else value.detach().cpu()
-            for name, value in module.state_dict(keep_vars=True).items()}
+    state = {name: by_id[id(value)] if id(value) in by_id else value.detach().cpu()
+             for name, value in module.state_dict(keep_vars=True).items()}
+    return {**state, **under_every_name(module, overrides)}
+
+
+def under_every_name(module: torch.nn.Module, overrides: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """`overrides` (by parameter name, as `named_parameters()` lists a tied weight: once) under every state-dict name
+    of the same parameter (a tied weight, e.g. GPT-2's `lm_head.weight` and `transformer.wte.weight`, has one per
+    module it is tied into): overriding one name alone writes the other's value too, and loading copies whichever
+    comes last into the shared tensor."""
+    if not overrides:
+        return {}
+    by_id = {id(p): overrides[name] for name, p in module.named_parameters() if name in overrides}
+    tied = {name: by_id[id(value)] for name, value in module.state_dict(keep_vars=True).items() if id(value) in by_id}
+    return {**overrides, **tied}
 
 
 def generates_in_lockstep(module: Any) -> bool:

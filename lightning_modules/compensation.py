@@ -21,6 +21,7 @@ from lightning_modules.common import (
     gathered,
     generates_in_lockstep,
     out_of_memory_advice,
+    under_every_name,
 )
 from lightning_modules.frozen_base import FrozenBaseModule
 from lvlm_prune.archives import with_default_permissions
@@ -346,11 +347,13 @@ def fingerprints(model: torch.nn.Module) -> tuple[str, str]:
 def export_plugin_weights(plugin: Compensation, path: str | Path, metadata: dict[str, Any],
                           overrides: dict[str, torch.Tensor] | None = None) -> Path:
     """The plug-in alone: `<path>` (safetensors) + `<path>.json` (its constructor arguments + the base it fits).
-    `overrides` replace entries of its state dict (DeepSpeed's fp32 masters of bf16-cast weights)."""
+    `overrides` replace entries of its state dict (DeepSpeed's fp32 masters of bf16-cast weights), under every name
+    a tied weight has."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = {**plugin.state_dict(), **under_every_name(plugin, overrides)}
     # clone: tied weights (e.g. a GPT-2 caption model's wte and lm_head) share memory, which safetensors refuses
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in {**plugin.state_dict(), **(overrides or {})}.items()}
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={"plugin": plugin.name})
     with_default_permissions(tmp).replace(path)

@@ -196,6 +196,32 @@ def test_an_unknown_optimizer_and_muon_under_deepspeed_are_named(tmp_path, capsy
         module.configure_optimizers()
 
 
+def test_a_finished_deepspeed_base_run_resumed_names_how_to_export_its_checkpoint(tmp_path):
+    """After fit the strategy is torn down (DeepSpeed's module is on the CPU, where its fp32 master gather fails
+    under NCCL): the export that did not run is named, with how to export the checkpoint."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from datamodules.synthetic import SyntheticVQADataModule
+    from lightning_modules.base_lvlm import BaseLVLMModule
+    from lvlm_prune.modeling import TinyLlavaSpec
+
+    data = SyntheticVQADataModule(grid=4, cell_size=8, min_objects=4, max_objects=5, num_train=8, num_val=8,
+                                  num_test=8)
+    spec = TinyLlavaSpec(image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
+                         hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    module = BaseLVLMModule(processor=data.processor, spec=spec, export_dir=str(tmp_path / "export"))
+    module.trainer = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy), global_step=2,
+                                     fit_loop=SimpleNamespace(done=True), ckpt_path="run/checkpoints/last.ckpt",
+                                     is_global_zero=True)
+    module._train_ended = False  # resumed at the end of training: no training loop ran
+    with pytest.raises(ValueError, match=r"at step 2, where training had already ended.*export_dir=.*did not run.*"
+                                         r"convert_zero_checkpoint_to_fp32_state_dict\('run/checkpoints/last.ckpt'"):
+        module.on_fit_end()
+    assert not (tmp_path / "export" / "config.json").exists()
+
+
 def test_resuming_a_muon_checkpoint_with_adamw_is_named(tmp_path):
     args = ["fit", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
             "--trainer.limit_val_batches", "0", "--checkpoint.every_n_train_steps", "1"]

@@ -239,22 +239,27 @@ def gumbel_sigmoid(
         generator: random generator for the noise (on the logits' device).
 
     Returns:
-        (soft, mask): soft = sigmoid((logits + noise) / temperature), both (B, N).
+        (soft, mask): soft = sigmoid((logits + noise) / temperature), both (B, N) in the logits' dtype.
     """
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0")
+    # Noise and relaxation in at least float32: bf16 (DeepSpeed's bf16 casts the plug-in) has 8 bits of mantissa,
+    # so uniform draws in bf16 give noise far from logistic (std 4.3 instead of 1.8, draws at -87).
+    dtype = logits.dtype
+    logits = logits.to(torch.promote_types(dtype, torch.float32))
     if noise:
-        tiny = torch.finfo(logits.dtype).tiny
+        finfo = torch.finfo(logits.dtype)
         uniform = torch.rand(
             logits.shape, generator=generator, device=logits.device, dtype=logits.dtype
-        ).clamp(tiny, 1.0 - torch.finfo(logits.dtype).eps)
+        ).clamp(finfo.tiny, 1.0 - finfo.eps)
         logits = logits + uniform.log() - torch.log1p(-uniform)
     soft = torch.sigmoid(logits / temperature)
     if not hard:
+        soft = soft.to(dtype)
         return soft, soft
     # hard + (soft - soft.detach()) is exactly 0/1 forward; (1 - s) + s need not be.
     hard_mask = (soft > 0.5).to(soft.dtype)
-    return soft, hard_mask + (soft - soft.detach())
+    return soft.to(dtype), (hard_mask + (soft - soft.detach())).to(dtype)
 
 
 def threshold_keep(logits: torch.Tensor, temperature: float = 1.0, threshold: float = 0.5) -> torch.Tensor:

@@ -185,6 +185,63 @@ def test_resume_checkpoint_picks_the_newest_of_requeue_and_last(tmp_path):
     assert resume_checkpoint(trainer) == str(previous)
 
 
+def test_auto_resume_removes_killed_requeue_saves_that_lightning_would_resume_from(tmp_path, monkeypatch):
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "lvlm-prune")
+    logger = SimpleNamespace(save_dir=str(tmp_path), name="logs", version="run")
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path), loggers=[logger], checkpoint_callbacks=[],
+                              callbacks=[], state=SimpleNamespace(fn=TrainerFn.FITTING))
+    # the staging of a killed requeue save: DeepSpeed's directory, AtomicCheckpointIO's file
+    (tmp_path / ".hpc_ckpt_1.ckpt.saving" / "checkpoint").mkdir(parents=True)
+    (tmp_path / ".hpc_ckpt_1.ckpt.saving" / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    (tmp_path / ".hpc_ckpt_2.ckpt.4242.tmp").write_bytes(b"partial")
+    (tmp_path / "config.yaml").write_text("{}")
+    with pytest.warns(UserWarning, match="left by a requeue checkpoint save that was killed"):
+        assert resume_checkpoint(trainer) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    # --ckpt_path auto passes None on: Lightning under SLURM then looks for hpc_ckpt_<n>.ckpt itself
+    assert _CheckpointConnector(trainer)._parse_ckpt_path(TrainerFn.FITTING, None, True, True) is None
+    _touch(tmp_path / "hpc_ckpt_1.ckpt", 1000)
+    assert resume_checkpoint(trainer) == str(tmp_path / "hpc_ckpt_1.ckpt")
+
+
+def test_plugin_export_writes_the_fp32_master_under_every_name_of_a_tied_weight(tmp_path):
+    # GPT-2's lm_head.weight is transformer.wte.weight: named_parameters() lists it (and DeepSpeed's masters key it)
+    # once, the state dict under both names
+    from safetensors.torch import load_file
+
+    from lightning_modules.common import whole_state_dict
+    from lightning_modules.compensation import export_plugin_weights, load_plugin_weights
+
+    class Tied(nn.Module):
+        name = "tied"
+
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(8, 4)
+            self.lm_head = nn.Linear(4, 8, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+        def export_config(self):
+            return {}
+
+    plugin = Tied().bfloat16()  # DeepSpeed bf16 casts the plug-in; the optimiser keeps fp32 masters
+    assert [name for name, _ in plugin.named_parameters()] == ["wte.weight"]
+    master = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    path = export_plugin_weights(plugin, tmp_path / "plugin.safetensors", {}, overrides={"wte.weight": master})
+    written = load_file(str(path))
+    assert torch.equal(written["wte.weight"], master) and torch.equal(written["lm_head.weight"], master)
+    loaded = Tied()
+    load_plugin_weights(loaded, path)
+    assert torch.equal(loaded.lm_head.weight, master)
+    # the base module's export (save_pretrained of whole_state_dict) likewise
+    whole = whole_state_dict(plugin, overrides={"wte.weight": master})
+    assert whole["wte.weight"] is master and whole["lm_head.weight"] is master
+
+
 def test_deepspeed_strategy_names_zero_dim_parameters():
     class WithScalar(nn.Module):
         def __init__(self):

@@ -25,12 +25,24 @@ kill -KILL $PPID
 def test_sbatch_template_launches_cli_fit_with_requeue_settings():
     template = (ROOT / "configs" / "slurm" / "train.sbatch").read_text()
     for line in ("#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=",
-                 "srun python cli.py fit", '--trainer.devices "$SLURM_NTASKS_PER_NODE"', "--ckpt_path auto"):
+                 "python cli.py fit", '--trainer.devices "$SLURM_NTASKS_PER_NODE"', "--ckpt_path auto"):
         assert line in template
     assert (ROOT / "configs" / "slurm" / "README.md").is_file()
     # SLURM opens the log before the script runs: it cannot be in a directory a fresh clone lacks (runs/ is ignored)
     output = next(line.split("=", 1)[1] for line in template.splitlines() if line.startswith("#SBATCH --output="))
     assert "/" not in output
+
+
+
+def test_every_srun_of_the_sbatch_templates_passes_the_cpus_per_task_on():
+    # since Slurm 22.05 srun does not take the job's --cpus-per-task: each task would run on one CPU
+    for template in (ROOT / "configs" / "slurm").glob("*.sbatch"):
+        text = template.read_text()
+        sruns = [line for line in text.splitlines() if line.lstrip().startswith("srun ")]
+        assert sruns and "#SBATCH --cpus-per-task=" in text, template
+        for line in sruns:
+            assert ('--cpus-per-task="$SLURM_CPUS_PER_TASK"' in line
+                    or 'export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"' in text), (template, line)
 
 
 REQUEUE_STEP = 6  # mid-epoch: 4 training batches per epoch

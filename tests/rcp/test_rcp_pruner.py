@@ -185,6 +185,28 @@ def test_gumbel_sigmoid_noise_and_determinism():
         gumbel_sigmoid(logits, 0.0)
 
 
+def test_gumbel_sigmoid_noise_is_logistic_for_bf16_logits_and_unchanged_for_fp32():
+    # DeepSpeed's bf16 casts the plug-in, so its logits arrive in bf16; the noise must still be logistic
+    temperature = 8.0  # keeps soft away from 0 and 1, where bf16 could not give the noise back
+    logits = torch.zeros(100_000, dtype=torch.bfloat16, requires_grad=True)
+    soft, mask = gumbel_sigmoid(logits, temperature, generator=torch.Generator().manual_seed(3))
+    assert soft.dtype == mask.dtype == torch.bfloat16
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    noise = temperature * torch.logit(soft.detach().double())
+    assert abs(noise.std().item() - math.pi / math.sqrt(3)) < 0.05
+    assert abs(noise.mean().item()) < 0.05 and noise.abs().max() < 20  # ln(1e5) = 11.5: no draw near -87
+    mask.sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+    # float32 logits: the same values as before for the same seed
+    logits = torch.randn(4, N, generator=torch.Generator().manual_seed(0))
+    uniform = torch.rand(logits.shape, generator=torch.Generator().manual_seed(7)).clamp(
+        torch.finfo(torch.float32).tiny, 1.0 - torch.finfo(torch.float32).eps)
+    expected = torch.sigmoid((logits + uniform.log() - torch.log1p(-uniform)) / 0.7)
+    soft, mask = gumbel_sigmoid(logits, 0.7, generator=torch.Generator().manual_seed(7))
+    assert soft.dtype == torch.float32 and torch.equal(soft, expected) and torch.equal(mask, (expected > 0.5).float())
+
+
 def test_threshold_keep_matches_sigmoid_rule():
     logits = torch.linspace(-4, 4, 81).reshape(3, 27)
     for temperature, threshold in ((1.0, 0.5), (0.2, 0.5), (1.5, 0.8), (0.5, 0.1)):
