@@ -109,6 +109,58 @@ def test_removal_changes_output_and_generation_runs_on_short_cache(tiny_spec):
         loop_mask = torch.cat([loop_mask, torch.ones_like(loop_mask[:, :1])], 1)
 
 
+UNEVEN_DROPS = [list(range(12)), [1, 5], list(range(3, 16, 2))]  # 4, 14 and 9 of 16 visual tokens kept
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_pruning_before_the_llm_generates_what_the_stock_model_does_with_those_tokens_hidden(tiny_spec, attn):
+    # an independent reference: the stock model, the dropped image tokens hidden by its attention mask, positions kept
+    model = make_tiny_llava(tiny_spec, attn_implementation=attn)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=3, left_pad=(0, 3, 1))
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    hidden = mask.clone()
+    for b, drop in enumerate(UNEVEN_DROPS):
+        image = (ids[b] == model.config.image_token_id).nonzero().squeeze(1)
+        hidden[b, image[drop]] = 0
+    stock = stock_greedy_generate(model, ids, hidden, pixels, position_ids=position_ids, max_new_tokens=8)
+    ours, counts = PrunedLlava(model).generate(ids, mask, pixels, position_ids=position_ids,
+                                              method=KeepFixed(None, UNEVEN_DROPS), max_new_tokens=8)
+    assert torch.equal(ours, stock)
+    assert counts[:, 0].tolist() == [4.0, 14.0, 9.0]
+
+
+@pytest.mark.parametrize("layer", [0, 1, 3])
+def test_generation_with_uneven_kept_counts_equals_a_greedy_loop_without_cache(tiny_spec, layer):
+    # seed 1: this random model writes no image token in 5 steps (the loop below would read one back as an image)
+    model = make_tiny_llava(tiny_spec, seed=1)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=3, left_pad=(0, 3, 1))
+    engine = PrunedLlava(model)
+    method = KeepFixed(layer, UNEVEN_DROPS)
+    tokens, counts = engine.generate(ids, mask, pixels, method=method, max_new_tokens=5)
+    assert counts[:, layer].tolist() == [4.0, 14.0, 9.0]
+    loop_ids, loop_mask = ids, mask
+    for step in range(5):
+        logits = engine(loop_ids, loop_mask, pixels, method=method, logits="last").logits
+        assert torch.equal(logits.argmax(-1), tokens[:, step])
+        loop_ids = torch.cat([loop_ids, tokens[:, step : step + 1]], 1)
+        loop_mask = torch.cat([loop_mask, torch.ones_like(loop_mask[:, :1])], 1)
+
+
+def test_a_sample_that_ends_early_is_padded_as_hugging_face_generate_pads_it(tiny_spec):
+    model = make_tiny_llava(tiny_spec)
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=3, left_pad=(0, 2, 1))
+    engine = PrunedLlava(model)
+    eos = int(engine.generate(ids, mask, pixels, max_new_tokens=6)[0][0, 1])  # the second token sample 0 writes
+    ours, _ = engine.generate(ids, mask, pixels, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert (ours[0, 2:] == 0).all()  # ended at step 1
+    assert torch.equal(ours, stock_greedy_generate(model, ids, mask, pixels, max_new_tokens=6, eos_token_id=eos,
+                                                   pad_token_id=0))
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6,
+                            do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(ours, hf[:, ids.shape[1]:])
+
+
 def test_engine_leaves_the_model_untouched(tiny_spec):
     model = make_tiny_llava(tiny_spec)
     ids, mask, pixels = make_batch(tiny_spec, batch_size=2)
