@@ -39,6 +39,15 @@ class KeepFixed(PruningMethod):
         return keep if not ctx.soft else keep.float()
 
 
+def assert_greedy_loop_without_cache_writes(tokens, engine, ids, mask, pixels, method):
+    """Generation on the engine's short cache equals a no-cache greedy loop over growing inputs."""
+    for step in range(tokens.shape[1]):
+        logits = engine(ids, mask, pixels, method=method, logits="last").logits
+        assert torch.equal(logits.argmax(-1), tokens[:, step])
+        ids = torch.cat([ids, tokens[:, step : step + 1]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_full_tokens_reproduce_stock_logits(tiny_spec, attn, batch_size):
@@ -100,13 +109,7 @@ def test_removal_changes_output_and_generation_runs_on_short_cache(tiny_spec):
     tokens, counts = engine.generate(ids, mask, pixels, method=method, max_new_tokens=4)
     assert tokens.shape == (2, 4)
     assert torch.equal(counts[:, 1], torch.tensor([4.0, 4.0]))
-    # generation on the short cache equals a no-cache greedy loop over growing inputs
-    loop_ids, loop_mask = ids, mask
-    for step in range(4):
-        logits = engine(loop_ids, loop_mask, pixels, method=method, logits="last").logits
-        assert torch.equal(logits.argmax(-1), tokens[:, step])
-        loop_ids = torch.cat([loop_ids, tokens[:, step : step + 1]], 1)
-        loop_mask = torch.cat([loop_mask, torch.ones_like(loop_mask[:, :1])], 1)
+    assert_greedy_loop_without_cache_writes(tokens, engine, ids, mask, pixels, method)
 
 
 UNEVEN_DROPS = [list(range(12)), [1, 5], list(range(3, 16, 2))]  # 4, 14 and 9 of 16 visual tokens kept
@@ -138,12 +141,7 @@ def test_generation_with_uneven_kept_counts_equals_a_greedy_loop_without_cache(t
     method = KeepFixed(layer, UNEVEN_DROPS)
     tokens, counts = engine.generate(ids, mask, pixels, method=method, max_new_tokens=5)
     assert counts[:, layer].tolist() == [4.0, 14.0, 9.0]
-    loop_ids, loop_mask = ids, mask
-    for step in range(5):
-        logits = engine(loop_ids, loop_mask, pixels, method=method, logits="last").logits
-        assert torch.equal(logits.argmax(-1), tokens[:, step])
-        loop_ids = torch.cat([loop_ids, tokens[:, step : step + 1]], 1)
-        loop_mask = torch.cat([loop_mask, torch.ones_like(loop_mask[:, :1])], 1)
+    assert_greedy_loop_without_cache_writes(tokens, engine, ids, mask, pixels, method)
 
 
 def test_a_sample_that_ends_early_is_padded_as_hugging_face_generate_pads_it(tiny_spec):
