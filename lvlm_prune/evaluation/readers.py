@@ -526,7 +526,7 @@ def textvqa_question(prompt: str) -> str:
         if match:
             return match.group(1).lower()
     lines = prompt.split("\n")
-    if len(lines) == 3 and "Reference OCR token: " in prompt and prompt.startswith("Reference OCR token:"):
+    if len(lines) == 3 and lines[0].startswith("Reference OCR token:"):
         return lines[1].lower()
     return lines[0].lower()
 
