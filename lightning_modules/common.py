@@ -85,9 +85,9 @@ def log_accuracy(module: Any, metric: ExactMatchAccuracy, stage: str) -> dict[st
 # What lowers memory, by where it ran out (the training step's backward needs more than generation).
 TRAINING_MEMORY_SETTINGS = (
     "Lower data.init_args.batch_size (raise trainer.accumulate_grad_batches to keep the effective batch), lower "
-    "data.init_args.max_length, load the base quantised (model.init_args.quantization: 4bit or 8bit), or add a "
-    "DeepSpeed preset (--config configs/trainer/deepspeed_zero2.yaml, or deepspeed_zero3.yaml, which also partitions "
-    "the frozen base)"
+    "data.init_args.max_length, load the base quantised (model.init_args.quantization: 4bit or 8bit), or, instead "
+    "of quantising, add a DeepSpeed preset (--config configs/trainer/deepspeed_zero2.yaml, or deepspeed_zero3.yaml, "
+    "which also partitions the frozen base)"
 )
 EVALUATION_MEMORY_SETTINGS = (
     "Lower data.init_args.eval_batch_size, lower data.init_args.max_length, or load the base quantised "
@@ -110,6 +110,17 @@ def out_of_memory_advice(where: str, settings: str = TRAINING_MEMORY_SETTINGS) -
         if advised or not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
             raise
         raise type(error)(f"out of memory in {where}. {settings}\n{error}") from error
+
+
+def check_quantization_fits_strategy(quantization: str | None, strategy: Any) -> None:
+    """A bitsandbytes base cannot be sharded: DeepSpeed casts every weight to its precision and ZeRO-3 and FSDP
+    flatten them, which breaks the packed 4-/8-bit weights and their quantisation state."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if quantization is not None and isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
+        raise ValueError(f"model.init_args.quantization={quantization!r} does not run under "
+                         f"{type(strategy).__name__}, which casts or shards the base's weights: use it with ddp or a "
+                         "single device, or drop the quantisation and keep the DeepSpeed preset")
 
 
 def partitioned(parameters: Iterable[torch.nn.Parameter]) -> bool:

@@ -12,6 +12,7 @@ import torch
 
 from lightning_modules.common import (
     EVALUATION_MEMORY_SETTINGS,
+    check_quantization_fits_strategy,
     decode_answers,
     exact_match,
     generates_in_lockstep,
@@ -80,6 +81,9 @@ class FrozenBaseModule(L.LightningModule):
         self.test_predictions: list[dict[str, Any]] = []
 
     def setup(self, stage: str) -> None:
+        # setup runs before the strategy wraps the module (DeepSpeed's engine would fail on the packed weights first)
+        if self._trainer is not None:
+            check_quantization_fits_strategy(self.hparams.quantization, self.trainer.strategy)
         if stage in ("validate", "test", "predict", "fit"):  # fail before any work on an unknown name or a bad ratio
             try:
                 self.make_method(self.hparams.eval_method, self.hparams.eval_prune_ratio)

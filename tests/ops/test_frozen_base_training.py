@@ -441,3 +441,20 @@ def test_predict_returns_answer_records_of_the_evaluation_method(tiny_base_dir, 
     batch = next(iter(data.test_dataloader()))
     expected, _, _ = module.run_method(batch, "fastv", 0.5)
     assert [r["text"] for r in records[: len(expected)]] == expected
+
+
+def test_a_quantised_base_is_refused_under_a_sharding_strategy_before_any_work(tiny_base_dir, data):
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    from lightning_modules.common import check_quantization_fits_strategy
+
+    for strategy in (DeepSpeedStrategy(stage=2), FSDPStrategy()):
+        with pytest.raises(ValueError, match=rf"quantization='4bit' does not run under {type(strategy).__name__}"):
+            check_quantization_fits_strategy("4bit", strategy)
+        check_quantization_fits_strategy(None, strategy)
+    check_quantization_fits_strategy("4bit", L.Trainer(accelerator="cpu", devices=1, logger=False).strategy)
+    # the module's setup hook, which Lightning calls before the strategy wraps the module, asks
+    module = make_module(tiny_base_dir, data, quantization="8bit")
+    module.trainer = L.Trainer(strategy=DeepSpeedStrategy(stage=2), accelerator="cpu", devices=1, logger=False)
+    with pytest.raises(ValueError, match=r"quantization='8bit' does not run under DeepSpeedStrategy"):
+        module.setup("fit")
