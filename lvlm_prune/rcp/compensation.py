@@ -114,7 +114,9 @@ class RCPPruning(PruningMethod):
             layer_mask = threshold_keep(logits, self.temperature).to(visual.dtype)
         current = previous * layer_mask
         pruned_here = present & (current <= 0.5)
-        self.contexts.append((ctx.layer_idx, plugin.context_encoders[position](raw, pruned_here, current)))
+        encoder = plugin.context_encoders[str(position)] if str(position) in plugin.context_encoders else None
+        if encoder is not None:
+            self.contexts.append((ctx.layer_idx, encoder(raw, pruned_here, current)))
         self.cumulative.append(current)
         per_token = layer_mask if self.training else current
         sequence_mask = per_token.gather(1, state.visual_index.clamp(min=0))
@@ -269,8 +271,13 @@ class RCPCompensation(Compensation):
                                  use_cross_attention=self.use_learned_score, use_mlp=self.use_learned_score)
             for _ in self.pruning_layers
         )
-        self.context_encoders = nn.ModuleList(
-            PrunedContextEncoder(d, self.context_dim, num_positions=n) for _ in self.pruning_layers
+        # Only pruning layers some adapter reads get an encoder: one without a reader would hold parameters that never
+        # get a gradient (plain DDP fails on them) and count in the FLOPs. Keyed by pruning position ("0", "1", ...),
+        # which are ModuleList's names too.
+        read = [str(position) for position, layer in enumerate(self.pruning_layers)
+                if self.use_adapter and layer <= self.repair_layers[-1]]
+        self.context_encoders = nn.ModuleDict(
+            {position: PrunedContextEncoder(d, self.context_dim, num_positions=n) for position in read}
         )
         self.adapters = nn.ModuleList(
             DelayedRepairAdapter(d, self.context_dim, self.adapter_bottleneck) for _ in self.repair_layers
@@ -362,7 +369,7 @@ class RCPCompensation(Compensation):
             pruned = torch.zeros(1, n, dtype=torch.bool, device=device)
             pruned[0, : n // 2] = True  # the count does not depend on how many were pruned (a masked mean)
             context_flops = sum(module_flops(encoder, torch.randn(1, n, d, device=device), pruned, ~pruned)
-                                for encoder in self.context_encoders)
+                                for encoder in self.context_encoders.values())
             self._flops_cache = {"rcp_pruners": float(pruner_flops), "rcp_adapters": float(adapter_flops),
                                  "rcp_context": float(context_flops)}
         return dict(self._flops_cache)

@@ -147,7 +147,7 @@ def hard_and_soft_passes(engine, plugin, batch):
     forced; after checking that they agree at every answer position (and every other real text position)."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a non-identity repair, so that the context of the pruned tokens enters the logits
-        for module in (*plugin.adapters, *plugin.context_encoders):
+        for module in (*plugin.adapters, *plugin.context_encoders.values()):
             for p in module.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=generator))
     args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"])

@@ -212,7 +212,7 @@ def test_the_training_steps_repair_loss_compares_with_the_full_token_teacher_at_
 @pytest.mark.parametrize("path", ["physical", "soft"])
 def test_the_repair_adapter_changes_only_the_answer_generation_positions(setup, path):
     engine, plugin, batch = setup
-    perturb([*plugin.adapters, *plugin.context_encoders], scale=0.5)
+    perturb([*plugin.adapters, *plugin.context_encoders.values()], scale=0.5)
     repair = tuple(plugin.repair_layers)
     assert repair == (2, 3)
     args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"])
@@ -282,3 +282,18 @@ def test_pruners_read_the_question_to_visual_attention_that_eager_attention_give
             expected = eager[layer][b][:, question][:, :, image[b]].mean(0).mean(0)
             assert (expected.max() - expected.min()) > 1e-3  # not uniform: a uniform input would not pass
             torch.testing.assert_close(q2v[b], expected.float(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("changes, encoders", [({}, ["0", "1", "2"]), ({"use_adapter": False}, []),
+                                              ({"pruning_layers": [0, 3], "repair_layers": [2]}, ["0"])])
+def test_every_plug_in_parameter_gets_a_gradient_in_a_training_step(tiny_base_dir, batch, changes, encoders):
+    # plain DDP fails on a parameter without a gradient: a pruning layer no adapter reads has no context encoder
+    torch.manual_seed(0)
+    engine = PrunedLlava(freeze(load_base_model(tiny_base_dir)))
+    plugin = RCPCompensation(**{**PLUGIN_ARGS, **changes})
+    plugin.attach(engine)
+    assert sorted(plugin.context_encoders) == encoders and not plugin.leaves_parameters_unused
+    perturb([*plugin.adapters, *plugin.context_encoders.values()])  # zero-initialised outputs would stop gradients
+    plugin.training_losses(engine, batch, progress=0.1)["loss"].backward()
+    missing = [name for name, p in plugin.named_parameters() if p.grad is None]
+    assert not missing
