@@ -49,7 +49,9 @@ class CrossAttentionPruner(nn.Module):
     one (measured on the embedded default: most tokens at -0.5, two or three at +13).
     The LLM baseline floors its probabilities at `attention_floor`.
     Attention and both means are restricted to tokens with keep_mask > 0.5; no gradient flows
-    through keep_mask here (the straight-through masks reach the loss through the engine).
+    through keep_mask here (the straight-through masks reach the loss through the engine; on the
+    soft path an earlier layer's mask also reaches this one's logits through q2v, whose attention
+    it weighted).
 
     Parts switched off are not built, so they hold no parameters (no unused parameters under DDP).
 
