@@ -59,7 +59,8 @@ class PruningSweep(L.Callback):
         run_after_fit: sweep when `fit` ends (on the trained plug-ins).
         run_after_test: sweep when `test` ends.
         limit_batches: evaluate at most this many batches per pair (None: on the test split the trainer's
-            `limit_test_batches`, a count or a fraction of it as Lightning's test loop takes it; on the validation
+            `limit_test_batches`, a count per rank or a fraction, so that it covers the samples Lightning's test
+            loop takes (a count of N batches is N x world size batches of the unsharded split); on the validation
             split all of it, since `limit_val_batches` keeps the checks during training cheap, not the sweep).
         flops_convention: 'fastv' or 'exact' for the LLM prefill count.
         dirpath: output directory (default: the logger's log_dir).
@@ -216,8 +217,8 @@ class PruningSweep(L.Callback):
         limit = getattr(trainer, "limit_test_batches", None)
         if not limit or isinstance(limit, bool):  # 0 turns Lightning's loop off, not the sweep
             return None
-        if isinstance(limit, int):
-            return limit
+        if isinstance(limit, int):  # Lightning's is per rank; the sweep's counts batches of the unsharded loader
+            return limit * max(1, int(getattr(trainer, "world_size", 1)))
         if limit >= 1.0:  # the whole split
             return None
         try:

@@ -227,6 +227,16 @@ def test_the_sweep_of_the_test_split_takes_the_trainers_test_batch_limit_unless_
     assert row["num_samples"] == samples
 
 
+def test_a_count_of_test_batches_covers_what_every_rank_of_lightnings_test_loop_takes():
+    from types import SimpleNamespace
+
+    sweep = PruningSweep(methods=["full"], prune_ratios=[0.5])
+    loader = list(range(10))  # the sweep's loader is the unsharded split
+    for world_size, limit, batches in ((1, 3, 3), (4, 3, 12), (4, 0.5, 5), (4, 1.0, None)):
+        trainer = SimpleNamespace(limit_test_batches=limit, world_size=world_size)
+        assert sweep._batch_limit(trainer, loader) == batches
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match=r"limit_batches=0 must be at least 1"):
         PruningSweep(limit_batches=0)
