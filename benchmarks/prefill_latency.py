@@ -1,6 +1,6 @@
 """Prefill latency of each pruning method against all visual tokens, on a LLaVA-shaped random model.
 
-    python benchmarks/prefill_latency.py [--layers 16] [--hidden 1024] [--batch 4] [--ratio 0.889] [--repeats 3]
+    python benchmarks/prefill_latency.py [--layers 16] [--hidden 1024] [--batch 4] [--ratio 0.889] [--repeats 5]
 
 Prints a table (method, realised ratio, analytic LLM FLOPs reduction, measured latency reduction, their ratio,
 scoring overhead as a share of a full prefill) and eval throughput at batch 8 vs batch 1, and writes the same as
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import median_seconds  # noqa: E402
+from benchmarks.timing import interleaved_median_seconds, median_seconds  # noqa: E402
 from lvlm_prune.baselines import build_method  # noqa: E402
 from lvlm_prune.engine import PrunedLlava  # noqa: E402
 from lvlm_prune.flops import LLMShape, llm_prefill_flops  # noqa: E402
@@ -39,22 +40,23 @@ def make_inputs(model, batch: int, text_tokens: int, num_visual: int, image_size
 
 
 class TimedScores:
-    """Wraps a method: accumulates the seconds spent inside its scoring hooks."""
+    """Wraps a method: accumulates the seconds spent inside its scoring hooks. `sync` (CUDA's synchronize) runs
+    before and after each hook, so a hook's time is its own work, not kernels queued by the layers before it."""
 
-    def __init__(self, method):
+    def __init__(self, method, sync):
         self.method, self.seconds = method, 0.0
         for hook in ("before_llm", "at_layer"):
             original = getattr(method, hook)
 
             def timed(ctx, _original=original):
+                sync()
                 start = time.perf_counter()
                 out = _original(ctx)
+                sync()
                 self.seconds += time.perf_counter() - start
                 return out
 
             setattr(method, hook, timed)
-
-
 
 
 def main() -> None:
@@ -64,9 +66,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--ratio", type=float, default=0.889)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--pdrop-stage-ends", type=int, nargs=3, default=None, metavar=("A", "B", "C"),
+                        help="PyramidDrop's stage ends (default: 1, L/2, 3L/4, as the sweeps end its first stage "
+                             "after layer 1; its own L/4, L/2, 3L/4 cannot remove more than 75 %%)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -88,28 +93,42 @@ def main() -> None:
             engine(ids, mask, pixels, method=method, logits="last")
         sync()
 
-    full_seconds = median_seconds(prefill, args.repeats)
+    if args.pdrop_stage_ends is None:
+        args.pdrop_stage_ends = [1, args.layers // 2, 3 * args.layers // 4]
+    options = {"pdrop": {"stage_ends": list(args.pdrop_stage_ends)}}
+    methods = {}
+    unreachable = {}
+    for name in METHODS:
+        try:
+            methods[name] = engine.bind(build_method(name, args.ratio, **options.get(name, {})))
+        except ValueError as error:
+            unreachable[name] = str(error)
+    # every round times the full prefill and each method once: a drift in the machine's speed moves them alike
+    seconds = interleaved_median_seconds(
+        {"full": prefill, **{name: (lambda m=method: prefill(m)) for name, method in methods.items()}}, args.repeats)
+    full_seconds = seconds["full"]
     full_flops = llm_prefill_flops(shape, args.text_tokens + 1, [n] * args.layers)
     rows = [{"method": "full", "realised_ratio": 0.0, "flops_reduction": 0.0, "latency_ms": full_seconds * 1e3,
              "latency_reduction": 0.0, "ratio_of_reductions": None, "scoring_overhead": 0.0}]
     for name in METHODS:
-        try:
-            method = engine.bind(build_method(name, args.ratio))
-        except ValueError as error:
-            rows.append({"method": name, "status": f"unreachable: {error}"})
+        if name in unreachable:
+            rows.append({"method": name, "status": f"unreachable: {unreachable[name]}"})
             continue
-        seconds = median_seconds(lambda: prefill(method), args.repeats)
-        timed = TimedScores(engine.bind(build_method(name, args.ratio)))
-        with torch.no_grad():
-            out = engine(ids, mask, pixels, method=timed.method, logits="none")
+        scoring = []
+        for _ in range(args.repeats + 1):  # the first run warms up
+            timed = TimedScores(engine.bind(build_method(name, args.ratio, **options.get(name, {}))), sync)
+            with torch.no_grad():
+                out = engine(ids, mask, pixels, method=timed.method, logits="none")
+            scoring.append(timed.seconds)
         counts = out.visual_tokens_per_layer.float().mean(0).tolist()
         flops = llm_prefill_flops(shape, args.text_tokens + 1, counts)
         flops_reduction = 1 - flops / full_flops
-        latency_reduction = 1 - seconds / full_seconds
+        latency_reduction = 1 - seconds[name] / full_seconds
         rows.append({
             "method": name, "realised_ratio": 1 - sum(counts) / (len(counts) * n), "flops_reduction": flops_reduction,
-            "latency_ms": seconds * 1e3, "latency_reduction": latency_reduction,
-            "ratio_of_reductions": latency_reduction / flops_reduction, "scoring_overhead": timed.seconds / full_seconds,
+            "latency_ms": seconds[name] * 1e3, "latency_reduction": latency_reduction,
+            "ratio_of_reductions": latency_reduction / flops_reduction,
+            "scoring_overhead": statistics.median(scoring[1:]) / full_seconds,
         })
 
     throughput = {}
@@ -127,7 +146,7 @@ def main() -> None:
 
     print(f"device {args.device} ({torch.get_num_threads()} threads), {args.dtype}, LLM {args.layers} x {args.hidden} "
           f"(FFN {spec.intermediate_size}), {n} visual + {args.text_tokens} text tokens, batch {args.batch}, "
-          f"r = {args.ratio} (layer-averaged), median of {args.repeats}")
+          f"r = {args.ratio} (layer-averaged), median of {args.repeats} interleaved rounds")
     print(f"{'method':>10s} {'realised r':>10s} {'FLOPs red.':>10s} {'latency ms':>11s} {'latency red.':>12s} "
           f"{'lat/FLOPs':>9s} {'scoring %':>9s}")
     for row in rows:
@@ -140,7 +159,7 @@ def main() -> None:
     print(f"eval throughput (generate, fastv r={args.ratio}, 8 new tokens): batch 1 {throughput[1]:.2f} samples/s, "
           f"batch 8 {throughput[8]:.2f} samples/s ({throughput[8] / throughput[1]:.2f}x)")
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "throughput": throughput}, indent=2))
+        Path(args.out).write_text(json.dumps({"args": vars(args), "timing": "interleaved", "rows": rows, "throughput": throughput}, indent=2))
 
 
 if __name__ == "__main__":

@@ -275,7 +275,11 @@ def benchmark_section(data: dict) -> list[str]:
     return [f"## Prefill latency (`python benchmarks/prefill_latency.py --batch {a['batch']} --out "
             f"docs/benchmark_prefill.json`, {a['device']}, {a['dtype']})", "",
             f"LLaVA-shaped random model: LLM {a['layers']} layers x {a['hidden']}, 576 visual + {a['text_tokens']} "
-            f"text tokens, batch {a['batch']}, SDPA, r = {a['ratio']}, median of {a['repeats']} runs.", "",
+            f"text tokens, batch {a['batch']}, SDPA, r = {a['ratio']}"
+            + (f", PyramidDrop stage ends {a['pdrop_stage_ends']}" if a.get("pdrop_stage_ends") else "")
+            + (f", median of {a['repeats']} rounds, each timing every row once (scoring: median of {a['repeats']} "
+               "runs after one warm-up)." if data.get("timing") == "interleaved" else f", median of {a['repeats']} runs."),
+            "",
             table(["method", "realised r", "LLM FLOPs reduction", "latency ms", "latency reduction",
                    "latency red. / FLOPs red.", "scoring overhead"], body), "",
             f"Eval throughput (generate 8 tokens, FastV): batch 1 {float(tp['1']):.2f} samples/s, batch 8 "
