@@ -55,3 +55,19 @@ class Compensation(nn.Module, ABC):
     def export_config(self) -> dict[str, Any]:
         """Constructor arguments, saved beside exported weights."""
         return {}
+
+
+@torch.no_grad()
+def copy_weights(source: nn.Module, target: nn.Module) -> None:
+    """`target`'s parameters and buffers := `source`'s (same architecture). Under DeepSpeed ZeRO-3 each rank copies its
+    own partition: a partitioned parameter's `.data` is empty, so `load_state_dict(state_dict())` would copy nothing
+    and report success. Equal shapes are partitioned alike, so the partitions line up."""
+    pairs = [*zip(source.parameters(), target.parameters()), *zip(source.buffers(), target.buffers())]
+    for from_, to in pairs:
+        if hasattr(from_, "ds_tensor") != hasattr(to, "ds_tensor") or from_.shape != to.shape:
+            raise ValueError("copy_weights: the two modules are not partitioned alike")
+        if hasattr(to, "ds_tensor"):
+            to.ds_tensor.copy_(from_.ds_tensor)
+        else:
+            to.data.copy_(from_.data)
+

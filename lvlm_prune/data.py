@@ -292,6 +292,15 @@ def answer_generation_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def first_answer_only(labels: torch.Tensor) -> torch.Tensor:
+    """`labels` with every answer after each row's first one (its first run of supervised tokens) ignored: the
+    later turns of a multi-turn sample."""
+    supervised = labels != IGNORE_INDEX
+    started = supervised.cumsum(1) > 0
+    after_first = (started & ~supervised).cumsum(1) > 0
+    return labels.masked_fill(after_first, IGNORE_INDEX)
+
+
 def answer_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Causal-LM cross entropy over answer tokens (+ EOS), token mean; 0 (with grad) when none."""
     shift_logits = logits[:, :-1].float()

@@ -53,7 +53,8 @@ from lvlm_prune.accm.vision_pruning import (
     text_relevance_scores,
 )
 from lvlm_prune.baselines import build_method, pre_llm_keep_count
-from lvlm_prune.compensation import Compensation
+from lvlm_prune.data import first_answer_only
+from lvlm_prune.compensation import Compensation, copy_weights
 from lvlm_prune.engine import EngineOutput, ModelInfo, PreLLMContext, PrunedLlava, PruningMethod, gather_rows
 from lvlm_prune.flops import LLMShape, llm_prefill_flops, module_flops
 from lvlm_prune.modeling.prompt import IMAGE_PLACEHOLDER, get_template
@@ -605,7 +606,9 @@ class ACCMCompensation(Compensation):
         if not self.caption_position_embedding:
             return selection.discarded
         table = self.reference_discarded_positions if reference else self.discarded_positions
-        return selection.discarded + table(selection.discarded_index).to(selection.discarded.dtype)
+        position = table(selection.discarded_index)
+        # in the plug-in's precision: added in a bf16 base's, a small learned embedding rounds away
+        return selection.discarded.to(position.dtype) + position
 
     # ------------------------------------------------------------------ captions
     def _sampling_generator(self, batch: dict[str, Any], device: torch.device) -> torch.Generator | None:
@@ -776,6 +779,8 @@ class ACCMCompensation(Compensation):
         (CE toward that candidate), and for logging 'kl_best', 'kl_mean', 'kl_margin', 'kl_no_caption' (the pruned
         prompt without caption) and 'selector_accuracy'. 'loss' is the weighted total; 'stage' is 1 or 2."""
         self._check_teacher_forced(batch, "training")
+        # the caption is asked for the first question: later turns of a multi-turn sample do not rank it
+        batch = {**batch, "labels": first_answer_only(batch["labels"])}
         selection = self.select_visual_tokens(engine, batch, self.target_prune_ratio)
         instruction_ids, instruction_mask = self.instructions(batch["questions"], selection.features.device)
         if progress < self.warmup_fraction:
@@ -819,9 +824,9 @@ class ACCMCompensation(Compensation):
                   candidates: CaptionCandidates, caption_mask: torch.Tensor) -> torch.Tensor:
         reference = self.reference_caption_model
         if not bool(self.reference_ready):
-            reference.load_state_dict(self.caption_model.state_dict())
+            copy_weights(self.caption_model, reference)
             if self.caption_position_embedding:
-                self.reference_discarded_positions.load_state_dict(self.discarded_positions.state_dict())
+                copy_weights(self.discarded_positions, self.reference_discarded_positions)
             self.reference_ready.fill_(True)
         was_training = reference.training
         reference.eval()

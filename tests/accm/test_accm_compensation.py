@@ -423,3 +423,38 @@ def test_compensation_module_routes_variants_and_exports_tied_weights(tiny_base_
     load_plugin_weights(restored, path)
     for key, value in plugin.state_dict().items():
         torch.testing.assert_close(restored.state_dict()[key], value)
+
+
+def test_a_multi_turn_sample_ranks_the_captions_on_its_first_answer_only(setup, monkeypatch):
+    from lvlm_prune.data import first_answer_only
+
+    tokenizer, engine, _ = setup
+    image = Image.new("RGB", (32, 32), (230, 40, 40))
+    collator = VQACollator(build_processor(tokenizer, image_size=32, patch_size=8), TINY_DEFAULT,
+                           tokenizer.convert_tokens_to_ids("<image>"))
+    batch = collator([VQAExample("q0", image, "what color is the object at 1 2 ?", "red",
+                                 extra_turns=(("is the object a circle ?", "no"),)),
+                      VQAExample("q1", image, "is the object a circle ?", "no")])
+    first = first_answer_only(batch["labels"])
+    words = [tokenizer.decode([t for t in row.tolist() if t != IGNORE_INDEX]).split() for row in first]
+    assert words == [["red", "</s>"], ["no", "</s>"]]
+    assert torch.equal(first[1], batch["labels"][1])  # a single-turn sample is unchanged
+    plugin = make_plugin(engine, tokenizer, warmup_fraction=0.0)
+    ranked = []
+    candidate_kl = plugin.candidate_kl
+    monkeypatch.setattr(plugin, "candidate_kl", lambda engine, batch, *rest: ranked.append(batch["labels"])
+                        or candidate_kl(engine, batch, *rest))
+    plugin.training_losses(engine, batch, progress=1.0)
+    assert torch.equal(ranked[0], first)
+
+
+def test_the_grid_position_embedding_is_added_in_the_plugins_precision(setup):
+    tokenizer, engine, batch = setup
+    plugin = make_plugin(engine, tokenizer, caption_position_init_std=0.003)
+    selection = plugin.select_visual_tokens(engine, batch, RATIO)
+    features = selection.discarded.to(torch.bfloat16)  # a bf16 base's features
+    seen = plugin.caption_visual(type(selection)(**{**vars(selection), "discarded": features}))
+    position = plugin.discarded_positions(selection.discarded_index)
+    assert seen.dtype == torch.float32
+    torch.testing.assert_close(seen, features.float() + position)
+    assert not torch.equal(seen, features.float())  # rounded to bf16, most of these 0.003s would vanish

@@ -181,3 +181,42 @@ def test_zero3_two_processes_train_the_base_and_export_it_whole(tmp_path):
     exported = load_base_model(str(tmp_path / "export")).state_dict()
     assert len(exported) == len(trained) and sum(t.numel() for t in exported.values()) > 50_000
     assert all(torch.equal(value, trained[f"model.{name}"]) for name, value in exported.items())
+
+
+COPY_UNDER_ZERO3 = """
+import copy, os, socket
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+import deepspeed, torch
+from lvlm_prune.compensation import copy_weights
+module = torch.nn.ModuleDict({"policy": torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))})
+module["reference"] = copy.deepcopy(module["policy"]).requires_grad_(False)
+config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+deepspeed.initialize(model=module, model_parameters=list(module["policy"].parameters()), config=config)
+policy, reference = module["policy"], module["reference"]
+assert all(p.numel() == 0 for p in reference.parameters())  # partitioned
+with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=0):
+    for p in policy.parameters():
+        p.data.fill_(1.0)
+copy_weights(policy, reference)
+with deepspeed.zero.GatheredParameters(list(reference.parameters())):
+    print("copied", all(bool((p == 1).all()) for p in reference.parameters()))
+"""
+
+
+def test_copy_weights_copies_zero3_partitions(tmp_path):
+    # ACCM's DPO reference snapshot: load_state_dict(state_dict()) of partitioned modules copies nothing, silently
+    import subprocess
+    import sys
+
+    from ops_helpers import cli_env
+
+    result = subprocess.run([sys.executable, "-c", COPY_UNDER_ZERO3], cwd=ROOT, env=cli_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "copied True" in result.stdout
