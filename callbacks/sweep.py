@@ -247,8 +247,9 @@ class PruningSweep(L.Callback):
         return self.rows
 
     def _run_pairs(self, trainer, pl_module, loader, rank: int, world: int, was_training: bool) -> None:
-        name, ratio = "", 0.0
+        name, ratio = "full", 0.0
         try:
+            self._warm_up(pl_module, loader)
             for name, ratio in self.pairs():
                 try:
                     pl_module.make_method(name, ratio)
@@ -280,6 +281,14 @@ class PruningSweep(L.Callback):
             raise named from error
         finally:
             pl_module.train(was_training)
+
+    @staticmethod
+    def _warm_up(pl_module, loader) -> None:
+        """One untimed full-token batch first, on every rank (ZeRO-3 gathers in step): otherwise the first timed
+        pair alone pays the first calls' one-time costs (CUDA kernel selection, the allocator's growth)."""
+        batch = next(iter(loader), None)
+        if batch is not None:
+            pl_module.run_method(pl_module.transfer_batch_to_device(batch, pl_module.device, 0), "full", 0.0)
 
     def _evaluate_pair(self, pl_module, loader, name: str, ratio: float, rank: int, world: int) -> dict[str, Any]:
         metric = exact_match(pl_module.categories).to(pl_module.device)

@@ -102,8 +102,11 @@ class FrozenBaseModule(L.LightningModule):
 
     def run_method(self, batch: dict[str, Any], name: str, prune_ratio: float) -> tuple[list[str], GenerationResult, float]:
         """Answers of a batch under (name, prune_ratio), their cost, and the wall time in seconds."""
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else (lambda device: None)
+        synchronize(self.device)  # CUDA runs asynchronously: time the kernels, not their launches
         start = time.perf_counter()
         result = self.generate_with(batch, name, prune_ratio)
+        synchronize(self.device)
         seconds = time.perf_counter() - start
         return decode_answers(self.tokenizer, result.tokens), result, seconds
 

@@ -308,3 +308,15 @@ def test_a_pair_that_fails_on_one_rank_stops_every_rank():
     mp.spawn(_pair_on_two_ranks, args=(port, results), nprocs=2, join=True)
     assert results[1] == "MemoryError: rank 1 ran out of memory"
     assert results[0] == "RuntimeError: sweep: random at r=0.5 failed on another rank; its log names the error"
+
+
+def test_one_untimed_full_token_batch_warms_up_before_the_first_timed_pair(tiny_base_dir, data, tmp_path):
+    module = frozen_base(tiny_base_dir, data)
+    calls, original = [], module.run_method
+    module.run_method = lambda batch, name, ratio: calls.append((name, ratio, len(batch["answers"]))) or original(
+        batch, name, ratio)
+    rows = PruningSweep(methods=["full", "random"], prune_ratios=[0.5], dirpath=str(tmp_path)).run(
+        stub_trainer(data, tmp_path), module)
+    batches = len(data.test_dataloader())
+    assert calls[0] == ("full", 0.0, TINY_DATA_ARGS["eval_batch_size"]) and len(calls) == 1 + 2 * batches
+    assert [row["num_samples"] for row in rows] == [TINY_DATA_ARGS["num_test"]] * 2  # the warm-up is not counted
