@@ -95,6 +95,10 @@ class LVLMPruneCLI(LightningCLI):
             raise cause.with_traceback(cause.__traceback__) from None
 
     def _instantiate_trainer(self, config, callbacks):
+        if self.subcommand not in (None, "fit"):
+            # the run's config.yaml is fit's (scripts/export_plugin.py reads the plug-in's settings from it): a
+            # validate / test / predict in the same run directory writes its own beside it
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config_{self.subcommand}.yaml"}
         if config.get("enable_progress_bar") is False:  # the forced bar would contradict the setting
             callbacks = [c for c in callbacks if not isinstance(c, TQDMProgressBar)]
         # after ResumableDataOrder: its count includes a batch the requeue checkpoint is written after

@@ -91,8 +91,12 @@ def test_resume_continues_the_step_count_and_exports(tmp_path, monkeypatch, opti
     test = cli_main(["test", "--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path),
                      "--model.init_args.optimizer", optimizer_name, "--ckpt_path", str(last),
                      "--trainer.callbacks+=callbacks.answer_writer.AnswerFileWriter"])
-    answers = [json.loads(line) for line in (tmp_path / "base_describe" / "run" / "answers_test.jsonl").open()]
+    run_dir = tmp_path / "base_describe" / "run"
+    answers = [json.loads(line) for line in (run_dir / "answers_test.jsonl").open()]
     assert len(answers) == 8
+    # fit's config.yaml stays fit's (the plug-in export reads it); the test run's config is written beside it
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_steps"] == 4
+    assert yaml.safe_load((run_dir / "config_test.yaml").read_text())["trainer"]["max_steps"] != 4
     matched = sum(normalize_answer(a["text"]) == normalize_answer(a["answer"]) for a in answers) / len(answers)
     assert float(test.trainer.callback_metrics["test/acc"]) == pytest.approx(matched)
     # the command line wins over the settings saved in the checkpoint (Lightning's default is the reverse)
