@@ -244,7 +244,14 @@ def resume_checkpoint(trainer: L.Trainer) -> str | None:
     candidates = [p for p in candidates if p.is_file() or (p / "latest").is_file()]  # a DeepSpeed dir is complete
     if not candidates:
         return None
-    return str(max(candidates, key=lambda p: (p / "latest" if p.is_dir() else p).stat().st_mtime))
+    # Every rank resolves this itself (there is no process group yet), so a tie in modification time (filesystems
+    # with one-second stamps) must not fall to the order a node lists a directory in: the requeue checkpoint wins it
+    # (written on the signal, the run's last act), then the name decides.
+    def newest(path: Path) -> tuple[int, bool, str]:
+        stamp = (path / "latest" if path.is_dir() else path).stat().st_mtime_ns
+        return stamp, path.name.startswith("hpc_ckpt_"), str(path)
+
+    return str(max(candidates, key=newest))
 
 
 def checkpoint_directory(trainer: L.Trainer, callback: Any) -> str:

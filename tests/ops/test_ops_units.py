@@ -172,6 +172,8 @@ def test_resume_checkpoint_picks_the_newest_of_requeue_and_last(tmp_path):
     assert resume_checkpoint(trainer) == str(last)
     _touch(tmp_path / "hpc_ckpt_1.ckpt", 2000)
     assert resume_checkpoint(trainer) == str(tmp_path / "hpc_ckpt_1.ckpt")
+    _touch(last, 2000)  # a tie (one-second time stamps): the requeue checkpoint, whatever the listing order
+    assert resume_checkpoint(trainer) == str(tmp_path / "hpc_ckpt_1.ckpt")
     _touch(last, 3000)
     assert resume_checkpoint(trainer) == str(last)
     deepspeed_dir = tmp_path / "ds" / "last.ckpt"
