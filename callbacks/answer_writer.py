@@ -58,7 +58,7 @@ class AnswerFileWriter(L.Callback):
         self.last_path: Path | None = None
         self._part: Path | None = None  # where this process appends
         self._written = 0  # records of `test_predictions` already appended
-        self._records: list[dict[str, Any]] = []  # this process's records of the epoch, as written
+        self._records: list[dict[str, Any]] = []  # this process's records of the epoch, as written (DDP only)
         self._seen: set[tuple[str, str]] = set()
         self._image_prompts = False  # prefix "<image>\n" to prompts (ScienceQA)
 
@@ -114,8 +114,10 @@ class AnswerFileWriter(L.Callback):
         if self._part is None:
             return
         lines = []
+        gather = _distributed()  # rank 0 merges every rank's records at the end; one process has its file already
         for record in map(self._as_written, new):
-            self._records.append(record)
+            if gather:
+                self._records.append(record)
             key = _answer_key(record)
             if key not in self._seen:
                 self._seen.add(key)
