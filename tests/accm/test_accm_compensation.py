@@ -310,6 +310,11 @@ def test_oracle_and_random_variants(setup):
     selection = sampled.select_visual_tokens(engine, batch, RATIO)
     drawn = [sampled.caption_candidates(batch, selection).token_ids for _ in range(2)]
     assert torch.equal(drawn[0], drawn[1])
+    # ... by the batch's questions and the plug-in's seed: other questions, or another seed, draw otherwise
+    reseeded = make_plugin(engine, tokenizer, strategy="sample", sample_top_p=1.0, seed=1)
+    assert not torch.equal(reseeded.caption_candidates(batch, selection).token_ids, drawn[0])
+    other_questions = {**batch, "question_ids": [f"{q}/other" for q in batch["question_ids"]]}
+    assert not torch.equal(sampled.caption_candidates(other_questions, selection).token_ids, drawn[0])
     picks = plugin.random_pick(batch, 3)
     reordered = {k: (v[::-1] if isinstance(v, list) else v) for k, v in batch.items()}
     assert plugin.random_pick(reordered, 3).tolist() == picks.tolist()[::-1]

@@ -162,12 +162,19 @@ def test_a_sample_that_ends_early_is_padded_as_hugging_face_generate_pads_it(tin
 def test_engine_leaves_the_model_untouched(tiny_spec):
     model = make_tiny_llava(tiny_spec)
     ids, mask, pixels = make_batch(tiny_spec, batch_size=2)
+
+    def patches():  # every module's class forward, an instance-level forward, and its hooks
+        return {name: (type(module).forward, "forward" in vars(module), len(module._forward_hooks),
+                       len(module._forward_pre_hooks)) for name, module in model.named_modules()}
+
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        unpatched = patches()  # after a stock forward: transformers adds its own output-recording hooks in the first
+        assert not any(instance for _, instance, _, _ in unpatched.values())
         PrunedLlava(model)(ids, mask, pixels, method=KeepFixed(1, [[0, 1], [2]]))
+        assert patches() == unpatched
         after = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     assert torch.equal(before, after)
-    assert type(model.model.language_model.layers[0]).forward is type(model.model.language_model.layers[1]).forward
 
 
 def test_wrong_number_of_image_tokens_is_reported(tiny_spec):

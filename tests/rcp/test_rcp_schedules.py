@@ -96,6 +96,9 @@ def test_the_plugin_module_trains_with_this_schedule_and_names_a_bad_fraction(ti
     scheduler = trained.configure_optimizers()["lr_scheduler"]["scheduler"]
     expected = warmup_cosine_lr_lambda(30, 0.05, 0.2)
     assert scheduler.lr_lambdas[0].warmup_steps == expected.warmup_steps == 2  # ceil(1.5): at least the fraction
+    factors = [scheduler.lr_lambdas[0](step) for step in range(31)]
+    assert factors == [expected(step) for step in range(31)]
+    assert factors[30] == pytest.approx(0.2) and max(factors) == pytest.approx(1.0)  # decays to final_lr_ratio
     with pytest.raises(ValueError, match="model.warmup_fraction=1.0"):
         module(warmup_fraction=1.0)
 
