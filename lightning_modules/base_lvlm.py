@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from lvlm_prune.archives import staged_export, with_default_permissions
 from lvlm_prune.data import additive_attention_mask, answer_cross_entropy
 from lvlm_prune.generation import stock_greedy_generate
 from lvlm_prune.modeling.grounding import AttentionGrounding, grounding_queries
-from lvlm_prune.modeling.loading import load_base_model
+from lvlm_prune.modeling.loading import load_base_model, unread_vision_modules
 from lvlm_prune.modeling.optimizers import OPTIMIZERS, OptimizerName, build_optimizer
 from lvlm_prune.modeling.tiny import (
     GROWTH_PLACEMENTS,
@@ -106,12 +107,20 @@ class BaseLVLMModule(L.LightningModule):
         crop = processor.image_processor.crop_size["height"]
         if crop != spec.image_size:
             raise ValueError(f"model.spec.image_size={spec.image_size} but the processor crops images to {crop}")
+        patch = getattr(processor, "patch_size", None)  # how many image tokens the prompt gets
+        if patch is not None and patch != spec.patch_size:
+            raise ValueError(f"model.spec.patch_size={spec.patch_size} but the processor's patch_size is {patch} "
+                             "(the synthetic data's data.init_args.cell_size, or the processor of "
+                             "data.init_args.processor_path)")
         ids = dict(vocab_size=len(tokenizer), image_token_id=self.image_token_id, pad_token_id=tokenizer.pad_token_id,
                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         if init_from is None:
             self.model = build_tiny_llava(spec, **ids, attn_implementation=attn_implementation, seed=seed)
         else:
             self.model = _initial_model(init_from, spec, ids, attn_implementation, grow_placement, seed)
+        # trained, they would never get a gradient: plain DDP stops at its second step on such parameters
+        for module in unread_vision_modules(self.model):
+            module.requires_grad_(False)
         if not learning_rate > 0:
             raise ValueError(f"model.init_args.learning_rate={learning_rate} must be > 0")
         if optimizer not in OPTIMIZERS:
@@ -139,6 +148,9 @@ class BaseLVLMModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._train_ended = False
+        # from_pretrained (init_from) returns eval mode and Lightning does not switch a module to training at fit
+        # start: a stage continued from an export would train without its dropout
+        self.model.train()
         if self.hparams.export_dir and self.trainer.is_global_zero:
             check_writable_directory(self.hparams.export_dir, "model.init_args.export_dir")
 
@@ -268,9 +280,22 @@ class BaseLVLMModule(L.LightningModule):
         if keep:
             with staged_export(self.hparams.export_dir) as staging:
                 self.model.save_pretrained(staging, state_dict=state)
+                if masters:  # the weights are DeepSpeed's fp32 masters; save_pretrained records the module's dtype
+                    record_dtype(staging / "config.json", "float32")
                 self.processor.save_pretrained(staging)
                 for weights in staging.glob("*.safetensors"):
                     with_default_permissions(weights)
+
+
+def record_dtype(config_path: Path, dtype: str) -> None:
+    """Sets every `dtype` entry of a saved config (its sub-configs' too) to `dtype`: the one transformers loads with
+    under `dtype="auto"`."""
+    def replaced(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: dtype if k in ("dtype", "torch_dtype") and v is not None else replaced(v) for k, v in value.items()}
+        return value
+
+    config_path.write_text(json.dumps(replaced(json.loads(config_path.read_text())), indent=2, sort_keys=True) + "\n")
 
 
 def _initial_model(path: str, spec: TinyLlavaSpec, ids: dict, attn_implementation: str, placement: str, seed: int):
@@ -290,6 +315,10 @@ def _initial_model(path: str, spec: TinyLlavaSpec, ids: dict, attn_implementatio
         if key not in ("initializer_range", "dtype", "torch_dtype") and not key.startswith("_")
         and found[tower].get(key) != value
     ]
+    mismatches += [f"{key} is {found.get(key)!r}, the spec gives {expected[key]!r}"
+                   for key in ("vision_feature_layer", "vision_feature_select_strategy", "image_token_id",
+                               "image_seq_length", "projector_hidden_act", "multimodal_projector_bias")
+                   if key in expected and found.get(key) != expected[key]]
     if mismatches:
         raise ValueError(
             f"model.init_from={path!r} does not match model.spec and the processor: {'; '.join(mismatches)}. "

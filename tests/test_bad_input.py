@@ -174,6 +174,13 @@ def test_packed_batches_are_refused_by_the_pruning_methods_training(rcp_module):
         rcp_module.training_step({"packed_rows": [[0, 1]]}, 0)
 
 
+def spec_with(spec, **changes):
+    from lvlm_prune.modeling import TinyLlavaSpec
+
+    fields = spec.to_dict() if isinstance(spec, TinyLlavaSpec) else dict(spec)  # a checkpoint's: a mapping
+    return TinyLlavaSpec(**{**fields, **changes})
+
+
 def test_an_unknown_optimizer_and_muon_under_deepspeed_are_named(tmp_path, capsys):
     from types import SimpleNamespace
 
@@ -191,6 +198,9 @@ def test_an_unknown_optimizer_and_muon_under_deepspeed_are_named(tmp_path, capsy
     module = cli.model
     with pytest.raises(ValueError, match=r"model.init_args.optimizer='sgd'; choose one of \['adamw', 'muon'\]"):
         BaseLVLMModule(processor=module.processor, spec=module.hparams.spec, optimizer="sgd")
+    # a processor that cuts other patches than the model reads would fail only at the first forward
+    with pytest.raises(ValueError, match=r"model.spec.patch_size=4 but the processor's patch_size is 8"):
+        BaseLVLMModule(processor=module.processor, spec=spec_with(module.hparams.spec, patch_size=4))
     module.trainer = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
     with pytest.raises(ValueError, match="optimizer=muon does not run under DeepSpeedStrategy"):
         module.configure_optimizers()

@@ -156,6 +156,7 @@ def test_the_base_stages_continue_each_other_and_the_last_grows_the_llm(tmp_path
                     "--model.init_args.init_from", str(stage0 / "export"), "--data.init_args.train_skip", "32",
                     "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
     assert cli.datamodule.samples("train")[0].question_id == "train-000032"
+    assert cli.model.model.training  # from_pretrained gives eval mode; the continued stage trains in training mode
     before, after = load_base_model(stage0 / "export"), load_base_model(stage1 / "export")
     torch.testing.assert_close(after.lm_head.weight, before.lm_head.weight, rtol=0, atol=1e-2)  # one step away
     assert not torch.equal(after.lm_head.weight, before.lm_head.weight)
@@ -176,6 +177,9 @@ def test_the_base_stages_continue_each_other_and_the_last_grows_the_llm(tmp_path
     with pytest.raises(ValueError, match="text_config.hidden_size is 32, the spec gives 64"):
         cli_main(["fit", "--config", "configs/synthetic/base.yaml", *grown_args,
                   "--model.init_args.spec.hidden_size", "64", "--trainer.max_steps", "1"])
+    with pytest.raises(ValueError, match="vision_feature_layer is -1, the spec gives -2"):  # a top-level setting
+        cli_main(["fit", "--config", "configs/synthetic/base.yaml", *grown_args,
+                  "--model.init_args.spec.vision_feature_layer", "-2", "--trainer.max_steps", "1"])
     with pytest.raises(ValueError, match="model.grow_placement='middle'"):
         cli_main(["fit", "--config", "configs/synthetic/base.yaml", *grown_args,
                   "--model.init_args.grow_placement", "middle", "--trainer.max_steps", "1"])

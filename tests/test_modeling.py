@@ -58,6 +58,12 @@ def test_missing_or_incomplete_directories_are_named(tmp_path):
         load_base_model(tmp_path)
     with pytest.raises(FileNotFoundError, match=f"{re.escape(str(tmp_path))}.*holds no processor"):
         load_processor(tmp_path)
+    # an image processor without the tokenizer's files
+    tokenizer = build_word_tokenizer(["red", "blue"])
+    build_processor(tokenizer, image_size=32, patch_size=8).image_processor.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"^data.processor_path: '{re.escape(str(tmp_path))}': its processor does "
+                                         r"not load \("):
+        load_processor(tmp_path, setting="data.processor_path")
 
 
 def test_zero_residual_init_makes_every_block_the_identity(tiny_spec):
@@ -117,3 +123,21 @@ def test_impossible_growth_is_named():
         grown_layer_positions(6, 4)
     with pytest.raises(ValueError, match="placement='middle'"):
         grown_layer_positions(2, 4, "middle")
+
+
+@pytest.mark.parametrize("feature_layer, unread_layers", [(-1, []), (-2, [1])])
+def test_the_unread_vision_modules_are_exactly_the_parameters_no_loss_reaches(tiny_spec, feature_layer, unread_layers):
+    from dataclasses import replace
+
+    from lvlm_prune.modeling.loading import unread_vision_modules
+
+    spec = replace(tiny_spec, vision_feature_layer=feature_layer)
+    model = make_tiny_llava(spec)
+    ids, mask, pixels = make_batch(spec)
+    model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits.square().mean().backward()
+    gradless = {name for name, p in model.named_parameters() if p.grad is None}
+    unread = {id(p) for module in unread_vision_modules(model) for p in module.parameters()}
+    assert gradless == {name for name, p in model.named_parameters() if id(p) in unread}
+    tower = model.model.vision_tower
+    expected = {"post_layernorm", *(f"encoder.layers.{i}" for i in unread_layers)}
+    assert {name for name, module in tower.named_modules() if module in unread_vision_modules(model)} == expected

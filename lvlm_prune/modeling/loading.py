@@ -39,7 +39,17 @@ def load_processor(path: str | Path, setting: str | None = None) -> Any:
             f"{_named(setting)}{str(path)!r} holds no processor (no processor_config.json / preprocessor_config.json / "
             "tokenizer_config.json); save one with processor.save_pretrained(dir) next to the model"
         )
-    return AutoProcessor.from_pretrained(str(path))
+    advice = "it needs the tokenizer's files and the image processor's, as processor.save_pretrained(dir) writes them"
+    try:
+        processor = AutoProcessor.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as error:  # e.g. an image processor beside a model config
+        raise ValueError(f"{_named(setting)}{str(path)!r}: its processor does not load ({type(error).__name__}: "
+                         f"{error}); {advice}") from error
+    missing = [part for part in ("tokenizer", "image_processor") if getattr(processor, part, None) is None]
+    if missing:  # AutoProcessor falls back to the image processor (or the tokenizer) alone
+        raise ValueError(f"{_named(setting)}{str(path)!r}: its processor does not load (it gave a "
+                         f"{type(processor).__name__}, without {' or '.join(missing)}); {advice}")
+    return processor
 
 
 def load_base_model(
@@ -135,6 +145,17 @@ def quantization_kwargs(quantization: str, compute_dtype: torch.dtype) -> dict[s
     else:
         raise ValueError(f"quantization={quantization!r}; choose None, '8bit' or '4bit'")
     return {"quantization_config": config, "device_map": "cpu" if not torch.cuda.is_available() else None}
+
+
+def unread_vision_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The parts of a LLaVA vision tower whose output reaches no feature the LLM reads, so no loss: CLIP's
+    post-layernorm (it normalises the pooled output, which LLaVA does not use) and the encoder layers after the
+    deepest `vision_feature_layer` (hidden state k is the output of the first k layers)."""
+    tower = model.model.vision_tower
+    layers = tower.encoder.layers
+    read = model.config.vision_feature_layer
+    deepest = max(index % (len(layers) + 1) for index in (read if isinstance(read, (list, tuple)) else [read]))
+    return [tower.post_layernorm, *layers[deepest:]]
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -78,7 +78,8 @@ def test_constructor_and_attach_reject_bad_settings(setup):
                 dict(selector_encoder="clip"), dict(describe_instruction="describe the image"),
                 dict(num_beams=2, num_candidates=3), dict(target_prune_ratio=1.0), dict(caption_prefix_mode="mean"),
                 dict(caption_position_init_std=-1.0)):
-        with pytest.raises(ValueError):
+        setting, value = next(iter(bad.items()))  # the error names the setting and the value given
+        with pytest.raises(ValueError, match=rf"^accm {setting}={value!r}"):
             ACCMCompensation(**bad)
     with pytest.raises(ValueError, match="tokenizer"):
         ACCMCompensation().attach(engine, None)

@@ -84,6 +84,11 @@ def test_packed_batches_give_the_padded_loss_and_gradients(attn_implementation):
     (padded_loss, padded_grads), (packed_loss, packed_grads) = results
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
     assert padded_grads.keys() == packed_grads.keys() and len(padded_grads) > 10
+    # every trained parameter gets a gradient (plain DDP needs it); what no loss reaches is frozen
+    trained = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert padded_grads.keys() == trained
+    assert {n for n, p in module.named_parameters() if not p.requires_grad} == {
+        "model.model.vision_tower.post_layernorm.weight", "model.model.vision_tower.post_layernorm.bias"}
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
