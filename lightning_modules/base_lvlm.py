@@ -148,6 +148,10 @@ class BaseLVLMModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._train_ended = False
+        if self.hparams.export_dir and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise ValueError(f"model.init_args.export_dir: the export gathers DeepSpeed's partitions, not "
+                             f"{type(self.trainer.strategy).__name__}'s shards, and would write them as they are; "
+                             "train the base under ddp or a DeepSpeed preset (configs/trainer/deepspeed_zero*.yaml)")
         # from_pretrained (init_from) returns eval mode and Lightning does not switch a module to training at fit
         # start: a stage continued from an export would train without its dropout
         self.model.train()
@@ -305,7 +309,7 @@ def _initial_model(path: str, spec: TinyLlavaSpec, ids: dict, attn_implementatio
             f"model.init_from={path!r} is not a directory: it is an earlier stage's export (for the embedded default: "
             "python cli.py fit --config configs/synthetic/base_describe.yaml, then base_stage1.yaml)"
         )
-    model = load_base_model(path, attn_implementation=attn_implementation)
+    model = load_base_model(path, attn_implementation=attn_implementation, setting="model.init_args.init_from")
     depth = model.config.text_config.num_hidden_layers
     expected = build_tiny_llava_config(TinyLlavaSpec(**{**spec.to_dict(), "num_layers": depth}), **ids).to_dict()
     found = model.config.to_dict()

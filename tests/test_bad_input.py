@@ -204,6 +204,12 @@ def test_an_unknown_optimizer_and_muon_under_deepspeed_are_named(tmp_path, capsy
     module.trainer = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
     with pytest.raises(ValueError, match="optimizer=muon does not run under DeepSpeedStrategy"):
         module.configure_optimizers()
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    assert module.hparams.export_dir
+    module.trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), is_global_zero=True)
+    with pytest.raises(ValueError, match=r"export_dir: the export gathers DeepSpeed's partitions, not FSDPStrategy's"):
+        module.on_fit_start()
 
 
 def test_a_finished_deepspeed_base_run_resumed_names_how_to_export_its_checkpoint(tmp_path):
