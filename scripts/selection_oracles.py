@@ -218,12 +218,15 @@ def main() -> None:
         kept = [0, 0, 0]  # needed objects, other objects, empty cells
         chance_needed = 0.0
         aucs: dict[str, list[float]] = {}
+        # one oracle for the whole split: a fresh one per batch would draw the same random fill for the j-th
+        # question of every batch
+        oracle = OracleSelection(args.keep, name == "relevant_objects", cells)
         for batch in data.test_dataloader():
             if name == "q2v_by_layer":
                 method = QuestionAttentionByLayer(engine.info.num_layers)
-                with torch.no_grad():
-                    engine(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"],
-                           method=method, logits="none")
+                with torch.no_grad():  # the prompt alone, as a pruner sees it (not the answer's tokens)
+                    engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
+                           batch["prompt_position_ids"], method=method, logits="none")
                 for row, question_id in enumerate(batch["question_ids"]):
                     needed, objects = cells[question_id]
                     for layer, attention in method.attention.items():
@@ -237,7 +240,7 @@ def main() -> None:
             elif name == "base_attention":
                 method, runner = base_attention_selection(engine, batch, args.attention_layers, args.keep), engine
             elif name in ("relevant_fill", "relevant_objects"):
-                method, runner = OracleSelection(args.keep, name == "relevant_objects", cells), engine
+                method, runner = oracle, engine
                 method.question_ids = batch["question_ids"]
             else:
                 method, runner = (PruningMethod(0.0) if name == "full" else build_method(name, ratio)), engine
