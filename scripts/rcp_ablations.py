@@ -43,6 +43,24 @@ def last_validation_accuracy(log_dir: Path) -> float | None:
     return events.Scalars("val/acc")[-1].value
 
 
+def check_reusable(run: Path, base: str, ratio: float, extra: list[str]) -> None:
+    """A variant's earlier run is reused only when its saved config is this variant's, at this ratio, on this base."""
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    model = saved["model"]["init_args"]
+    settings = model["compensation"]["init_args"]
+    expected = {"target_prune_ratio": ratio}
+    expected.update({key.removeprefix(PLUGIN): yaml.safe_load(value) for key, value in zip(extra[::2], extra[1::2])})
+    differing = [f"{key}={settings.get(key)!r} (wanted {value!r})" for key, value in expected.items()
+                 if settings.get(key) != value]
+    if Path(model["base_model_path"]).resolve() != Path(base).resolve():
+        differing.append(f"base_model_path={model['base_model_path']!r} (wanted {base!r})")
+    if differing:
+        raise ValueError(f"{run.parent} was trained with other settings: {', '.join(differing)}; remove it "
+                         f"(rm -r {run.parent}) to train this variant again, or use another --run-dir")
+
+
 def three_decimals(value: str) -> str:
     return f"{float(value):.3f}" if value else "n/a"
 
@@ -70,7 +88,13 @@ def main() -> None:
                 "--trainer.callbacks.init_args.prune_ratios", f"[{args.ratio}]",
                 *extra,
             ])
-        result = next(r for r in csv.DictReader(sweep_csv.open()) if r["method"] == "rcp")
+        else:
+            check_reusable(run_dir / tag / "run", base, args.ratio, extra)
+        matching = [r for r in csv.DictReader(sweep_csv.open())
+                    if r["method"] == "rcp" and abs(float(r["prune_ratio"]) - args.ratio) < 1e-9]
+        if not matching:
+            raise ValueError(f"{sweep_csv} holds no rcp row at r = {args.ratio}")
+        result = matching[0]
         validation = last_validation_accuracy(run_dir / tag / "run")
         rows.append({"variant": name, **result, "val_accuracy": "" if validation is None else f"{validation:.4f}"})
         print(f"{name:48s} acc={float(result['accuracy']):.3f} val={rows[-1]['val_accuracy']} "
