@@ -42,6 +42,8 @@ def main() -> None:
     if not plugin_path.is_file():
         raise SystemExit(f"no ACCM plug-in at {str(plugin_path)!r}: run `make demo` (stage accm) first")
     info = json.loads(Path(str(plugin_path) + ".json").read_text())
+    settings = {k: info["config"].get(k) for k in ("target_prune_ratio", "vision_selection", "text_fraction")}
+    print(f"plug-in {plugin_path} ({', '.join(f'{k} {v}' for k, v in settings.items())})", flush=True)
     base = str(run / "base_model")
     data = SyntheticVQADataModule(processor_path=base, num_test=args.num, eval_batch_size=64)
     module = CompensationModule(base, ACCMCompensation(**info["config"]), processor=data.processor,
