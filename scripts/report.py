@@ -214,7 +214,7 @@ def build(args: argparse.Namespace) -> tuple[str, Path | None]:
                   f"GFLOPs per sample: LLM prefill {llm}, and the total in one unit, exact (a multiply-add counts "
                   "twice): the LLM prefill, the vision "
                   "tower, projector and the method's own modules (not the computations a method runs to score tokens, up to "
-                  "about 3.3 % more: `docs/flops.md`). `realised r` is the layer-averaged fraction of visual "
+                  "about 3.1 % more: `docs/flops.md`). `realised r` is the layer-averaged fraction of visual "
                   "tokens removed; latency is generation time per sample at the sweep's batch size.", "",
                   table(["method", "r", "realised r", "visual tokens", "text tokens", "GFLOPs LLM", "GFLOPs total",
                          "latency ms", "accuracy"], body), ""]

@@ -57,7 +57,8 @@ def _unreachable_pairs(name):
     sweep, options = _sweep_settings(name)
     unreachable = set()
     for method in sweep["methods"]:
-        for ratio in [] if method == "full" else sweep["prune_ratios"]:
+        # RCP's top-k budgets reach every ratio by construction (tests/rcp); ACCM's variants are its PruMerge+ below
+        for ratio in [] if method in ("full", "rcp") else sweep["prune_ratios"]:
             pruner = (build_method(method, ratio, **options.get(method, {})) if method in TRAINING_FREE_METHODS
                       else PruMergePlusPruning(ratio))  # the ACCM plug-in's variants: its pre-LLM selection
             try:
@@ -75,6 +76,7 @@ def _unreachable_pairs(name):
 def test_the_7b_sweeps_reach_their_ratios_but_those_no_schedule_can():
     # PyramidDrop's default stage ends (8/16/24) cap r at 0.75; the configs end its first stage after layer 1
     assert _unreachable_pairs("sweep.yaml") == set()
+    assert _unreachable_pairs("rcp.yaml") == set()
     # 0.969 (18 of 576) is above PyramidDrop's cap with a first stage of one layer (0.96875); FastV and DART (K = 2)
     # stop at 0.936
     assert _unreachable_pairs("accm.yaml") == {("pdrop", 0.969), ("fastv", 0.9375), ("fastv", 0.969),
