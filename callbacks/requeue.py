@@ -52,6 +52,7 @@ class SlurmRequeue(L.Callback):
     def __init__(self) -> None:
         self._signal: signal.Signals | None = None
         self._previous_handler: Any = None
+        self._installed = False
         self._received = False
         self._done = False
 
@@ -64,10 +65,11 @@ class SlurmRequeue(L.Callback):
         environment.auto_requeue = False  # Lightning registers its handler after setup: it finds this off
         self._signal = environment.requeue_signal
         self._received = self._done = False
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._signal is not None:
-            self._previous_handler = signal.signal(self._signal, self._note)
+        # here, before the fit loop forks its DataLoader workers: they inherit the handler. SLURM signals every
+        # process of the step, and a worker left with the default action dies, which ends training with no
+        # requeue checkpoint
+        self._previous_handler = signal.signal(self._signal, self._note)
+        self._installed = True
 
     def _note(self, signum: int, frame: Any) -> None:
         self._received = True
@@ -94,6 +96,7 @@ class SlurmRequeue(L.Callback):
                         result.returncode)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._signal is not None and self._previous_handler is not None:
-            signal.signal(self._signal, self._previous_handler)
-            self._previous_handler = None
+        if self._installed:
+            # None: the previous handler was not installed from Python; the default action is the best restore
+            signal.signal(self._signal, signal.SIG_DFL if self._previous_handler is None else self._previous_handler)
+            self._installed, self._previous_handler = False, None

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
@@ -154,6 +155,15 @@ class ResumableDataOrder(L.Callback):
             multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
             prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
         )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # ModelCheckpoint does not checkpoint the step it last saved at: resumed at a step it saves at, it would save
+        # again after the first micro-batch of an accumulation window (the step has not moved yet), a checkpoint
+        # whose data position is inside the window and whose summed gradients are lost
+        if trainer.global_step > 0:
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint):
+                    callback._last_global_step_saved = trainer.global_step
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # before the epoch's iterator is made

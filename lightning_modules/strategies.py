@@ -108,8 +108,10 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier("checkpoint_written")
         if renames:
-            shutil.rmtree(previous, ignore_errors=True)
+            # the last whole checkpoint stays until the new one is in place: `target`, or `previous` when an
+            # earlier save was killed between the renames (and the run resumed from it)
             if target.exists():
+                shutil.rmtree(previous, ignore_errors=True)
                 target.rename(previous)
             staging.rename(target)
             shutil.rmtree(previous, ignore_errors=True)

@@ -8,6 +8,7 @@ import sys
 import warnings
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -399,3 +400,61 @@ def test_a_requeue_signal_inside_an_accumulation_window_checkpoints_at_the_windo
         assert saved == ([] if batch_idx < 2 else [str(tmp_path / "hpc_ckpt_1.ckpt")])
     requeue.on_train_batch_end(trainer, None, None, None, 3)  # once only
     assert len(saved) == 1
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _AccumulatingModel(L.LightningModule):
+    """w is pulled toward each batch; stops (raises) after `stop_after` training batches of this run."""
+
+    def __init__(self, stop_after=None):
+        super().__init__()
+        self.w, self.stop_after, self.batches = torch.nn.Parameter(torch.zeros(1)), stop_after, 0
+
+    def training_step(self, batch, batch_idx):
+        return ((self.w - batch[0]) ** 2).sum()
+
+    def on_train_batch_end(self, *args):
+        self.batches += 1
+        if self.batches == self.stop_after:
+            raise _Interrupted
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class _Numbers(L.LightningDataModule):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(16.0)), batch_size=2,
+                                           shuffle=True)
+
+
+def test_a_run_resumed_at_a_checkpoint_step_does_not_save_again_inside_an_accumulation_window(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(directory, stop_after=None, ckpt_path=None):
+        L.seed_everything(0, verbose=False)
+        trainer = L.Trainer(default_root_dir=directory, max_steps=8, accumulate_grad_batches=2, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            callbacks=[ResumableDataOrder(), ModelCheckpoint(dirpath=directory, every_n_train_steps=2,
+                                                                             save_top_k=0, save_last=True)])
+        model = _AccumulatingModel(stop_after)
+        try:
+            trainer.fit(model, datamodule=_Numbers(), ckpt_path=ckpt_path)
+        except _Interrupted:
+            pass
+        return model.w.item()
+
+    def saved(path):
+        checkpoint = torch.load(path, weights_only=False)
+        return checkpoint["global_step"], checkpoint["callbacks"]["ResumableDataOrder"]["batches_done"]
+
+    uninterrupted = fit(tmp_path / "a")
+    last = tmp_path / "b" / "last.ckpt"
+    fit(tmp_path / "b", stop_after=5)  # last.ckpt at step 2, after 4 batches
+    assert saved(last) == (2, 4)
+    fit(tmp_path / "b", stop_after=1, ckpt_path=last)  # resumed, stopped after the first micro-batch of a window
+    assert saved(last) == (2, 4)  # Lightning's checkpoint saved again here, at 5 batches (inside the window)
+    assert fit(tmp_path / "b", ckpt_path=last) == uninterrupted

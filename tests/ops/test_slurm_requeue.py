@@ -92,3 +92,34 @@ def test_requeued_job_resumes_from_its_requeue_checkpoint(tiny_base_dir, tmp_pat
     expected, resumed = load_file(reference_dir / "plugin.safetensors"), load_file(run_dir / "plugin.safetensors")
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+
+
+class SignalledInAWorker(torch.utils.data.Dataset):
+    """One item, made in a DataLoader worker after SLURM's requeue signal reached that worker (SLURM signals every
+    process of the job step)."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return index
+
+
+def test_dataloader_workers_inherit_the_requeue_handler_and_survive_the_signal():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from callbacks.requeue import SlurmRequeue
+
+    environment = SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)
+    trainer = SimpleNamespace(_accelerator_connector=SimpleNamespace(cluster_environment=environment))
+    callback, before = SlurmRequeue(), signal.getsignal(signal.SIGUSR1)
+    callback.setup(trainer, None, "fit")  # Lightning forks the first epoch's workers after setup, before training
+    try:
+        loader = torch.utils.data.DataLoader(SignalledInAWorker(), num_workers=1, batch_size=None)
+        assert list(loader) == [0]  # with the default action the worker dies and the loader raises
+    finally:
+        callback.teardown(trainer, None, "fit")
+    assert signal.getsignal(signal.SIGUSR1) == before and not environment.auto_requeue
