@@ -247,6 +247,11 @@ def resume_checkpoint(trainer: L.Trainer) -> str | None:
     for callback in trainer.checkpoint_callbacks:
         directory = Path(checkpoint_directory(trainer, callback))
         if directory.is_dir():
+            # a killed save's temporary file (AtomicCheckpointIO), which no later save would replace (its name
+            # holds the process id): a base model's is gigabytes
+            for leftover in [p for p in directory.iterdir() if re.fullmatch(r"\..+\.ckpt\.\d+\.tmp", p.name)]:
+                rank_zero_warn(f"--ckpt_path auto: removing {str(leftover)!r}, left by a checkpoint save that was killed")
+                leftover.unlink(missing_ok=True)
             candidates += [p for p in directory.iterdir() if re.fullmatch(r"last(-v\d+)?\.ckpt", p.name)]
             # a DeepSpeed save killed between its two renames left the previous checkpoint beside the missing one
             candidates += [p for p in directory.iterdir() if re.fullmatch(r"\.last(-v\d+)?\.ckpt\.previous", p.name)

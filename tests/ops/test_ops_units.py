@@ -170,7 +170,11 @@ def test_resume_checkpoint_picks_the_newest_of_requeue_and_last(tmp_path):
     assert resume_checkpoint(trainer) is None
     last = tmp_path / "logs" / "run" / "checkpoints" / "last.ckpt"
     _touch(last, 1000)
-    assert resume_checkpoint(trainer) == str(last)
+    killed_save = last.with_name(".last.ckpt.4242.tmp")  # AtomicCheckpointIO's, from a killed process
+    _touch(killed_save, 5000)
+    with pytest.warns(UserWarning, match=r"removing .*\.last\.ckpt\.4242\.tmp.*killed"):
+        assert resume_checkpoint(trainer) == str(last)
+    assert not killed_save.exists()
     _touch(tmp_path / "hpc_ckpt_1.ckpt", 2000)
     assert resume_checkpoint(trainer) == str(tmp_path / "hpc_ckpt_1.ckpt")
     _touch(last, 2000)  # a tie (one-second time stamps): the requeue checkpoint, whatever the listing order
