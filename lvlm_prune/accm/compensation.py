@@ -53,8 +53,8 @@ from lvlm_prune.accm.vision_pruning import (
     text_relevance_scores,
 )
 from lvlm_prune.baselines import build_method, pre_llm_keep_count
-from lvlm_prune.data import first_answer_only
 from lvlm_prune.compensation import Compensation, copy_weights
+from lvlm_prune.data import first_answer_only
 from lvlm_prune.engine import EngineOutput, ModelInfo, PreLLMContext, PrunedLlava, PruningMethod, gather_rows
 from lvlm_prune.flops import LLMShape, llm_prefill_flops, module_flops
 from lvlm_prune.modeling.prompt import IMAGE_PLACEHOLDER, get_template

@@ -114,9 +114,8 @@ class RCPPruning(PruningMethod):
             layer_mask = threshold_keep(logits, self.temperature).to(visual.dtype)
         current = previous * layer_mask
         pruned_here = present & (current <= 0.5)
-        encoder = plugin.context_encoders[str(position)] if str(position) in plugin.context_encoders else None
-        if encoder is not None:
-            self.contexts.append((ctx.layer_idx, encoder(raw, pruned_here, current)))
+        if str(position) in plugin.context_encoders:  # a pruning layer no adapter reads keeps no context
+            self.contexts.append((ctx.layer_idx, plugin.context_encoders[str(position)](raw, pruned_here, current)))
         self.cumulative.append(current)
         per_token = layer_mask if self.training else current
         sequence_mask = per_token.gather(1, state.visual_index.clamp(min=0))
