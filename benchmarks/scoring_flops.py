@@ -72,7 +72,9 @@ def main() -> None:
             flops, schedule = scoring_flops(engine, method, ids, mask, pixels)
             plugins = method.plugin_flops(args.text_tokens)
             flops -= plugins.get("rcp_pruners", 0.0) + plugins.get("rcp_context", 0.0)  # counted already
-            total = llava_prefill_report(model.config, args.text_tokens, schedule, "exact", plugins=plugins).total
+            # every vision layer charged, as the sweep's totals (a model reading layer -2 still runs the last)
+            total = llava_prefill_report(model.config, args.text_tokens, schedule, "exact", plugins=plugins,
+                                         run_all_vision_layers=True).total
             print(f"| {ratio} | {name} | {flops / 1e6:.2f} | {total / 1e6:.1f} | {100 * flops / total:.2f} % |")
 
 

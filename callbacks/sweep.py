@@ -41,8 +41,9 @@ class PruningSweep(L.Callback):
     exact count of the same prefill; `tflops_total` is in one unit, exact: the LLM prefill, the vision tower,
     projector and the method's own modules (caption model, selector, pruners).
     A (method, ratio) whose schedule cannot reach the ratio on this model is recorded with status
-    'unreachable' and skipped; one whose realised ratio lies more than `ratio_tolerance` from the requested one
-    keeps its measurements but is also marked 'unreachable', so that it is not read as meeting the budget. A method
+    'unreachable' and skipped; one whose realised ratio lies more than `ratio_tolerance` from the requested one, or
+    whose kept visual tokens miss the budget's count by more than `kept_tolerance` of it and one token, keeps its
+    measurements but is also marked 'unreachable', so that it is not read as meeting the budget. A method
     that cannot run at any ratio (e.g. PyramidDrop stage ends outside the model's layers) is an error at setup.
 
     The split is checked when the stage that sweeps starts (before any training): a missing or empty split is an
@@ -66,6 +67,9 @@ class PruningSweep(L.Callback):
         dirpath: output directory (default: the logger's log_dir).
         ratio_tolerance: largest accepted |realised - requested| prune ratio. 0.05 passes rounding to whole
             tokens and pooling grids down to 16 visual tokens (a 4 x 4 pool at r = 0.1 realises 0: no grid fits).
+        kept_tolerance: largest accepted error in the visual tokens kept (layer-averaged), relative to the budget's
+            count, beyond one whole token. At high r an absolute ratio tolerance is loose: 0.05 would pass 46 kept
+            tokens of 576 for r = 0.969's 18; 0.25 passes 18 +- 5.5.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class PruningSweep(L.Callback):
         flops_convention: str = "fastv",
         dirpath: str | None = None,
         ratio_tolerance: float = 0.05,
+        kept_tolerance: float = 0.25,
     ):
         if split not in ("val", "test"):
             raise ValueError(f"sweep split={split!r}; choose 'val' or 'test'")
@@ -99,6 +104,8 @@ class PruningSweep(L.Callback):
             raise ValueError(f"sweep limit_batches={limit_batches} must be at least 1 (None: all batches)")
         if not 0.0 <= ratio_tolerance < 1.0:
             raise ValueError(f"sweep ratio_tolerance={ratio_tolerance} must be in [0, 1)")
+        if not kept_tolerance >= 0.0:
+            raise ValueError(f"sweep kept_tolerance={kept_tolerance} must be >= 0")
         self.methods = list(methods)
         self.prune_ratios = [float(r) for r in prune_ratios]
         self.split = split
@@ -109,6 +116,7 @@ class PruningSweep(L.Callback):
         self.flops_convention = flops_convention
         self.dirpath = dirpath
         self.ratio_tolerance = ratio_tolerance
+        self.kept_tolerance = kept_tolerance
         self.rows: list[dict[str, Any]] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -248,8 +256,8 @@ class PruningSweep(L.Callback):
 
     def _run_pairs(self, trainer, pl_module, loader, rank: int, world: int, was_training: bool) -> None:
         name, ratio = "full", 0.0
+        warmed: set[str] = set()
         try:
-            self._warm_up(pl_module, loader)
             for name, ratio in self.pairs():
                 try:
                     pl_module.make_method(name, ratio)
@@ -257,6 +265,9 @@ class PruningSweep(L.Callback):
                     log.warning("sweep: skipping %s at r=%s: %s", name, ratio, error)
                     self.rows.append({"method": name, "prune_ratio": ratio, "status": f"unreachable: {error}"})
                 else:
+                    if name not in warmed:
+                        self._warm_up(pl_module, loader, name, ratio)
+                        warmed.add(name)
                     self.rows.append(self._evaluate_pair(pl_module, loader, name, ratio, rank, world))
                     if trainer.is_global_zero:
                         row = self.rows[-1]
@@ -283,16 +294,18 @@ class PruningSweep(L.Callback):
             pl_module.train(was_training)
 
     @staticmethod
-    def _warm_up(pl_module, loader) -> None:
-        """One untimed full-token batch first, on every rank (ZeRO-3 gathers in step): otherwise the first timed
-        pair alone pays the first calls' one-time costs (CUDA kernel selection, the allocator's growth)."""
+    def _warm_up(pl_module, loader, name: str, ratio: float) -> None:
+        """One untimed batch before a method's first timed pair, on every rank (ZeRO-3 gathers in step): otherwise
+        that pair alone pays the method's one-time costs (CUDA kernel selection, the allocator's growth, the
+        plug-ins' cached FLOPs counts, which run their modules under a FLOP counter). Every method's randomness
+        is keyed by image or question, so the extra batch changes no answer."""
         batch = next(iter(loader), None)
         if batch is not None:
-            pl_module.run_method(pl_module.transfer_batch_to_device(batch, pl_module.device, 0), "full", 0.0)
+            pl_module.run_method(pl_module.transfer_batch_to_device(batch, pl_module.device, 0), name, ratio)
 
     def _evaluate_pair(self, pl_module, loader, name: str, ratio: float, rank: int, world: int) -> dict[str, Any]:
         metric = exact_match(pl_module.categories).to(pl_module.device)
-        sums = torch.zeros(9, dtype=torch.float64, device=pl_module.device)
+        sums = torch.zeros(10, dtype=torch.float64, device=pl_module.device)
         try:
             evaluated, spare = self._evaluate_batches(pl_module, loader, name, ratio, rank, world, metric, sums)
             if world > 1:
@@ -344,7 +357,7 @@ class PruningSweep(L.Callback):
                 n, counts.mean(1).sum().item(), result.text_tokens.double().sum().item(),
                 sum(f["llm_prefill"] for f in flops), sum(f["total"] - f["llm_prefill"] - f["vision"] - f["projector"] for f in flops),
                 sum(f["total"] for f in exact), seconds * 1000.0, (counts.mean(1) / inputs).sum().item(),
-                sum(f["llm_prefill"] for f in exact),
+                sum(f["llm_prefill"] for f in exact), inputs.sum().item(),
             ], dtype=torch.float64, device=sums.device)
         return evaluated, spare
 
@@ -356,9 +369,14 @@ class PruningSweep(L.Callback):
         n = float(sums[0])
         realised = 1.0 - float(sums[7]) / n
         status = "ok"
+        inputs = float(sums[9]) / n  # visual tokens of an input image, on average
+        kept, budget = (1.0 - realised) * inputs, (1.0 - ratio) * inputs
         if abs(realised - ratio) > self.ratio_tolerance:
             status = (f"unreachable: realised r={realised:.3f} is {abs(realised - ratio):.3f} from the requested {ratio} "
                       f"(ratio_tolerance {self.ratio_tolerance})")
+        elif abs(kept - budget) > self.kept_tolerance * budget + 1.0:
+            status = (f"unreachable: realised r={realised:.3f} keeps {kept:.1f} visual tokens where r={ratio} keeps "
+                      f"{budget:.1f} (kept_tolerance {self.kept_tolerance}, plus one token)")
         return {
             "method": name,
             "prune_ratio": ratio,

@@ -134,7 +134,8 @@ class CaptionCandidates:
         logprobs: (B, M) summed log-probability of each candidate under the model (temperature 1).
         prefix_lengths: (B,) real prefix tokens per sample (instruction + P), run once as prefill.
         decode_tokens: (B,) tokens fed through the decoder after the prefill for that sample, all
-            beams / samples counted, until the sample finished (the decode cost with a KV cache).
+            beams / samples counted (a finished sample row too, fed EOS) until the sample's last one finished (the
+            decode cost with a KV cache).
     """
 
     token_ids: torch.Tensor
@@ -638,7 +639,6 @@ class _Decoding:
         sequences: list[list[int]] = [[] for _ in range(rows_total)]
         scores = [0.0] * rows_total
         active = [True] * rows_total
-        decode_tokens = torch.zeros(batch, dtype=torch.long)
         for step in range(self.max_new_tokens):
             allowed = self._allowed(logprobs, step)
             probs = _nucleus(torch.softmax(allowed / temperature, -1), top_p,
@@ -659,11 +659,9 @@ class _Decoding:
                 scores[r] += picked[r]
                 if token_list[r] == self.eos:
                     active[r] = False
-                elif step < self.max_new_tokens - 1:
-                    decode_tokens[r // num_candidates] += 1
             if step == self.max_new_tokens - 1 or (not any(active) and not self.lockstep):
                 break
-            # Finished rows keep feeding EOS; their outputs are ignored and not counted.
+            # Finished rows keep feeding EOS (their outputs are ignored) until the sample's last candidate ends.
             feed = torch.tensor(
                 [token_list[r] if active[r] else self.eos for r in range(rows_total)], device=device
             )
@@ -671,6 +669,9 @@ class _Decoding:
         finished: list[list[tuple[float, list[int], float]]] = [[] for _ in range(batch)]
         for r in range(rows_total):
             finished[r // num_candidates].append((scores[r], sequences[r], scores[r]))
+        # every row of a sample is fed (EOS once finished) until its longest candidate ends, as beams are
+        decode_tokens = torch.tensor([num_candidates * (max(len(s) for _, s, _ in rows) - 1) for rows in finished],
+                                     dtype=torch.long)
         return finished, decode_tokens
 
 

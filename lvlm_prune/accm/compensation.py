@@ -905,8 +905,8 @@ class ACCMCompensation(Compensation):
         """(B,) caption-model FLOPs per sample: the prefix mapper over the discarded tokens (measured with
         module_flops) + the decoder, analytic for GPT-2 (2 FLOPs per multiply-add, full attention as computed):
         prefill of the prefix (Lp tokens, logits of the last one) and every decode step of every beam with the
-        KV cache (one token attending to Lp + s keys at step s, plus its logits). For sampling the steps per row
-        are the average over rows."""
+        KV cache (one token attending to Lp + s keys at step s, plus its logits). Sampling, like beam search,
+        feeds every row of a sample until its last candidate ends."""
         config = self.caption_model.decoder.config
         d, layers, vocab = config.n_embd, config.n_layer, config.vocab_size
         mapper = torch.tensor([self._mapper_flops(count, selection.features.device)

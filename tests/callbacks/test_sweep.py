@@ -118,6 +118,24 @@ def test_out_of_memory_in_a_pair_keeps_the_type_and_the_advice(tiny_base_dir, da
     assert rows[1]["status"].startswith("failed: OutOfMemoryError: out of memory in generation. Lower")
 
 
+class _Accuracy:
+    def compute(self):
+        return {"acc": torch.tensor(0.5)}
+
+
+@pytest.mark.parametrize("kept, status", [(18.0, "ok"), (23.0, "ok"), (25.0, "unreachable"), (46.0, "unreachable")])
+def test_at_high_r_the_kept_token_count_is_checked_against_the_budget(kept, status):
+    # 576 visual tokens at r = 0.969 keep 17.9: 46 kept realises r = 0.920, within the absolute ratio tolerance (0.05)
+    # but 2.6x the budget; the kept-token tolerance (25 % of the budget, plus one token) catches it
+    samples, inputs = 4, 576.0
+    sums = torch.zeros(10, dtype=torch.float64)
+    sums[0], sums[7], sums[9] = samples, samples * kept / inputs, samples * inputs
+    row = PruningSweep(methods=["random"], prune_ratios=[0.969])._row(_Accuracy(), sums, "random", 0.969)
+    assert row["status"].split(":")[0] == status
+    if status != "ok":
+        assert f"keeps {kept:.1f} visual tokens where r=0.969 keeps 17.9 (kept_tolerance 0.25" in row["status"]
+
+
 def test_a_complete_sweep_writes_its_files_and_drops_the_partial_ones(tiny_base_dir, data, tmp_path):
     sweep = PruningSweep(methods=["full", "pool", "random"], prune_ratios=[0.1, 0.5], dirpath=str(tmp_path))
     trainer(tmp_path, sweep).test(frozen_base(tiny_base_dir, data), datamodule=data)
@@ -310,13 +328,18 @@ def test_a_pair_that_fails_on_one_rank_stops_every_rank():
     assert results[0] == "RuntimeError: sweep: random at r=0.5 failed on another rank; its log names the error"
 
 
-def test_one_untimed_full_token_batch_warms_up_before_the_first_timed_pair(tiny_base_dir, data, tmp_path):
+def test_each_method_runs_one_untimed_batch_before_its_first_timed_pair(tiny_base_dir, data, tmp_path):
     module = frozen_base(tiny_base_dir, data)
     calls, original = [], module.run_method
     module.run_method = lambda batch, name, ratio: calls.append((name, ratio, len(batch["answers"]))) or original(
         batch, name, ratio)
-    rows = PruningSweep(methods=["full", "random"], prune_ratios=[0.5], dirpath=str(tmp_path)).run(
+    rows = PruningSweep(methods=["full", "random"], prune_ratios=[0.5, 0.75], dirpath=str(tmp_path)).run(
         stub_trainer(data, tmp_path), module)
     batches = len(data.test_dataloader())
-    assert calls[0] == ("full", 0.0, TINY_DATA_ARGS["eval_batch_size"]) and len(calls) == 1 + 2 * batches
-    assert [row["num_samples"] for row in rows] == [TINY_DATA_ARGS["num_test"]] * 2  # the warm-up is not counted
+    first = TINY_DATA_ARGS["eval_batch_size"]
+    # full (1 ratio) and random (2 ratios): one warm-up per method, at its first ratio, none for random's second
+    assert calls[0] == ("full", 0.0, first) and calls[1 + batches] == ("random", 0.5, first)
+    assert len(calls) == 2 + 3 * batches
+    assert [call[:2] for call in calls].count(("random", 0.5)) == batches + 1
+    assert [call[:2] for call in calls].count(("random", 0.75)) == batches
+    assert [row["num_samples"] for row in rows] == [TINY_DATA_ARGS["num_test"]] * 3  # warm-ups are not counted

@@ -156,3 +156,46 @@ def test_the_question_count_and_flops_convention_come_from_the_sweep(run_dir, tm
     text = out.read_text()
     assert "synthetic test split (16 questions, 8-12 objects per scene)" in text  # the fixture's num_samples
     assert "LLM prefill counted exactly (a multiply-add counts twice)" in text and "FastV convention" not in text
+
+
+def plane_row(method, ratio, gflops, accuracy, status="ok"):
+    return {"method": method, "prune_ratio": ratio, "tflops_total": gflops / 1e3, "accuracy": accuracy,
+            "status": status}
+
+
+def test_accm_is_compared_with_the_best_baseline_point_at_no_more_flops():
+    baselines = [plane_row("full", 0.0, 1.0, 0.6),
+                 # not monotone in FLOPs: its curve reads 0.41 at 0.19 GFLOPs, where 0.50 costs less
+                 plane_row("fastv", 0.9, 0.10, 0.50), plane_row("fastv", 0.8, 0.20, 0.40),
+                 plane_row("fastv", 0.6, 0.40, 0.55),
+                 # measured, but its realised ratio missed the requested one: still a point on the FLOPs axis
+                 plane_row("pdrop", 0.95, 0.05, 0.52, "unreachable: realised r=0.88 is 0.07 from the requested 0.95"),
+                 {"method": "dart", "prune_ratio": 0.97, "status": "unreachable: cannot be reached"}]
+    accm = [plane_row("accm", 0.969, 0.19, 0.45), plane_row("accm_oracle", 0.969, 0.19, 0.70),
+            plane_row("accm_random", 0.9375, 1.2, 0.50)]
+    lines = report.accm_on_flops_plane(report.measured(baselines), accm)[0].splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {cells[0]: dict(zip(header, cells)) for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    assert set(rows) == {"accm", "accm_random"}  # the oracle's KL passes are not in its FLOPs
+    assert header[4:] == ["fastv at same FLOPs", "pdrop at same FLOPs", "best point at no more FLOPs",
+                          "points over best"]
+    assert rows["accm"]["fastv at same FLOPs"] == "0.410" and rows["accm"]["best point at no more FLOPs"] == "0.520"
+    # pdrop's curve, (0.05, 0.52) to full (1.0, 0.6), reads 0.532 there: the margin is over it
+    assert rows["accm"]["pdrop at same FLOPs"] == "0.532" and rows["accm"]["points over best"] == "-8.2"
+    # beyond the full-token point no curve reads a value, but full tokens reach 0.6 for less
+    assert rows["accm_random"]["fastv at same FLOPs"] == "-" and rows["accm_random"]["points over best"] == "-10.0"
+
+
+def test_sweeps_in_different_flops_conventions_are_refused(run_dir, tmp_path):
+    (run_dir / "sweep" / "run" / "sweep.json").write_text(json.dumps({"flops_convention": "fastv", "rows": []}))
+    (run_dir / "accm_r0.969" / "run" / "sweep.json").write_text(json.dumps({"flops_convention": "exact", "rows": []}))
+    message = refused(run_dir, tmp_path / "results.md")
+    assert "count the LLM's FLOPs in different conventions" in message
+    assert f"exact in {run_dir / 'accm_r0.969' / 'run' / 'sweep.json'}" in message
+
+
+def test_accm_scored_on_other_questions_than_the_baselines_is_refused(run_dir, tmp_path):
+    (run_dir / "accm_r0.969" / "run" / "sweep.csv").write_text(sweep_csv([{**row("accm", 0.969), "num_samples": 8}]))
+    message = refused(run_dir, tmp_path / "results.md")
+    assert "different numbers of questions (sweep/run/sweep.csv: [16], accm_r0.969/run/sweep.csv: [8])" in message
