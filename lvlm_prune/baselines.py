@@ -28,8 +28,14 @@ def scaled_layer(layer_of_32: int, num_layers: int) -> int:
     return max(1, round(layer_of_32 * num_layers / 32))
 
 
-def pre_llm_keep_count(prune_ratio: float, num_visual: int) -> int:
-    return max(1, round((1.0 - prune_ratio) * num_visual))
+def pre_llm_keep_count(prune_ratio: float, num_visual: int, name: str = "pruning") -> int:
+    """Visual tokens a pre-LLM method keeps for `prune_ratio`; a budget that rounds to no token is refused, as the
+    in-LLM methods refuse theirs (keeping one anyway would realise a lower ratio than the one asked for)."""
+    keep = round((1.0 - prune_ratio) * num_visual)
+    if keep < 1:
+        raise ValueError(f"{name}: prune_ratio={prune_ratio} keeps no visual token of {num_visual} (largest "
+                         f"reachable ratio {1 - 1 / num_visual:.4f}); lower the ratio")
+    return keep
 
 
 def single_stage_keep_count(prune_ratio: float, info: ModelInfo, layer: int, name: str) -> int:
@@ -61,7 +67,7 @@ class RandomPruning(PruningMethod):
 
     def bind(self, info: ModelInfo) -> None:
         super().bind(info)
-        self.keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens)
+        self.keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens, self.name)
 
     def planned_visual_tokens(self) -> list[float]:
         return [float(self.keep)] * self.info.num_layers
@@ -74,7 +80,7 @@ class RandomPruning(PruningMethod):
     def before_llm(self, ctx: PreLLMContext) -> torch.Tensor:
         b, n, _ = ctx.visual_features.shape
         scores = torch.stack([torch.rand(n, generator=self.image_generator(ctx.pixel_values[i])) for i in range(b)])
-        keep = per_sample(ctx.num_visual, lambda count: pre_llm_keep_count(self.prune_ratio, count))
+        keep = per_sample(ctx.num_visual, lambda count: pre_llm_keep_count(self.prune_ratio, count, self.name))
         return top_k_mask(scores.to(ctx.visual_features.device), ctx.visual_valid, keep)
 
 
@@ -90,7 +96,7 @@ class PoolPruning(PruningMethod):
         side = math.isqrt(info.num_visual_tokens)
         if side * side != info.num_visual_tokens:
             raise ValueError(f"pool: {info.num_visual_tokens} visual tokens do not form a square grid")
-        keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens)
+        keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens, self.name)
         # the grid nearest the budget, then the squarest (7 of 64: 1 x 7; 32: 4 x 8, not the 5 x 6 near sqrt)
         self.rows, self.cols = min(((h, w) for h in range(1, side + 1) for w in range(1, side + 1)),
                                    key=lambda hw: (abs(hw[0] * hw[1] - keep), abs(hw[0] - hw[1]), hw[0]))
@@ -176,10 +182,12 @@ class PyramidDrop(PruningMethod):
             return sum(span * lam**i for i, span in enumerate(spans)) / depth
 
         target = 1.0 - self.prune_ratio
-        if average(0.0) > target + 1e-9:
+        # every stage after the first keeps at least one token (as FastV and DART do after their layer)
+        fewest = (spans[0] * n + sum(spans[1:])) / (depth * n)
+        if fewest > target + 1e-9:
             raise ValueError(
                 f"pdrop: prune_ratio={self.prune_ratio} cannot be reached with stage ends {ends} of {depth} layers "
-                f"(largest reachable ratio {1 - average(0.0):.3f}); give earlier stage_ends"
+                f"and {n} visual tokens (largest reachable ratio {1 - fewest:.3f}); give earlier stage_ends"
             )
         lo, hi = 0.0, 1.0
         for _ in range(60):
@@ -226,7 +234,7 @@ class VisionZip(PruningMethod):
 
     def bind(self, info: ModelInfo) -> None:
         super().bind(info)
-        self.keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens)
+        self.keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens, self.name)
         self.dominant = max(1, round(self.keep * self.dominant_fraction)) if self.keep > 1 else 1
         self.contextual = self.keep - self.dominant
 

@@ -95,7 +95,7 @@ class PruMergePlusPruning(PruningMethod):
 
     def bind(self, info: ModelInfo) -> None:
         super().bind(info)
-        self.keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens)
+        self.keep = pre_llm_keep_count(self.prune_ratio, info.num_visual_tokens, self.name)
 
     def planned_visual_tokens(self) -> list[float]:
         return [float(self.keep)] * self.info.num_layers

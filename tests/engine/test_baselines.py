@@ -51,8 +51,31 @@ def test_pdrop_solves_lambda_and_refuses_unreachable_budgets():
     method.bind(INFO_7B)
     assert method.prune_layers == (8, 16, 24)
     assert abs(1 - sum(method.planned_visual_tokens()) / (32 * 576) - 0.5) < 0.01
-    with pytest.raises(ValueError, match="largest reachable ratio 0.750"):
+    with pytest.raises(ValueError, match="largest reachable ratio 0.749"):  # (8 x 576 + 24 x 1) / (32 x 576) kept
         build_method("pdrop", 0.889).bind(INFO_7B)
+
+
+@pytest.mark.parametrize("ratio, reachable", [(0.967, True), (0.969, False)])
+def test_pdrop_counts_the_one_token_every_later_stage_keeps(ratio, reachable):
+    # stage ends 1/16/24 of 32: layer 0 sees all 576, layers 1-31 at least one each, so r <= 1 - 607 / 18432 = 0.96707
+    method = build_method("pdrop", ratio, stage_ends=(1, 16, 24))
+    if reachable:
+        method.bind(INFO_7B)
+        assert abs(1 - sum(method.planned_visual_tokens()) / (32 * 576) - ratio) < 0.001
+    else:
+        with pytest.raises(ValueError, match=r"pdrop: prune_ratio=0.969 cannot be reached .* 576 visual tokens "
+                                             r"\(largest reachable ratio 0.967\)"):
+            method.bind(INFO_7B)
+
+
+@pytest.mark.parametrize("name", ["random", "pool", "visionzip"])
+def test_a_pre_llm_budget_of_no_token_is_refused(name):
+    info = ModelInfo(num_layers=4, num_visual_tokens=16, hidden_size=64, vision_feature_layer=-1)
+    method = build_method(name, 0.97)  # 0.48 of 16 tokens: keeping one would realise r = 0.9375
+    with pytest.raises(ValueError, match=rf"{name}: prune_ratio=0.97 keeps no visual token of 16 \(largest "
+                                         r"reachable ratio 0.9375\)"):
+        method.bind(info)
+    build_method(name, 0.96).bind(info)  # 0.64 rounds to one token
 
 
 def test_fastv_reports_the_reachable_limit():
