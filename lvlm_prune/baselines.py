@@ -54,7 +54,8 @@ def single_stage_keep_count(prune_ratio: float, info: ModelInfo, layer: int, nam
 class RandomPruning(PruningMethod):
     """Keeps a random subset of the visual tokens before the LLM (max(1, round((1 - r) N_i)) per sample).
 
-    Each image's subset is drawn from a generator seeded by `seed` and the image's pixel values: it does not
+    Each image's subset is drawn from a generator seeded by `seed` and the image's pixel values (its projected
+    features when the engine gets precomputed visual inputs instead of pixels): it does not
     depend on the batch the image is in, its place there, or how many batches came before (a generator seeded once
     per call would give the same positions to the j-th image of every batch)."""
 
@@ -79,7 +80,9 @@ class RandomPruning(PruningMethod):
 
     def before_llm(self, ctx: PreLLMContext) -> torch.Tensor:
         b, n, _ = ctx.visual_features.shape
-        scores = torch.stack([torch.rand(n, generator=self.image_generator(ctx.pixel_values[i])) for i in range(b)])
+        # precomputed visual inputs come without pixels: the image's features key its draw instead
+        keys = ctx.pixel_values if ctx.pixel_values is not None else ctx.visual_features
+        scores = torch.stack([torch.rand(n, generator=self.image_generator(keys[i])) for i in range(b)])
         keep = per_sample(ctx.num_visual, lambda count: pre_llm_keep_count(self.prune_ratio, count, self.name))
         return top_k_mask(scores.to(ctx.visual_features.device), ctx.visual_valid, keep)
 

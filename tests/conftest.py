@@ -16,7 +16,7 @@ TINY_IMAGE_TOKEN = 63
 def tiny_spec():
     from lvlm_prune.modeling import TinyLlavaSpec
 
-    # 3 layers, GQA, 16 visual tokens: every engine path, in milliseconds.
+    # 4 layers, GQA, 16 visual tokens: every engine path, in milliseconds.
     return TinyLlavaSpec(
         image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=2, vision_heads=2,
         hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,

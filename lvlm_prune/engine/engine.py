@@ -96,12 +96,12 @@ class PrunedLlava:
                 "(one CLIP grid with its [CLS] attention, one budget for every sample); use a method that budgets "
                 "per sample (training-free: random, fastv, pdrop, dart)"
             )
+        method.bind(self.info)  # methods that scale their layers with depth (FastV, PyramidDrop, DART) set them here
         for layer in method.prune_layers:
             if not 0 <= layer < self.info.num_layers:
                 raise ValueError(
                     f"{method.name}: pruning layer {layer} is outside the model's {self.info.num_layers} decoder layers"
                 )
-        method.bind(self.info)
         return method
 
     # ------------------------------------------------------------------ inputs
@@ -161,15 +161,23 @@ class PrunedLlava:
         last_image = torch.where(is_image, torch.arange(input_ids.shape[1], device=input_ids.device), -1).max(1).values
         after_image = torch.arange(input_ids.shape[1], device=input_ids.device)[None] > last_image[:, None]
         real = attention_mask.bool() | is_image  # hidden visual tokens are still part of the sequence
+        last_real = (real.long() * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(1)
+        ends_with_image = is_image.gather(1, last_real[:, None]).squeeze(1)
+        if ends_with_image.any():
+            # a pruning method may drop that token, and the next-token logits would be read off another one
+            raise ValueError(f"sample(s) {ends_with_image.nonzero().flatten().tolist()} of the batch end with an image "
+                             "token: a prompt needs text after its image (LLaVA's ends with 'ASSISTANT:')")
         if labels is not None:
             answer_mask = answer_generation_mask(labels)
             in_answer = labels != IGNORE_INDEX
         else:
             answer_mask = torch.zeros_like(is_image)
-            last = (real.long() * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(1)
-            answer_mask[torch.arange(input_ids.shape[0]), last] = True
+            answer_mask[torch.arange(input_ids.shape[0]), last_real] = True
             in_answer = torch.zeros_like(is_image)
-        question_mask = after_image & real & ~in_answer & ~answer_mask
+        # the first turn's question only: at generation time later turns do not exist yet
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        first_answer = torch.where(answer_mask, positions, input_ids.shape[1]).min(1).values
+        question_mask = after_image & real & ~in_answer & ~answer_mask & (positions[None] < first_answer[:, None])
         return SequenceState(
             hidden=inputs_embeds,
             position_ids=position_ids,
@@ -326,6 +334,8 @@ class PrunedLlava:
             tokens (B, T_new) (rows that ended are padded with `pad_token_id`) and the prefill's
             `visual_tokens_per_layer` (B, num_layers).
         """
+        if max_new_tokens < 1:
+            raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be at least 1 (the answer's first token)")
         method = self.bind(method)
         decode = _DecodeState(DynamicCache(config=self.config.get_text_config()), [], torch.empty(0),
                               (input_ids == self.image_token_id).sum(1))

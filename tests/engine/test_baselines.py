@@ -247,3 +247,37 @@ def test_visionzip_under_the_full_feature_strategy_keeps_the_cls_token_and_its_b
         out = engine(ids, mask, pixels, method=method, logits="last")
     assert out.visual_tokens_per_layer[:, 0].tolist() == [float(method.keep)] * 2
     assert (out.state.visual_index == 0).any(1).all(), "the [CLS] token is dominant"
+
+
+def test_the_engine_checks_the_layers_a_method_chooses_when_it_is_bound(tiny_spec):
+    from lvlm_prune.engine.methods import PruningMethod
+
+    engine = PrunedLlava(make_tiny_llava(tiny_spec))  # 4 decoder layers
+
+    class DeepLayer(PruningMethod):
+        name = "deep"
+
+        def bind(self, info):
+            super().bind(info)
+            self.prune_layers = (info.num_layers + 3,)
+
+    with pytest.raises(ValueError, match="deep: pruning layer 7 is outside the model's 4 decoder layers"):
+        engine.bind(DeepLayer(0.5))
+    # PyramidDrop's stages scale with depth: one bound to a 32-layer model is rebound to this one's, not refused
+    pdrop = build_method("pdrop", 0.4)
+    pdrop.bind(INFO_7B)
+    assert engine.bind(pdrop).prune_layers == (1, 2, 3)
+
+
+def test_random_pruning_runs_on_precomputed_visual_inputs(tiny_spec):
+    # no pixels on this path: each image's features key its draw, so the same image keeps the same tokens
+    engine = PrunedLlava(make_tiny_llava(tiny_spec))
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=2, left_pad=(0,))
+    pixels[1] = pixels[0]
+    with torch.no_grad():
+        visual = engine.visual_features(pixels)
+        out = engine(ids, mask, None, visual_inputs=visual, method=RandomPruning(0.5), logits="last")
+        again = engine(ids.flip(0), mask, None, visual_inputs=(visual[0].flip(0), visual[1]),
+                       method=RandomPruning(0.5), logits="last")
+    assert (out.visual_tokens_per_layer == 8).all()
+    torch.testing.assert_close(out.logits, again.logits.flip(0))

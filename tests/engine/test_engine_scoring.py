@@ -1,5 +1,6 @@
 """Attention scores computed from a layer's own projections equal eager attention probabilities."""
 
+import pytest
 import torch
 from conftest import make_batch, make_tiny_llava
 
@@ -93,3 +94,34 @@ def test_a_teacher_forced_sample_without_answer_labels_scores_from_its_last_real
     with_labels, without_labels = kept
     assert torch.equal(with_labels[0], without_labels[0])
     assert with_labels[0].any()
+
+
+def test_a_multi_turn_sample_s_question_is_its_first_turn_s(tiny_spec):
+    # [bos, image x 16, q q a a q q a a t t]: the question rows are the first question's, as at generation time,
+    # when later turns do not exist yet
+    model = make_tiny_llava(tiny_spec)
+    ids, mask, _ = make_batch(tiny_spec, batch_size=1, text_len=10, left_pad=(0,))
+    start = 1 + tiny_spec.num_visual_tokens
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for answer in (start + 2, start + 3, start + 6, start + 7):
+        labels[0, answer] = ids[0, answer]
+    engine = PrunedLlava(model)
+    state = engine.initial_state(ids, mask, None, labels, torch.zeros(*ids.shape, tiny_spec.hidden_size))
+    assert state.question_mask[0].nonzero().flatten().tolist() == [start]  # start + 1 predicts the first answer
+    # without labels (generation) the question is every text token before the last one
+    state = engine.initial_state(ids, mask, None, None, torch.zeros(*ids.shape, tiny_spec.hidden_size))
+    assert state.question_mask[0].nonzero().flatten().tolist() == list(range(start, start + 9))
+
+
+def test_a_prompt_that_ends_with_its_image_is_refused(tiny_spec):
+    # a pruning method could drop that last token, and the answer would be read off another position
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=2, text_len=1, left_pad=(0,))
+    ids[1] = torch.cat([ids[1, :1], ids[1, -1:], ids[1, 1:-1]])  # [bos, text, image x 16]
+    with pytest.raises(ValueError, match=r"sample\(s\) \[1\] of the batch end with an image token"):
+        PrunedLlava(make_tiny_llava(tiny_spec))(ids, mask, pixels, method=FastV(0.5))
+
+
+def test_generating_no_token_is_refused(tiny_spec):
+    ids, mask, pixels = make_batch(tiny_spec, batch_size=1, left_pad=(0,))
+    with pytest.raises(ValueError, match="generate: max_new_tokens=0 must be at least 1"):
+        PrunedLlava(make_tiny_llava(tiny_spec)).generate(ids, mask, pixels, max_new_tokens=0)
