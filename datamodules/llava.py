@@ -712,6 +712,9 @@ class LlavaInstructionDataModule(L.LightningDataModule):
                 eval_splits[split], self.skipped[split] = read_question_records(
                     Path(question_file), Path(root or image_root), on_bad_record, verify_images)
         self.categories, filled = categorize(list(eval_splits.values()))
+        if self.categories and val_size and UNCATEGORIZED not in self.categories:
+            # the held-out training records (read later) carry no category; the metric must know theirs now
+            self.categories = sorted([*self.categories, UNCATEGORIZED])
         self.eval_records = dict(zip(eval_splits, filled))
         self._train_records: list[LlavaRecord] | None = None
 
@@ -730,7 +733,8 @@ class LlavaInstructionDataModule(L.LightningDataModule):
             self._train_records, held_out = select_usable(parsed, bad, hp.verify_images, hp.subset_size,
                                                           hp.subset_seed, hp.val_size)
             if hp.val_size:
-                self.eval_records["val"] = [replace(r, extra_turns=()) for r in held_out]
+                category = UNCATEGORIZED if self.categories else ""
+                self.eval_records["val"] = [replace(r, extra_turns=(), category=category) for r in held_out]
             self.skipped["train"] = bad.finish()
         return self._train_records
 

@@ -319,8 +319,10 @@ class LengthGroupedSampler(Sampler[int]):
     window is sorted by length (longest first) and cut into groups of `group_size`; the full groups are shuffled,
     the one holding the longest sample is moved first (an out-of-memory shows at the first step), and an
     incomplete last group stays last (so later batches stay aligned with groups). With `group_size = batch_size *
-    world_size` a batch is one group in one process; under DDP, Lightning's `DistributedSamplerWrapper` deals
-    positions r, r + W, ... to rank r, so each rank's batch is a slice of one group. Lightning calls `set_epoch`.
+    world_size` a batch is one group in one process; under DDP, `callbacks.resume.ResumableDataOrder` (which
+    `cli.py` adds to every run) deals positions r, r + W, ... to rank r, so each rank's batch is a slice of one
+    group. Without it, Lightning wraps the sampler in its `DistributedSamplerWrapper`, which shuffles the positions
+    again and so undoes the grouping: add the callback when training without the CLI. Lightning calls `set_epoch`.
 
     Args:
         lengths: text length of each sample (any unit).

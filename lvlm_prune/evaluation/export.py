@@ -140,8 +140,14 @@ def write_vqav2_submission(
     for question in questions:
         answer = by_id.get(str(question.question_id))
         unanswered += answer is None
+        try:
+            question_id = int(question.question_id)
+        except (TypeError, ValueError):
+            where = f" (question file line {question.line})" if getattr(question, "line", None) else ""
+            raise ValueError(f"VQAv2 submission {path}: question id {question.question_id!r}{where} is not an "
+                             "integer, as the EvalAI server's ids are: is this VQAv2's question file?") from None
         entries.append({
-            "question_id": int(question.question_id),
+            "question_id": question_id,
             "answer": "" if answer is None else m4c_normalize_answer(answer.text),
         })
     if unanswered:

@@ -200,6 +200,8 @@ def _question_from_jsonl(number: int, record: dict[str, Any]) -> tuple[QuestionR
     if placeholders > 1 or (placeholders and image is None):
         return None, f"line {number}: text has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for image {image!r}"
     category = record.get("category")
+    if category is not None and not isinstance(category, (str, int)):
+        return None, f"line {number}: category must be a string, got {category!r}"
     extra = {k: v for k, v in record.items() if k not in ("question_id", "text", "image", "category")}
     question = QuestionRecord(
         question_id=record["question_id"], text=strip_image_placeholder(record["text"]), image=image,
@@ -313,6 +315,9 @@ def read_answers(
             continue
         if not _is_question_id(record["question_id"]) or not isinstance(record["text"], str):
             bad.report(f"line {number}: question_id must be an int or a non-empty string and text a string")
+            continue
+        if not isinstance(record.get("prompt", ""), str):
+            bad.report(f"line {number}: prompt must be a string when present, got {record['prompt']!r}")
             continue
         extra = {k: v for k, v in record.items() if k not in ("question_id", "text", "prompt", "answer_id", "model_id")}
         answer = AnswerRecord(
@@ -673,15 +678,21 @@ def read_caption_references(path: str | Path) -> dict[str, list[str]]:
 
 
 def lookup_annotations(
-    pairs: Sequence[tuple[Q, AnswerRecord]], find: Callable[[Q], Any], bad: BadRecords, what: str
+    pairs: Sequence[tuple[Q, AnswerRecord]], find: Callable[[Q], Any], bad: BadRecords, what: str,
+    check: Callable[[Q, Any], str | None] | None = None,
 ) -> list[tuple[Q, AnswerRecord, Any]]:
-    """Attach the annotation `find(question)` to each pair; a missing one (None) is a bad record of `bad`.
-    Question records need a `line` (QuestionRecord, MMBenchQuestion)."""
+    """Attach the annotation `find(question)` to each pair; a missing one (None), or one that `check(question,
+    annotation)` describes as wrong (a message; None when it is fine), is a bad record of `bad`. Question records
+    need a `line` (QuestionRecord, MMBenchQuestion)."""
     found = []
     for question, answer in pairs:
         annotation = find(question)
         if annotation is None:
             bad.report(f"no {what} for question {answer.question_id!r} (question file line {question.line})")
+            continue
+        problem = check(question, annotation) if check is not None else None
+        if problem is not None:
+            bad.report(f"{what} of question {answer.question_id!r} (question file line {question.line}): {problem}")
             continue
         found.append((question, answer, annotation))
     return found

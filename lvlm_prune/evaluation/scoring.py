@@ -19,6 +19,8 @@ from torch import Tensor
 
 from lvlm_prune.evaluation.metrics import (
     GQA_STRUCTURAL_TYPES,
+    MME_COGNITION,
+    MME_PERCEPTION,
     VQAV2_ANSWER_TYPES,
     CIDErD,
     GQAAccuracy,
@@ -131,7 +133,7 @@ def score_pope(
 
         def find(q: QuestionRecord) -> tuple[str, str] | None:
             label = q.extra.get("label")
-            return None if label is None else (q.category or "all", label)
+            return None if label is None else (q.category or "all", str(label).strip().lower())
 
     else:
         source = annotation
@@ -154,7 +156,8 @@ def score_pope(
             return None if label is None or split is None else (split, label)
 
     bad = BadRecords(source, on_bad_record)
-    rows = lookup_annotations(matched.pairs, find, bad, "POPE label")
+    rows = lookup_annotations(matched.pairs, find, bad, "POPE label", check=lambda q, found: (
+        None if found[1] in ("yes", "no") else f"label {found[1]!r} is not 'yes' or 'no'"))
     bad.finish()
     _check_scored(rows, question_file)
     metric = POPEMetrics(splits=splits)
@@ -187,8 +190,16 @@ def score_mme(
         source = annotation
         truth = read_mme_ground_truth(annotation)
         find = lambda q: truth.get((subtask_of(q), image_of(q), mme_core_question(q.text)))  # noqa: E731
+    def check(q: QuestionRecord, truth: Any) -> str | None:
+        if str(truth).strip().lower() not in ("yes", "no"):
+            return f"answer {truth!r} is not 'yes' or 'no'"
+        if subtask_of(q) not in MME_PERCEPTION + MME_COGNITION:
+            return (f"subtask {subtask_of(q)!r} (its category, else its id's first part) is not one of MME's: "
+                    f"{', '.join(MME_PERCEPTION + MME_COGNITION)}")
+        return None
+
     bad = BadRecords(source, on_bad_record)
-    rows = lookup_annotations(matched.pairs, find, bad, "MME ground truth")
+    rows = lookup_annotations(matched.pairs, find, bad, "MME ground truth", check=check)
     bad.finish()
     _check_scored(rows, question_file)
     metric = MMEScore()

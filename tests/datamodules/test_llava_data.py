@@ -673,3 +673,15 @@ def test_each_image_file_is_decoded_once_however_many_questions_ask_about_it(exp
     assert [r.question_id for r in records] == ["q0", "q1", "q2"]
     assert len(skipped) == 1 and "image file not found" in skipped[0]
     assert sorted(checked.values()) == [1, 1]
+
+
+def test_held_out_records_are_uncategorized_when_a_question_file_has_categories(exported):
+    from lightning_modules.common import exact_match, score
+
+    data = instruction_data(exported, subset_size=16, val_size=8, test_question_file=str(exported.test / "questions.jsonl"),
+                            test_image_root=str(exported.test / "images"))
+    assert "uncategorized" in data.categories and len(data.categories) > 1  # known at construction, for the model
+    batch = next(iter(data.val_dataloader()))
+    metric = exact_match(data.categories)
+    score(metric, batch["answers"], batch)  # a category the metric was not built with would raise here
+    assert metric.compute()["acc"] == 1.0 and "acc/uncategorized" in metric.compute()

@@ -102,6 +102,20 @@ def test_placeholder_without_image_is_bad(tmp_path):
         read_questions(doubled)
 
 
+def test_a_category_that_is_not_a_string_is_bad(tmp_path):
+    path = write_jsonl(tmp_path / "q.jsonl", [question(1) | {"category": "color"}, question(2) | {"category": ["a"]}])
+    with pytest.raises(ValueError, match=r"line 2: category must be a string, got \['a'\]"):
+        read_questions(path)
+    assert [q.category for q in read_questions(path, on_bad_record="skip")] == ["color"]
+
+
+def test_an_answer_whose_prompt_is_not_a_string_is_bad(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "text": "red", "prompt": "What colour?"},
+                                              {"question_id": 2, "text": "blue", "prompt": None}])
+    with pytest.raises(ValueError, match=r"line 2: prompt must be a string when present, got None"):
+        read_answers(path)
+
+
 def test_conversation_record_with_image_but_without_placeholder_is_bad(tmp_path):
     records = [
         {"id": "1", "image": "1/image.png", "conversations": [{"from": "human", "value": "<image>\nQuestion?"}]},

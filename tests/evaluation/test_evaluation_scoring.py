@@ -1,6 +1,7 @@
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,34 @@ def test_pope_question_without_matching_label_errors_or_is_counted(tmp_path):
     result = score_answer_file("pope", questions, answers, FIXTURES / "pope", on_bad_record="skip")
     # random keeps only question 7 (label yes, "Yes.") -> acc 1, F1 1; the other splits are unchanged
     assert result["num_skipped"] == 1 and result["random/acc"] == 1.0 and result["random/yes_ratio"] == 1.0
+
+
+def test_pope_labels_in_the_question_file_are_read_in_any_case_and_a_bad_one_names_its_line(tmp_path):
+    labels = {1: "Yes", 2: "yes", 3: "NO", 4: "no", 5: "yes", 6: "no", 7: "yes", 8: "maybe"}
+    records = [json.loads(line) for line in (FIXTURES / "pope" / "llava_pope_test.jsonl").read_text().splitlines()]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({**r, "label": labels[r["question_id"]]}) + "\n" for r in records))
+    answers = FIXTURES / "pope" / "answers.jsonl"
+    with pytest.raises(ValueError, match=rf"{path}.*POPE label of question 8 \(question file line 8\): label 'maybe' is "
+                                         r"not 'yes' or 'no'"):
+        score_answer_file("pope", path, answers)
+    assert score_answer_file("pope", path, answers, on_bad_record="skip")["num_skipped"] == 1
+
+
+def test_mme_ground_truth_and_subtasks_are_checked_per_question(tmp_path):
+    records = [json.loads(line) | {"answer": "yes"}
+               for line in (FIXTURES / "mme" / "llava_mme.jsonl").read_text().splitlines()]
+    answers = FIXTURES / "mme" / "answers.jsonl"
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert score_answer_file("mme", path, answers)["num_scored"] == len(records)  # answers in the question file
+    for change, expected in (({"answer": "Yes."}, r"answer 'Yes\.' is not 'yes' or 'no'"),
+                             ({"category": "Artwork"}, r"subtask 'Artwork' \(its category, else its id's first "
+                                                       r"part\) is not one of MME's: existence")):
+        path.write_text("".join(json.dumps(r | change if i == 0 else r) + "\n" for i, r in enumerate(records)))
+        with pytest.raises(ValueError, match=rf"MME ground truth of question .* \(question file line 1\): {expected}"):
+            score_answer_file("mme", path, answers)
+        assert score_answer_file("mme", path, answers, on_bad_record="skip")["num_skipped"] == 1
 
 
 def test_mme_subtask_scores_and_sums():
@@ -262,4 +291,8 @@ def test_vqav2_submission_normalises_and_handles_missing_answers(tmp_path, caplo
     with caplog.at_level(logging.WARNING):
         path = write_vqav2_submission(tmp_path / "s.json", questions[:3], answers, on_bad_record="skip")
     assert len(json.loads(path.read_text())) == 3 and "skipped 1 bad record" in caplog.text
+    # EvalAI's ids are integers: another benchmark's question file is named, not a bare int() error
+    renamed = [replace(questions[0], question_id="q-1"), *questions[1:]]
+    with pytest.raises(ValueError, match=r"s\.json: question id 'q-1' \(question file line 1\) is not an integer"):
+        write_vqav2_submission(tmp_path / "s.json", renamed, answers[1:])
 
