@@ -26,7 +26,7 @@ def checkpoint_config(path: str | Path, setting: str, expected_types: tuple[str,
     """The parsed config.json of the checkpoint directory `path`, after checking that the directory exists, is a
     checkpoint of one of `expected_types` and holds tokenizer files; errors name `setting` and `path`."""
     directory = Path(path).expanduser()
-    where = f"accm {setting}={str(path)!r}"
+    where = f"model.init_args.compensation.init_args.{setting}={str(path)!r}"
     if not directory.is_dir():
         raise FileNotFoundError(f"{where}: no such directory (a local {what} checkpoint in Hugging Face layout)")
     config_file = directory / "config.json"

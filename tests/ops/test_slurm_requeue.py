@@ -7,6 +7,7 @@ with the weights of an uninterrupted run."""
 import os
 import signal
 import stat
+import subprocess
 
 import pytest
 import torch
@@ -25,13 +26,44 @@ kill -KILL $PPID
 def test_sbatch_template_launches_cli_fit_with_requeue_settings():
     template = (ROOT / "configs" / "slurm" / "train.sbatch").read_text()
     for line in ("#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=",
-                 "python cli.py fit", '--trainer.devices "$SLURM_NTASKS_PER_NODE"', "--ckpt_path auto"):
+                 '"$PY" cli.py fit', '--trainer.devices "$SLURM_NTASKS_PER_NODE"', "--ckpt_path auto"):
         assert line in template
     assert (ROOT / "configs" / "slurm" / "README.md").is_file()
     # SLURM opens the log before the script runs: it cannot be in a directory a fresh clone lacks (runs/ is ignored)
     output = next(line.split("=", 1)[1] for line in template.splitlines() if line.startswith("#SBATCH --output="))
     assert "/" not in output
 
+
+
+def run_template(tmp_path, **env):
+    """The sbatch script under bash with a stand-in srun that prints its arguments (cwd: tmp_path)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "srun $*"\n')
+    (bin_dir / "srun").chmod(stat.S_IRWXU)
+    environment = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_NAME": "lvlm-prune",
+                   "SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "1", **env}
+    return subprocess.run(["bash", str(ROOT / "configs" / "slurm" / "train.sbatch"), "exp.yaml", "--seed_everything",
+                           "3"], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=30)
+
+
+def test_the_sbatch_script_picks_its_python_and_run_directory_and_names_missing_settings(tmp_path):
+    slurm = {"SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "4"}
+    done = run_template(tmp_path, **slurm)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("srun --cpus-per-task=4 python cli.py fit --config exp.yaml --seed_everything 3 ")
+    assert "--trainer.devices 2 --trainer.default_root_dir runs/slurm/lvlm-prune-77 " in done.stdout
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").write_text("#!/bin/sh\n")
+    (tmp_path / ".venv" / "bin" / "python").chmod(stat.S_IRWXU)
+    # the checkout's environment, and a run directory given at submission (to continue a run in a new job)
+    done = run_template(tmp_path, RUN_DIR="runs/slurm/rcp-a", **slurm)
+    assert "srun --cpus-per-task=4 .venv/bin/python cli.py fit" in done.stdout
+    assert "--trainer.default_root_dir runs/slurm/rcp-a " in done.stdout and (tmp_path / "runs/slurm/rcp-a").is_dir()
+    assert "srun --cpus-per-task=4 /opt/py cli.py" in run_template(tmp_path, PY="/opt/py", **slurm).stdout
+    missing = run_template(tmp_path, SLURM_CPUS_PER_TASK="4")
+    assert missing.returncode != 0
+    assert "SLURM_NTASKS_PER_NODE: set #SBATCH --ntasks-per-node to the GPUs per node" in missing.stderr
 
 
 def test_every_srun_of_the_sbatch_templates_passes_the_cpus_per_task_on():
