@@ -25,7 +25,7 @@ from lightning_modules.common import (
 )
 from lightning_modules.frozen_base import FrozenBaseModule
 from lvlm_prune.archives import with_default_permissions
-from lvlm_prune.compensation import Compensation
+from lvlm_prune.compensation import Compensation, is_training_only
 from lvlm_prune.rcp.schedules import warmup_cosine_lr_lambda
 from lvlm_prune.runner import GenerationResult
 
@@ -351,7 +351,8 @@ def export_plugin_weights(plugin: Compensation, path: str | Path, metadata: dict
     a tied weight has."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {**plugin.state_dict(), **under_every_name(plugin, overrides)}
+    state = {k: v for k, v in {**plugin.state_dict(), **under_every_name(plugin, overrides)}.items()
+             if not is_training_only(plugin, k)}
     # clone: tied weights (e.g. a GPT-2 caption model's wte and lm_head) share memory, which safetensors refuses
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -403,6 +404,7 @@ def load_plugin_weights(plugin: Compensation, path: str | Path, base_fingerprint
                          f"do not fit this base or {plugin.name} configuration; shapes saved != expected: "
                          f"{mismatched[:3]}")
     missing, unexpected = plugin.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not is_training_only(plugin, key)]
     if missing or unexpected:
         raise ValueError(f"plug-in weights {str(path)!r} do not fit this {plugin.name} configuration: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")

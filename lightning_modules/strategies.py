@@ -133,6 +133,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
             if missing or result.unexpected_keys:
                 raise RuntimeError(f"the DeepSpeed checkpoint {str(checkpoint_path)!r} does not fit this model: "
                                    f"missing {missing[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+            check_frozen_weights_loaded(module, result.missing_keys, checkpoint_path)
 
         _, client_state = self.deepspeed_engine.load_checkpoint(
             checkpoint_path,
@@ -143,6 +144,24 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         if client_state is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {str(checkpoint_path)!r}")
         return client_state
+
+
+def check_frozen_weights_loaded(module: torch.nn.Module, missing_keys: list[str], checkpoint_path) -> None:
+    """Frozen plug-in weights whose values matter (after the load: the plug-in's own state says which) must not be
+    among the checkpoint's missing keys. `exclude_frozen_parameters` leaves every frozen weight out, which suits the
+    base but not, say, ACCM's DPO reference copied at its stage-2 start."""
+    compensation = getattr(module, "compensation", None)
+    if compensation is None:
+        return
+    needed = {f"compensation.{name}" for name in compensation.frozen_weights_needed()}
+    lost = sorted(needed & set(missing_keys))
+    if lost:
+        raise RuntimeError(
+            f"the DeepSpeed checkpoint {str(checkpoint_path)!r} lacks frozen plug-in weights the run needs "
+            f"({len(lost)}, e.g. {lost[0]!r}): the strategy's exclude_frozen_parameters leaves frozen weights out of "
+            "checkpoints, so ACCM's DPO reference is lost once stage 2 has started. Resume such a run from a "
+            "checkpoint saved before its stage 2, or train it with DDP (Lightning checkpoints keep the reference), or "
+            "set exclude_frozen_parameters: false in the strategy (the checkpoints then hold the base too)")
 
 
 _CAST_METHODS = {"32-true": "float", "bf16-true": "bfloat16", "16-true": "half"}

@@ -27,6 +27,9 @@ class Compensation(nn.Module, ABC):
     # True when some training steps leave trainable parameters without a gradient (ACCM's selector before its
     # stage): plain DDP then fails on the next step, and the training module asks for find_unused_parameters.
     leaves_parameters_unused: bool = False
+    # State-dict entries (prefixes) that only training needs, e.g. ACCM's DPO reference: exports leave them out,
+    # and loading exported weights does not ask for them.
+    training_only_prefixes: tuple[str, ...] = ()
 
     @abstractmethod
     def attach(self, engine: PrunedLlava, tokenizer: Any) -> None:
@@ -55,6 +58,16 @@ class Compensation(nn.Module, ABC):
     def export_config(self) -> dict[str, Any]:
         """Constructor arguments, saved beside exported weights."""
         return {}
+
+    def frozen_weights_needed(self) -> list[str]:
+        """Names (in this module) of frozen weights whose current values matter, so that a checkpoint without them
+        cannot be resumed: the DeepSpeed presets leave every frozen weight out of checkpoints. None by default."""
+        return []
+
+
+def is_training_only(plugin_or_class: Any, key: str) -> bool:
+    """True when the plug-in's state-dict entry `key` only matters to training (`training_only_prefixes`)."""
+    return key.startswith(tuple(getattr(plugin_or_class, "training_only_prefixes", ())))
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ import yaml
 from safetensors.torch import save_file
 
 from lvlm_prune.archives import torch_archive_problem, with_default_permissions
+from lvlm_prune.compensation import is_training_only
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_PREFIX = "compensation."  # CompensationModule.compensation
@@ -68,16 +69,19 @@ def export_plugin(checkpoint: str | Path, output: str | Path) -> Path:
     """Write the plug-in weights of `checkpoint` to `output` (+ `output.json`); returns `output`."""
     checkpoint, output = Path(checkpoint), Path(output)
     state, entries = read_checkpoint(checkpoint)
-    tensors = {k[len(PLUGIN_PREFIX):]: v.detach().float().cpu().clone().contiguous()
-               for k, v in state.items() if k.startswith(PLUGIN_PREFIX)}
-    if not tensors:
-        raise ValueError(f"{str(checkpoint)!r} holds no '{PLUGIN_PREFIX}*' weights: not a CompensationModule checkpoint")
     compensation = run_config(checkpoint)
-    name = None
+    name, plugin_class = None, None
     if compensation and "class_path" in compensation:
         module, _, cls = compensation["class_path"].rpartition(".")
         sys.path.insert(0, str(ROOT))
-        name = getattr(getattr(__import__(module, fromlist=[cls]), cls), "name", None)
+        plugin_class = getattr(__import__(module, fromlist=[cls]), cls)
+        name = getattr(plugin_class, "name", None)
+    # training-only state (ACCM's DPO reference) stays out, as in the export at the end of fit
+    tensors = {k[len(PLUGIN_PREFIX):]: v.detach().float().cpu().clone().contiguous()
+               for k, v in state.items()
+               if k.startswith(PLUGIN_PREFIX) and not is_training_only(plugin_class, k[len(PLUGIN_PREFIX):])}
+    if not tensors:
+        raise ValueError(f"{str(checkpoint)!r} holds no '{PLUGIN_PREFIX}*' weights: not a CompensationModule checkpoint")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(output.name + ".tmp")
     save_file(tensors, str(staging), metadata={"plugin": name or "unknown"})

@@ -303,6 +303,8 @@ class ACCMCompensation(Compensation):
     """
 
     leaves_parameters_unused = True  # stage 1 trains the caption model alone: the selector gets no gradient
+    # the DPO reference (objective 'dpo') is a training-time snapshot: exported weights leave it out
+    training_only_prefixes = ("reference_caption_model.", "reference_discarded_positions.", "reference_ready")
 
     name = "accm"
 
@@ -899,6 +901,15 @@ class ACCMCompensation(Compensation):
         )
         text = prompt_text_tokens(ids, mask, engine.image_token_id)
         return GenerationResult(tokens, counts, text, {k: v.to(text.device) for k, v in flops.items()})
+
+    def frozen_weights_needed(self) -> list[str]:
+        """The DPO reference, once copied at the stage-2 start: it cannot be copied again later."""
+        if self.objective != "dpo" or not bool(self.reference_ready):
+            return []
+        references = [("reference_caption_model", self.reference_caption_model)]
+        if self.caption_position_embedding:
+            references.append(("reference_discarded_positions", self.reference_discarded_positions))
+        return [f"{prefix}.{name}" for prefix, module in references for name, _ in module.named_parameters()]
 
     # ------------------------------------------------------------------ FLOPs
     def caption_flops(self, candidates: CaptionCandidates, selection: VisualSelection) -> torch.Tensor:

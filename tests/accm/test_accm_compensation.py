@@ -210,6 +210,48 @@ def test_losses_are_finite_and_only_plugin_parameters_get_gradients(setup, objec
         assert math.isclose(losses["dpo"].item(), math.log(2), rel_tol=1e-4)
 
 
+def test_a_deepspeed_checkpoint_without_the_copied_dpo_reference_is_refused(setup):
+    # the DeepSpeed presets leave frozen weights out of checkpoints: before stage 2 the reference is not copied yet and
+    # its absence is harmless; after, a resumed run would silently train against another reference
+    from torch import nn
+
+    from lightning_modules.strategies import check_frozen_weights_loaded
+
+    tokenizer, engine, _ = setup
+    plugin = make_plugin(engine, tokenizer, objective="dpo")
+    module = nn.Module()
+    module.compensation = plugin
+    frozen = sorted(f"compensation.{n}" for n, p in plugin.named_parameters() if not p.requires_grad)
+    assert frozen and all(".reference_" in n for n in frozen)
+    assert plugin.frozen_weights_needed() == []
+    check_frozen_weights_loaded(module, frozen, "ckpt")  # not copied yet: nothing lost
+    plugin.reference_ready.fill_(True)
+    assert sorted(f"compensation.{n}" for n in plugin.frozen_weights_needed()) == frozen
+    check_frozen_weights_loaded(module, [], "ckpt")
+    with pytest.raises(RuntimeError, match=r"'ckpt' lacks frozen plug-in weights the run needs .*DPO reference is "
+                                           r"lost once stage 2 has started"):
+        check_frozen_weights_loaded(module, frozen[:1], "ckpt")
+    assert make_plugin(engine, tokenizer).frozen_weights_needed() == []  # kl_ce keeps no frozen copy
+
+
+def test_exported_weights_leave_the_dpo_reference_out_and_load_without_it(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    from lightning_modules.compensation import export_plugin_weights, load_plugin_weights
+
+    tokenizer, engine, _ = setup
+    plugin = make_plugin(engine, tokenizer, objective="dpo")
+    plugin.reference_ready.fill_(True)
+    path = export_plugin_weights(plugin, tmp_path / "plugin.safetensors", {})
+    saved = load_file(str(path))
+    assert saved and not any(key.startswith("reference_") for key in saved)  # a training-time snapshot
+    assert set(saved) == {k for k in plugin.state_dict() if not k.startswith("reference_")}
+    for objective in ("dpo", "kl_ce"):  # inference builds either; neither asks for the reference
+        loaded = make_plugin(engine, tokenizer, objective=objective)
+        load_plugin_weights(loaded, path)
+        torch.testing.assert_close(loaded.caption_model.state_dict(), plugin.caption_model.state_dict())
+
+
 def test_warm_start_uses_the_frozen_lvlm_description_and_caches_it(setup, monkeypatch):
     tokenizer, engine, batch = setup
     plugin = make_plugin(engine, tokenizer)
