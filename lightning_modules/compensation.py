@@ -171,8 +171,7 @@ class CompensationModule(FrozenBaseModule):
         if "packed_rows" in batch:
             raise ValueError("the training batches are packed (data.pack_length is set), but the pruning engine masks "
                              "tokens per padded row: set data.init_args.pack_length to null for RCP and ACCM training")
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        progress = min(1.0, self.global_step / total)
+        progress = min(1.0, self.global_step / self._planned_steps())
         # The plug-in's random draws (RCP's Gumbel noise) use the global generator reseeded from (seed, rank,
         # step, batch) inside fork_rng: a resumed run draws what the uninterrupted run drew at the same step.
         devices = [self.device] if self.device.type == "cuda" else []
@@ -196,10 +195,11 @@ class CompensationModule(FrozenBaseModule):
             self.log_dict({f"train/{k}": v.detach().float() for k, v in losses.items() if k != "loss"}, batch_size=size)
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
             zero = sum((p * 0.0).sum() for p in self.compensation.parameters() if p.requires_grad)
-            if isinstance(self.trainer.strategy, DeepSpeedStrategy) and self.trainer.accumulate_grad_batches > 1:
-                # DeepSpeed counts its accumulation window in engine.step(), called after every micro-batch: a
-                # micro-batch without backward and step would shift every later window. This one contributes a zero
-                # gradient instead, and the window updates from its other micro-batches.
+            if self.trainer.accumulate_grad_batches > 1:
+                # One rule for every strategy: DeepSpeed counts its accumulation window in engine.step(), called
+                # after every micro-batch, so a micro-batch without backward and step would shift every later
+                # window; and a skip flag set here would only reach optimizer_step from the window's last
+                # micro-batch. This one contributes a zero gradient instead, and the window updates from the others.
                 self._skip_step = False
                 log.warning(message + "micro-batch dropped from its accumulation window (model.nonfinite_loss=skip)")
                 return zero
@@ -231,9 +231,28 @@ class CompensationModule(FrozenBaseModule):
         key = f"{os.environ.get('PL_GLOBAL_SEED', 0)}/{self.global_rank}/{self.global_step}/{batch_idx}"
         return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 1
 
+    def _planned_steps(self) -> int:
+        """Optimiser steps the run's schedules span: the LR schedule's, which a checkpoint restores. A run resumed
+        with another length thus keeps one plan for the LR and the plug-in's schedules (RCP's temperature and noise,
+        ACCM's stages): the checkpoint's, each schedule staying at its end value past it."""
+        configs = getattr(self.trainer, "lr_scheduler_configs", None) or []
+        scheduler = configs[0].scheduler if configs else None
+        planned = getattr(getattr(scheduler, "lr_lambdas", [None])[0], "total_steps", None)
+        estimated = self.trainer.estimated_stepping_batches
+        if planned is None:
+            return max(1, int(estimated))
+        if planned != estimated and not getattr(self, "_warned_plan", False):
+            self._warned_plan = True
+            rank_zero_warn(f"the schedules (learning rate, {self.compensation_name}'s own) keep the plan of {planned} "
+                           f"steps restored from the checkpoint; this run now ends after {estimated}")
+        return max(1, int(planned))
+
     def configure_optimizers(self):
         parameters = [p for p in self.compensation.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        if self.trainer.estimated_stepping_batches == float("inf"):
+            raise ValueError("the run has no length (trainer.max_steps and trainer.max_epochs are both -1): the "
+                             "plug-in's schedules need one; set trainer.max_steps or trainer.max_epochs")
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine_lr_lambda(total, self.hparams.warmup_fraction, self.hparams.final_lr_ratio)
@@ -280,6 +299,7 @@ class CompensationModule(FrozenBaseModule):
         for key in [k for k in state if k.startswith(BASE_PREFIX)]:
             del state[key]
         checkpoint["base_model"] = {"path": self.hparams.base_model_path, "fingerprint": self.base_fingerprint}
+        checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         recorded = checkpoint.get("base_model")
@@ -287,8 +307,10 @@ class CompensationModule(FrozenBaseModule):
             raise ValueError(
                 f"this checkpoint belongs to the base model at {recorded['path']!r} (fingerprint "
                 f"{recorded['fingerprint']}), but the loaded base {self.hparams.base_model_path!r} has fingerprint "
-                f"{self.base_fingerprint}; point model.base_model_path at the original base"
+                f"{self.base_fingerprint}; point model.base_model_path at the original base, loaded with the same "
+                "model.dtype and model.quantization (the fingerprint covers both)"
             )
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         # The base's own state is not filled in from the live model: a 4-bit base's state dict holds quantisation
         # state (absmax, quant_map) that load_state_dict refuses as unexpected keys.
         state = checkpoint.get("state_dict")

@@ -37,7 +37,8 @@ def answer_kl(
             raise ValueError(
                 f"candidate_logits batch {candidate_logits.shape[0]} is not a multiple of the reference batch {batch}"
             )
-        candidate_logits = candidate_logits.reshape(batch, -1, length, vocab)
+        # the candidate count explicitly: with no answer position (length 0) -1 cannot be inferred
+        candidate_logits = candidate_logits.reshape(batch, candidate_logits.shape[0] // batch, length, vocab)
     if candidate_logits.dim() != 4 or candidate_logits.shape[0] != batch or candidate_logits.shape[2:] != (length, vocab):
         raise ValueError(
             f"candidate_logits shape {tuple(candidate_logits.shape)} does not fit reference {(batch, length, vocab)}"

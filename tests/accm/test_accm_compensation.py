@@ -252,6 +252,15 @@ def test_exported_weights_leave_the_dpo_reference_out_and_load_without_it(setup,
         torch.testing.assert_close(loaded.caption_model.state_dict(), plugin.caption_model.state_dict())
 
 
+def test_a_batch_without_answer_tokens_trains_to_a_zero_stage_2_loss(setup):
+    tokenizer, engine, batch = setup
+    plugin = make_plugin(engine, tokenizer)
+    batch = {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
+    losses = plugin.training_losses(engine, batch, 0.9)  # stage 2: KL ranking over no answer position
+    assert losses["loss"].item() == 0.0 and losses["kl_best"].item() == 0.0
+    losses["loss"].backward()
+
+
 def test_warm_start_uses_the_frozen_lvlm_description_and_caches_it(setup, monkeypatch):
     tokenizer, engine, batch = setup
     plugin = make_plugin(engine, tokenizer)

@@ -86,3 +86,9 @@ def test_dpo_loss_sign_and_gradient():
                         weights=torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(weighted, dpo_loss(torch.tensor([-4.0]), torch.tensor([-6.0]),
                                                   reference_chosen[:1], reference_rejected[:1]))
+
+
+def test_a_batch_without_answer_positions_gives_zero_kl():
+    # (B * M, 0, V) sample-major: the candidate count cannot be inferred from an empty tensor
+    kl = answer_kl(torch.randn(2, 0, 7), torch.randn(6, 0, 7), torch.zeros(2, 0, dtype=torch.bool))
+    assert kl.shape == (2, 3) and (kl == 0).all()

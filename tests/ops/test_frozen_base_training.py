@@ -183,16 +183,19 @@ def test_a_fit_logs_each_loss_term_and_the_parameter_counts(tiny_base_dir, tmp_p
     assert trainable + frozen == sum(p.numel() for p in cli.model.parameters())
 
 
-def test_under_deepspeed_accumulation_a_non_finite_micro_batch_backpropagates_zero_and_still_steps(
-        tiny_base_dir, data, monkeypatch):
+@pytest.mark.parametrize("deepspeed", [True, False])
+def test_under_accumulation_a_non_finite_micro_batch_backpropagates_zero_and_still_steps(
+        tiny_base_dir, data, monkeypatch, deepspeed):
     """DeepSpeed counts its accumulation window in the step after every micro-batch: skipping that step would
-    shift every later window, so the bad micro-batch contributes a zero gradient and the step is taken."""
+    shift every later window, so the bad micro-batch contributes a zero gradient and the step is taken. Other
+    strategies do the same: a skip flag set by an earlier micro-batch would be overwritten by the window's last."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     module = make_module(tiny_base_dir, data)
-    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # only its type is read
+    # only its type is read
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy) if deepspeed else SimpleNamespace()
     monkeypatch.setattr(strategy, "reduce_boolean_decision", lambda decision, all=True: decision, raising=False)
     trainer = SimpleNamespace(strategy=strategy, accumulate_grad_batches=2, world_size=1, estimated_stepping_batches=4,
                               global_step=0)
@@ -469,3 +472,33 @@ def test_a_quantised_base_is_refused_under_a_sharding_strategy_before_any_work(t
     module.trainer = L.Trainer(strategy=DeepSpeedStrategy(stage=2), accelerator="cpu", devices=1, logger=False)
     with pytest.raises(ValueError, match=r"quantization='8bit' does not run under DeepSpeedStrategy"):
         module.setup("fit")
+
+
+def test_a_run_resumed_with_another_length_keeps_one_plan_for_every_schedule(tiny_base_dir, data, tmp_path):
+    # fit 2 steps, then resume to 4: the LR schedule comes back from the checkpoint with its 2-step plan, and the
+    # plug-in's schedules (RCP's temperature and noise) must follow the same plan, not a new 4-step one
+    checkpointing = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=0)
+    first = make_module(tiny_base_dir, data)
+    poison_step(first, step=0)  # one skipped step, which the checkpoint must remember
+    make_trainer(tmp_path, max_steps=2, callbacks=[checkpointing], checkpoint=True).fit(first, datamodule=data)
+    assert first.skipped_steps == 1
+
+    resumed = make_module(tiny_base_dir, data)
+    seen, original = [], resumed.compensation.training_losses
+    resumed.compensation.training_losses = lambda engine, batch, progress: seen.append(
+        (progress, resumed.lr_schedulers().get_last_lr()[0])) or original(engine, batch, progress)
+    with pytest.warns(UserWarning, match=r"keep the plan of 2 steps restored from the checkpoint; this run now ends "
+                                         r"after 4"):
+        make_trainer(tmp_path, max_steps=4).fit(resumed, datamodule=data, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    final_lr = 1e-3 * resumed.hparams.final_lr_ratio
+    assert [progress for progress, _ in seen] == [1.0, 1.0]
+    assert all(lr == pytest.approx(final_lr) for _, lr in seen)
+    assert resumed.skipped_steps == 1  # restored, not counted from 0
+
+
+def test_a_run_without_a_length_is_refused(tiny_base_dir, data, tmp_path):
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=-1, max_epochs=-1, max_time="00:00:00:30",
+                        limit_val_batches=0, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"no length \(trainer.max_steps and trainer.max_epochs are both -1\)"):
+        trainer.fit(make_module(tiny_base_dir, data), datamodule=data)
