@@ -221,7 +221,25 @@ class CompensationModule(FrozenBaseModule):
             loss = optimizer_closure() if optimizer_closure is not None else None
         if self._skip_step:
             return
+        if not self._gradients_finite():
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            log.warning(f"non-finite gradient at step {self.global_step} (finite loss): step skipped, no weight or "
+                        "optimiser-state update (model.nonfinite_loss=skip)")
+            if self.hparams.nonfinite_loss == "raise":
+                raise FloatingPointError(f"non-finite gradient at step {self.global_step}; set "
+                                         "model.nonfinite_loss=skip to skip such steps")
+            return
         optimizer.step(closure=lambda: loss)
+
+    def _gradients_finite(self) -> bool:
+        """Whether every plug-in gradient is finite on every rank (checked before clipping, which would spread a NaN
+        norm to every weight). DeepSpeed keeps gradients in its own partitioned buffers: not checked there."""
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            return True
+        grads = [p.grad for p in self.compensation.parameters() if p.requires_grad and p.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         with out_of_memory_advice("the validation step", EVALUATION_MEMORY_SETTINGS):

@@ -84,6 +84,23 @@ def test_a_non_finite_step_moves_neither_weights_nor_optimiser_state(tiny_base_d
         assert any(not torch.equal(snapshots.before[step][0][k], snapshots.after[step][0][k]) for k in weights_before)
 
 
+def test_a_non_finite_gradient_under_a_finite_loss_skips_the_step_before_clipping_spreads_it(
+        tiny_base_dir, data, tmp_path):
+    # e.g. a bf16 overflow in the base's backward: clipping would turn one NaN into a NaN norm for every weight
+    module = make_module(tiny_base_dir, data)
+    parameter = next(p for p in module.compensation.parameters() if p.requires_grad)
+    parameter.register_hook(lambda grad: grad * float("nan") if module.trainer.global_step == 1 else grad)
+    snapshots = Snapshots()
+    trainer = make_trainer(tmp_path, max_steps=3, callbacks=[snapshots])
+    trainer.gradient_clip_val = 1.0
+    trainer.fit(module, datamodule=data)
+    weights_before, _ = snapshots.before[1]
+    weights_after, _ = snapshots.after[1]
+    assert all(torch.equal(weights_before[k], weights_after[k]) for k in weights_before)
+    assert module.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in module.compensation.parameters())
+
+
 def test_a_skipped_step_logs_its_own_non_finite_loss_not_the_last_steps(tiny_base_dir, data, tmp_path):
     import csv
 
