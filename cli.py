@@ -24,6 +24,10 @@ from lightning_modules.strategies import AtomicCheckpointIO  # noqa: E402
 from lvlm_prune.archives import torch_archive_problem  # noqa: E402
 
 
+# --ckpt_path values that name no file: Lightning's, and `auto` (the newest checkpoint of the run)
+CHECKPOINT_KEYWORDS = ("auto", "last", "best", "hpc", "registry")
+
+
 class LVLMPruneCLI(LightningCLI):
     """LightningCLI with the project's links and defaults.
 
@@ -35,7 +39,8 @@ class LVLMPruneCLI(LightningCLI):
       log file, which Rich's bar does not.
     - Resuming is exact and automatic: `ResumableDataOrder` (`--data_order.*`) continues the data order
       mid-epoch, checkpoint files are written atomically, and `fit --ckpt_path auto` resumes from the newest
-      of the SLURM requeue checkpoint and `last.ckpt` (or starts fresh when there is none).
+      of the SLURM requeue checkpoint and `last.ckpt` (or starts fresh when there is none); `validate`, `test`
+      and `predict` take `auto` too (and stop when there is none).
     - Under SLURM, `SlurmRequeue` takes over Lightning's auto-requeue: it checkpoints at a batch boundary after the
       requeue signal, not inside the signal handler.
     """
@@ -59,6 +64,10 @@ class LVLMPruneCLI(LightningCLI):
         (for `auto`, once `before_fit` has found the checkpoint)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS and not Path(ckpt_path).exists():
+            # before anything is written (the run's config record, an emptied answer file)
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist (give a checkpoint file, a DeepSpeed "
+                                    f"checkpoint directory, or one of {', '.join(CHECKPOINT_KEYWORDS)})")
         if ckpt_path and Path(ckpt_path).is_dir() and not (Path(ckpt_path) / "latest").is_file():
             raise ValueError(f"--ckpt_path {ckpt_path!r} is a directory but not a DeepSpeed checkpoint (no 'latest' file "
                              "in it); give a checkpoint file such as last.ckpt, a DeepSpeed checkpoint directory, or auto")
@@ -112,15 +121,33 @@ class LVLMPruneCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        self._resolve_auto_checkpoint()
+
+    def before_validate(self) -> None:
+        self._resolve_auto_checkpoint()
+
+    def before_test(self) -> None:
+        self._resolve_auto_checkpoint()
+
+    def before_predict(self) -> None:
+        self._resolve_auto_checkpoint()
+
+    def _resolve_auto_checkpoint(self) -> None:
+        """`--ckpt_path auto`: the newest checkpoint of the run; fit starts fresh without one, an evaluation stops."""
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "auto":
             return
         config["ckpt_path"] = resume_checkpoint(self.trainer)
+        if config["ckpt_path"] is None and self.subcommand != "fit":
+            raise FileNotFoundError(f"--ckpt_path auto: this run has no checkpoint to {self.subcommand} (the run "
+                                    "directory of the config's logger or checkpoint.dirpath); give the checkpoint's "
+                                    "path, or leave --ckpt_path out to evaluate the configured weights")
         if config["ckpt_path"] is None:
             rank_zero_warn("--ckpt_path auto: no checkpoint of this run yet, starting from scratch (a requeued run "
                            "finds its checkpoints only under a fixed logger version or checkpoint.dirpath)")
         else:
-            rank_zero_info(f"--ckpt_path auto: resuming from {config['ckpt_path']}")
+            doing = "resuming from" if self.subcommand == "fit" else f"{self.subcommand} with"
+            rank_zero_info(f"--ckpt_path auto: {doing} {config['ckpt_path']}")
             if Path(config["ckpt_path"]).is_file():  # a DeepSpeed checkpoint is a directory: nothing to compare
                 self._name_settings_that_differ(config["ckpt_path"])
 

@@ -48,11 +48,12 @@ class AnswerFileWriter(L.Callback):
     labels by position), when every record has one (`dataset_index` itself is not written).
 
     Args:
-        filename: file name inside the logger's directory (or `dirpath`).
+        filename: file name inside the logger's directory (or `dirpath`); default `answers_test.jsonl` for `test`
+            and `answers_predict.jsonl` for `predict`, so that one does not replace the other's file.
         dirpath: directory to write to; default: the logger's log_dir, else the trainer's root dir.
     """
 
-    def __init__(self, filename: str = "answers_test.jsonl", dirpath: str | None = None):
+    def __init__(self, filename: str | None = None, dirpath: str | None = None):
         self.filename = filename
         self.dirpath = dirpath
         self.last_path: Path | None = None
@@ -64,7 +65,8 @@ class AnswerFileWriter(L.Callback):
 
     def _path(self, trainer: L.Trainer) -> Path:
         directory = Path(self.dirpath or (trainer.logger.log_dir if trainer.logger else trainer.default_root_dir))
-        return directory / self.filename
+        stage = "predict" if trainer.predicting else "test"
+        return directory / (self.filename or f"answers_{stage}.jsonl")
 
     def _rank_path(self, path: Path, rank: int) -> Path:
         return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")

@@ -170,11 +170,12 @@ class PruningSweep(L.Callback):
             export = getattr(pl_module, "export_after_finished_resume", None)
             if callable(export):
                 export()
+            checkpoint = trainer.ckpt_path or "<that checkpoint>"
             raise FinishedRunNotSwept(
                 f"the sweep after fit did not run: fit resumed from a checkpoint at step {trainer.global_step}, "
                 "where training had already ended, so Lightning ran no training loop (the sweep runs at its end). "
-                "Sweep the checkpoint's plug-ins with test: python cli.py test --config <this config> --ckpt_path "
-                "<that checkpoint> --trainer.callbacks.init_args.run_after_test true")
+                "Sweep the checkpoint's plug-ins with test: python cli.py test --config <this run's config> "
+                f"--ckpt_path {checkpoint} --trainer.callbacks.init_args.run_after_test true")
 
     def _check_trained(self, trainer: L.Trainer) -> None:
         if trainer.global_step == 0:

@@ -290,6 +290,10 @@ class SyntheticVQADataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test split: `predict` writes its answers without scoring them."""
+        return self._loader("test", shuffle=False)
+
     def export_llava_format(self, split: str, out_dir: str | Path) -> Path:
         """Write the split as LLaVA files: PNG images, an instruction JSON and a question `.jsonl`. One question
         per image, as generated: not the base's training mix (no context, description or extra turns)."""

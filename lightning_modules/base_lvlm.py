@@ -306,8 +306,9 @@ def _initial_model(path: str, spec: TinyLlavaSpec, ids: dict, attn_implementatio
     """The model of an earlier training stage, checked against `spec` and grown to its depth."""
     if not Path(path).is_dir():
         raise FileNotFoundError(
-            f"model.init_from={path!r} is not a directory: it is an earlier stage's export (for the embedded default: "
-            "python cli.py fit --config configs/synthetic/base_describe.yaml, then base_stage1.yaml)"
+            f"model.init_args.init_from={path!r} is not a directory: it is an earlier stage's export (for the embedded "
+            "default: python cli.py fit --config configs/synthetic/base_describe.yaml, then base_stage1.yaml); to "
+            "evaluate or resume from a checkpoint, which holds every weight, pass --model.init_args.init_from null"
         )
     model = load_base_model(path, attn_implementation=attn_implementation, setting="model.init_args.init_from")
     depth = model.config.text_config.num_hidden_layers
@@ -325,11 +326,11 @@ def _initial_model(path: str, spec: TinyLlavaSpec, ids: dict, attn_implementatio
                    if key in expected and found.get(key) != expected[key]]
     if mismatches:
         raise ValueError(
-            f"model.init_from={path!r} does not match model.spec and the processor: {'; '.join(mismatches)}. "
+            f"model.init_args.init_from={path!r} does not match model.spec and the processor: {'; '.join(mismatches)}. "
             "init_from must be an earlier stage of the same spec (only the LLM depth may be smaller)"
         )
     if depth > spec.num_layers:
-        raise ValueError(f"model.init_from={path!r} has {depth} LLM layers, more than model.spec.num_layers={spec.num_layers}")
+        raise ValueError(f"model.init_args.init_from={path!r} has {depth} LLM layers, more than model.spec.num_layers={spec.num_layers}")
     if depth < spec.num_layers:
         model = grow_llava_depth(model, spec.num_layers, placement, seed=seed)
     return model.float()

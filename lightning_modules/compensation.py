@@ -318,6 +318,7 @@ class CompensationModule(FrozenBaseModule):
             del state[key]
         checkpoint["base_model"] = {"path": self.hparams.base_model_path, "fingerprint": self.base_fingerprint}
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["plugin"] = self.compensation.name
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         recorded = checkpoint.get("base_model")
@@ -325,10 +326,17 @@ class CompensationModule(FrozenBaseModule):
             raise ValueError(
                 f"this checkpoint belongs to the base model at {recorded['path']!r} (fingerprint "
                 f"{recorded['fingerprint']}), but the loaded base {self.hparams.base_model_path!r} has fingerprint "
-                f"{self.base_fingerprint}; point model.base_model_path at the original base, loaded with the same "
-                "model.dtype and model.quantization (the fingerprint covers both)"
+                f"{self.base_fingerprint}; point model.init_args.base_model_path at the original base, loaded with "
+                "the same model.init_args.dtype and quantization (the fingerprint covers both). To evaluate on the "
+                "base loaded another way (e.g. quantised), export the plug-in (python scripts/export_plugin.py "
+                "<checkpoint> plugin.safetensors) and pass --model.init_args.plugin_weights_path plugin.safetensors"
             )
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        saved_plugin = checkpoint.get("plugin")
+        if saved_plugin is not None and saved_plugin != self.compensation.name:
+            raise ValueError(f"this checkpoint holds the {saved_plugin!r} plug-in, but the config builds "
+                             f"{self.compensation.name!r} (model.init_args.compensation): another experiment's "
+                             "checkpoint, e.g. from a run directory two experiments share")
         # The base's own state is not filled in from the live model: a 4-bit base's state dict holds quantisation
         # state (absmax, quant_map) that load_state_dict refuses as unexpected keys.
         state = checkpoint.get("state_dict")

@@ -43,6 +43,21 @@ def last_validation_accuracy(log_dir: Path) -> float | None:
     return events.Scalars("val/acc")[-1].value
 
 
+def same_base(variant_dir: Path, base: str) -> bool:
+    """Whether the variant was trained on the base at `base` by its fingerprint (a copied or moved run directory
+    records another path for the same base)."""
+    import json
+
+    from lightning_modules.compensation import fingerprints
+    from lvlm_prune.modeling.loading import load_base_model
+
+    record = variant_dir / "plugin.safetensors.json"
+    if not record.is_file():
+        return False
+    recorded = json.loads(record.read_text()).get("base_fingerprint")
+    return recorded is not None and recorded in fingerprints(load_base_model(base))
+
+
 def check_reusable(run: Path, base: str, ratio: float, extra: list[str]) -> None:
     """A variant's earlier run is reused only when its saved config is this variant's, at this ratio, on this base."""
     import yaml
@@ -54,8 +69,9 @@ def check_reusable(run: Path, base: str, ratio: float, extra: list[str]) -> None
     expected.update({key.removeprefix(PLUGIN): yaml.safe_load(value) for key, value in zip(extra[::2], extra[1::2])})
     differing = [f"{key}={settings.get(key)!r} (wanted {value!r})" for key, value in expected.items()
                  if settings.get(key) != value]
-    if Path(model["base_model_path"]).resolve() != Path(base).resolve():
-        differing.append(f"base_model_path={model['base_model_path']!r} (wanted {base!r})")
+    if Path(model["base_model_path"]).resolve() != Path(base).resolve() and not same_base(run.parent, base):
+        differing.append(f"base_model_path={model['base_model_path']!r} (wanted {base!r}, and the base fingerprint "
+                         "recorded beside its plugin.safetensors differs or is missing)")
     if differing:
         raise ValueError(f"{run.parent} was trained with other settings: {', '.join(differing)}; remove it "
                          f"(rm -r {run.parent}) to train this variant again, or use another --run-dir")

@@ -183,9 +183,27 @@ def test_the_base_stages_continue_each_other_and_the_last_grows_the_llm(tmp_path
     with pytest.raises(ValueError, match="model.grow_placement='middle'"):
         cli_main(["fit", "--config", "configs/synthetic/base.yaml", *grown_args,
                   "--model.init_args.grow_placement", "middle", "--trainer.max_steps", "1"])
-    with pytest.raises((FileNotFoundError, ValueError), match="model.init_from=.*no_stage1.* is not a directory"):
+    with pytest.raises((FileNotFoundError, ValueError),
+                       match="model.init_args.init_from=.*no_stage1.* is not a directory.*--model.init_args.init_from null"):
         cli_main(["fit", "--config", "configs/synthetic/base.yaml", *grown_args,
                   "--model.init_args.init_from", str(tmp_path / "no_stage1"), "--trainer.max_steps", "1"])
+
+
+def test_evaluations_take_ckpt_path_auto_and_a_missing_checkpoint_writes_nothing(tmp_path):
+    base = ["--config", "configs/synthetic/base_describe.yaml", *TINY_BASE_ARGS, *run_dir_args(tmp_path)]
+    with pytest.raises(FileNotFoundError, match=r"--ckpt_path auto: this run has no checkpoint to test"):
+        cli_main(["test", *base, "--ckpt_path", "auto"])
+    cli_main(["fit", *base, "--trainer.max_steps", "1"])
+    run_dir = tmp_path / "base_describe" / "run"
+    by_path = cli_main(["test", *base, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
+    record = (run_dir / "config_test.yaml").read_text()
+    automatic = cli_main(["test", *base, "--ckpt_path", "auto"])
+    assert automatic.trainer.callback_metrics["test/acc"] == by_path.trainer.callback_metrics["test/acc"]
+    # a mistyped path stops before the run's records are rewritten
+    (run_dir / "config_test.yaml").write_text(record + "# the earlier evaluation's\n")
+    with pytest.raises(FileNotFoundError, match=r"--ckpt_path '.*lst.ckpt' does not exist"):
+        cli_main(["test", *base, "--ckpt_path", str(run_dir / "checkpoints" / "lst.ckpt")])
+    assert (run_dir / "config_test.yaml").read_text().endswith("# the earlier evaluation's\n")
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys):

@@ -48,8 +48,8 @@ def run_test(tmp_path, module, ids=IDS, loop="test", **trainer_args):
     getattr(trainer, loop)(module, questions(ids))
 
 
-def read(tmp_path):
-    return [json.loads(line) for line in (tmp_path / "answers_test.jsonl").read_text().splitlines()]
+def read(tmp_path, name="answers_test.jsonl"):
+    return [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
 
 
 def test_answers_of_finished_batches_survive_a_crash(tmp_path):
@@ -67,15 +67,15 @@ def test_a_rerun_replaces_the_file_and_ids_keep_their_type(tmp_path):
                           "answer_id": answer_id_for(20000, "question 20000"), "metadata": {}}
 
 
-def test_predict_writes_the_same_answer_file_as_test(tmp_path):
+def test_predict_writes_the_same_answers_as_test_to_its_own_file(tmp_path):
     run_test(tmp_path, Answering())
     tested = (tmp_path / "answers_test.jsonl").read_text()
-    (tmp_path / "answers_test.jsonl").unlink()
     run_test(tmp_path, Answering(), loop="predict")
-    assert (tmp_path / "answers_test.jsonl").read_text() == tested
+    assert (tmp_path / "answers_predict.jsonl").read_text() == tested
+    assert (tmp_path / "answers_test.jsonl").read_text() == tested  # test's file is left alone
     with pytest.raises(RuntimeError, match="failed at batch 1"):
         run_test(tmp_path, Answering(fail_at=1), loop="predict")
-    assert [a["question_id"] for a in read(tmp_path)] == IDS[:4]  # a fresh file, with the finished batch
+    assert [a["question_id"] for a in read(tmp_path, "answers_predict.jsonl")] == IDS[:4]  # fresh, the finished batch
 
 
 class Untyped(Answering):
@@ -109,5 +109,6 @@ def test_scienceqa_prompts_carry_the_image_placeholder_as_llava_writes_them(tmp_
 def test_several_processes_write_one_file_with_every_answer_once_in_file_order(loop, tmp_path):
     # 9 ids: the test sampler repeats one; ranks get ids 0, 2, 4, ... and 1, 3, 5, ...
     run_test(tmp_path, Answering(), ids=IDS[:9], loop=loop, strategy="ddp_spawn", devices=2)
-    assert [a["question_id"] for a in read(tmp_path)] == IDS[:9]  # LLaVA's POPE evaluation pairs answers by position
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers_test.jsonl"]  # the rank files are gone
+    name = f"answers_{loop}.jsonl"
+    assert [a["question_id"] for a in read(tmp_path, name)] == IDS[:9]  # LLaVA's POPE evaluation pairs answers by position
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # the rank files are gone

@@ -64,7 +64,7 @@ def test_zero2_one_process_checkpoint_export_resume_and_wrong_base(tiny_base_dir
 
     wrong = run_cli(["fit", "--config", config, "--config", ZERO2, "--ckpt_path", "auto", "--trainer.max_steps", "6",
                      "--model.init_args.base_model_path", str(other_base_dir)], timeout=180, expect_success=False)
-    assert "this checkpoint belongs to the base model at" in wrong and "point model.base_model_path" in wrong
+    assert "this checkpoint belongs to the base model at" in wrong and "point model.init_args.base_model_path" in wrong
 
     resumed = run_cli(["fit", "--config", config, "--config", ZERO2, "--ckpt_path", "auto",
                        "--trainer.max_steps", "6", "--checkpoint.every_n_train_steps", "2"], timeout=180)

@@ -42,3 +42,14 @@ def test_a_finished_base_run_resumed_exports_again(tmp_path):
     shutil.rmtree(tmp_path / "export")
     cli_main([*args, "--ckpt_path", str(tmp_path / "base_describe" / "run" / "checkpoints" / "last.ckpt")])
     assert (tmp_path / "export" / "config.json").exists() and (tmp_path / "export" / "tokenizer.json").exists()
+
+
+def test_predict_on_the_synthetic_test_split_writes_its_own_answer_file(tiny_base_dir, tmp_path):
+    from conftest import TINY_DATA_ARGS
+
+    run_dir = tmp_path / "run"
+    config = tiny_experiment(run_dir, tiny_base_dir, max_steps=1, limit_val_batches=0)
+    cli_main(["predict", "--config", str(config), "--trainer.callbacks+=callbacks.answer_writer.AnswerFileWriter"])
+    answers = (run_dir / "logs" / "run" / "answers_predict.jsonl").read_text().splitlines()
+    assert len(answers) == TINY_DATA_ARGS["num_test"]
+    assert not (run_dir / "logs" / "run" / "answers_test.jsonl").exists()

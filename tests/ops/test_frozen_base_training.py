@@ -263,10 +263,13 @@ def test_checkpoints_are_lean_and_refuse_another_base(tiny_base_dir, other_base_
     reshaped = dict(checkpoint, state_dict={**checkpoint["state_dict"], first_key: torch.zeros(3, 1)})
     with pytest.raises(ValueError, match=rf"other shape \(checkpoint vs configured\) \['{first_key} \(3, 1\) vs"):
         same.on_load_checkpoint(reshaped)
+    assert checkpoint["plugin"] == "rcp"
+    with pytest.raises(ValueError, match=r"holds the 'accm' plug-in, but the config builds 'rcp'"):
+        same.on_load_checkpoint(dict(checkpoint, plugin="accm"))
 
     other = make_module(other_base_dir, data)
     assert other.base_fingerprint != module.base_fingerprint
-    with pytest.raises(ValueError, match=r"belongs to the base model at .*point model.base_model_path at the original"):
+    with pytest.raises(ValueError, match=r"belongs to the base model at .*point model.init_args.base_model_path at the original"):
         other.on_load_checkpoint(torch.load(path, weights_only=False))
 
     # the same base moved elsewhere is the same base; checkpoints that recorded the older, path-dependent hash load

@@ -33,3 +33,22 @@ def test_a_run_of_another_variant_ratio_or_base_is_not_reused(tmp_path):
     with pytest.raises(ValueError, match=r"base_model_path=.*other_base.* \(wanted"):
         ablations.check_reusable(saved_run(tmp_path / "c", tmp_path / "other_base", use_adapter=False), str(base),
                                  0.889, variant)
+
+
+def test_a_variant_whose_run_directory_was_moved_is_reused_by_its_base_fingerprint(tmp_path, tiny_base_dir):
+    import json
+    import shutil
+
+    from lightning_modules.compensation import fingerprints
+    from lvlm_prune.modeling.loading import load_base_model
+
+    variant = ablations.VARIANTS["without adapter"]
+    moved = tmp_path / "copy" / "base_model"
+    shutil.copytree(tiny_base_dir, moved)
+    run = saved_run(tmp_path, "/elsewhere/base_model", use_adapter=False)  # the path it was trained at
+    record = run.parent / "plugin.safetensors.json"
+    record.write_text(json.dumps({"base_fingerprint": fingerprints(load_base_model(str(tiny_base_dir)))[0]}))
+    ablations.check_reusable(run, str(moved), 0.889, variant)  # the same base: reused
+    record.write_text(json.dumps({"base_fingerprint": "0" * 16}))
+    with pytest.raises(ValueError, match=r"base_model_path='/elsewhere/base_model' \(wanted .*fingerprint"):
+        ablations.check_reusable(run, str(moved), 0.889, variant)
