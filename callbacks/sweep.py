@@ -266,10 +266,9 @@ class PruningSweep(L.Callback):
                     log.warning("sweep: skipping %s at r=%s: %s", name, ratio, error)
                     self.rows.append({"method": name, "prune_ratio": ratio, "status": f"unreachable: {error}"})
                 else:
-                    if name not in warmed:
-                        self._warm_up(pl_module, loader, name, ratio)
-                        warmed.add(name)
-                    self.rows.append(self._evaluate_pair(pl_module, loader, name, ratio, rank, world))
+                    self.rows.append(self._evaluate_pair(pl_module, loader, name, ratio, rank, world,
+                                                         warm_up=name not in warmed))
+                    warmed.add(name)
                     if trainer.is_global_zero:
                         row = self.rows[-1]
                         print(f"sweep {name:>9s} r={ratio:<6} acc={row['accuracy']:.3f} "
@@ -304,10 +303,13 @@ class PruningSweep(L.Callback):
         if batch is not None:
             pl_module.run_method(pl_module.transfer_batch_to_device(batch, pl_module.device, 0), name, ratio)
 
-    def _evaluate_pair(self, pl_module, loader, name: str, ratio: float, rank: int, world: int) -> dict[str, Any]:
+    def _evaluate_pair(self, pl_module, loader, name: str, ratio: float, rank: int, world: int,
+                       warm_up: bool = False) -> dict[str, Any]:
         metric = exact_match(pl_module.categories).to(pl_module.device)
         sums = torch.zeros(10, dtype=torch.float64, device=pl_module.device)
         try:
+            if warm_up:  # inside the try: a rank that fails here must tell the others too
+                self._warm_up(pl_module, loader, name, ratio)
             evaluated, spare = self._evaluate_batches(pl_module, loader, name, ratio, rank, world, metric, sums)
             if world > 1:
                 # Every rank runs as many batches as the busiest one: under ZeRO-3 each module call gathers

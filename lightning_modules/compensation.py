@@ -237,8 +237,9 @@ class CompensationModule(FrozenBaseModule):
         norm to every weight). DeepSpeed keeps gradients in its own partitioned buffers: not checked there."""
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):
             return True
-        grads = [p.grad for p in self.compensation.parameters() if p.requires_grad and p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        checks = [torch.isfinite(p.grad).all() for p in self.compensation.parameters()
+                  if p.requires_grad and p.grad is not None]
+        finite = bool(torch.stack(checks).all()) if checks else True  # one device sync, not one per parameter
         return self.trainer.strategy.reduce_boolean_decision(finite, all=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
