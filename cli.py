@@ -24,7 +24,8 @@ from lightning_modules.strategies import AtomicCheckpointIO  # noqa: E402
 from lvlm_prune.archives import torch_archive_problem  # noqa: E402
 
 
-# --ckpt_path values that name no file: Lightning's, and `auto` (the newest checkpoint of the run)
+# --ckpt_path values that name no file: Lightning's (and its `registry:<name>...`), and `auto` (the newest
+# checkpoint of the run)
 CHECKPOINT_KEYWORDS = ("auto", "last", "best", "hpc", "registry")
 
 
@@ -64,7 +65,8 @@ class LVLMPruneCLI(LightningCLI):
         (for `auto`, once `before_fit` has found the checkpoint)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS and not Path(ckpt_path).exists():
+        if (ckpt_path and ckpt_path not in CHECKPOINT_KEYWORDS and not ckpt_path.startswith("registry:")
+                and not Path(ckpt_path).exists()):
             # before anything is written (the run's config record, an emptied answer file)
             raise FileNotFoundError(f"--ckpt_path {ckpt_path!r} does not exist (give a checkpoint file, a DeepSpeed "
                                     f"checkpoint directory, or one of {', '.join(CHECKPOINT_KEYWORDS)})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import sys
 from pathlib import Path
 
@@ -43,19 +44,25 @@ def last_validation_accuracy(log_dir: Path) -> float | None:
     return events.Scalars("val/acc")[-1].value
 
 
+@functools.lru_cache(maxsize=None)
+def base_fingerprints(base: str) -> tuple[str, ...]:
+    """The fingerprints of the base at `base` (loaded once for all variants)."""
+    from lightning_modules.compensation import fingerprints
+    from lvlm_prune.modeling.loading import load_base_model
+
+    return fingerprints(load_base_model(base))
+
+
 def same_base(variant_dir: Path, base: str) -> bool:
     """Whether the variant was trained on the base at `base` by its fingerprint (a copied or moved run directory
     records another path for the same base)."""
     import json
 
-    from lightning_modules.compensation import fingerprints
-    from lvlm_prune.modeling.loading import load_base_model
-
     record = variant_dir / "plugin.safetensors.json"
     if not record.is_file():
         return False
     recorded = json.loads(record.read_text()).get("base_fingerprint")
-    return recorded is not None and recorded in fingerprints(load_base_model(base))
+    return recorded is not None and recorded in base_fingerprints(base)
 
 
 def check_reusable(run: Path, base: str, ratio: float, extra: list[str]) -> None:

@@ -53,7 +53,7 @@ from lvlm_prune.accm.vision_pruning import (
     text_relevance_scores,
 )
 from lvlm_prune.baselines import build_method, pre_llm_keep_count
-from lvlm_prune.compensation import Compensation, copy_weights
+from lvlm_prune.compensation import Compensation, copy_weights, is_training_only
 from lvlm_prune.data import first_answer_only
 from lvlm_prune.engine import EngineOutput, ModelInfo, PreLLMContext, PrunedLlava, PruningMethod, gather_rows
 from lvlm_prune.flops import LLMShape, llm_prefill_flops, module_flops
@@ -906,10 +906,8 @@ class ACCMCompensation(Compensation):
         """The DPO reference, once copied at the stage-2 start: it cannot be copied again later."""
         if self.objective != "dpo" or not bool(self.reference_ready):
             return []
-        references = [("reference_caption_model", self.reference_caption_model)]
-        if self.caption_position_embedding:
-            references.append(("reference_discarded_positions", self.reference_discarded_positions))
-        return [f"{prefix}.{name}" for prefix, module in references for name, _ in module.named_parameters()]
+        return [name for name, parameter in self.named_parameters()
+                if not parameter.requires_grad and is_training_only(self, name)]
 
     # ------------------------------------------------------------------ FLOPs
     def caption_flops(self, candidates: CaptionCandidates, selection: VisualSelection) -> torch.Tensor:
