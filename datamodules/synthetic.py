@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import lightning as L
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.synthetic_vqa import (
@@ -163,9 +164,11 @@ class SyntheticVQADataModule(L.LightningDataModule):
         self.template = get_template(template)
         if processor_path is not None:
             self.processor = load_processor(processor_path, setting="data.init_args.processor_path")
+            self._check_saved_processor(processor_path)
         else:
             tokenizer = build_word_tokenizer(vocabulary(self.config))
             self.processor = build_processor(tokenizer, self.config.image_size, patch_size=cell_size)
+        self._check_template_words(template)
         patch = getattr(self.processor, "patch_size", None)
         for name, active in (("token_drop_fraction", token_drop_fraction > 0), ("grounding_evidence", grounding_evidence),
                              ("eval_visual_tokens", eval_visual_tokens != "all")):
@@ -179,6 +182,34 @@ class SyntheticVQADataModule(L.LightningDataModule):
                                            pack_length=pack_length))
         self.categories = list(families)
         self._splits: dict[str, list[VQASample]] = {}
+
+    def _check_saved_processor(self, path: str) -> None:
+        """A saved processor must see the grid's image and know every word of its text: a smaller image would be
+        resized silently (each grid cell no longer one visual token), an unknown word read as <unk>."""
+        side = self.config.image_size
+        pixels = self.processor.image_processor(Image.new("RGB", (side, side)), return_tensors="pt")["pixel_values"]
+        if tuple(pixels.shape[-2:]) != (side, side):
+            raise ValueError(f"data.processor_path={path}: its processor turns the {side}-pixel images of "
+                             f"data.grid={self.config.grid} x data.cell_size={self.config.cell_size} into "
+                             f"{tuple(pixels.shape[-2:])} pixels, so a grid cell is no longer one visual token")
+        known = self.processor.tokenizer.get_vocab()
+        missing = [w for w in vocabulary(self.config) if w not in known]
+        if missing:
+            raise ValueError(f"data.processor_path={path}: its tokenizer lacks the words {missing} this benchmark's "
+                             f"settings use (data.grid={self.config.grid}, data.families); use a base trained on them")
+
+    def _check_template_words(self, name: str) -> None:
+        """The template's own words (its system message, roles) must be known to the tokenizer, not read as
+        <unk>: the word-level tokenizer of the tiny default knows only the benchmark's words and 'tiny''s roles."""
+        tokenizer = self.processor.tokenizer
+        pre_tokenizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+        text = self.template.prompt("?", with_image=False)
+        words = [w for w, _ in pre_tokenizer.pre_tokenize_str(text)] if pre_tokenizer is not None else [text]
+        unknown = sorted({w for w in words if tokenizer.unk_token in tokenizer.tokenize(w)})
+        if unknown:
+            raise ValueError(f"data.template={name!r}: the tokenizer reads {len(unknown)} of its words as "
+                             f"{tokenizer.unk_token} ({unknown[:8]}...); the embedded default's word-level tokenizer "
+                             "knows the 'tiny' template only")
 
     def samples(self, split: str) -> list[VQASample]:
         if split not in self._splits:
@@ -239,13 +270,15 @@ class SyntheticVQADataModule(L.LightningDataModule):
         return VQAExample(sample.question_id, image, **text)
 
     def train_text_lengths(self) -> list[int]:
-        """Words of each training example's text (the word-level tokenizer's token count, up to the template)."""
+        """Tokens of each training example, up to the template: its words (the word-level tokenizer's count) and,
+        when it has its image, one visual token per grid cell."""
         lengths = []
         for sample in self.samples("train"):
             text = self._train_conversation(sample)
             words = [text["question"], text["answer"], text["context"] or ""]
             words += [part for turn in text["extra_turns"] for part in turn]
-            lengths.append(sum(len(w.split()) for w in words))
+            visual = 0 if text["text_only"] else self.config.grid**2
+            lengths.append(visual + sum(len(w.split()) for w in words))
         return lengths
 
     def _eval_example(self, sample: VQASample, index: int) -> VQAExample:

@@ -7,11 +7,62 @@ from datamodules.synthetic import SyntheticVQADataModule
 from datamodules.synthetic_vqa import (
     ANSWER_VOCABULARY,
     FAMILIES,
+    NUMBER_WORDS,
     SyntheticVQAConfig,
     generate_samples,
     render,
     vocabulary,
 )
+from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
+
+
+def solve(scene, question: str) -> tuple[str, set[tuple[int, int]]]:
+    """The answer and the cells of the objects it depends on, worked out from the question's words alone (written
+    apart from the generator, so that a wrong answer, direction or evidence list there fails the tests below)."""
+    words = question.split()
+    objects = {(o.row, o.col): o for o in scene.objects}
+
+    def matching(*values):
+        found = [o for o in scene.objects if all(v in (o.color, o.shape, o.size) for v in values)]
+        return found
+
+    if question == "describe the image .":
+        return scene.description(), set(objects)
+    if question.startswith("describe the objects that matter for :"):
+        _, cells = solve(scene, question.split(":", 1)[1].strip())
+        return scene.description([objects[c] for c in cells]), cells
+    if words[:3] == ["what", "is", "the"] and words[4:6] == ["of", "the"]:
+        asked = words[3]
+        if words[6:9] == ["object", "at", "row"]:  # ... of the object at row R column C ?
+            cell = (int(words[9]) - 1, int(words[11]) - 1)
+            return getattr(objects[cell], asked), {cell}
+        if words[6] == "object" and words[7] == "directly":  # ... of the object directly <d> the <color> <shape> ?
+            offset = {"left": (0, -1), "right": (0, 1), "above": (-1, 0), "below": (1, 0)}[words[8]]
+            (reference,) = matching(*words[-3:-1])
+            cell = (reference.row + offset[0], reference.col + offset[1])
+            return getattr(objects[cell], asked), {(reference.row, reference.col), cell}
+        (target,) = matching(*[w for w in words[6:-1] if w != "object"])  # ... of the <reference> ?
+        return getattr(target, asked), {(target.row, target.col)}
+    if words[:3] == ["is", "there", "a"]:
+        found = matching(words[3], words[4])
+        return ("yes" if found else "no"), {(o.row, o.col) for o in found}
+    if words[:2] == ["how", "many"]:
+        found = matching(words[2])
+        return NUMBER_WORDS[len(found)], {(o.row, o.col) for o in found}
+    if words[:2] == ["do", "the"]:  # do the <c1> object and the <c2> object have the same <attr> ?
+        (a,), (b,) = matching(words[2]), matching(words[6])
+        same = getattr(a, words[-2]) == getattr(b, words[-2])
+        return ("yes" if same else "no"), {(a.row, a.col), (b.row, b.col)}
+    raise AssertionError(f"unparsed question {question!r}")
+
+
+def test_every_answer_and_its_evidence_follow_from_the_scene():
+    for split, config in (("test", SyntheticVQAConfig()), ("train", SyntheticVQAConfig(train_min_objects=1))):
+        for sample in generate_samples(config, split, 600):
+            answer, cells = solve(sample.scene, sample.question)
+            assert answer == sample.answer, sample.question
+            assert cells == {(o.row, o.col) for o in sample.relevant}, sample.question
+            assert not cells & set(sample.scene.distractors)
 
 
 def test_generation_is_deterministic():
@@ -74,23 +125,23 @@ def test_token_drop_hides_only_tokens_no_answer_needs():
     data = SyntheticVQADataModule(num_train=96, batch_size=32, token_drop_fraction=1.0, turns_per_image=3,
                                   describe_fraction=0.5, train_min_objects=1)
     samples = {s.question_id: s for s in data.samples("train")}
-    dropped = 0
+    dropped = several_turns = 0
     for batch in data.train_dataloader():
         visual = batch["input_ids"] == data.image_token_id
         for i, question_id in enumerate(batch["question_ids"]):
             conversation = data._train_conversation(samples[question_id])
             visible = batch["attention_mask"][i][visual[i]] > 0  # (64,) in the image's token order
             questions = [conversation["question"]] + [q for q, _ in conversation["extra_turns"]]
-            needed = {o.row * data.config.grid + o.col for o in samples[question_id].relevant}
-            if any(q.startswith("describe the image") for q in questions):
-                needed |= {o.row * data.config.grid + o.col for o in samples[question_id].scene.objects}
+            scene = samples[question_id].scene
+            needed = {r * data.config.grid + c for q in questions for r, c in solve(scene, q)[1]}
             assert needed <= set(conversation["protected_visual"])
+            several_turns += len(questions) > 1
             assert visible[list(conversation["protected_visual"])].all()
             hidden = int((~visible).sum())
             others = visible.numel() - len(conversation["protected_visual"])
             assert round(0.5 * others) <= hidden <= others
             dropped += hidden > 0
-    assert dropped == 96
+    assert dropped == 96 and several_turns > 48
     # the generation prompts hide the same tokens as the teacher-forced layout
     prompt_visual = batch["prompt_input_ids"] == data.image_token_id
     assert torch.equal(batch["prompt_attention_mask"][prompt_visual], batch["attention_mask"][visual])
@@ -139,6 +190,32 @@ def test_bad_settings_are_named():
         from lvlm_prune.modeling.prompt import TINY_DEFAULT
 
         TINY_DEFAULT.prompt("   ")
+    with pytest.raises(ValueError, match=r"min_objects=9, max_objects=8: need 1 <= min_objects <= max_objects"):
+        SyntheticVQAConfig(min_objects=9, max_objects=8)
+    with pytest.raises(ValueError, match=r"max_objects=13 objects and up to 4 distractors do not fit a 4x4 grid"):
+        SyntheticVQAConfig(grid=4, min_objects=1, max_objects=13)
+    with pytest.raises(ValueError, match="data.template='vicuna_v1': the tokenizer reads 19 of its words as <unk>"):
+        SyntheticVQADataModule(template="vicuna_v1")
+
+
+@pytest.mark.parametrize("cell_size, message", [(2, "too small to draw the shapes"),
+                                                (7, "draws a small circle and a small cross alike")])
+def test_cell_sizes_that_draw_two_shapes_alike_are_refused(cell_size, message):
+    with pytest.raises(ValueError, match=rf"cell_size={cell_size} pixels (is )?{message}"):
+        SyntheticVQAConfig(cell_size=cell_size)
+    SyntheticVQAConfig(cell_size=6)
+
+
+def test_a_saved_processor_must_fit_the_grid_and_its_words(tmp_path):
+    data = SyntheticVQADataModule(num_train=8)
+    data.processor.save_pretrained(tmp_path)
+    SyntheticVQADataModule(num_train=8, processor_path=str(tmp_path))
+    with pytest.raises(ValueError, match=r"turns the 48-pixel images of data.grid=6 x data.cell_size=8 into \(64, 64\)"):
+        SyntheticVQADataModule(num_train=8, grid=6, processor_path=str(tmp_path))
+    older = [w for w in vocabulary(data.config) if w != "directly"]  # a base from before relation questions said it
+    build_processor(build_word_tokenizer(older), 64, patch_size=8).save_pretrained(tmp_path / "older")
+    with pytest.raises(ValueError, match=r"its tokenizer lacks the words \['directly'\]"):
+        SyntheticVQADataModule(num_train=8, processor_path=str(tmp_path / "older"))
 
 
 def test_training_batches_group_examples_of_similar_length():
@@ -165,6 +242,14 @@ def test_training_batches_group_examples_of_similar_length():
     text_tokens = (batch["input_ids"] != grouped.processor.tokenizer.pad_token_id).sum(1).float()
     counted = torch.tensor([float(lengths[index[q]]) for q in batch["question_ids"]])
     assert torch.corrcoef(torch.stack([text_tokens, counted]))[0, 1] > 0.95
+    # with text-only examples among them, the image's tokens count too (a text-only example is the shorter one)
+    mixed = SyntheticVQADataModule(**dict(settings, batch_size=64), text_only_fraction=0.3)
+    mixed_lengths = dict(zip((s.question_id for s in mixed.samples("train")), mixed.train_text_lengths()))
+    batch = next(iter(mixed.train_dataloader()))
+    assert batch["pixel_values"].shape[0] < 64
+    tokens = (batch["input_ids"] != mixed.processor.tokenizer.pad_token_id).sum(1).float()
+    counted = torch.tensor([float(mixed_lengths[q]) for q in batch["question_ids"]])
+    assert torch.corrcoef(torch.stack([tokens, counted]))[0, 1] > 0.95
 
 
 @pytest.mark.parametrize("shown", ["objects", "relevant"])
@@ -181,7 +266,8 @@ def test_evaluation_can_show_only_the_object_tokens(shown):
 
 
 def test_token_drop_needs_one_visual_token_per_cell(tmp_path):
-    SyntheticVQADataModule(num_train=8).processor.save_pretrained(tmp_path)  # 8-pixel patches
+    tokenizer = SyntheticVQADataModule(num_train=8).processor.tokenizer
+    build_processor(tokenizer, 128, patch_size=8).save_pretrained(tmp_path)  # 128-pixel images, 8-pixel patches
     with pytest.raises(ValueError, match="token_drop_fraction=0.3 needs one visual token per grid cell"):
         SyntheticVQADataModule(processor_path=str(tmp_path), cell_size=16, token_drop_fraction=0.3)
 
