@@ -177,8 +177,8 @@ def _plain(value: Any) -> Any:
 def check_config_files(args: list[str]) -> None:
     """A YAML syntax error in a `--config` file, named by its path: jsonargparse reports it in "<unicode string>", so
     with several merged configs the broken one is not known."""
-    paths = [value for flag, value in zip(args, args[1:]) if flag == "--config"]
-    paths += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+    paths = [value for flag, value in zip(args, args[1:]) if flag in ("--config", "-c")]
+    paths += [arg.split("=", 1)[1] for arg in args if arg.startswith(("--config=", "-c="))]
     for path in paths:
         if not Path(path).is_file():
             continue  # jsonargparse names a missing file, and --config also takes inline YAML

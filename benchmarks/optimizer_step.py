@@ -1,6 +1,6 @@
 """What the optimizer adds to a base training step: AdamW against Muon + AdamW (`model.init_args.optimizer`).
 
-    python benchmarks/optimizer_step.py [--llm-layers 4 12] [--repeats 30]
+    python benchmarks/optimizer_step.py [--llm-layers 4 12] [--repeats 20]
 
 For the committed base spec at each depth, builds both optimizers over one freshly initialised model and times,
 interleaved round by round (`benchmarks/timing.py`, so all see the same machine state): forward + backward of one

@@ -189,13 +189,13 @@ class SyntheticVQADataModule(L.LightningDataModule):
         side = self.config.image_size
         pixels = self.processor.image_processor(Image.new("RGB", (side, side)), return_tensors="pt")["pixel_values"]
         if tuple(pixels.shape[-2:]) != (side, side):
-            raise ValueError(f"data.processor_path={path}: its processor turns the {side}-pixel images of "
+            raise ValueError(f"data.init_args.processor_path={path}: its processor turns the {side}-pixel images of "
                              f"data.grid={self.config.grid} x data.cell_size={self.config.cell_size} into "
                              f"{tuple(pixels.shape[-2:])} pixels, so a grid cell is no longer one visual token")
         known = self.processor.tokenizer.get_vocab()
         missing = [w for w in vocabulary(self.config) if w not in known]
         if missing:
-            raise ValueError(f"data.processor_path={path}: its tokenizer lacks the words {missing} this benchmark's "
+            raise ValueError(f"data.init_args.processor_path={path}: its tokenizer lacks the words {missing} this benchmark's "
                              f"settings use (data.grid={self.config.grid}, data.families); use a base trained on them")
 
     def _check_template_words(self, name: str) -> None:

@@ -289,10 +289,10 @@ def generate_samples(config: SyntheticVQAConfig, split: str, num_samples: int) -
     while len(samples) < num_samples:
         if failed_draws == MAX_FAILED_DRAWS:
             family = config.families[len(samples) % len(config.families)]
-            raise ValueError(f"no {split} sample of family {family!r} in {MAX_FAILED_DRAWS} scenes of "
-                             f"{fewest}-{config.max_objects} objects on a {config.grid}x{config.grid} grid: the family "
-                             "needs other scene sizes (compare: two objects of distinct colours; relate: two "
-                             "neighbours), or leave it out of families")
+            raise ValueError(f"no {split} sample of family {family!r} in {MAX_FAILED_DRAWS} scene draws (of any "
+                             f"split) of {fewest}-{config.max_objects} objects on a {config.grid}x{config.grid} grid: "
+                             "the family needs other scene sizes (compare: two objects of distinct colours; relate: "
+                             "two neighbours), or leave it out of families")
         failed_draws += 1
         scene_seed = rng.getrandbits(32)
         scene_rng = random.Random(scene_seed)

@@ -102,7 +102,6 @@ class CompensationModule(FrozenBaseModule):
         self.compensation.attach(self.engine, self.tokenizer)
         self._base_fingerprints = fingerprints(self.base)
         self.base_fingerprint = self._base_fingerprints[0]
-        keep_quantized_base_differentiable(self.base)
         if plugin_weights_path:
             load_plugin_weights(self.compensation, plugin_weights_path, base_fingerprints=self._base_fingerprints)
         # base weights are not in lean checkpoints; on_load_checkpoint checks the plug-in's keys itself
@@ -366,15 +365,6 @@ def _nonfinite(state: dict[str, torch.Tensor], names) -> list[str]:
 
 def _numel(parameter: torch.nn.Parameter) -> int:
     return getattr(parameter, "ds_numel", parameter.numel())  # a ZeRO-3 partitioned parameter has numel 0
-
-
-def keep_quantized_base_differentiable(model: torch.nn.Module) -> None:
-    """bitsandbytes repacks a 4-bit Linear for AVX512-BF16 CPUs at its first no-grad eval-mode call and from then
-    on runs a kernel without backward, so the plug-ins' gradients through the frozen base would be silently
-    wrong (the teacher pass is such a call). Off for every 4-bit layer of the base."""
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
 
 
 def fingerprints(model: torch.nn.Module) -> tuple[str, str]:

@@ -1,9 +1,10 @@
 """Files on disk: integrity checks of `torch.save` archives (Lightning checkpoints) before they are loaded, the
-permissions of exported weights, and exports that are complete or absent."""
+permissions of exported weights, exports that are complete or absent, and digests of exported weights."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -62,3 +63,14 @@ def staged_export(target: str | Path, last: tuple[str, ...] = ("config.json",)) 
             os.replace(path, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def weights_digest(directory: str | Path) -> str:
+    """sha256 of a saved model's safetensors files (in name order): what the outputs made from a base record, so a
+    retrained base is noticed and a copied or bit-identical one is not."""
+    digest = hashlib.sha256()
+    for weights in sorted(Path(directory).glob("*.safetensors")):
+        with weights.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -55,15 +55,17 @@ def main() -> None:
 
     shown = base_exact = picked_exact = total = 0
     picked: set[str] = set()
-    nll: dict[str, list[float]] = {}
+    nll: dict[str, list[float]] = {}  # per condition: [summed NLL, target tokens]
     for batch in data.test_dataloader():
         with torch.no_grad():
             selection = accm.select_visual_tokens(module.engine, batch, ratio)
             candidates = accm.caption_candidates(batch, selection)
             pick = accm.selector_scores(batch, candidates)[0].argmax(-1)
             described, described_mask = accm.warm_start_captions(module.engine, batch, selection)
-            for name, value in target_nll(accm, batch, selection, described, described_mask).items():
-                nll.setdefault(name, []).append(value)
+            for name, (summed, tokens) in target_nll(accm, batch, selection, described, described_mask).items():
+                totals = nll.setdefault(name, [0.0, 0])
+                totals[0] += summed
+                totals[1] += tokens
         for b, question_id in enumerate(batch["question_ids"]):
             sample = samples[question_id]
             # in the caption model's vocabulary (its own tokenizer's when it was loaded from caption_decoder_path)
@@ -82,28 +84,30 @@ def main() -> None:
     print(f"\n{total} test questions at r = {ratio}: base descriptions exact {base_exact / total:.3f}, "
           f"selected captions exact {picked_exact / total:.3f}, distinct selected captions {len(picked)}")
     print("caption model NLL per token of the warm-start targets: "
-          + ", ".join(f"{name} {sum(values) / len(values):.3f}" for name, values in nll.items()))
+          + ", ".join(f"{name} {summed / tokens:.3f}" for name, (summed, tokens) in nll.items()))
 
 
 def target_nll(accm: ACCMCompensation, batch: dict, selection, targets: torch.Tensor, target_mask: torch.Tensor
-               ) -> dict[str, float]:
-    """Per-token NLL of `targets` under the caption model, with the sample's own inputs and with swapped ones."""
+               ) -> dict[str, tuple[float, int]]:
+    """Summed NLL of `targets` under the caption model and their token count, with the sample's own inputs and with
+    swapped ones (the batch rolled by one; a batch of one question has no other to swap with and scores only its
+    own)."""
     ids, mask = accm.instructions(batch["questions"], selection.features.device)
     visual, visual_mask = accm.caption_visual(selection), selection.discarded_mask
 
-    def score(ids, mask, visual, visual_mask) -> float:
+    def score(ids, mask, visual, visual_mask) -> tuple[float, int]:
         logprobs, real = accm.caption_model.caption_token_logprobs(ids, mask, visual, visual_mask, targets, target_mask)
-        return (-logprobs.sum() / real.sum()).item()
+        return -logprobs.sum().item(), int(real.sum())
 
     def rolled(x: torch.Tensor) -> torch.Tensor:
         return x.roll(1, 0)
 
-    return {
-        "own image": score(ids, mask, visual, visual_mask),
-        "another image": score(ids, mask, rolled(visual), rolled(visual_mask)),
-        "zero visual tokens": score(ids, mask, torch.zeros_like(visual), visual_mask),
-        "another question": score(rolled(ids), rolled(mask), visual, visual_mask),
-    }
+    scores = {"own image": score(ids, mask, visual, visual_mask),
+              "zero visual tokens": score(ids, mask, torch.zeros_like(visual), visual_mask)}
+    if ids.shape[0] > 1:
+        scores["another image"] = score(ids, mask, rolled(visual), rolled(visual_mask))
+        scores["another question"] = score(rolled(ids), rolled(mask), visual, visual_mask)
+    return scores
 
 
 if __name__ == "__main__":

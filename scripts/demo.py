@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from callbacks.sweep import FinishedRunNotSwept  # noqa: E402
 from cli import cli_main  # noqa: E402
+from lvlm_prune.archives import weights_digest  # noqa: E402
 
 STAGES = ("data", "base_describe", "base_stage1", "base", "base_eval", "sweep", "rcp", "rcp_r0.778", "accm")
 
@@ -105,12 +105,7 @@ class Demo:
 
     def base_digest(self) -> str:
         """sha256 of the base's weights: what the outputs made from it record."""
-        digest = hashlib.sha256()
-        for weights in sorted((self.run_dir / "base_model").glob("*.safetensors")):
-            with weights.open("rb") as file:
-                while chunk := file.read(1 << 20):
-                    digest.update(chunk)
-        return digest.hexdigest()
+        return weights_digest(self.run_dir / "base_model")
 
     def _made_from(self) -> dict[str, str]:
         return json.loads(self.made_from_path.read_text()) if self.made_from_path.exists() else {}

@@ -177,6 +177,11 @@ def main() -> None:
 
     if args.patch_aux > 0 and args.text_only_fraction > 0:
         raise SystemExit("--patch-aux needs an image in every training example; drop --text-only-fraction")
+    if args.init_layers is not None and args.init_from is None:
+        raise SystemExit("--init-layers is the depth of the --init-from model: give --init-from too")
+    if args.init_layers is not None and args.init_layers > args.llm_layers:
+        raise SystemExit(f"--init-layers {args.init_layers} is deeper than --llm-layers {args.llm_layers}: the probe "
+                         "grows a model, it does not shrink one")
     dm = datamodule(args)
     tokenizer = dm.processor.tokenizer
     spec = TinyLlavaSpec(num_layers=args.llm_layers, vision_layers=args.vision_layers, residual_init=args.residual_init,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cli import cli_main  # noqa: E402
+from lvlm_prune.archives import weights_digest  # noqa: E402
 
 PLUGIN = "--model.init_args.compensation.init_args."
 VARIANTS = {
@@ -53,32 +55,56 @@ def base_fingerprints(base: str) -> tuple[str, ...]:
     return fingerprints(load_base_model(base))
 
 
-def same_base(variant_dir: Path, base: str) -> bool:
-    """Whether the variant was trained on the base at `base` by its fingerprint (a copied or moved run directory
-    records another path for the same base)."""
-    import json
-
+def same_base(variant_dir: Path, base: str) -> bool | None:
+    """Whether the variant was trained on the base at `base`, by the fingerprint its plug-in export records (a copied
+    or moved run directory records another path for the same base, a base retrained in place the same path for
+    another); None when there is no export to tell."""
     record = variant_dir / "plugin.safetensors.json"
     if not record.is_file():
-        return False
+        return None
     recorded = json.loads(record.read_text()).get("base_fingerprint")
     return recorded is not None and recorded in base_fingerprints(base)
 
 
+def expected_settings(ratio: float, extra: list[str]) -> dict:
+    """The plug-in settings this variant trains with: RCPCompensation's defaults, `configs/synthetic/rcp.yaml`'s
+    settings, the ratio and the variant's override (values the YAML interpolates are left out: the saved config
+    holds them resolved)."""
+    import inspect
+
+    import yaml
+
+    from lvlm_prune.rcp.compensation import RCPCompensation
+
+    settings = {name: parameter.default for name, parameter in
+                inspect.signature(RCPCompensation.__init__).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    config = yaml.safe_load((ROOT / "configs/synthetic/rcp.yaml").read_text())
+    settings.update({key: value for key, value in config["model"]["init_args"]["compensation"]["init_args"].items()
+                     if not (isinstance(value, str) and "${" in value)})
+    settings = json.loads(json.dumps(settings))  # tuples as the saved YAML's lists
+    settings["target_prune_ratio"] = ratio
+    settings.update({key.removeprefix(PLUGIN): yaml.safe_load(value) for key, value in zip(extra[::2], extra[1::2])})
+    return settings
+
+
 def check_reusable(run: Path, base: str, ratio: float, extra: list[str]) -> None:
-    """A variant's earlier run is reused only when its saved config is this variant's, at this ratio, on this base."""
+    """A variant's earlier run is reused only when its saved config has this variant's plug-in settings (those of
+    `configs/synthetic/rcp.yaml` with its override, at this ratio) and it was trained on this base."""
     import yaml
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
     model = saved["model"]["init_args"]
     settings = model["compensation"]["init_args"]
-    expected = {"target_prune_ratio": ratio}
-    expected.update({key.removeprefix(PLUGIN): yaml.safe_load(value) for key, value in zip(extra[::2], extra[1::2])})
-    differing = [f"{key}={settings.get(key)!r} (wanted {value!r})" for key, value in expected.items()
-                 if settings.get(key) != value]
-    if Path(model["base_model_path"]).resolve() != Path(base).resolve() and not same_base(run.parent, base):
-        differing.append(f"base_model_path={model['base_model_path']!r} (wanted {base!r}, and the base fingerprint "
-                         "recorded beside its plugin.safetensors differs or is missing)")
+    differing = [f"{key}={settings.get(key)!r} (wanted {value!r})"
+                 for key, value in expected_settings(ratio, extra).items() if settings.get(key) != value]
+    trained_on_base = same_base(run.parent, base)
+    if trained_on_base is False:
+        differing.append("the base fingerprint recorded beside its plugin.safetensors (another base, or the base "
+                         f"was retrained since; wanted that of {base!r})")
+    elif trained_on_base is None and Path(model["base_model_path"]).resolve() != Path(base).resolve():
+        differing.append(f"base_model_path={model['base_model_path']!r} (wanted {base!r}; no plug-in export records "
+                         "its base's fingerprint)")
     if differing:
         raise ValueError(f"{run.parent} was trained with other settings: {', '.join(differing)}; remove it "
                          f"(rm -r {run.parent}) to train this variant again, or use another --run-dir")
@@ -131,6 +157,8 @@ def main() -> None:
     lines += [f"| {r['variant']} | {float(r['accuracy']):.3f} | {three_decimals(r['val_accuracy'])} | "
               f"{float(r['realised_prune_ratio']):.3f} | {float(r['avg_visual_tokens']):.1f} |" for r in rows]
     (run_dir / "rcp_ablations.md").write_text("\n".join(lines) + "\n")
+    # what report.py checks the table against: the base of the run directory it reports
+    (run_dir / "rcp_ablations.json").write_text(json.dumps({"base_weights_sha256": weights_digest(base)}, indent=2))
     print("\n".join(lines))
 
 

@@ -19,6 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lvlm_prune.archives import weights_digest  # noqa: E402
+
 # What `make demo` (scripts/demo.py, all stages) leaves in its run directory.
 MAIN_OUTPUTS = ("timings.json", "base_eval.json", "sweep/run/sweep.csv", "rcp_r0.889/run/sweep.csv",
                 "rcp_r0.778/run/sweep.csv", "accm_r0.969/run/sweep.csv")
@@ -287,7 +291,8 @@ def build(args: argparse.Namespace) -> tuple[str, Path | None]:
 
     ablations = run / "rcp_ablations.md"
     if ablations.exists():
-        parts += ["## RCP ablations (`python scripts/rcp_ablations.py`)", "", ablations.read_text(), ""]
+        parts += ["## RCP ablations (`python scripts/rcp_ablations.py`)", "", *ablations_provenance(run),
+                  ablations.read_text(), ""]
 
     bench = Path(args.benchmark)
     if bench.exists():
@@ -301,6 +306,21 @@ def build(args: argparse.Namespace) -> tuple[str, Path | None]:
         with reading(cost):
             parts += rcp_cost_section(c)
     return "\n".join(parts), figure
+
+
+def ablations_provenance(run: Path) -> list[str]:
+    """Nothing when the ablation table was made from this run's base (bit-identical weights); else a line saying it
+    was not, or that nothing says which base it was made from."""
+    record = run / "rcp_ablations.json"
+    if not record.exists():
+        return [f"**Not checked against this run's base**: {record} is missing (the table predates the record); "
+                "rerun `python scripts/rcp_ablations.py` to make and check it.", ""]
+    with reading(record):
+        made_from = read_json(record)["base_weights_sha256"]
+    if made_from != weights_digest(run / "base_model"):
+        return [f"**Made from another base** than {run / 'base_model'} (its weights differ from those {record} "
+                "records): these numbers are not this run's; rerun `python scripts/rcp_ablations.py`.", ""]
+    return []
 
 
 def benchmark_section(data: dict) -> list[str]:

@@ -109,6 +109,8 @@ def test_a_yaml_syntax_error_names_its_config_file(tmp_path):
     broken.write_text("model:\n  init_args:\n    learning_rate: [1e-3\n")
     with pytest.raises(ValueError, match=r"--config .*broken.yaml: not valid YAML"):
         cli_main(["fit", "--config", "configs/synthetic/base_describe.yaml", "--config", str(broken), *TINY_BASE_ARGS])
+    with pytest.raises(ValueError, match=r"--config .*broken.yaml: not valid YAML"):  # LightningCLI's short flag
+        cli_main(["fit", "-c", str(broken), *TINY_BASE_ARGS])
 
 
 def test_small_settings_are_named():

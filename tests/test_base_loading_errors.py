@@ -43,6 +43,14 @@ def test_a_corrupt_config_json_is_named(tiny_base_dir, tmp_path, content):
     assert caught.value.__cause__ is not None
 
 
+def test_a_checkpoint_in_the_llava_repository_format_is_named(tiny_base_dir, tmp_path):
+    base = copy_of(tiny_base_dir, tmp_path)
+    (base / "config.json").write_text('{"model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336"}')
+    with pytest.raises(ValueError, match=rf"^{BASE}: '.*' is a checkpoint in the LLaVA repository's own format "
+                                         r"\(model_type 'llava_llama'\).*llava-hf/llava-1.5-7b-hf"):
+        load_base_model(base, setting=BASE)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "random bytes"])
 def test_corrupt_safetensors_weights_are_named(tiny_base_dir, tmp_path, damage):
     base = copy_of(tiny_base_dir, tmp_path)

@@ -225,7 +225,8 @@ def test_missing_base_model_directory_is_named(tmp_path, tiny_base_dir):
                   str(tmp_path / "no_base"), "--data.init_args.processor_path", str(tmp_path / "no_base")])
     with pytest.raises(FileNotFoundError, match=r"^model.init_args.base_model_path: base model directory '.*no_base' does not exist \(.*make demo"):
         cli_main(["test", "--config", "configs/synthetic/sweep.yaml", "--model.init_args.base_model_path",
-                  str(tmp_path / "no_base"), "--data.init_args.processor_path", str(tiny_base_dir)])
+                  str(tmp_path / "no_base"), "--data.init_args.processor_path", str(tiny_base_dir),
+                  "--data.init_args.grid", "4"])  # the tiny base's 32-pixel images
 
 
 def test_misspelt_sweep_method_fails_before_any_work(tiny_base_dir, tmp_path):

@@ -141,3 +141,22 @@ def test_the_unread_vision_modules_are_exactly_the_parameters_no_loss_reaches(ti
     tower = model.model.vision_tower
     expected = {"post_layernorm", *(f"encoder.layers.{i}" for i in unread_layers)}
     assert {name for name, module in tower.named_modules() if module in unread_vision_modules(model)} == expected
+
+
+def test_a_quantised_base_loads_onto_its_own_process_gpu(monkeypatch):
+    """Each DDP process loads the base onto its GPU: it is built before Lightning picks the device, and an 8-bit
+    layer moved afterwards keeps its quantisation state where it was loaded."""
+    from lvlm_prune.modeling.loading import UNQUANTISED_MODULES, quantization_kwargs
+
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    assert quantization_kwargs("8bit", torch.float16)["device_map"] == {"": "cpu"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert quantization_kwargs("4bit", torch.bfloat16)["device_map"] == {"": 0}
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    assert quantization_kwargs("4bit", torch.bfloat16)["device_map"] == {"": 2}
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    kwargs = quantization_kwargs("8bit", torch.bfloat16)
+    assert kwargs["device_map"] == {"": 3}
+    assert kwargs["quantization_config"].llm_int8_skip_modules == UNQUANTISED_MODULES

@@ -110,7 +110,10 @@ class PrefixMapper(nn.Module):
             raise ValueError(
                 f"visual_mask shape {tuple(visual_mask.shape)} does not match visual {(batch, num_tokens)}"
             )
-        projected = self.visual_proj(visual.to(self.visual_proj.weight.dtype))
+        # in the weights' precision also under autocast: a bf16 cast of the input would round away the small
+        # grid-position embedding the compensation adds to each discarded token
+        with torch.autocast(device_type=visual.device.type, enabled=False):
+            projected = self.visual_proj(visual.to(self.visual_proj.weight.dtype))
         if self.mode == "tokens":
             if num_tokens == 0:
                 return self.norm(projected)
@@ -640,15 +643,11 @@ class _Decoding:
         scores = [0.0] * rows_total
         active = [True] * rows_total
         for step in range(self.max_new_tokens):
-            allowed = self._allowed(logprobs, step)
-            probs = _nucleus(torch.softmax(allowed / temperature, -1), top_p,
-                             min_keep=num_candidates if step == 0 else 1)
-            if step == 0:
-                first = torch.multinomial(
-                    probs[::num_candidates], num_candidates, replacement=False, generator=generator
-                )
-                tokens = first.reshape(-1)
+            scaled = self._allowed(logprobs, step) / temperature
+            if step == 0:  # M distinct first tokens per sample
+                tokens = _distinct_draws(scaled[::num_candidates], top_p, num_candidates, generator).reshape(-1)
             else:
+                probs = torch.softmax(scaled, -1).masked_fill(~_nucleus_keep(scaled, top_p, 1), 0.0)
                 tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             picked = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
             token_list = tokens.tolist()
@@ -675,13 +674,25 @@ class _Decoding:
         return finished, decode_tokens
 
 
-def _nucleus(probs: torch.Tensor, top_p: float, min_keep: int) -> torch.Tensor:
-    """Zeroes the tokens outside the top-p nucleus (keeping at least `min_keep` nonzero ones)."""
-    if top_p >= 1.0 and min_keep <= 1:
-        return probs
-    sorted_probs, order = probs.sort(-1, descending=True)
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    drop = mass_before > top_p
-    drop[:, :min_keep] = False
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+def _nucleus_keep(logits: torch.Tensor, top_p: float, min_keep: int) -> torch.Tensor:
+    """Which tokens the top-p nucleus keeps (at least the `min_keep` likeliest allowed ones; never a -inf one)."""
+    sorted_logits, order = logits.sort(-1, descending=True)
+    sorted_probs = torch.softmax(sorted_logits, -1)
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) <= top_p
+    keep[:, :min_keep] = True
+    keep &= torch.isfinite(sorted_logits)
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def _distinct_draws(logits: torch.Tensor, top_p: float, count: int, generator) -> torch.Tensor:
+    """`count` distinct tokens per row, drawn without replacement from the nucleus of softmax(logits) (Gumbel top-k,
+    in log space: a token whose probability underflows stays drawable, a suppressed one never is). torch's
+    multinomial without replacement picks zero-probability tokens once fewer than `count` are nonzero."""
+    logprobs = torch.log_softmax(logits, -1).masked_fill(~_nucleus_keep(logits, top_p, count), float("-inf"))
+    uniform = torch.rand(logprobs.shape, generator=generator, device=logprobs.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+    tokens = (logprobs + gumbel).topk(count, -1).indices
+    if not torch.isfinite(logprobs.gather(1, tokens)).all():
+        raise ValueError(f"fewer than {count} tokens may start a caption (the others are suppressed): lower "
+                         "num_candidates")
+    return tokens

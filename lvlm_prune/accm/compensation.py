@@ -357,8 +357,13 @@ class ACCMCompensation(Compensation):
             raise ValueError(f"accm vision_selection={vision_selection!r}; choose one of {VISION_SELECTIONS}")
         if strategy not in ("beam", "sample"):
             raise ValueError(f"accm strategy={strategy!r}; choose 'beam' or 'sample'")
-        if num_candidates < 1:
-            raise ValueError(f"accm num_candidates={num_candidates} must be at least 1")
+        if num_candidates < 2:
+            raise ValueError(f"accm num_candidates={num_candidates} must be at least 2: the KL ranking trains on the "
+                             "margin between candidates, which one candidate does not have")
+        if strategy == "sample" and sample_temperature <= 0:
+            raise ValueError(f"accm sample_temperature={sample_temperature} must be > 0")
+        if not 0 < sample_top_p <= 1:
+            raise ValueError(f"accm sample_top_p={sample_top_p} must be in (0, 1]")
         if strategy == "beam" and num_beams < num_candidates:
             raise ValueError(f"accm num_beams={num_beams} must be >= num_candidates={num_candidates}")
         if max_caption_tokens < 2:
@@ -698,7 +703,8 @@ class ACCMCompensation(Compensation):
         if self.selector_encoder == "clip_text":
             captions = [self.caption_text(self.candidate_tokens(candidates, b, m))
                         for b in range(batch_size) for m in range(num)]
-            texts = [self.selector_text(batch["questions"][i // num], caption) for i, caption in enumerate(captions)]
+            texts = [self.selector_text_parts(batch["questions"][i // num], caption)
+                     for i, caption in enumerate(captions)]
             features, lengths = self.text_encoder(texts, candidates.token_ids.device)
             return self.selector(features.reshape(batch_size, num, -1)), lengths.reshape(batch_size, num)
         questions = [torch.tensor(self._token_ids(self.question_text(q)), dtype=torch.long) for q in batch["questions"]]
@@ -713,10 +719,18 @@ class ACCMCompensation(Compensation):
         features = self.text_encoder(ids, mask).reshape(batch_size, num, -1)
         return self.selector(features), mask.sum(1).reshape(batch_size, num)
 
+    def selector_text_parts(self, question: str, caption: str) -> tuple[str, str]:
+        """The selector's input as text (for 'clip_text'), as (question prefix + question, supplement prefix +
+        caption): CLIP's 77 positions are cut in the question, never in the caption the candidates differ by."""
+        def joined(*parts: str) -> str:
+            return " ".join(part.strip() for part in parts if part.strip())
+
+        return (joined(self.selector_question_prefix, self.question_text(question)),
+                joined(self.selector_supplement_prefix, caption))
+
     def selector_text(self, question: str, caption: str) -> str:
-        """The selector's input as text (for 'clip_text'): question prefix, question, supplement prefix, caption."""
-        parts = (self.selector_question_prefix, self.question_text(question), self.selector_supplement_prefix, caption)
-        return " ".join(part.strip() for part in parts if part.strip())
+        """The selector's input as one text (what `selector_text_parts` encodes when it fits CLIP's positions)."""
+        return " ".join(part for part in self.selector_text_parts(question, caption) if part)
 
     # ------------------------------------------------------------------ warm start
     def _caption_from_generation(self, tokens: list[int]) -> list[int]:
@@ -800,9 +814,15 @@ class ACCMCompensation(Compensation):
         kl = ranking["kl"]
         caption_mask = (torch.arange(candidates.token_ids.shape[2], device=kl.device)[None, None]
                         < candidates.lengths[..., None])
-        logprobs, caption_mask = self.caption_model.caption_token_logprobs(
-            instruction_ids, instruction_mask, self.caption_visual(selection), selection.discarded_mask,
-            candidates.token_ids, caption_mask)
+        training = self.caption_model.training
+        if self.objective == "dpo":  # policy and reference are compared without dropout (as TRL's DPO trains)
+            self.caption_model.eval()
+        try:
+            logprobs, caption_mask = self.caption_model.caption_token_logprobs(
+                instruction_ids, instruction_mask, self.caption_visual(selection), selection.discarded_mask,
+                candidates.token_ids, caption_mask)
+        finally:
+            self.caption_model.train(training)
         nll = -logprobs.sum(-1) / caption_mask.sum(-1).clamp_min(1)
         scores, _ = self.selector_scores(batch, candidates)
         terms = caption_and_selector_losses(nll, scores, kl)

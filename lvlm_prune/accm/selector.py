@@ -144,17 +144,34 @@ class CLIPTextEncoder:
         self.width = self.projection_dim or self.hidden_size
         self.max_length = config.max_position_embeddings
 
-    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, L) ids and (N, L) mask of `texts`, with the tokenizer's BOS/EOS, right-padded, cut to max_length."""
-        encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                                 padding_side="right", return_tensors="pt")
-        return encoded["input_ids"], encoded["attention_mask"]
+    def tokenize(self, texts: Sequence[str] | Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, L) ids and (N, L) mask of `texts`, with the tokenizer's BOS/EOS, right-padded, cut to max_length.
+
+        A text given as (head, tail) is cut in its head: the tail (the selector's candidate caption, which is where
+        the M inputs of one question differ) is kept whole as long as it fits by itself."""
+        if not texts or isinstance(texts[0], str):
+            encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                     padding_side="right", return_tensors="pt")
+            return encoded["input_ids"], encoded["attention_mask"]
+        budget = self.max_length - 2  # BOS and EOS
+        rows = []
+        for head, tail in texts:
+            tail_ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"][:budget]
+            head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"][:budget - len(tail_ids)]
+            rows.append([self.tokenizer.bos_token_id, *head_ids, *tail_ids, self.tokenizer.eos_token_id])
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return ids, mask
 
     @torch.no_grad()
-    def __call__(self, texts: Sequence[str],
+    def __call__(self, texts: Sequence[str] | Sequence[tuple[str, str]],
                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Args:
-            texts: N strings.
+            texts: N strings, or N (head, tail) pairs cut in the head (`tokenize`).
             device: where the features go (the model moves there on first use); None = the model's device.
 
         Returns:

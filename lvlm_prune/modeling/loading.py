@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def load_base_model(
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "attn_implementation": attn_implementation}
     if quantization is not None:
         kwargs.update(quantization_kwargs(quantization, DTYPES[dtype]))
+    check_not_original_llava_format(path, setting)
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as error:
@@ -93,7 +95,7 @@ def load_base_model(
     is_next = config.model_type == "llava_next"
     model_class = LlavaNextForConditionalGeneration if is_next else AutoModelForImageTextToText
     try:
-        return model_class.from_pretrained(str(path), config=config, **kwargs)
+        model = model_class.from_pretrained(str(path), config=config, **kwargs)
     except ValueError as error:
         if f'attn_implementation="{attn_implementation}"' not in str(error):
             raise
@@ -105,6 +107,35 @@ def load_base_model(
             raise
         raise ValueError(f"{_named(setting)}the weights in {str(path)!r} are corrupt or incomplete "
                          f"({type(error).__name__}: {error}); download or save the base model again") from error
+    if quantization == "4bit":
+        keep_quantized_base_differentiable(model)
+    return model
+
+
+def keep_quantized_base_differentiable(model: torch.nn.Module) -> None:
+    """bitsandbytes repacks a 4-bit Linear for AVX512-BF16 CPUs at its first no-grad eval-mode call and from then
+    on runs a kernel without backward (the plug-ins' gradients through the frozen base would be silently wrong: the
+    teacher pass is such a call), and the repacking fails on widths that are not multiples of 64. Off for every
+    4-bit layer."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+# model types of the LLaVA authors' own repository (liuhaotian/llava-v1.5-7b), which transformers does not read
+ORIGINAL_LLAVA_TYPES = ("llava_llama", "llava_mistral", "llava_mpt", "llava_qwen")
+
+
+def check_not_original_llava_format(path: Path, setting: str | None = None) -> None:
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # AutoConfig names an unreadable config
+    if model_type in ORIGINAL_LLAVA_TYPES:
+        raise ValueError(f"{_named(setting)}{str(path)!r} is a checkpoint in the LLaVA repository's own format "
+                         f"(model_type {model_type!r}), which transformers does not load: use its Hugging Face "
+                         "conversion (llava-hf/llava-1.5-7b-hf for LLaVA-1.5-7B), or convert it with the script "
+                         "src/transformers/models/llava/convert_llava_weights_to_hf.py of transformers' repository")
 
 
 def check_safetensors(path: Path, setting: str | None = None) -> None:
@@ -134,17 +165,35 @@ def check_safetensors(path: Path, setting: str | None = None) -> None:
                              f"{error}); download or save the base model again") from error
 
 
+# LLaVA's own loader quantises the language model and the projector; the CLIP tower loads apart, in fp16.
+# transformers matches these from the start of a module's name or as its end
+UNQUANTISED_MODULES = ["model.vision_tower", "vision_tower", "lm_head"]
+
+
 def quantization_kwargs(quantization: str, compute_dtype: torch.dtype) -> dict[str, Any]:
+    """bitsandbytes settings for `from_pretrained`. Each process loads onto its own GPU: the base is built before
+    Lightning picks the device, and a quantised weight cannot be moved afterwards (8-bit layers keep their
+    quantisation state on the device they were loaded on)."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
-        config = BitsAndBytesConfig(load_in_8bit=True)
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTISED_MODULES)
     elif quantization == "4bit":
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True)
+                                    bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True,
+                                    llm_int8_skip_modules=UNQUANTISED_MODULES)
     else:
         raise ValueError(f"quantization={quantization!r}; choose None, '8bit' or '4bit'")
-    return {"quantization_config": config, "device_map": "cpu" if not torch.cuda.is_available() else None}
+    return {"quantization_config": config, "device_map": {"": _local_device()}}
+
+
+def _local_device() -> str | int:
+    """This process's GPU (LOCAL_RANK from Lightning's or torchrun's launcher, SLURM_LOCALID under srun), or the
+    CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    return int(local_rank) % torch.cuda.device_count()
 
 
 def unread_vision_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

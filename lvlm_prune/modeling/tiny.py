@@ -35,9 +35,10 @@ class TinyLlavaSpec:
         num_kv_heads: Llama key/value heads (fewer than num_heads = grouped-query attention).
         max_position_embeddings: longest sequence.
         vision_feature_layer: which CLIP layer LLaVA reads (-2 in LLaVA-1.5).
-        initializer_range: std of the normal initialisation of weights; None = 1 / sqrt(width) per tower.
-            transformers' default 0.02 suits widths near 768: at width 128 it shrinks every linear layer's
-            output about 4x, attention logits start near zero and learning to attend crawls.
+        initializer_range: std of the normal initialisation of the Llama tower's and the projector's weights and
+            of CLIP's patch and position embeddings (CLIP's encoder layers keep CLIP's own width-scaled scheme); None
+            = 1 / sqrt(width) per tower. transformers' default 0.02 suits widths near 768: at width 128 it shrinks
+            every linear layer's output about 4x, attention logits start near zero and learning to attend crawls.
         residual_init: 'normal' (as transformers initialises) or 'zero': the projections that write into the
             residual stream (attention output, MLP down/fc2, in both towers) start at zero, so every block starts as
             the identity. Trained from scratch, a 12-layer LLM then learns to find an object among the visual tokens

@@ -348,6 +348,24 @@ def test_sampling_gives_distinct_reproducible_candidates_and_restores_train_mode
     handle.remove()
 
 
+def test_sampling_a_peaked_first_step_draws_no_suppressed_token():
+    """One token far ahead at a low temperature: the other tokens' probabilities underflow to zero, and torch's
+    multinomial without replacement then drew suppressed ones (-inf) for the second and third candidates."""
+    model = make_model()
+    handle = model.decoder.lm_head.register_forward_hook(lambda module, args, out: out + 12.0 * (
+        torch.arange(out.shape[-1]) == 10))
+    instruction, instruction_mask, visual, visual_mask, _, _ = make_inputs()
+    for seed in range(3):
+        drawn = model.generate_candidates(instruction, instruction_mask, visual, visual_mask, num_candidates=3,
+                                          strategy="sample", temperature=0.1, top_p=0.9, max_new_tokens=6,
+                                          suppress_token_ids=[43, 44], generator=torch.Generator().manual_seed(seed))
+        first = drawn.token_ids[:, :, 0]
+        assert not torch.isin(first, torch.tensor([43, 44, PAD, EOS])).any()
+        assert all(len(set(row)) == 3 for row in first.tolist()) and (first == 10).any(1).all()
+        assert torch.isfinite(drawn.logprobs).all()
+    handle.remove()
+
+
 @pytest.mark.parametrize("strategy", ["beam", "sample"])
 def test_lockstep_decodes_every_step_and_changes_no_candidate(strategy):
     model = make_model()

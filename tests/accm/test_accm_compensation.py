@@ -77,7 +77,8 @@ def test_constructor_and_attach_reject_bad_settings(setup):
     for bad in (dict(vision_selection="fastv"), dict(strategy="greedy"), dict(objective="ppo"),
                 dict(selector_encoder="clip"), dict(describe_instruction="describe the image"),
                 dict(num_beams=2, num_candidates=3), dict(target_prune_ratio=1.0), dict(caption_prefix_mode="mean"),
-                dict(caption_position_init_std=-1.0)):
+                dict(caption_position_init_std=-1.0), dict(num_candidates=1),
+                dict(sample_temperature=0.0, strategy="sample"), dict(sample_top_p=1.5)):
         setting, value = next(iter(bad.items()))  # the error names the setting and the value given
         with pytest.raises(ValueError, match=rf"^accm {setting}={value!r}"):
             ACCMCompensation(**bad)
@@ -203,11 +204,15 @@ def test_losses_are_finite_and_only_plugin_parameters_get_gradients(setup, objec
         assert bool(plugin.reference_ready)
         for frozen in (plugin.reference_caption_model, plugin.reference_discarded_positions):
             assert not any(p.requires_grad or p.grad is not None for p in frozen.parameters())
-        # at the stage-2 start the policy equals its reference: DPO gives log 2
-        fresh = make_plugin(engine, tokenizer, objective="dpo", warmup_fraction=0.0)
-        losses = fresh.training_losses(engine, batch, 0.0)
-        assert losses["kl_margin"].item() > 0
-        assert math.isclose(losses["dpo"].item(), math.log(2), rel_tol=1e-4)
+        # at the stage-2 start the policy equals its reference: DPO gives log 2, also with dropout (off for both)
+        for dropout in (0.0, 0.3):
+            fresh = make_plugin(engine, tokenizer, objective="dpo", warmup_fraction=0.0, caption_dropout=dropout)
+            fresh.train()
+            losses = fresh.training_losses(engine, batch, 0.0)
+            assert losses["kl_margin"].item() > 0 and fresh.caption_model.training
+            assert math.isclose(losses["dpo"].item(), math.log(2), rel_tol=1e-5)
+            losses["loss"].backward()
+            assert any(p.grad is not None for p in fresh.caption_model.parameters())
 
 
 def test_a_deepspeed_checkpoint_without_the_copied_dpo_reference_is_refused(setup):
@@ -515,3 +520,12 @@ def test_the_grid_position_embedding_is_added_in_the_plugins_precision(setup):
     assert seen.dtype == torch.float32
     torch.testing.assert_close(seen, features.float() + position)
     assert not torch.equal(seen, features.float())  # rounded to bf16, most of these 0.003s would vanish
+    # and the mapper's input projection reads it in fp32 also under bf16 autocast (bf16-mixed precision)
+    projected = []
+    proj = plugin.caption_model.mapper.visual_proj
+    hook = proj.register_forward_hook(lambda m, args, out: projected.append(out))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plugin.caption_model.mapper(seen, selection.discarded_mask)
+    hook.remove()
+    assert projected[0].dtype == torch.float32  # autocast would have run it on a bf16 cast of `seen`
+    torch.testing.assert_close(projected[0], proj(seen))

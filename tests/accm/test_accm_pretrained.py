@@ -229,6 +229,17 @@ def test_the_clip_encoder_is_frozen_outside_the_plugin(setup, paths, tmp_path):
     assert scores.shape == (3, 3) and torch.isfinite(scores).all()
     long = plugin.text_encoder(["red " * 40])
     assert long[1].tolist() == [24] and torch.isfinite(long[0]).all()
+    # a question too long for CLIP's positions is cut, not the caption the candidates differ by
+    question = "what color is the object at 1 2 ? " * 4
+    captions = ["red square", "blue circle", "green square"]
+    parts = [plugin.selector_text_parts(question, caption) for caption in captions]
+    ids, mask = plugin.text_encoder.tokenize(parts)
+    assert mask.sum(1).tolist() == [24, 24, 24]
+    for row, caption in zip(ids, captions):
+        tail = plugin.text_encoder.tokenizer(f"supplemental information : {caption}", add_special_tokens=False)
+        assert row[-1 - len(tail["input_ids"]) : -1].tolist() == tail["input_ids"]
+    features, _ = plugin.text_encoder(parts)
+    assert not torch.allclose(features[0], features[1]) and not torch.allclose(features[0], features[2])
 
 
 @pytest.mark.parametrize("kind, width", [("clip_plain", 16), ("clip_full", 8)])

@@ -199,3 +199,21 @@ def test_accm_scored_on_other_questions_than_the_baselines_is_refused(run_dir, t
     (run_dir / "accm_r0.969" / "run" / "sweep.csv").write_text(sweep_csv([{**row("accm", 0.969), "num_samples": 8}]))
     message = refused(run_dir, tmp_path / "results.md")
     assert "different numbers of questions (sweep/run/sweep.csv: [16], accm_r0.969/run/sweep.csv: [8])" in message
+
+
+def test_the_ablation_table_is_marked_unless_it_was_made_from_this_runs_base(run_dir, tmp_path):
+    from lvlm_prune.archives import weights_digest
+
+    (run_dir / "base_model").mkdir()
+    (run_dir / "base_model" / "model.safetensors").write_bytes(b"weights")
+    (run_dir / "rcp_ablations.md").write_text("| variant | test accuracy |\n|---|---|\n| rcp (full method) | 0.495 |\n")
+    out = tmp_path / "results.md"
+    section = "## RCP ablations (`python scripts/rcp_ablations.py`)\n\n"
+    run_report(run_dir, out)
+    assert section + "**Not checked against this run's base**" in out.read_text()
+    (run_dir / "rcp_ablations.json").write_text(json.dumps({"base_weights_sha256": weights_digest(run_dir / "base_model")}))
+    run_report(run_dir, out)
+    assert section + "| variant | test accuracy |" in out.read_text()
+    (run_dir / "base_model" / "model.safetensors").write_bytes(b"retrained")
+    run_report(run_dir, out)
+    assert section + "**Made from another base**" in out.read_text() and "| rcp (full method) | 0.495 |" in out.read_text()
