@@ -195,8 +195,9 @@ class SyntheticVQADataModule(L.LightningDataModule):
         known = self.processor.tokenizer.get_vocab()
         missing = [w for w in vocabulary(self.config) if w not in known]
         if missing:
-            raise ValueError(f"data.init_args.processor_path={path}: its tokenizer lacks the words {missing} this benchmark's "
-                             f"settings use (data.grid={self.config.grid}, data.families); use a base trained on them")
+            raise ValueError(f"data.init_args.processor_path={path}: its tokenizer lacks the words {missing} this "
+                             f"benchmark's settings use (data.grid={self.config.grid}, data.families); use a base "
+                             "trained on them")
 
     def _check_template_words(self, name: str) -> None:
         """The template's own words (its system message, roles) must be known to the tokenizer, not read as

@@ -728,10 +728,6 @@ class ACCMCompensation(Compensation):
         return (joined(self.selector_question_prefix, self.question_text(question)),
                 joined(self.selector_supplement_prefix, caption))
 
-    def selector_text(self, question: str, caption: str) -> str:
-        """The selector's input as one text (what `selector_text_parts` encodes when it fits CLIP's positions)."""
-        return " ".join(part for part in self.selector_text_parts(question, caption) if part)
-
     # ------------------------------------------------------------------ warm start
     def _caption_from_generation(self, tokens: list[int]) -> list[int]:
         """A warm-start target from the frozen LVLM's generated ids: in the caption model's vocabulary (re-encoded

@@ -159,13 +159,8 @@ class CLIPTextEncoder:
             tail_ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"][:budget]
             head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"][:budget - len(tail_ids)]
             rows.append([self.tokenizer.bos_token_id, *head_ids, *tail_ids, self.tokenizer.eos_token_id])
-        width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        return ids, mask
+        padded = self.tokenizer.pad({"input_ids": rows}, padding=True, padding_side="right", return_tensors="pt")
+        return padded["input_ids"], padded["attention_mask"]
 
     @torch.no_grad()
     def __call__(self, texts: Sequence[str] | Sequence[tuple[str, str]],

@@ -217,7 +217,8 @@ def test_the_clip_encoder_is_frozen_outside_the_plugin(setup, paths, tmp_path):
     selection = plugin.select_visual_tokens(engine, batch, RATIO)
     candidates = plugin.caption_candidates(batch, selection)
     scores, lengths = plugin.selector_scores(batch, candidates)
-    texts = [plugin.selector_text(batch["questions"][b], tokenizer.decode(plugin.candidate_tokens(candidates, b, m)))
+    texts = [" ".join(plugin.selector_text_parts(batch["questions"][b],
+                                                 tokenizer.decode(plugin.candidate_tokens(candidates, b, m))))
              for b in range(3) for m in range(3)]
     assert texts[0].startswith("question : what color is the object at 1 2 ? supplemental information :")
     encoded = plugin.text_encoder.tokenizer(texts, padding=True, truncation=True, max_length=24, return_tensors="pt")
