@@ -320,3 +320,18 @@ def test_the_sweeps_counts_charge_every_vision_layer_the_engine_runs(tiny_spec):
                                        run_all_vision_layers=True)
     up_to_the_read_one = llava_prefill_report(model.config, 6.0, [visual] * tiny_spec.num_layers, "exact")
     assert counted_report["vision"] == every_layer.vision > up_to_the_read_one.vision
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
+@pytest.mark.parametrize("num_images", [1, 3])
+def test_projector_counts_follow_the_feature_strategy_and_the_images(tiny_spec, strategy, num_images):
+    # "full" also projects [CLS]; a sample with several images (LLaVA-NeXT's crops) projects each image's features
+    model = make_tiny_llava(tiny_spec, attn_implementation="eager")
+    model.config.vision_feature_select_strategy = strategy
+    _, _, pixels = make_batch(tiny_spec, batch_size=num_images)
+    counter = counted(lambda: model.model.get_image_features(pixel_values=pixels))
+    measured = sum(counter.get_flop_counts()["LlavaMultiModalProjector"].values())
+    report = llava_prefill_report(model.config, 7, [16] * tiny_spec.num_layers, num_images=num_images)
+    assert_close(measured, report.projector, rel=1e-9)
+    single = llava_prefill_report(model.config, 7, [16] * tiny_spec.num_layers)
+    assert report.projector == num_images * single.projector

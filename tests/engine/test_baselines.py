@@ -22,6 +22,34 @@ def test_7b_schedules_reach_the_layer_averaged_budget(name, ratio):
     assert abs(realised - ratio) < 0.01, (name, realised)
 
 
+@pytest.mark.parametrize("name", ["fastv", "dart"])
+@pytest.mark.parametrize("ratio, keep", [(0.667, 166), (0.778, 98), (0.889, 30)])
+def test_7b_single_stage_keeps_the_count_nearest_the_budget(name, ratio, keep):
+    # one token is 0.0016 of the budget: the 0.01 tolerance above cannot tell 97 from 98
+    method = build_method(name, ratio)
+    method.bind(INFO_7B)
+    assert method.keep == keep
+    layer_average = [(2 * 576 + 30 * k) / (32 * 576) for k in (keep - 1, keep, keep + 1)]
+    errors = [abs(kept - (1 - ratio)) for kept in layer_average]
+    assert errors[1] < min(errors[0], errors[2])
+
+
+@pytest.mark.parametrize("name", ["fastv", "dart"])
+@pytest.mark.parametrize("layers, k_layer", [(4, 1), (12, 1), (24, 2), (28, 2), (32, 2), (60, 4)])
+def test_the_default_pruning_layer_scales_k_2_of_32_to_the_nearest_layer(name, layers, k_layer):
+    method = build_method(name, 0.3)
+    method.bind(ModelInfo(num_layers=layers, num_visual_tokens=576, hidden_size=64, vision_feature_layer=-2))
+    assert method.prune_layers == (k_layer - 1, k_layer)
+
+
+@pytest.mark.parametrize("tokens, ratio, split", [(16, 0.5, (7, 1)), (64, 0.889, (6, 1)), (64, 0.969, (2, 0)),
+                                                  (576, 0.889, (54, 10))])
+def test_visionzip_splits_its_budget_54_to_10_rounded_to_the_nearest_token(tokens, ratio, split):
+    method = VisionZip(ratio)
+    method.bind(ModelInfo(num_layers=32, num_visual_tokens=tokens, hidden_size=64, vision_feature_layer=-2))
+    assert (method.dominant, method.contextual) == split
+
+
 @pytest.mark.parametrize("tokens, ratio, grid", [(64, 0.5, (4, 8)), (64, 0.667, (3, 7)), (64, 0.889, (1, 7)),
                                                  (576, 0.667, (12, 16)), (576, 0.778, (8, 16)), (576, 0.889, (8, 8))])
 def test_pool_picks_the_grid_nearest_the_budget_then_the_squarest(tokens, ratio, grid):
