@@ -51,6 +51,13 @@ def test_vicuna_template_matches_llava15():
     assert VICUNA_V1.target("A cat.") == " A cat.</s>"
 
 
+def test_a_context_goes_between_the_image_and_the_question():
+    # where ACCM's caption and the base's textual descriptions go (METHODS.md section 4)
+    assert VICUNA_V1.prompt("What is shown?", "additional information: a cat").endswith(
+        " USER: <image>\nadditional information: a cat\nWhat is shown? ASSISTANT:")
+    assert TINY_DEFAULT.prompt("what ?", "red", with_image=False) == "USER: red\nwhat ? ASSISTANT:"
+
+
 def test_missing_or_incomplete_directories_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_base_model(tmp_path / "nowhere")

@@ -53,6 +53,16 @@ def test_prumerge_caps_outliers_at_keep_and_covers_edge_budgets():
         prumerge_plus_select(attention, None, keep=4, grid_side=5)
 
 
+def test_outliers_lie_above_q3_plus_the_iqr_factor_times_the_iqr_and_the_fill_stride_is_centred():
+    # quartiles of the 8 values: Q1 = 0, Q3 = 1.25; 1.5 x IQR puts the threshold at 3.125, 0.5 x IQR at 1.875
+    attention = torch.tensor([[0.0, 1, 0, 2, 0, 1, 4, 0]])
+    # one outlier (index 6); two more spread over the other 7 at centred strides (slots 1 and 5 of them)
+    assert prumerge_plus_select(attention, None, keep=3)[0].tolist() == [1, 5, 6]
+    # two outliers (6, then 3); one more at the middle of the other 6, [0, 1, 2, 4, 5, 7]
+    assert prumerge_plus_select(attention, None, keep=3, iqr_factor=0.5)[0].tolist() == [3, 4, 6]
+    assert prumerge_plus_select(torch.zeros(1, 16), None, keep=4)[0].tolist() == [2, 6, 10, 14]
+
+
 def test_the_question_keeps_its_share_when_the_outliers_alone_would_fill_the_budget():
     # ACCM's budgets are smaller than the outlier count (2-7 kept of 64 with 8-16 outliers on the tiny base): capped
     # at K alone the outliers took every slot and the text relevance never counted

@@ -281,6 +281,28 @@ def test_protected_tokens_outside_the_image_are_named():
         data.collator([example])
 
 
+def test_token_drop_hides_the_nearest_count_per_question_and_keeps_the_positions():
+    data = SyntheticVQADataModule(num_train=8)
+    samples = data.samples("train")[:3]
+    examples = [data._train_example(sample, 0) for sample in samples]
+    for example in examples:
+        example.hidden_visual_fraction, example.protected_visual = 0.4, (0, 9)  # 0.4 x 62 = 24.8 -> 25 hidden
+
+    def hidden(batch, row):
+        visual = batch["input_ids"][row] == data.image_token_id
+        return (batch["attention_mask"][row][visual] == 0).nonzero().flatten().tolist()
+
+    batch = data.collator(examples)
+    alone = data.collator(examples[2:])  # another batch, another row: the same tokens hidden
+    assert hidden(batch, 2) == hidden(alone, 0)
+    for row in range(3):
+        assert len(hidden(batch, row)) == 25 and not {0, 9} & set(hidden(batch, row))
+        # hidden tokens keep their place: positions count every real token, as pruning keeps RoPE positions
+        real = int((batch["input_ids"][row] != data.processor.tokenizer.pad_token_id).sum())
+        assert batch["position_ids"][row, :real].tolist() == list(range(real))
+    assert hidden(batch, 0) != hidden(batch, 1)  # drawn per question id
+
+
 def test_a_batch_larger_than_the_training_set_is_an_error():
     data = SyntheticVQADataModule(num_train=4, num_val=2, num_test=2, batch_size=8, eval_batch_size=8)
     with pytest.raises(ValueError, match=r"data.batch_size=8 is more than data.num_train=4 training samples"):

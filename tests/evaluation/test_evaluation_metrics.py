@@ -252,6 +252,14 @@ def test_pope_metrics_per_split_and_zero_division():
     assert result["f1"] == pytest.approx(0.25) and result["acc"] == pytest.approx(0.5)
 
 
+def test_pope_precision_counts_false_alarms_and_recall_misses():
+    metric = POPEMetrics(splits=["random"])
+    metric.update(["yes", "yes", "yes", "no"], ["yes", "no", "no", "yes"], ["random"] * 4)  # TP 1, FP 2, FN 1
+    result = as_floats(metric.compute())
+    assert result["random/precision"] == pytest.approx(1 / 3) and result["random/recall"] == pytest.approx(1 / 2)
+    assert result["random/f1"] == pytest.approx(2 / 5) and result["random/yes_ratio"] == pytest.approx(3 / 4)
+
+
 def test_pope_rejects_unknown_split_and_label():
     with pytest.raises(ValueError, match="unknown splits"):
         POPEMetrics().update(["yes"], ["yes"], ["val"])
