@@ -38,6 +38,8 @@ def test_sparsity_target_cosine_from_keep_all_to_target():
     target = 1 - 0.778
     assert sparsity_target_keep(0.0, target) == pytest.approx(1.0)
     assert sparsity_target_keep(0.05, target) == pytest.approx((1 + target) / 2)
+    # a quarter of the way: cosine, not a straight line (which would give 1 - (1 - target) / 4)
+    assert sparsity_target_keep(0.025, target) == pytest.approx(target + (1 - target) * (1 + math.cos(math.pi / 4)) / 2)
     assert sparsity_target_keep(0.1, target) == pytest.approx(target)
     assert sparsity_target_keep(1.0, target) == pytest.approx(target)
     with pytest.raises(ValueError, match="target_keep_fraction"):
@@ -50,6 +52,10 @@ def test_rcp_schedule_bundles_the_schedules():
     assert (start.temperature, start.noise, start.target_keep_fraction) == pytest.approx((1.5, True, 1.0))
     assert (end.temperature, end.noise, end.target_keep_fraction) == pytest.approx((0.2, False, 0.25))
     assert schedule(0.37) == schedule(0.37)
+    # each schedule reads its own fraction: temperature 0.6, noise 0.8, keep target 0.1
+    assert schedule(0.3).temperature == pytest.approx(math.sqrt(1.5 * 0.2))
+    assert schedule(0.7).noise and not schedule(0.8).noise
+    assert schedule(0.05).target_keep_fraction == pytest.approx(0.625)
     with pytest.raises(ValueError, match="noise_off_fraction"):
         RCPSchedule(target_keep_fraction=0.25, noise_off_fraction=1.5)
     with pytest.raises(ValueError, match="total_steps"):
