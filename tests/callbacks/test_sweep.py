@@ -162,6 +162,15 @@ def test_a_complete_sweep_writes_its_files_and_drops_the_partial_ones(tiny_base_
     assert float(full["tflops_total"]) == pytest.approx(
         float(full["tflops_llm_exact"]) + (report.vision + report.projector) / 1e12, rel=1e-4)
     assert float(full["tflops"]) < float(full["tflops_llm_exact"])  # FastV counts a multiply-add once
+    # training-free methods add no module of their own: the vision tower and projector are not a plug-in's
+    assert {float(row["tflops_plugins"]) for row in rows.values()} == {0.0}
+
+
+def test_a_row_reports_the_mean_latency_per_sample():
+    sums = torch.zeros(10, dtype=torch.float64)
+    sums[0], sums[6], sums[7], sums[9] = 4, 200.0, 4, 4 * 16.0  # 4 samples, 200 ms of generation, every token kept
+    row = PruningSweep(methods=["full"], prune_ratios=[])._row(_Accuracy(), sums, "full", 0.0)
+    assert row["latency_ms"] == 50.0 and row["status"] == "ok"
 
 
 def test_a_sweep_logs_its_scalars_and_figure_to_tensorboard(tiny_base_dir, data, tmp_path):
