@@ -152,6 +152,16 @@ def test_a_resumed_data_order_starts_where_the_checkpoint_left_off(limit, done, 
     assert order.epoch == expected[0]
 
 
+@pytest.mark.parametrize("drop_last, expected", [(True, (1, 0, 0)), (False, (0, 5, 40))])
+def test_an_epoch_s_batch_count_follows_drop_last(drop_last, expected):
+    # 42 samples in batches of 8: five batches when the last two samples are dropped, six when they form a short one
+    order = ResumableDataOrder(seed=0)
+    order.load_state_dict({"epoch": 0, "batches_done": 5})
+    trainer = SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs=None), limit_train_batches=1.0)
+    loader = order.resumable(DataLoader(list(range(42)), batch_size=8, shuffle=True, drop_last=drop_last), trainer)
+    assert (order.epoch, order.batches_done, loader.sampler.start_index) == expected
+
+
 def _touch(path, mtime, directory=False):
     if directory:
         path.mkdir(parents=True)
