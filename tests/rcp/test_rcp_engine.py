@@ -360,3 +360,16 @@ def test_flops_count_the_context_encoders_of_every_pruning_layer(setup):
     projection, positions = 2 * d * context, 2 * n * context  # matmuls only: the masked mean is a sum
     flops = plugin.flops_per_sample(text_tokens=5)
     assert flops["rcp_context"] == len(plugin.pruning_layers) * (projection + positions)
+
+
+def test_the_repair_loss_is_the_mean_over_the_repair_layers(setup, monkeypatch):
+    from lvlm_prune.rcp import compensation
+
+    engine, plugin, batch = setup
+    per_layer = iter([torch.tensor(1.0), torch.tensor(3.0)])  # repair layers 2 and 3, in order
+    monkeypatch.setattr(compensation, "repair_loss", lambda *args: next(per_layer))
+    losses = plugin.training_losses(engine, batch, progress=0.3)
+    assert losses["repair"].item() == 2.0
+    expected = (plugin.ce_weight * losses["ce"] + plugin.sparsity_weight * losses["sparsity"]
+                + plugin.repair_weight * 2.0)
+    assert torch.allclose(losses["loss"], expected)
