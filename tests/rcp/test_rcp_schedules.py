@@ -39,7 +39,8 @@ def test_sparsity_target_cosine_from_keep_all_to_target():
     assert sparsity_target_keep(0.0, target) == pytest.approx(1.0)
     assert sparsity_target_keep(0.05, target) == pytest.approx((1 + target) / 2)
     # a quarter of the way: cosine, not a straight line (which would give 1 - (1 - target) / 4)
-    assert sparsity_target_keep(0.025, target) == pytest.approx(target + (1 - target) * (1 + math.cos(math.pi / 4)) / 2)
+    quarter = target + (1 - target) * (1 + math.cos(math.pi / 4)) / 2
+    assert sparsity_target_keep(0.025, target) == pytest.approx(quarter)
     assert sparsity_target_keep(0.1, target) == pytest.approx(target)
     assert sparsity_target_keep(1.0, target) == pytest.approx(target)
     with pytest.raises(ValueError, match="target_keep_fraction"):
