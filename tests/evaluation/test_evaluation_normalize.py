@@ -29,6 +29,10 @@ from lvlm_prune.evaluation.normalize import (
         ("none", "0"),
         ("  Yes\n", "yes"),
         ("its well", "its well"),  # ordinary words that look like contractions stay
+        ("were", "were"),  # not "we're"
+        ("t-shirt", "t shirt"),  # a hyphen is punctuation
+        ("ten", "10"),
+        ("a dog", "dog"),
     ],
 )
 def test_vqa_normalisation_matches_the_vqa_rules(raw, expected):
@@ -66,10 +70,11 @@ def test_m4c_normalisation_tokenises_first(raw, expected):
 def test_vqa_punctuation_only_keeps_case_and_articles():
     assert normalize_vqa_answer("The Red, one.", full=False) == "The Red one"
     assert process_punctuation("(left)") == " left "
+    assert process_punctuation("x (y)") == "x y "  # " (" touches a space: deleted; ")" touches none: a space
 
 
 @pytest.mark.parametrize(
-    ("raw", "expected"), [("Yes.", "yes"), ("  Table ", "table"), ("left..", "left"), ("3.5", "3.5")]
+    ("raw", "expected"), [("Yes.", "yes"), ("  Table ", "table"), ("left..", "left"), ("3.5", "3.5"), ("Yes .", "yes")]
 )
 def test_exact_match_normalisation(raw, expected):
     assert normalize_answer(raw) == expected
@@ -87,6 +92,7 @@ def test_gqa_predictions_are_converted_as_llava_converts_them():
         ("There is not a dog in the image", "no"),
         ("no\nthe image shows a cat", "yes"),  # LLaVA splits on single spaces: "no\nthe" is not "no"
         ("No there is not", "no"),
+        ("No, the image shows a cat.", "no"),  # commas go before the words are split
         ("Yes. No other animals are visible.", "yes"),  # only the first sentence counts
         ("Nope", "yes"),  # LLaVA's rule looks for the words No/no/not only
     ],
@@ -99,7 +105,7 @@ def test_pope_answer_parsing_follows_llava(raw, expected):
     ("raw", "expected"),
     [
         ("Yes", "yes"), (" NO ", "no"), ("yes, it is", "yes"), ("Not really", "no"), ("Maybe", "other"),
-        ("I think yes", "other"),
+        ("I think yes", "other"), ("(yes) it is", "yes"),
     ],
 )
 def test_mme_answer_parsing_uses_the_first_four_characters(raw, expected):
@@ -111,6 +117,7 @@ def test_mme_answer_parsing_uses_the_first_four_characters(raw, expected):
     [
         ("B", 3, 1),
         ("B. interrogative", 3, 1),
+        ("B. ", 3, 1),  # the letter and ". " are enough
         ("The answer is C.", 3, 2),
         ("C", 2, -1),  # letter beyond the choices
         ("I think B", 3, -1),
@@ -150,6 +157,7 @@ def test_scienceqa_letter_is_a_member_of_the_options_not_a_substring():
         ("answer is: (A)", "A"),
         ("Desert.", "C"),  # the text of exactly one option
         ("A cat", None),  # an article is not an option letter
+        ("The answer is Blue", None),  # "B" must end a word
         ("E", None),  # only 4 options
         ("I am not sure", None),
     ],
