@@ -7,6 +7,7 @@ from PIL import Image
 
 from lvlm_prune.evaluation.readers import (
     match_answers,
+    mme_core_question,
     read_answers,
     read_caption_references,
     read_gqa_annotations,
@@ -191,6 +192,16 @@ def test_answer_file_with_missing_ids_lists_count_and_ids(tmp_path, caplog):
     assert "have no answer" in caplog.text
 
 
+def test_pairs_follow_the_question_file_and_text_keys_ignore_the_image_placeholder(tmp_path):
+    questions = read_questions(write_jsonl(tmp_path / "q.jsonl", [question(1, text="Q1?"), question(2, text="Q2?")]),
+                               key_by_text=True)
+    records = [{"question_id": 2, "prompt": "<image>\nQ2?", "text": "b"},
+               {"question_id": 1, "prompt": "Q1?", "text": "a"}]
+    answers = read_answers(write_jsonl(tmp_path / "a.jsonl", records), key_by_text=True)
+    pairs = match_answers(questions, answers).pairs
+    assert [(q.question_id, a.text) for q, a in pairs] == [(1, "a"), (2, "b")]
+
+
 def test_answers_for_unknown_questions_are_an_error(tmp_path):
     questions = read_questions(write_jsonl(tmp_path / "q.jsonl", [question(1)]))
     records = [{"question_id": 1, "text": "x"}, {"question_id": 9, "text": "y"}]
@@ -236,6 +247,13 @@ def test_mmbench_options_and_hints_reading_none_are_absent_as_in_llava(tmp_path)
     path.write_text("index\tquestion\thint\tA\tB\tC\tanswer\n0\tQ?\tNone\tx\ty\tnone\tA\n", encoding="utf-8")
     row = read_mmbench_tsv(path).records["0"]
     assert row.options == ("x", "y") and row.hint is None
+
+
+def test_mmbench_options_stop_at_the_first_empty_column_and_nan_cells_are_missing(tmp_path):
+    path = tmp_path / "mm.tsv"
+    path.write_text("index\tquestion\tA\tB\tC\tD\tanswer\tcategory\n0\tQ?\tx\ty\t\tz\tnan\tnan\n", encoding="utf-8")
+    row = read_mmbench_tsv(path).records["0"]
+    assert row.options == ("x", "y") and row.answer is None and row.category is None
 
 
 def test_mmbench_bad_rows(tmp_path):
@@ -338,9 +356,19 @@ def test_image_check_decodes_the_whole_image(tmp_path, image_folder):
         read_questions(path, image_root=image_folder)
 
 
+def test_mme_ground_truth_ignores_a_prediction_column_and_questions_lose_their_instructions(tmp_path):
+    (tmp_path / "artwork.txt").write_text("a.jpg\tIs it red?\tYes\tNo\n", encoding="utf-8")
+    assert read_mme_ground_truth(tmp_path) == {("artwork", "a.jpg", "Is it red?"): "yes"}
+    both = "Is it red? Please answer yes or no. Answer the question using a single word or phrase."
+    assert mme_core_question(both) == "Is it red?"
+    assert mme_core_question("Is  it\nred?\nPlease answer yes or no.") == "Is it red?"
+
+
 def test_textvqa_question_follows_llava_prompt_formats():
     assert textvqa_question("<image>\nWhat Is It?\nReference OCR token: a\nAnswer briefly.") == "what is it?"
     assert textvqa_question("What is it?\nAnswer briefly.") == "what is it?"
     assert textvqa_question("OCR tokens: a, b Question: What is it? Short answer:") == "what is it?"
     # OCR tokens first: LLaVA's evaluation takes the second line
     assert textvqa_question("<image>\nReference OCR token: a, b\nWhat Is It?\nAnswer briefly.") == "what is it?"
+    # ... only when the prompt has exactly three lines
+    assert textvqa_question("Reference OCR token: a\nWhat is it?\nAnswer.\nMore.") == "reference ocr token: a"
