@@ -63,7 +63,8 @@ class LlavaRecord:
     base64 bytes for MMBench's tsv; `source` (the file) and `location` (the record in it) name it in error
     messages; `length` is the conversation's word count (for length grouping); `prompt` is the question file's own
     text, which the answer file's `prompt` repeats (LLaVA's scripts match answers to questions by it), where
-    `question`, what the model reads, adds a `question_suffix` (None: the same as `question`)."""
+    `question`, what the model reads, adds a `question_suffix` (None: the same as `question`); for MMBench it is
+    LLaVA's answer-file prompt (hint, question, options), where the hint reaches the model as `context`."""
 
     question_id: int | str
     image: Path | str
@@ -488,9 +489,11 @@ def read_question_records(
                 bad.report(f"{location}: no image")
                 continue
             options = "".join(f"\n{letter}. {option}" for letter, option in zip(OPTION_LETTERS, row.options))
+            # the answer file's prompt is LLaVA's (model_vqa_mmbench.py): hint, question, options
+            hinted = f"{row.question}{options}" if row.hint is None else f"{row.hint}\n{row.question}{options}"
             records.append(LlavaRecord(row.index, row.image, with_suffix(f"{row.question}{options}"),
                                        row.answer, row.category or "", context=row.hint, source=str(path),
-                                       location=location, prompt=f"{row.question}{options}"))
+                                       location=location, prompt=hinted))
     else:
         loaded = read_questions(path, image_root=None, on_bad_record=on_bad_record,
                                 require_image=benchmark != "scienceqa",

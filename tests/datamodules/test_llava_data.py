@@ -503,6 +503,9 @@ def test_mmbench_tsv_prompts_carry_hint_options_and_letter_instruction(exported,
     expected_pixels = exported.synthetic.collator([VQAExample("x", image.convert("RGB"), "what ?")])["pixel_values"]
     assert torch.allclose(batch["pixel_values"][0], expected_pixels[0])
     assert batch["contexts"] == [None, "additional information : two"]
+    # the answer file's prompt, as LLaVA writes it: hint, question, options, no letter instruction
+    assert batch["prompts"] == ["what is the color ?\nA. red\nB. blue",
+                                "additional information : two\nhow many objects are there ?\nA. one\nB. two\nC. three"]
 
 
 def question_lines(exported, count=3):
@@ -685,3 +688,109 @@ def test_held_out_records_are_uncategorized_when_a_question_file_has_categories(
     metric = exact_match(data.categories)
     score(metric, batch["answers"], batch)  # a category the metric was not built with would raise here
     assert metric.compute()["acc"] == 1.0 and "acc/uncategorized" in metric.compute()
+
+
+# ------------------------------------------------------------------------------------------ records and loaders
+@pytest.mark.parametrize(("turns", "problem"), [
+    (("<image>\nq", "a", "<image>\nmore?", "no"), "turn 3 has 1 <image> placeholder"),
+    (("<image>\nq", "a", "and then?"), "ends with human turn 3, which has no gpt answer"),
+])
+def test_a_conversation_with_a_late_image_or_no_last_answer_is_a_bad_record(turns, problem, exported, tmp_path):
+    image = good_records(exported, 1)[0]["image"]
+    records = good_records(exported) + [conversation("odd", image, *turns)]
+    path = write_instructions(tmp_path / "instructions.json", records)
+    with pytest.raises(ValueError, match=rf"\(id 'odd'\): {problem}"):
+        instruction_data(exported, path).setup("fit")
+    data = instruction_data(exported, path, on_bad_record="skip")
+    assert [r.question_id for r in data.train_records] == [r["id"] for r in good_records(exported)]
+
+
+def test_a_boolean_id_is_not_an_id(exported, tmp_path):
+    record = {**good_records(exported, 1)[0], "id": True}
+    path = write_instructions(tmp_path / "instructions.json", good_records(exported) + [record])
+    with pytest.raises(ValueError, match=r"record 4.*needs an 'id'"):
+        instruction_data(exported, path).setup("fit")
+
+
+def test_a_records_length_counts_the_words_of_every_turn(exported, tmp_path):
+    image = good_records(exported, 1)[0]["image"]
+    record = conversation("long", image, "<image>\nwhat is it", "a red ball", "and now", "two blue cubes here")
+    path = write_instructions(tmp_path / "instructions.json", [record])
+    assert instruction_data(exported, path, batch_size=1).train_records[0].length == 3 + 3 + 2 + 4
+
+
+def test_held_out_records_are_drawn_by_seed_keep_their_first_turn_and_leave_a_training_record(exported, tmp_path):
+    def held_out(seed):
+        data = instruction_data(exported, val_size=8, subset_seed=seed)
+        _ = data.train_records
+        return [r.question_id for r in data.eval_records["val"]]
+
+    assert held_out(0) == held_out(0) and held_out(0) != held_out(1)  # not the file's tail
+    with pytest.raises(ValueError, match=r"has 24 usable records; data.subset_size=None with data.val_size=24 "
+                                         r"needs 25"):
+        _ = instruction_data(exported, val_size=24).train_records
+    with pytest.raises(ValueError, match=r"data.val_size=-1: must be >= 0"):
+        instruction_data(exported, val_size=-1)
+
+    image = good_records(exported, 1)[0]["image"]
+    records = [conversation(f"r{k}", image, "<image>\nq", "a", "again?", "yes") for k in range(10)]
+    data = instruction_data(exported, write_instructions(tmp_path / "turns.json", records), val_size=2, batch_size=2)
+    assert all(r.extra_turns == (("again?", "yes"),) for r in data.train_records)
+    assert len(data.eval_records["val"]) == 2 and all(r.extra_turns == () for r in data.eval_records["val"])
+
+
+def test_training_batches_are_full_and_grouped_over_every_process(exported):
+    data = instruction_data(exported, subset_size=20)
+    assert len(data.train_dataloader()) == 2  # 20 records, batches of 8: the incomplete third is dropped
+    data = instruction_data(exported, subset_size=22)
+    data.trainer = SimpleNamespace(world_size=3)  # ceil(22 / 3) = 8 records a process: one full batch
+    assert data.train_dataloader().sampler.group_size == BATCH * 3  # each rank's batch from one length group
+
+
+def test_questions_without_a_category_are_uncategorized_when_others_have_one(exported, tmp_path):
+    lines = question_lines(exported)
+    lines[0]["category"] = lines[1]["category"] = "color"
+    lines[2].pop("category", None)
+    path = write_jsonl(tmp_path / "questions.jsonl", lines)
+    data = questions_data(exported, path, exported.test / "images")
+    assert data.categories == ["color", "uncategorized"] and data.records[2].category == "uncategorized"
+
+
+def test_images_keep_their_shape_without_pad_to_square(exported, tmp_path):
+    Image.new("RGB", (6, 4), (200, 10, 10)).save(tmp_path / "wide.png")
+    path = write_jsonl(tmp_path / "questions.jsonl", [{**question_lines(exported, 1)[0], "image": "wide.png"}])
+    for pad, size in ((False, (6, 4)), (True, (6, 6))):
+        data = questions_data(exported, path, tmp_path, pad_to_square=pad)
+        assert data.batching.loader(data.records, 1, 0).dataset[0].image.size == size
+
+
+def test_question_module_settings_that_contradict_the_file_are_errors(exported, tmp_path):
+    tsv = tmp_path / "mmbench.tsv"
+    tsv.write_text("index\tquestion\tA\tB\n")
+    with pytest.raises(ValueError, match=r"is a tsv \(MMBench\), data.benchmark='gqa'"):
+        questions_data(exported, tsv, None, benchmark="gqa")
+    with pytest.raises(ValueError, match=r"data.image_root is required"):
+        questions_data(exported, exported.test / "questions.jsonl", None)
+
+
+def test_pope_reads_an_answer_field_and_a_single_label_file_without_categories(exported, tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "COCO_val2014_000000429109.jpg")
+    lines = [json.loads(line) for line in (EVAL_FIXTURES / "pope" / "llava_pope_test.jsonl").read_text().splitlines()]
+    random_split = [{k: v for k, v in line.items() if k != "category"}
+                    for line in lines if line["category"] == "random"]
+    path = write_jsonl(tmp_path / "pope.jsonl", random_split)
+    data = questions_data(exported, path, tmp_path, benchmark="pope",
+                          annotation=str(EVAL_FIXTURES / "pope" / "coco_pope_random.json"))
+    assert [r.answer for r in data.records] == ["yes", "no"]
+    own = write_jsonl(tmp_path / "own.jsonl", [{**random_split[0], "answer": "yes"}])
+    assert [r.answer for r in questions_data(exported, own, tmp_path, benchmark="pope").records] == ["yes"]
+
+
+def test_an_embedded_image_is_decoded_at_setup_even_without_verify_images(exported, tmp_path):
+    image = png_base64(Image.open(exported.test / "images" / "test-000000.png"))
+    corrupt = base64.b64encode(b"not a png").decode()
+    rows = ["index\tquestion\tA\tB\tanswer\timage", f"0\tq ?\tx\ty\tA\t{image}", f"1\tq ?\tx\ty\tB\t{corrupt}"]
+    path = tmp_path / "mmbench.tsv"
+    path.write_text("\n".join(rows) + "\n")
+    data = questions_data(exported, path, None, verify_images=False, on_bad_record="skip")
+    assert [r.question_id for r in data.records] == [0] and "embedded base64 image" in data.skipped["test"][0]
