@@ -54,6 +54,9 @@ def test_a_misspelt_method_option_fails_at_module_init_before_the_base_loads(tmp
         FrozenBaseModule(missing, processor=data.processor, method_options={"fastv": {"layr": 1}})
     with pytest.raises(ValueError, match=r"model\.method_options\.full\.seed is not an option of full .*: none"):
         FrozenBaseModule(missing, processor=data.processor, method_options={"full": {"seed": 1}})
+    with pytest.raises(ValueError, match=r"model\.method_options names unknown methods \['fastvv'\]; "
+                                         r"known: \[.*'fastv'"):
+        FrozenBaseModule(missing, processor=data.processor, method_options={"fastvv": {}})
     with pytest.raises(ValueError, match=r"model\.method_options\.pdrop must map option names to values, got 3"):
         FrozenBaseModule(missing, processor=data.processor, method_options={"pdrop": 3})
     with pytest.raises(ValueError, match=r"model\.method_options\.visionzip=\{'dominant_fraction': 2\.0\}: visionzip: "

@@ -484,6 +484,9 @@ def test_predict_returns_answer_records_of_the_evaluation_method(tiny_base_dir, 
     batch = next(iter(data.test_dataloader()))
     expected, _, _ = module.run_method(batch, "fastv", 0.5)
     assert [r["text"] for r in records[: len(expected)]] == expected
+    trainer.test(module, dataloaders=data.test_dataloader(), verbose=False)  # test's answer records say the same
+    assert [(r["question_id"], r["model_id"]) for r in module.test_predictions] == [
+        (r["question_id"], "fastv@r=0.5") for r in records]
 
 
 def test_a_quantised_base_is_refused_under_a_sharding_strategy_before_any_work(tiny_base_dir, data):

@@ -217,3 +217,69 @@ def test_the_ablation_table_is_marked_unless_it_was_made_from_this_runs_base(run
     (run_dir / "base_model" / "model.safetensors").write_bytes(b"retrained")
     run_report(run_dir, out)
     assert section + "**Made from another base**" in out.read_text() and "| rcp (full method) | 0.495 |" in out.read_text()
+
+
+def report_text(run_dir, tmp_path) -> str:
+    out = tmp_path / "results.md"
+    run_report(run_dir, out)
+    return out.read_text()
+
+
+def test_the_sweep_table_has_every_column_in_order_of_budget(run_dir, tmp_path):
+    text = report_text(run_dir, tmp_path)
+    # random at r = 0.5: 16 visual tokens halved, 15 text tokens, 1e-4 TFLOPs LLM, 2e-4 * 0.5 + 1e-4 in all
+    assert "| random | 0.5000 | 0.500 | 8.0 | 15.0 | 0.100 | 0.200 | 2.0 | 0.400 |" in text
+    assert "|---|---|---|---|---|---|---|---|---|\n| full | 0.0000 |" in text
+    order = ["| full | 0.0000", "| pool | 0.5000", "| random | 0.5000", "| rcp@0.778 |", "| rcp | 0.8890 |",
+             "| accm | 0.9690 |"]
+    assert [text.index(cells) for cells in order] == sorted(text.index(cells) for cells in order)
+    assert "LLM prefill in the FastV convention" in text  # a sweep without sweep.json settings: the default
+
+
+@pytest.mark.parametrize(("timings", "rows"), [
+    ({"base": 600.0, "sweep": 60.0, "total": 660.0}, "| base | 10.0 |\n| sweep | 1.0 |\n| total | 11.0 |"),
+    ({"seconds": {"base_stage1": 180.0, "base": 600.0, "sweep": 60.0}},
+     "| base_stage1 | 3.0 |\n| base | 10.0 |\n| base training (stage 1 + stage 2) | 13.0 |\n| sweep | 1.0 |\n"
+     "| total | 14.0 |"),
+])
+def test_stage_times_sum_once_and_the_base_row_sums_its_stages(run_dir, tmp_path, timings, rows):
+    (run_dir / "timings.json").write_text(json.dumps(timings))
+    assert rows in report_text(run_dir, tmp_path)
+
+
+def test_the_base_table_has_a_column_per_question_family(run_dir, tmp_path):
+    results = {"all visual tokens": {"acc": 0.6, "acc/count": 0.5, "acc/color": 0.75}}
+    (run_dir / "base_eval.json").write_text(json.dumps(results))
+    assert ("| setting | accuracy | color | count |\n|---|---|---|---|\n| all visual tokens | 0.600 | 0.750 | 0.500 |"
+            in report_text(run_dir, tmp_path))
+
+
+def test_the_prune_only_row_is_not_put_on_the_flops_plane(run_dir, tmp_path):
+    rows = [row("accm", 0.969, accuracy=0.42), row("accm_prune_only", 0.969, accuracy=0.3)]
+    (run_dir / "accm_r0.969/run/sweep.csv").write_text(sweep_csv(rows))
+    plane = report_text(run_dir, tmp_path).split("## ACCM on the accuracy-vs-total-FLOPs plane")[1]
+    assert "| accm | 0.9690 |" in plane and "accm_prune_only" not in plane
+
+
+def test_a_point_at_exactly_a_curves_cheapest_flops_reads_that_point():
+    baselines = [plane_row("full", 0.0, 1.0, 0.6), plane_row("fastv", 0.9, 0.10, 0.50)]
+    lines = report.accm_on_flops_plane(report.measured(baselines), [plane_row("accm", 0.969, 0.10, 0.55)])
+    # fastv's curve starts at 0.10 GFLOPs (0.50), which costs no more: the margin is +5 points
+    assert lines[0].splitlines()[2] == "| accm | 0.9690 | 0.100 | 0.550 | 0.500 | 0.500 | +5.0 |"
+
+
+def test_the_benchmark_and_rcp_cost_sections_show_their_measurements():
+    data = {"args": {"batch": 1, "device": "cpu", "dtype": "fp32", "layers": 2, "hidden": 32, "text_tokens": 10,
+                     "ratio": 0.5, "repeats": 3},
+            "rows": [{"method": "fastv", "realised_ratio": 0.5, "flops_reduction": 0.4, "latency_ms": 12.0,
+                      "latency_reduction": 0.2, "ratio_of_reductions": 0.5, "scoring_overhead": 0.0123}],
+            "throughput": {"1": 3.0, "8": 10.0}}
+    text = "\n".join(report.benchmark_section(data))
+    assert "| fastv | 0.500 | 0.400 | 12 | 0.200 | 0.50 | 1.23% |" in text
+    assert "batch 1 3.00 samples/s, batch 8 10.00 samples/s" in text
+    cost = {"threads": 2, "batch": 4, "ratio": 0.889, "full_forward_ms": 10.04, "rcp_train_step_ms": 41.0,
+            "train_step_over_forward": 4.08, "full_generate_ms": 30.0, "rcp_generate_ms": 21.5,
+            "rcp_over_full_generate": 0.716}
+    text = "\n".join(report.rcp_cost_section(cost))
+    assert "| RCP training step (teacher + soft student + backward + AdamW) | 41.0 | 4.08 x forward |" in text
+    assert "| generation, RCP at r = 0.889 | 21.5 | 0.72 x full |" in text and "| 10.0 | 1.00 |" in text
