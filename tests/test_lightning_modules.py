@@ -104,7 +104,12 @@ def test_evaluation_losses_and_token_counts_are_averaged_over_processes(tiny_bas
     logged = {}
     frozen.log = lambda name, value, **kwargs: logged.update({name: kwargs})
     frozen._evaluate(eval_batch(), "val")
-    assert logged["val/avg_visual_tokens"]["sync_dist"] is True
+    base = base_module(tiny_base_dir)
+    base.forward = lambda batch: torch.zeros(2, 3, 8)  # uniform logits over 8 tokens
+    base.generate = lambda batch: ["yes", "no"]
+    base.log = frozen.log
+    base._evaluate({**eval_batch(), "labels": torch.tensor([[-100, 1, 2], [-100, -100, 3]])}, "val")
+    assert logged["val/avg_visual_tokens"]["sync_dist"] is True and logged["val/loss"]["sync_dist"] is True
 
 
 def test_score_counts_only_items_with_a_reference_answer():
