@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 COLUMNS = ("method", "prune_ratio", "realised_prune_ratio", "avg_visual_tokens", "text_tokens", "tflops",
            "tflops_llm", "tflops_llm_exact", "tflops_plugins", "tflops_total", "latency_ms", "accuracy", "num_samples",
            "status")
+# What a (method, ratio) pair adds up over its samples, in one float64 tensor so that one all_reduce sums it over
+# ranks: samples, visual tokens (layer mean), text tokens, LLM prefill FLOPs in the sweep's convention, plug-in
+# FLOPs, total FLOPs (exact), generation milliseconds, fraction of input visual tokens kept, LLM prefill FLOPs
+# (exact), input visual tokens.
+SUM_FIELDS = ("samples", "visual_tokens", "text_tokens", "llm_flops", "plugin_flops", "total_flops_exact",
+              "latency_ms", "kept_fraction", "llm_flops_exact", "input_visual_tokens")
 
 
 class FinishedRunNotSwept(RuntimeError):
@@ -306,7 +312,7 @@ class PruningSweep(L.Callback):
     def _evaluate_pair(self, pl_module, loader, name: str, ratio: float, rank: int, world: int,
                        warm_up: bool = False) -> dict[str, Any]:
         metric = exact_match(pl_module.categories).to(pl_module.device)
-        sums = torch.zeros(10, dtype=torch.float64, device=pl_module.device)
+        sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=pl_module.device)
         try:
             if warm_up:  # inside the try: a rank that fails here must tell the others too
                 self._warm_up(pl_module, loader, name, ratio)
@@ -356,23 +362,31 @@ class PruningSweep(L.Callback):
             counts = result.visual_tokens_per_layer.double()
             # each sample's own input count: LLaVA-NeXT images give different numbers of visual tokens
             inputs = (batch["prompt_input_ids"] == pl_module.engine.image_token_id).sum(1).double().to(counts.device)
-            sums += torch.tensor([
-                n, counts.mean(1).sum().item(), result.text_tokens.double().sum().item(),
-                sum(f["llm_prefill"] for f in flops), sum(f["total"] - f["llm_prefill"] - f["vision"] - f["projector"] for f in flops),
-                sum(f["total"] for f in exact), seconds * 1000.0, (counts.mean(1) / inputs).sum().item(),
-                sum(f["llm_prefill"] for f in exact), inputs.sum().item(),
-            ], dtype=torch.float64, device=sums.device)
+            batch_sums = {
+                "samples": n,
+                "visual_tokens": counts.mean(1).sum().item(),
+                "text_tokens": result.text_tokens.double().sum().item(),
+                "llm_flops": sum(f["llm_prefill"] for f in flops),
+                "plugin_flops": sum(f["total"] - f["llm_prefill"] - f["vision"] - f["projector"] for f in flops),
+                "total_flops_exact": sum(f["total"] for f in exact),
+                "latency_ms": seconds * 1000.0,
+                "kept_fraction": (counts.mean(1) / inputs).sum().item(),
+                "llm_flops_exact": sum(f["llm_prefill"] for f in exact),
+                "input_visual_tokens": inputs.sum().item(),
+            }
+            sums += torch.tensor([batch_sums[field] for field in SUM_FIELDS], dtype=torch.float64, device=sums.device)
         return evaluated, spare
 
     def _row(self, metric, sums: torch.Tensor, name: str, ratio: float) -> dict[str, Any]:
-        if sums[0] == 0:
+        total = dict(zip(SUM_FIELDS, sums.tolist()))
+        if total["samples"] == 0:
             raise ValueError(f"sweep: {name} at r={ratio} evaluated 0 samples of the {self.split} split (PruningSweep "
                              f"init_args.split, batches limited to {self.batch_limit}); not recording it")
         values = {k: float(v) for k, v in metric.compute().items()}
-        n = float(sums[0])
-        realised = 1.0 - float(sums[7]) / n
+        n = total["samples"]
+        realised = 1.0 - total["kept_fraction"] / n
         status = "ok"
-        inputs = float(sums[9]) / n  # visual tokens of an input image, on average
+        inputs = total["input_visual_tokens"] / n  # visual tokens of an input image, on average
         kept, budget = (1.0 - realised) * inputs, (1.0 - ratio) * inputs
         if abs(realised - ratio) > self.ratio_tolerance:
             status = (f"unreachable: realised r={realised:.3f} is {abs(realised - ratio):.3f} from the requested {ratio} "
@@ -384,16 +398,16 @@ class PruningSweep(L.Callback):
             "method": name,
             "prune_ratio": ratio,
             "realised_prune_ratio": realised,
-            "avg_visual_tokens": float(sums[1]) / n,
-            "text_tokens": float(sums[2]) / n,
-            "tflops": float(sums[3]) / n / 1e12,
-            "tflops_llm": float(sums[3]) / n / 1e12,
-            "tflops_llm_exact": float(sums[8]) / n / 1e12,
-            "tflops_plugins": float(sums[4]) / n / 1e12,
-            "tflops_total": float(sums[5]) / n / 1e12,
-            "latency_ms": float(sums[6]) / n,
+            "avg_visual_tokens": total["visual_tokens"] / n,
+            "text_tokens": total["text_tokens"] / n,
+            "tflops": total["llm_flops"] / n / 1e12,
+            "tflops_llm": total["llm_flops"] / n / 1e12,
+            "tflops_llm_exact": total["llm_flops_exact"] / n / 1e12,
+            "tflops_plugins": total["plugin_flops"] / n / 1e12,
+            "tflops_total": total["total_flops_exact"] / n / 1e12,
+            "latency_ms": total["latency_ms"] / n,
             "accuracy": values["acc"],
-            "num_samples": int(sums[0]),
+            "num_samples": int(n),
             "status": status,
             "accuracy_by_category": {k.removeprefix("acc/"): v for k, v in values.items() if k != "acc"},
         }
