@@ -24,7 +24,9 @@ from lvlm_prune.engine.methods import LayerContext, ModelInfo, PreLLMContext, Pr
 
 
 def scaled_layer(layer_of_32: int, num_layers: int) -> int:
-    """A layer index given for 32-layer models (LLaVA-1.5-7B), scaled to `num_layers` (at least 1)."""
+    """A layer index given for 32-layer models (LLaVA-1.5-7B), scaled to `num_layers` (at least 1). Ties round to
+    the even index, as Python's `round` does: K = 2 scales to 2 on 24 (1.5) and 40 layers (2.5, LLaVA-1.5-13B), and
+    to 4 on 56 (3.5)."""
     return max(1, round(layer_of_32 * num_layers / 32))
 
 

@@ -35,7 +35,7 @@ def test_7b_single_stage_keeps_the_count_nearest_the_budget(name, ratio, keep):
 
 
 @pytest.mark.parametrize("name", ["fastv", "dart"])
-@pytest.mark.parametrize("layers, k_layer", [(4, 1), (12, 1), (24, 2), (28, 2), (32, 2), (60, 4)])
+@pytest.mark.parametrize("layers, k_layer", [(4, 1), (12, 1), (24, 2), (28, 2), (32, 2), (40, 2), (56, 4), (60, 4)])
 def test_the_default_pruning_layer_scales_k_2_of_32_to_the_nearest_layer(name, layers, k_layer):
     method = build_method(name, 0.3)
     method.bind(ModelInfo(num_layers=layers, num_visual_tokens=576, hidden_size=64, vision_feature_layer=-2))
