@@ -112,3 +112,43 @@ def test_several_processes_write_one_file_with_every_answer_once_in_file_order(l
     name = f"answers_{loop}.jsonl"
     assert [a["question_id"] for a in read(tmp_path, name)] == IDS[:9]  # LLaVA's POPE evaluation pairs answers by position
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # the rank files are gone
+
+
+class TwoPerImage(Answering):
+    """MME: each image id has two questions, so one id answers two prompts."""
+
+    def predict_step(self, batch, batch_idx):
+        if batch_idx == self.fail_at:
+            raise RuntimeError(f"failed at batch {batch_idx}")
+        return [{"question_id": 7 + int(index) // 2, "prompt": f"part {int(index) % 2}", "text": "yes",
+                 "model_id": "m", "dataset_index": int(index)} for index, _ in zip(*batch)]
+
+
+def test_two_questions_of_one_id_are_both_written_and_a_reused_writer_writes_a_second_run(tmp_path):
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[AnswerFileWriter(dirpath=str(tmp_path))])
+    for _ in range(2):  # e.g. a second test in one process: its file is whole, not empty
+        trainer.test(TwoPerImage(), questions([0] * 6), verbose=False)
+        assert [(a["question_id"], a["prompt"]) for a in read(tmp_path)] == [
+            (q, f"part {p}") for q in (7, 8, 9) for p in (0, 1)]
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_under_a_process_group_a_crashed_run_leaves_no_old_answers(tmp_path, one_process_group):
+    (tmp_path / "answers_test.jsonl").write_text('{"question_id": 1, "text": "an older run"}\n')
+    (tmp_path / "answers_test.rank0.jsonl").write_text('{"question_id": 2, "text": "an older crash"}\n')
+    with pytest.raises(RuntimeError, match="failed at batch 1"):
+        run_test(tmp_path, Answering(fail_at=1))
+    assert (tmp_path / "answers_test.jsonl").read_text() == ""  # not the older run's, which would pass for this one's
+    assert [a["question_id"] for a in read(tmp_path, "answers_test.rank0.jsonl")] == IDS[:4]
+    run_test(tmp_path, Answering())
+    assert [a["question_id"] for a in read(tmp_path)] == IDS
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".jsonl") == ["answers_test.jsonl"]

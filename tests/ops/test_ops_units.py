@@ -472,3 +472,17 @@ def test_a_run_resumed_at_a_checkpoint_step_does_not_save_again_inside_an_accumu
     fit(tmp_path / "b", stop_after=1, ckpt_path=last)  # resumed, stopped after the first micro-batch of a window
     assert saved(last) == (2, 4)  # Lightning's checkpoint saved again here, at 5 batches (inside the window)
     assert fit(tmp_path / "b", ckpt_path=last) == uninterrupted
+
+
+def test_each_true_precision_casts_to_its_own_dtype():
+    for precision, dtype in (("bf16-true", torch.bfloat16), ("16-true", torch.float16), ("32-true", torch.float32)):
+        module = torch.nn.Linear(2, 2).double()
+        assert _convert_module_keeping_metric_states(precision)(module).weight.dtype == dtype
+    module = torch.nn.Linear(2, 2).double()
+    assert _convert_module_keeping_metric_states("bf16-mixed")(module).weight.dtype == torch.float64
+
+
+def test_atomic_checkpoint_io_refuses_storage_options(tmp_path):
+    with pytest.raises(TypeError, match=r"AtomicCheckpointIO takes no storage_options, got \{'x': 1\}"):
+        AtomicCheckpointIO().save_checkpoint({"a": 1}, tmp_path / "c.ckpt", storage_options={"x": 1})
+    assert not (tmp_path / "c.ckpt").exists()
