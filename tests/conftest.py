@@ -81,5 +81,23 @@ def tiny_base_dir(tmp_path_factory):
     return save_tiny_base(tmp_path_factory.mktemp("tiny_base"), seed=0)
 
 
+@pytest.fixture
+def stand_in_trainer(monkeypatch):
+    """Runs a LightningModule's hooks outside a Trainer: `module.trainer` becomes a namespace with the given fields
+    and a strategy whose boolean reduction is one process's decision; logging is dropped."""
+    from types import SimpleNamespace
+
+    def attach(module, strategy=None, **fields):
+        strategy = SimpleNamespace() if strategy is None else strategy
+        monkeypatch.setattr(strategy, "reduce_boolean_decision", lambda decision, all=True: decision, raising=False)
+        trainer = SimpleNamespace(strategy=strategy, **fields)
+        monkeypatch.setattr(type(module), "trainer", property(lambda self: trainer))
+        monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+        monkeypatch.setattr(module, "log_dict", lambda *args, **kwargs: None)
+        return trainer
+
+    return attach
+
+
 TINY_DATA_ARGS = dict(grid=4, cell_size=8, min_objects=4, max_objects=5, num_train=32, num_val=16, num_test=16, batch_size=8,
                       eval_batch_size=8)

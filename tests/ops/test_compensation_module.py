@@ -28,14 +28,9 @@ def test_a_zero_learning_rate_and_a_negative_final_ratio_are_named(tiny_base_dir
 
 
 def test_under_several_processes_a_skipped_step_backpropagates_zero_but_does_not_step(tiny_base_dir, data,  # noqa: F811
-                                                                                     monkeypatch):
+                                                                                     stand_in_trainer):
     module = make_module(tiny_base_dir, data)
-    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
-    trainer = SimpleNamespace(strategy=strategy, accumulate_grad_batches=1, world_size=2, estimated_stepping_batches=4,
-                              global_step=0)
-    monkeypatch.setattr(type(module), "trainer", property(lambda self: trainer))
-    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
-    monkeypatch.setattr(module, "log_dict", lambda *args, **kwargs: None)
+    stand_in_trainer(module, accumulate_grad_batches=1, world_size=2, estimated_stepping_batches=4, global_step=0)
     poison_step(module, step=0)
     loss = module.training_step(next(iter(data.train_dataloader())), 0)
     assert loss is not None and float(loss) == 0.0 and module._skip_step  # a zero loss completes the all-reduce

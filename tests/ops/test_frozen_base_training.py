@@ -202,7 +202,7 @@ def test_a_fit_logs_each_loss_term_and_the_parameter_counts(tiny_base_dir, tmp_p
 
 @pytest.mark.parametrize("deepspeed", [True, False])
 def test_under_accumulation_a_non_finite_micro_batch_backpropagates_zero_and_still_steps(
-        tiny_base_dir, data, monkeypatch, deepspeed):
+        tiny_base_dir, data, stand_in_trainer, deepspeed):
     """DeepSpeed counts its accumulation window in the step after every micro-batch: skipping that step would
     shift every later window, so the bad micro-batch contributes a zero gradient and the step is taken. Other
     strategies do the same: a skip flag set by an earlier micro-batch would be overwritten by the window's last."""
@@ -212,12 +212,9 @@ def test_under_accumulation_a_non_finite_micro_batch_backpropagates_zero_and_sti
 
     module = make_module(tiny_base_dir, data)
     # only its type is read
-    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy) if deepspeed else SimpleNamespace()
-    monkeypatch.setattr(strategy, "reduce_boolean_decision", lambda decision, all=True: decision, raising=False)
-    trainer = SimpleNamespace(strategy=strategy, accumulate_grad_batches=2, world_size=1, estimated_stepping_batches=4,
-                              global_step=0)
-    monkeypatch.setattr(type(module), "trainer", property(lambda self: trainer))
-    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy) if deepspeed else None
+    stand_in_trainer(module, strategy, accumulate_grad_batches=2, world_size=1, estimated_stepping_batches=4,
+                     global_step=0)
     poison_step(module, step=0)
     loss = module.training_step(next(iter(data.train_dataloader())), 0)
     assert loss is not None and float(loss) == 0.0 and loss.requires_grad and not module._skip_step

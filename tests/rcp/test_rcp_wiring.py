@@ -1,7 +1,6 @@
 """RCP's wiring into the engine and the training step: which tokens the pruners' decisions keep, what the repair loss
 compares, where the repair adapter acts, and what attention the pruners read."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -166,7 +165,7 @@ def test_tokens_whose_keep_score_is_raised_survive_budgeted_pruning_and_lowered_
 
 # ---------------------------------------------------------------------------------- 2. what the repair loss compares
 def test_the_training_steps_repair_loss_compares_with_the_full_token_teacher_at_answer_generation_positions(
-        tiny_base_dir, data, batch, monkeypatch):
+        tiny_base_dir, data, batch, monkeypatch, stand_in_trainer):
     from lightning_modules.compensation import CompensationModule
     from lvlm_prune.rcp import compensation
 
@@ -177,12 +176,7 @@ def test_the_training_steps_repair_loss_compares_with_the_full_token_teacher_at_
     perturb(plugin.adapters)  # a non-identity repair: any pruned pass differs from the full one
     for pruner in plugin.pruners:  # logits around 0: noise or threshold drop about half the tokens
         pruner.bias.data.zero_()
-    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
-    trainer = SimpleNamespace(strategy=strategy, accumulate_grad_batches=1, world_size=1, estimated_stepping_batches=10,
-                              global_step=3)
-    monkeypatch.setattr(type(module), "trainer", property(lambda self: trainer))
-    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
-    monkeypatch.setattr(module, "log_dict", lambda *args, **kwargs: None)
+    stand_in_trainer(module, accumulate_grad_batches=1, world_size=1, estimated_stepping_batches=10, global_step=3)
     calls = []
     original = compensation.repair_loss
 
