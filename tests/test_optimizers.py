@@ -155,3 +155,86 @@ def test_unknown_optimizer_and_no_matrices_are_refused(tiny_llava):
         build_optimizer(tiny_llava, "sgd", lr=1e-3, weight_decay=0.0)
     with pytest.raises(ValueError, match="no 2-D weights"):
         MuonWithAdamW([], [{"params": [torch.nn.Parameter(torch.zeros(2))]}], lr=1e-3, weight_decay=0.0)
+
+
+def test_a_linear_layer_sharing_an_embeddings_weight_stays_with_adamw():
+    class TiedWithoutAccessor(torch.nn.Module):  # no get_output_embeddings: the tie is found through the Embedding
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.hidden = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    assert muon_parameter_names(TiedWithoutAccessor()) == {"hidden.weight"}
+
+
+def test_muon_updates_have_adamws_rms_so_adamw_learning_rates_carry_over():
+    layer = torch.nn.Linear(256, 256)
+    before = layer.weight.detach().clone()
+    optimizer = build_optimizer(layer, "muon", lr=0.01, weight_decay=0.0)
+    layer.weight.grad = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    layer.bias.grad = torch.zeros(256)
+    optimizer.step()
+    rms = (layer.weight.detach() - before).pow(2).mean().sqrt().item()
+    assert 0.12 * 0.01 < rms < 0.3 * 0.01  # AdamW's update RMS is about 0.2 lr
+
+
+def test_the_betas_reach_the_adamw_half_of_muon():
+    optimizer = build_optimizer(torch.nn.Linear(4, 4), "muon", lr=1e-3, weight_decay=0.0, betas=(0.8, 0.9))
+    assert all(group["betas"] == (0.8, 0.9) for group in optimizer.adamw.param_groups)
+
+
+def test_with_zero_gradients_a_muon_step_decays_every_matrix_and_no_vector(tiny_llava):
+    before = {n: p.detach().clone() for n, p in tiny_llava.named_parameters()}
+    optimizer = build_optimizer(tiny_llava, "muon", lr=0.1, weight_decay=0.5)
+    for p in tiny_llava.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in tiny_llava.named_parameters():
+        expected = before[name] * (0.95 if p.ndim >= 2 else 1.0)  # decoupled decay: 1 - lr * weight_decay
+        torch.testing.assert_close(p.detach(), expected, msg=name)
+    assert any("embed_tokens" in n for n in before) and muon_parameter_names(tiny_llava)
+
+
+def test_state_of_a_group_added_later_can_be_read_and_replaced(tiny_llava):
+    optimizer = build_optimizer(tiny_llava, "muon", lr=1e-2, weight_decay=0.0)
+    extra = torch.nn.Parameter(torch.zeros(3))
+    optimizer.add_param_group({"params": [extra]})
+    extra.grad = torch.ones(3)
+    optimizer.step()
+    optimizer.state[extra] = dict(optimizer.state[extra])  # what Lightning does when it moves state to a device
+    assert "exp_avg" in optimizer.state[extra]
+
+
+def test_a_deep_copy_reads_and_writes_the_state_of_its_own_parameters(tiny_llava):
+    copied = copy.deepcopy(build_optimizer(tiny_llava, "muon", lr=1e-3, weight_decay=0.0))
+    for group in copied.param_groups:
+        for parameter in group["params"]:
+            parameter.grad = torch.ones_like(parameter)
+    copied.step()
+    for group in copied.param_groups:
+        for parameter in group["params"]:
+            copied.state[parameter] = dict(copied.state[parameter])
+    assert len(copied.state) == sum(len(group["params"]) for group in copied.param_groups)
+
+
+def test_step_runs_the_closure_and_returns_its_loss(tiny_llava):
+    optimizer = build_optimizer(tiny_llava, "muon", lr=1e-3, weight_decay=0.0)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return torch.tensor(2.5)
+
+    assert optimizer.step(closure).item() == 2.5 and calls == [1]
+
+
+def test_muon_trains_a_model_whose_every_trainable_weight_is_a_muon_matrix():
+    layer = torch.nn.Linear(4, 4, bias=False)
+    optimizer = build_optimizer(layer, "muon", lr=1e-2, weight_decay=0.0)
+    layer.weight.grad = torch.ones(4, 4)
+    before = layer.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(layer.weight, before)
+    optimizer.load_state_dict(optimizer.state_dict())

@@ -89,7 +89,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
             raise ValueError("MuonWithAdamW got no 2-D weights for Muon; use AdamW for this model")
         self.muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                      adjust_lr_fn=adjust_lr_fn)
-        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, weight_decay=weight_decay)
+        # a model whose every trainable weight is a Muon matrix: AdamW refuses an empty list, not an empty group
+        self.adamw = torch.optim.AdamW(adamw_groups or [{"params": []}], lr=lr, betas=betas, weight_decay=weight_decay)
         self._built = False
         super().__init__(self.muon.param_groups + self.adamw.param_groups, {"lr": lr})
         self._built = True
