@@ -25,19 +25,25 @@ def test_muon_takes_the_block_and_projector_matrices_and_nothing_else(tiny_llava
     assert not any("embed" in n or "lm_head" in n or "norm" in n for n in names)
 
 
-def test_tied_output_embeddings_stay_with_adamw():
-    class TiedModel(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Embedding(10, 4)
-            self.hidden = torch.nn.Linear(4, 4)
-            self.head = torch.nn.Linear(4, 10, bias=False)
-            self.head.weight = self.embed.weight
+class TiedModel(torch.nn.Module):
+    """An output head sharing the embedding's weight; `accessor=False` hides the head from
+    `get_output_embeddings`, so the tie must be found through the Embedding."""
 
-        def get_output_embeddings(self):
-            return self.head
+    def __init__(self, accessor: bool):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.hidden = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+        self.accessor = accessor
 
-    assert muon_parameter_names(TiedModel()) == {"hidden.weight"}
+    def get_output_embeddings(self):
+        return self.head if self.accessor else None
+
+
+@pytest.mark.parametrize("accessor", [True, False])
+def test_tied_output_embeddings_stay_with_adamw(accessor):
+    assert muon_parameter_names(TiedModel(accessor)) == {"hidden.weight"}
 
 
 def test_adamw_keeps_the_layout_of_the_committed_runs(tiny_llava):
@@ -155,18 +161,6 @@ def test_unknown_optimizer_and_no_matrices_are_refused(tiny_llava):
         build_optimizer(tiny_llava, "sgd", lr=1e-3, weight_decay=0.0)
     with pytest.raises(ValueError, match="no 2-D weights"):
         MuonWithAdamW([], [{"params": [torch.nn.Parameter(torch.zeros(2))]}], lr=1e-3, weight_decay=0.0)
-
-
-def test_a_linear_layer_sharing_an_embeddings_weight_stays_with_adamw():
-    class TiedWithoutAccessor(torch.nn.Module):  # no get_output_embeddings: the tie is found through the Embedding
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Embedding(10, 4)
-            self.hidden = torch.nn.Linear(4, 4)
-            self.head = torch.nn.Linear(4, 10, bias=False)
-            self.head.weight = self.embed.weight
-
-    assert muon_parameter_names(TiedWithoutAccessor()) == {"hidden.weight"}
 
 
 def test_muon_updates_have_adamws_rms_so_adamw_learning_rates_carry_over():
