@@ -165,7 +165,7 @@ def test_the_tokenizer_pads_on_the_left_for_generation():
     assert ids[0][0] == tokenizer.pad_token_id and ids[0][-1] != tokenizer.pad_token_id
 
 
-def test_the_processor_resizes_the_whole_image_instead_of_cropping_it():
+def test_the_processor_keeps_the_edges_of_a_square_image_of_its_own_size():
     processor = build_processor(build_word_tokenizer(["red"]), image_size=32, patch_size=8)
     image = Image.new("RGB", (32, 32), (0, 0, 255))
     image.paste((255, 0, 0), (0, 0, 4, 32))  # a red band along the left edge
