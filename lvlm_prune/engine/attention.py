@@ -64,5 +64,6 @@ def attention_rows(
     keys = keys.repeat_interleave(groups, dim=1)
     scores = torch.matmul(queries.float(), keys.float().transpose(2, 3)) * attn.scaling
     bias = attention_bias[:, 0].gather(1, query_index[..., None].expand(-1, -1, t))  # (B, Q, T)
-    scores = scores + bias[:, None].float()
+    # a float64 model's mask value is -inf in float32: a fully masked row (a padding query) would give NaN
+    scores = scores + bias[:, None].float().clamp(min=torch.finfo(torch.float32).min)
     return torch.softmax(scores, dim=-1)
