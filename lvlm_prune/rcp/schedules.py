@@ -162,7 +162,9 @@ class WarmupCosineLambda:
         if step < self.warmup_steps:
             # LambdaLR evaluates step 0 before the first update: start at 1/warmup, not 0.
             return (step + 1) / self.warmup_steps
-        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        decay_steps = self.total_steps - self.warmup_steps
+        if decay_steps <= 0:  # warm-up took every planned step: no decay phase, final_ratio from here on
+            return self.final_ratio
         ramp = min((step - self.warmup_steps) / decay_steps, 1.0)
         return self.final_ratio + (1.0 - self.final_ratio) * 0.5 * (1.0 + math.cos(math.pi * ramp))
 
