@@ -31,7 +31,8 @@ def permutation(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def stand_in_trainer(limit=1.0, shards=None, datamodule=None):
+def data_order_trainer(limit=1.0, shards=None, datamodule=None):
+    """What ResumableDataOrder reads of a trainer: its sampler shards, batch limit and datamodule."""
     return SimpleNamespace(strategy=SimpleNamespace(distributed_sampler_kwargs=shards), limit_train_batches=limit,
                            datamodule=datamodule)
 
@@ -94,9 +95,9 @@ def test_setup_wraps_the_training_loader_once_and_for_fit_only():
     data = _Data(DataLoader(list(range(16)), batch_size=4, shuffle=True))
     order = ResumableDataOrder(seed=0)
     original = data.train_dataloader
-    order.setup(stand_in_trainer(datamodule=data), None, "validate")
+    order.setup(data_order_trainer(datamodule=data), None, "validate")
     assert data.train_dataloader == original
-    trainer = stand_in_trainer(datamodule=data)
+    trainer = data_order_trainer(datamodule=data)
     order.setup(trainer, None, "fit")
     order.setup(trainer, None, "fit")  # a second fit with the same datamodule and callback
     with warnings.catch_warnings():
@@ -113,7 +114,7 @@ def test_the_seed_is_the_callback_s_else_the_run_s_seed_everything(seed, global_
     else:
         monkeypatch.setenv("PL_GLOBAL_SEED", global_seed)
     loader = ResumableDataOrder(seed=seed).resumable(DataLoader(list(range(12)), batch_size=3, shuffle=True),
-                                                     stand_in_trainer())
+                                                     data_order_trainer())
     assert order_of(loader) == permutation(12, expected)
 
 
@@ -121,21 +122,21 @@ def test_each_rank_reads_its_own_shard_of_the_permutation():
     """Under DDP a rank reads positions rank, rank + W, ... of the shared permutation."""
     shards = {"num_replicas": 2, "rank": 1}
     loader = ResumableDataOrder(seed=4).resumable(DataLoader(list(range(20)), batch_size=5, shuffle=True),
-                                                  stand_in_trainer(shards=shards))
+                                                  data_order_trainer(shards=shards))
     assert order_of(loader) == permutation(20, 4)[1::2]
 
 
 def test_an_unshuffled_loader_keeps_the_dataset_order_and_its_batching():
     """A sequential loader stays sequential; batch size, drop_last and collate_fn carry over."""
     loader = DataLoader(list(range(10)), batch_size=4, shuffle=False, drop_last=True, collate_fn=tuple)
-    rebuilt = ResumableDataOrder(seed=0).resumable(loader, stand_in_trainer())
+    rebuilt = ResumableDataOrder(seed=0).resumable(loader, data_order_trainer())
     assert list(rebuilt) == [(0, 1, 2, 3), (4, 5, 6, 7)]  # the short last batch dropped, the collate_fn kept
 
 
 def test_an_uninterrupted_run_reads_a_new_permutation_each_epoch():
     """The loader is built once per fit (Lightning does not rebuild it per epoch): the callback moves it on."""
     order = ResumableDataOrder(seed=2)
-    trainer = stand_in_trainer()
+    trainer = data_order_trainer()
     loader = order.resumable(DataLoader(list(range(8)), batch_size=4, shuffle=True, drop_last=True), trainer)
     for epoch in range(3):
         order.on_train_epoch_start(trainer, None)
@@ -150,7 +151,7 @@ def test_after_a_mid_epoch_resume_the_next_epoch_is_a_new_one():
     remaining batches, and the next one reads the next permutation."""
     order = ResumableDataOrder(seed=2)
     order.load_state_dict({"epoch": 0, "batches_done": 1})
-    trainer = stand_in_trainer()
+    trainer = data_order_trainer()
     loader = order.resumable(DataLoader(list(range(8)), batch_size=4, shuffle=True, drop_last=True), trainer)
     assert order_of(loader) == permutation(8, 2)[4:]
     order.on_train_batch_end(trainer, None, None, None, 0)
@@ -163,7 +164,7 @@ def test_an_integer_batch_limit_above_the_epoch_ends_the_epoch_with_the_data():
     order = ResumableDataOrder(seed=0)
     order.load_state_dict({"epoch": 0, "batches_done": 5})  # all 5 batches of 40 samples in batches of 8
     loader = order.resumable(DataLoader(list(range(40)), batch_size=8, shuffle=True, drop_last=True),
-                             stand_in_trainer(limit=100))
+                             data_order_trainer(limit=100))
     assert (order.epoch, order.batches_done, loader.sampler.start_index) == (1, 0, 0)
 
 
@@ -188,7 +189,7 @@ def test_a_loader_it_cannot_rebuild_is_left_unchanged_with_a_warning(make, reaso
     """Loaders whose order it cannot reproduce are returned as they are, with the reason named."""
     loader = make()
     with pytest.warns(UserWarning, match=rf"leaves the training loader unchanged \({reason}\)"):
-        assert ResumableDataOrder(seed=0).resumable(loader, stand_in_trainer()) is loader
+        assert ResumableDataOrder(seed=0).resumable(loader, data_order_trainer()) is loader
 
 
 def test_a_resume_at_step_one_does_not_save_again_inside_an_accumulation_window(tmp_path):
