@@ -62,7 +62,7 @@ def reading(path: Path) -> Iterator[None]:
 
 def sweep_rows(path: Path) -> list[dict]:
     """The rows of a `sweep.csv` ([] when there is none), each checked: complete, a known status, numbers where
-    the status is 'ok'."""
+    the status is 'ok' or the pair was measured (an unreachable row with a realised ratio)."""
     if not path.exists():
         return []
     try:
@@ -86,8 +86,9 @@ def sweep_rows(path: Path) -> list[dict]:
                                    "short)")
         if not row["status"].startswith(SWEEP_STATUSES):
             raise ReportInputError(f"{where}: unknown status {row['status']!r}; expected one of {SWEEP_STATUSES}")
-        if row["status"] == "ok":
-            for column in SWEEP_NUMBERS:
+        # an unreachable pair the sweep ran keeps its measurements (a realised ratio): the report reads them too
+        if row["status"] == "ok" or row["realised_prune_ratio"]:
+            for column in (*SWEEP_NUMBERS, *(("num_samples",) if row.get("num_samples") else ())):
                 try:
                     float(row[column])
                 except ValueError:
