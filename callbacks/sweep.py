@@ -170,18 +170,26 @@ class PruningSweep(L.Callback):
         if not self.run_after_fit:
             return
         self._check_trained(trainer)
-        if not getattr(self, "_swept_after_fit", True) and trainer.fit_loop.done:
-            # resumed where training had ended: Lightning skipped the training loop. The module is past its
-            # strategy's teardown, so the sweep cannot run here; the export can (the module's on_fit_end).
-            export = getattr(pl_module, "export_after_finished_resume", None)
-            if callable(export):
-                export()
-            checkpoint = trainer.ckpt_path or "<that checkpoint>"
-            raise FinishedRunNotSwept(
-                f"the sweep after fit did not run: fit resumed from a checkpoint at step {trainer.global_step}, "
-                "where training had already ended, so Lightning ran no training loop (the sweep runs at its end). "
-                "Sweep the checkpoint's plug-ins with test: python cli.py test --config <this run's config> "
-                f"--ckpt_path {checkpoint} --trainer.callbacks.init_args.run_after_test true")
+        if getattr(self, "_swept_after_fit", True):
+            return
+        if not trainer.fit_loop.done:
+            raise ValueError(
+                f"the sweep after fit did not run: fit resumed at step {trainer.global_step} but ran no training "
+                f"batch ({trainer.num_training_batches} training batches per epoch), so Lightning skipped the "
+                "training loop, at whose end the sweep runs. Check trainer.limit_train_batches and that the training "
+                "set holds at least one batch; to sweep the checkpoint's plug-ins, run `test` with "
+                "--trainer.callbacks.init_args.run_after_test true")
+        # resumed where training had ended: Lightning skipped the training loop. The module is past its
+        # strategy's teardown, so the sweep cannot run here; the export can (the module's on_fit_end).
+        export = getattr(pl_module, "export_after_finished_resume", None)
+        if callable(export):
+            export()
+        checkpoint = trainer.ckpt_path or "<that checkpoint>"
+        raise FinishedRunNotSwept(
+            f"the sweep after fit did not run: fit resumed from a checkpoint at step {trainer.global_step}, "
+            "where training had already ended, so Lightning ran no training loop (the sweep runs at its end). "
+            "Sweep the checkpoint's plug-ins with test: python cli.py test --config <this run's config> "
+            f"--ckpt_path {checkpoint} --trainer.callbacks.init_args.run_after_test true")
 
     def _check_trained(self, trainer: L.Trainer) -> None:
         if trainer.global_step == 0:

@@ -371,6 +371,20 @@ def test_a_sweep_switched_off_for_a_stage_does_not_run_at_its_end(config):
     assert sweep.rows == []
 
 
+def test_a_resumed_fit_that_ran_no_training_batch_says_the_sweep_did_not_run(config):
+    """Resumed mid-run with no training batch (limit_train_batches 0): Lightning skips the training loop and
+    on_train_end, so the sweep after fit cannot run; fit ends with an error naming why, not in silence."""
+    trainer = SimpleNamespace(datamodule=None, sanity_checking=False, global_step=5, num_training_batches=0,
+                              fit_loop=SimpleNamespace(done=False))
+    sweep = PruningSweep(methods=["full"])
+    sweep.on_fit_start(trainer, Scripted(config))
+    with pytest.raises(ValueError, match=r"resumed at step 5 but ran no training batch \(0 training batches"):
+        sweep.on_fit_end(trainer, Scripted(config))
+    sweep.on_fit_start(trainer, Scripted(config))
+    sweep._swept_after_fit = True  # what on_train_end records after it swept
+    sweep.on_fit_end(trainer, Scripted(config))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the answer-file writer
 
