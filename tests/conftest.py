@@ -101,3 +101,14 @@ def stand_in_trainer(monkeypatch):
 
 TINY_DATA_ARGS = dict(grid=4, cell_size=8, min_objects=4, max_objects=5, num_train=32, num_val=16, num_test=16, batch_size=8,
                       eval_batch_size=8)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one process (world size 1), destroyed after the test: the code paths of DDP runs
+    (rank files, gathers, barriers) without a second process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -458,16 +458,7 @@ def test_the_file_goes_to_the_loggers_directory_under_its_own_name(tmp_path):
     assert [a["question_id"] for a in read_answers(tmp_path / "new" / "folder" / "answers_test.jsonl")] == [2]
 
 
-@pytest.fixture
-def process_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def test_the_merged_file_is_in_question_file_order_with_each_answer_once(tmp_path, process_group):
+def test_the_merged_file_is_in_question_file_order_with_each_answer_once(tmp_path, one_process_group):
     """Rank 0 orders by `dataset_index` when every record has one (not written), repeats dropped."""
     records = [{**record, "dataset_index": index} for index, record in zip([3, 2, 1, 0], answers([13, 12, 11, 10]))]
     write_answers(tmp_path, Replying(), records + records[:1])
@@ -475,7 +466,7 @@ def test_the_merged_file_is_in_question_file_order_with_each_answer_once(tmp_pat
     assert "dataset_index" not in read_answers(tmp_path / "answers_test.jsonl")[0]
 
 
-def test_the_merged_file_keeps_the_answer_order_when_a_record_has_no_index(tmp_path, process_group):
+def test_the_merged_file_keeps_the_answer_order_when_a_record_has_no_index(tmp_path, one_process_group):
     records = [{**answers([13])[0], "dataset_index": 3}, *answers([12]), {**answers([11])[0], "dataset_index": 1}]
     write_answers(tmp_path, Replying(), records, loop="predict")
     assert [a["question_id"] for a in read_answers(tmp_path / "answers_predict.jsonl")] == [13, 12, 11]
@@ -536,7 +527,7 @@ def test_the_vqav2_submission_matches_answers_to_questions_by_string_id_and_refu
                                                                 AnswerRecord(question_id=5, text="3")])
 
 
-def test_a_rank_appends_to_its_own_rank_file_in_rank_zeros_directory(tmp_path, process_group, monkeypatch):
+def test_a_rank_appends_to_its_own_rank_file_in_rank_zeros_directory(tmp_path, one_process_group, monkeypatch):
     """As rank 1 of a group sees it: its finished batches are in `answers_test.rank1.jsonl` after a crash, in the
     directory rank 0 broadcast (a logger may resolve its version directory differently on other ranks)."""
     import torch.distributed as dist

@@ -133,15 +133,6 @@ def test_two_questions_of_one_id_are_both_written_and_a_reused_writer_writes_a_s
             (q, f"part {p}") for q in (7, 8, 9) for p in (0, 1)]
 
 
-@pytest.fixture
-def one_process_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_under_a_process_group_a_crashed_run_leaves_no_old_answers(tmp_path, one_process_group):
     (tmp_path / "answers_test.jsonl").write_text('{"question_id": 1, "text": "an older run"}\n')
     (tmp_path / "answers_test.rank0.jsonl").write_text('{"question_id": 2, "text": "an older crash"}\n')
