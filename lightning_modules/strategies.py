@@ -18,6 +18,15 @@ from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
 
+def _remove(path: Path) -> None:
+    """Removes a checkpoint at `path` whichever kind it is: DeepSpeed's directory, or the single file another
+    strategy wrote under the same name (a run directory that changed strategy)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeed strategy that also runs on CPU processes (gloo), for tests and CPU clusters.
 
@@ -103,7 +112,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         node_local = bool(self.config.get("checkpoint", {}).get("use_node_local_storage", False))
         renames = self.local_rank == 0 if node_local else self.is_global_zero
         if renames:
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove(staging)
         self.barrier("checkpoint_staging")
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier("checkpoint_written")
@@ -111,10 +120,10 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
             # the last whole checkpoint stays until the new one is in place: `target`, or `previous` when an
             # earlier save was killed between the renames (and the run resumed from it)
             if target.exists():
-                shutil.rmtree(previous, ignore_errors=True)
+                _remove(previous)
                 target.rename(previous)
             staging.rename(target)
-            shutil.rmtree(previous, ignore_errors=True)
+            _remove(previous)
         self.barrier("checkpoint_renamed")
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict[str, Any]:
@@ -194,7 +203,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
+            previous = None
+            if target.is_dir() and not target.is_symlink():
+                # DeepSpeed's checkpoint directory under this name (the run changed strategy): a file cannot
+                # replace it, so it moves aside and goes once the new file is in place
+                previous = target.with_name(f".{target.name}.previous")
+                _remove(previous)
+                target.rename(previous)
             os.replace(staging, target)
+            if previous is not None:
+                _remove(previous)
         finally:
             staging.unlink(missing_ok=True)
         directory = os.open(target.parent, os.O_RDONLY)
