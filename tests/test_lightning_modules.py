@@ -67,8 +67,9 @@ def test_the_base_generates_up_to_eos_and_its_max_new_tokens(tiny_base_dir, monk
 
 
 def test_the_base_refuses_a_spec_its_processor_or_init_from_contradicts(tiny_base_dir):
-    with pytest.raises(ValueError, match=r"model.spec.image_size=64 but the processor crops images to 32"):
-        base_module(tiny_base_dir, spec={"image_size": 64})
+    for image_size in (64, 16):  # larger or smaller than the crop
+        with pytest.raises(ValueError, match=rf"model.spec.image_size={image_size} but the processor crops images to 32"):
+            base_module(tiny_base_dir, spec={"image_size": image_size})
     with pytest.raises(ValueError, match=r"vision_config.hidden_size is 32, the spec gives 64"):
         base_module(tiny_base_dir, spec={"vision_hidden_size": 64}, init_from=str(tiny_base_dir))
     assert base_module(tiny_base_dir, init_from=str(tiny_base_dir)).model.config.text_config.num_hidden_layers == 4
