@@ -1,7 +1,8 @@
 """Which visual tokens does a trained base answer from? Oracle selections beside real methods, on the synthetic test split.
 
     python scripts/selection_oracles.py --run-dir runs/demo [--num 512] [--keep 7] [--objects LOW HIGH]
-        [--methods full random relevant_fill relevant_objects visionzip rcp q2v_by_layer gradient_signal base_attention]
+        [--methods full random relevant_fill relevant_objects visionzip rcp q2v_by_layer gradient_signal base_attention
+                   saliency_reference saliency_self]
         [--attention-layers 9] [--rcp-plugin FILE]
 
 The oracles use the generator's knowledge of which objects each answer needs (so they exist only on the synthetic
@@ -15,7 +16,10 @@ the base's own question->visual attention at every decoder layer (where in the L
 'gradient_signal' the same AUC for the gradient of the answer loss with respect to each token's keep weight (on
 training questions, random object tokens kept), the signal RCP's straight-through pruner learns from;
 'base_attention' keeps the tokens the full-token base's own question->visual attention at `--attention-layers` ranks
-highest (a label-free target a pruner could be distilled towards).
+highest (a label-free target a pruner could be distilled towards); 'saliency_self' keeps the tokens whose keep
+weight most lowers the loss of the full-token base's own first answer token (-dCE/dw at w = 1, soft path; label-free,
+the selection that best explains the base's answer), 'saliency_reference' the same for the reference answer
+(teacher-forced; it knows the answer, so it measures how far a selection can steer the base, not a pruner's ceiling).
 Prints accuracy overall and per question family.
 """
 
@@ -163,6 +167,26 @@ def base_attention_selection(engine: PrunedLlava, batch: dict, layers: list[int]
     return TopKBeforeLLM(keep, scores)
 
 
+def saliency_selection(engine: PrunedLlava, batch: dict, keep: int, reference: bool, eos: int | None,
+                       pad: int | None) -> TopKBeforeLLM:
+    """The `keep` tokens with the largest -dCE/d(keep weight) at every weight 1: the answer loss of the reference
+    answer (`reference`, teacher-forced) or of the first token the full-token base itself generates."""
+    weights = torch.ones(batch["pixel_values"].shape[0], engine.info.num_visual_tokens, requires_grad=True)
+    with torch.enable_grad():
+        if reference:
+            output = engine(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"],
+                            labels=batch["labels"], method=FixedSoftKeep(weights), soft=True)
+            loss = answer_ce(output.logits, batch["labels"])
+        else:
+            with torch.no_grad():
+                first = generate_with_method(engine, batch, PruningMethod(0.0), 1, eos, pad).tokens[:, 0]
+            output = engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
+                            batch["prompt_position_ids"], method=FixedSoftKeep(weights), soft=True)
+            loss = torch.nn.functional.cross_entropy(output.logits[:, -1].float(), first, reduction="sum")
+        (gradient,) = torch.autograd.grad(loss, weights)
+    return TopKBeforeLLM(keep, -gradient)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/demo")
@@ -172,7 +196,8 @@ def main() -> None:
                         help="objects per test scene (default: the benchmark's; 4 7 for runs before session 5)")
     parser.add_argument("--methods", nargs="+",
                         default=["full", "random", "relevant_fill", "relevant_objects", "visionzip", "rcp"],
-                        help="also: q2v_by_layer, gradient_signal, base_attention, and any training-free method of the engine")
+                        help="also: q2v_by_layer, gradient_signal, base_attention, saliency_self, saliency_reference, "
+                             "and any training-free method of the engine")
     parser.add_argument("--attention-layers", type=int, nargs="+", default=[9],
                         help="decoder layers whose question->visual attention 'base_attention' ranks by (default: 9)")
     parser.add_argument("--rcp-plugin", default=None,
@@ -239,6 +264,10 @@ def main() -> None:
                 terms.clear()
             elif name == "base_attention":
                 method, runner = base_attention_selection(engine, batch, args.attention_layers, args.keep), engine
+            elif name in ("saliency_self", "saliency_reference"):
+                method = saliency_selection(engine, batch, args.keep, name == "saliency_reference",
+                                            tokenizer.eos_token_id, tokenizer.pad_token_id)
+                runner = engine
             elif name in ("relevant_fill", "relevant_objects"):
                 method, runner = oracle, engine
                 method.question_ids = batch["question_ids"]
