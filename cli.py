@@ -1,4 +1,4 @@
-"""Command line: `python cli.py fit|validate|test --config configs/<experiment>.yaml` (or `lvlm-prune ...`)."""
+"""Command line: `python cli.py fit|validate|test|predict --config configs/<experiment>.yaml` (or `lvlm-prune ...`)."""
 
 from __future__ import annotations
 

@@ -38,6 +38,14 @@ class FinishedRunNotSwept(RuntimeError):
     """Fit resumed from a checkpoint where training had ended: the sweep after fit did not run (see the message)."""
 
 
+def _training_batches(trainer: L.Trainer) -> str:
+    """The training batches per epoch, for an error message. With `limit_train_batches` 0 Lightning skips the training
+    loop before it loads the data, and `num_training_batches` keeps its initial inf: the setting is named instead."""
+    if getattr(trainer, "limit_train_batches", None) == 0:
+        return "trainer.limit_train_batches=0"
+    return f"{trainer.num_training_batches} training batches per epoch"
+
+
 class PruningSweep(L.Callback):
     """Evaluates every (method, prune ratio) pair on a split and writes `sweep.csv`, `sweep.json` and
     `accuracy_vs_flops.png` into the run's log directory; logs `sweep/<method>/acc@r=<r>` scalars and the
@@ -175,7 +183,7 @@ class PruningSweep(L.Callback):
         if not trainer.fit_loop.done:
             raise ValueError(
                 f"the sweep after fit did not run: fit resumed at step {trainer.global_step} but ran no training "
-                f"batch ({trainer.num_training_batches} training batches per epoch), so Lightning skipped the "
+                f"batch ({_training_batches(trainer)}), so Lightning skipped the "
                 "training loop, at whose end the sweep runs. Check trainer.limit_train_batches and that the training "
                 "set holds at least one batch; to sweep the checkpoint's plug-ins, run `test` with "
                 "--trainer.callbacks.init_args.run_after_test true")
@@ -195,7 +203,7 @@ class PruningSweep(L.Callback):
         if trainer.global_step == 0:
             raise ValueError(
                 f"the sweep after fit did not run: fit ran 0 training steps (trainer.global_step == 0, "
-                f"{trainer.num_training_batches} training batches per epoch), so it would evaluate untrained "
+                f"{_training_batches(trainer)}), so it would evaluate untrained "
                 "plug-ins. Check that the training set holds at least one batch (data.batch_size per process; "
                 "the last incomplete batch is dropped), trainer.max_steps and trainer.limit_train_batches; to "
                 "sweep saved plug-ins, run `test` with model.plugin_weights_path instead")

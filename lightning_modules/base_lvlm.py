@@ -267,8 +267,9 @@ class BaseLVLMModule(L.LightningModule):
                 f"export to model.init_args.export_dir={self.hparams.export_dir!r} did not run, and under DeepSpeed "
                 "it cannot run after fit; export it from the checkpoint: lightning.pytorch.utilities.deepspeed."
                 f"convert_zero_checkpoint_to_fp32_state_dict({str(checkpoint)!r}, <file>) consolidates its weights, "
-                "then load the file's 'state_dict' into the model and save_pretrained it (the commands are in "
-                "docs/operations.md, 'Resuming a run whose training had ended')"
+                "then load the file's 'state_dict' into the model with strict=False (the checkpoint leaves out the "
+                "frozen weights) and save_pretrained it (the commands are in docs/operations.md, 'Resuming a run "
+                "whose training had ended')"
             )
         self._export()
 

@@ -5,8 +5,8 @@
 The checkpoint is either a Lightning file (`last.ckpt`) or a DeepSpeed ZeRO-2/3 directory (`last.ckpt/` with
 `checkpoint/` and `latest` inside; its shards are merged on CPU, no GPU or process group needed). The output is
 what `CompensationModule(plugin_weights_path=...)` loads: `<output>` (safetensors, the plug-in's own parameter
-names) + `<output>.json` (base model path and fingerprint, and the plug-in's constructor
-arguments when the run's `config.yaml` is found beside the checkpoint).
+names) + `<output>.json` (base model path and fingerprint, the source checkpoint and its step, and the plug-in's
+constructor arguments when the run's `config.yaml` is found in the run directory, the parent of `checkpoints/`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""How fast does a tiny LLaVA learn to find objects among its visual tokens? A short training probe.
+r"""How fast does a tiny LLaVA learn to find objects among its visual tokens? A short training probe.
 
 Trains a fresh tiny LLaVA (no Lightning, one process) on a slice of the synthetic benchmark and prints the
 validation accuracy of the first answer token (teacher-forced argmax, per family) every `--eval-every` steps.

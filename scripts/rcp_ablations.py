@@ -6,7 +6,8 @@ Trains RCP at the given layer-averaged ratio once per variant (full method; with
 adapter; without the learned score, i.e. the LLM's own attention + bias; mean-only repair statistics; the last,
 noise-free 20 % of training on the inference token budget instead of the threshold), evaluates each at that ratio on
 the test split, reads each run's last validation accuracy (what may choose between variants; the test split only
-reports), and writes `rcp_ablations.csv` / `.md` in the run directory. Reuses variants whose result exists.
+reports), and writes `rcp_ablations.csv` / `.md` in the run directory, with `rcp_ablations.json` (the base's weight
+digest, which `scripts/report.py` checks the table against). Reuses variants whose result exists.
 """
 
 from __future__ import annotations
