@@ -9,9 +9,9 @@ Two conventions for the language model (METHODS.md section 5):
   MLP, and the full n x n attention that eager and SDPA compute (``causal="half"`` counts only the
   lower triangle). This is what ``torch.utils.flop_counter.FlopCounterMode`` measures.
 
-Both ignore norms, rotary embeddings, softmax, activations and residual adds (O(n d) work each,
-and FlopCounterMode ignores them too). The vision tower, projector and plug-ins are always counted
-the exact way.
+Both ignore norms, rotary embeddings, softmax, activations and residual adds (O(n d) or O(n m) work
+each, the softmax O(heads n^2), small next to the attention products; FlopCounterMode ignores them
+too). The vision tower, projector and plug-ins are always counted the exact way.
 
 Token counts may be floats: a per-sample average over a batch gives the FLOPs at the average
 count, which underestimates the mean of the per-sample FLOPs slightly because attention is
