@@ -511,7 +511,7 @@ def accuracy_vs_flops_figure(rows: list[dict[str, Any]]):
                   color=colors[index % len(colors)])
     for row in full:
         axis.scatter([row["tflops_total"] * 1e3], [row["accuracy"]], marker="*", s=150, color="black", label="full", zorder=5)
-    axis.set_xlabel("total GFLOPs per sample, exact (LLM prefill + vision + plug-ins)")
+    axis.set_xlabel("total GFLOPs per sample, exact (LLM prefill + vision tower + projector + plug-ins)")
     axis.set_ylabel("accuracy")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
