@@ -54,6 +54,8 @@ def run_dir(tmp_path):
         "rcp_r0.889/run/sweep.csv": sweep_csv([row("rcp", 0.889, accuracy=0.45)]),
         "rcp_r0.778/run/sweep.csv": sweep_csv([row("rcp", 0.778, accuracy=0.47)]),
         "accm_r0.969/run/sweep.csv": sweep_csv([row("accm", 0.969, accuracy=0.42)]),
+        "sweep/run/config_test.yaml": "data:\n  init_args:\n    min_objects: 8\n    max_objects: 12\n",
+        "base_model/config.json": json.dumps({"text_config": {"num_hidden_layers": 12}}),
     }
     for name, text in files.items():
         (run / name).parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +206,7 @@ def test_accm_scored_on_other_questions_than_the_baselines_is_refused(run_dir, t
 def test_the_ablation_table_is_marked_unless_it_was_made_from_this_runs_base(run_dir, tmp_path):
     from lvlm_prune.archives import weights_digest
 
-    (run_dir / "base_model").mkdir()
+    (run_dir / "base_model").mkdir(exist_ok=True)
     (run_dir / "base_model" / "model.safetensors").write_bytes(b"weights")
     (run_dir / "rcp_ablations.md").write_text("| variant | test accuracy |\n|---|---|\n| rcp (full method) | 0.495 |\n")
     out = tmp_path / "results.md"

@@ -105,6 +105,29 @@ def test_the_sweep_table_shows_the_realised_ratio_and_every_question_count(run_d
     assert "- fastv at r = 0.9\n" in text and "ratio_tolerance" not in text
 
 
+def test_scene_sizes_and_the_models_depth_come_from_the_runs_own_configs(run_dir, tmp_path):
+    (run_dir / "sweep" / "run" / "config_test.yaml").write_text("data:\n  init_args:\n    min_objects: 4\n"
+                                                                "    max_objects: 7\n")
+    (run_dir / "base_model" / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 32}}))
+    text = report_text(run_dir, tmp_path)
+    assert "synthetic test split (16 questions, 4-7 objects per scene)" in text
+    assert "cannot remove that many tokens on the 32-layer model" in text
+    (run_dir / "sweep" / "run" / "config_test.yaml").unlink()
+    (run_dir / "base_model" / "config.json").unlink()
+    text = report_text(run_dir, tmp_path)  # neither file: the report says no more than it knows
+    assert "synthetic test split (16 questions) unless" in text and "objects per scene" not in text
+    assert "cannot remove that many tokens on the base model" in text
+
+
+def test_a_damaged_config_the_report_reads_is_named(run_dir, tmp_path):
+    (run_dir / "base_model" / "config.json").write_text(json.dumps({"text_config": {}}))
+    message = refused(run_dir, tmp_path / "results.md")
+    assert "base_model/config.json: unexpected content (KeyError: 'num_hidden_layers')" in message
+    (run_dir / "base_model" / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 12}}))
+    (run_dir / "sweep" / "run" / "config_test.yaml").write_text("data: [unclosed\n")
+    assert "sweep/run/config_test.yaml: cannot be read as YAML" in refused(run_dir, tmp_path / "results.md")
+
+
 @pytest.mark.parametrize(("timings", "rows"), [
     ({"base": 600.0, "sweep": 60.0, "total": 9999.0}, "| sweep | 1.0 |\n| total | 11.0 |"),
     ({"seconds": {"base_describe": 120.0, "base_stage1": 180.0, "base": 600.0}},
