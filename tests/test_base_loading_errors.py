@@ -40,7 +40,9 @@ def test_a_corrupt_config_json_is_named(tiny_base_dir, tmp_path, content):
     with pytest.raises(ValueError, match=rf"^{BASE}: '.*config\.json' is corrupt or incomplete: it could not be read "
                                          r"as a model config \(") as caught:
         load_base_model(base, setting=BASE)
-    assert caught.value.__cause__ is not None
+    cause = caught.value.__cause__  # the reader's own error, kept for the traceback and named in the message
+    assert isinstance(cause, (OSError, ValueError)) and cause is not caught.value
+    assert str(caught.value).endswith(f"({type(cause).__name__}: {cause})")
 
 
 def test_a_checkpoint_in_the_llava_repository_format_is_named(tiny_base_dir, tmp_path):
@@ -60,7 +62,7 @@ def test_corrupt_safetensors_weights_are_named(tiny_base_dir, tmp_path, damage):
     with pytest.raises(ValueError, match=rf"^{BASE}: '.*model\.safetensors' is corrupt or incomplete "
                                          r"\(SafetensorError: .+\); download or save the base model again") as caught:
         load_base_model(base, setting=BASE)
-    assert caught.value.__cause__ is not None
+    assert type(caught.value.__cause__).__name__ == "SafetensorError"  # the reader's own error, kept as the cause
 
 
 def test_a_shard_missing_from_a_sharded_checkpoint_is_named(tiny_base_dir, tmp_path):

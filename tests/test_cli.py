@@ -43,7 +43,16 @@ def test_the_console_script_returns_nothing_so_a_successful_run_exits_zero(tmp_p
     main = script.load()
     monkeypatch.setattr(sys, "argv", ["lvlm-prune", "fit", "--config", "configs/synthetic/base_describe.yaml",
                                       *TINY_BASE_ARGS, *run_dir_args(tmp_path), "--trainer.fast_dev_run", "1"])
+    import cli as cli_module
+
+    runs, run_cli = [], cli_module.cli_main
+    monkeypatch.setattr(cli_module, "cli_main",
+                        lambda *args, **kwargs: runs.append(run_cli(*args, **kwargs)) or runs[-1])
     assert main() is None  # the generated wrapper calls sys.exit(main()): anything else exits 1
+    # and that was the successful run sys.argv asked for, not a return before it
+    (run,) = runs
+    assert run.trainer.global_step == 1 and run.trainer.state.finished
+    assert (tmp_path / "export" / "config.json").is_file()
 
 
 def optimizer_moments(state_dict):
@@ -207,9 +216,11 @@ def test_evaluations_take_ckpt_path_auto_and_a_missing_checkpoint_writes_nothing
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", "configs/synthetic/base.yaml", "--model.init_args.learnig_rate", "1e-3"])
-    assert "learnig_rate" in capsys.readouterr().err
+    assert exit_info.value.code == 2  # argparse's usage error, before anything runs
+    # the parser's own complaint, not only the echo of the command line
+    assert "Option 'learnig_rate' is not accepted" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_is_named(tmp_path):

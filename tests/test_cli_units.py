@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import warnings
 import zipfile
@@ -39,18 +40,34 @@ def bare_cli(subcommand: str, **settings) -> LVLMPruneCLI:
 
 
 @pytest.mark.parametrize("value", ["auto", "last", "best", "hpc", "registry", "registry:org/model:latest"])
-def test_checkpoint_keywords_and_registry_names_are_not_looked_for_on_disk(value):
-    """Lightning's keywords, `auto` and `registry:` names pass the missing-file check."""
+def test_checkpoint_keywords_and_registry_names_are_not_looked_for_on_disk(value, monkeypatch, tmp_path):
+    """Lightning's keywords, `auto` and `registry:` names pass the missing-file check (no such file exists here),
+    while the same name as a path that is no keyword is refused, naming it."""
+    monkeypatch.chdir(tmp_path)  # a file of that name in the working directory would pass the check anyway
+    assert not os.path.exists(value)
     bare_cli("fit", ckpt_path=value)._parse_ckpt_path()
+    not_a_keyword = f"./{value}"  # the same name as a relative path
+    with pytest.raises(FileNotFoundError, match=rf"^--ckpt_path '{re.escape(not_a_keyword)}' does not exist"):
+        bare_cli("fit", ckpt_path=not_a_keyword)._parse_ckpt_path()
 
 
-def test_a_deepspeed_checkpoint_directory_is_a_checkpoint(tmp_path):
-    """A directory with a `latest` file is accepted, and not read as a torch.save archive."""
+def test_a_deepspeed_checkpoint_directory_is_a_checkpoint(tmp_path, monkeypatch):
+    """A directory with a `latest` file is accepted, and not read as a torch.save archive; without `latest` it is
+    refused."""
+    import cli as cli_module
+
+    read = []
+    monkeypatch.setattr(cli_module, "torch_archive_problem", lambda path: read.append(path))
     (tmp_path / "last.ckpt" / "checkpoint").mkdir(parents=True)
     (tmp_path / "last.ckpt" / "latest").write_text("checkpoint")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bare_cli("test", ckpt_path=str(tmp_path / "last.ckpt"))._parse_ckpt_path()
+    assert read == []  # never opened as an archive
+    (tmp_path / "last.ckpt" / "latest").unlink()
+    with pytest.raises(ValueError, match=r"last\.ckpt' is a directory but not a DeepSpeed checkpoint \(no 'latest'"):
+        bare_cli("test", ckpt_path=str(tmp_path / "last.ckpt"))._parse_ckpt_path()
+    assert read == []
 
 
 unpickled: list[str] = []

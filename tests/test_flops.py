@@ -244,7 +244,7 @@ def test_module_flops_counts_linear_and_sdpa():
 
     q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 12, 8), torch.randn(2, 4, 12, 8)
     assert module_flops(Attention(), q, k, v) == 2 * (2 * 2 * 4 * 10 * 12 * 8)
-    with pytest.raises(ValueError, match="module"):
+    with pytest.raises(ValueError, match=r"^module must be a torch\.nn\.Module, got function$"):
         module_flops(lambda x: x, torch.randn(2))
 
 

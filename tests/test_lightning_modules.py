@@ -3,6 +3,7 @@ and weight-decay groups, what its generation is asked for, its construction chec
 scores into, and the shared helpers that score, log and explain out-of-memory errors."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -102,8 +103,8 @@ def test_evaluation_losses_and_token_counts_are_averaged_over_processes(tiny_bas
     frozen = FrozenBaseModule(str(tiny_base_dir), load_processor(str(tiny_base_dir)), categories=["count"])
     frozen.run_method = lambda batch, name, ratio: (["yes", "no"], SimpleNamespace(
         visual_tokens_per_layer=torch.ones(2, 4)), 0.0)
-    logged = {}
-    frozen.log = lambda name, value, **kwargs: logged.update({name: kwargs})
+    logged, values = {}, {}
+    frozen.log = lambda name, value, **kwargs: logged.update({name: kwargs}) or values.update({name: value})
     frozen._evaluate(eval_batch(), "val")
     base = base_module(tiny_base_dir)
     base.forward = lambda batch: torch.zeros(2, 3, 8)  # uniform logits over 8 tokens
@@ -111,6 +112,10 @@ def test_evaluation_losses_and_token_counts_are_averaged_over_processes(tiny_bas
     base.log = frozen.log
     base._evaluate({**eval_batch(), "labels": torch.tensor([[-100, 1, 2], [-100, -100, 3]])}, "val")
     assert logged["val/avg_visual_tokens"]["sync_dist"] is True and logged["val/loss"]["sync_dist"] is True
+    # per-process means weighted by the process's item count: Lightning's sync then averages them over processes
+    assert logged["val/avg_visual_tokens"]["batch_size"] == logged["val/loss"]["batch_size"] == 2
+    assert float(values["val/avg_visual_tokens"]) == 1.0
+    assert float(values["val/loss"]) == pytest.approx(math.log(8))  # uniform over 8 tokens
 
 
 def test_score_counts_only_items_with_a_reference_answer():

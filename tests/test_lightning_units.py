@@ -273,8 +273,17 @@ def test_a_finished_deepspeed_run_resumed_without_an_export_dir_ends_quietly(tin
     module = base_module(tiny_base_dir)
     module.trainer = base_trainer(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy), global_step=3,
                                   fit_loop=SimpleNamespace(done=True))
+    exported = []
+    module._export = lambda: exported.append("export")
     module.on_fit_start()
     module.on_fit_end()  # nothing was asked to be exported: no error about how to export
+    assert exported == []
+    # the same resume with an export_dir is the case that cannot end quietly under DeepSpeed
+    module.hparams.export_dir = "export"
+    with pytest.raises(ValueError, match=r"^fit resumed from a checkpoint at step 3, where training had already ended, "
+                                         r"so the export to model.init_args.export_dir='export' did not run"):
+        module.on_fit_end()
+    assert exported == []
 
 
 def test_fit_start_switches_to_training_mode_and_probes_the_export_dir_on_rank_zero_only(tiny_base_dir, tmp_path):
@@ -368,6 +377,10 @@ def test_the_base_refuses_settings_that_cannot_train(tiny_base_dir, tmp_path):
 def test_a_spec_restored_from_a_checkpoint_as_a_mapping_builds_the_same_model(tiny_base_dir, processor):
     module = BaseLVLMModule(processor, spec={**BASE_SPEC, "num_layers": 2})
     assert module.model.config.text_config.num_hidden_layers == 2 and module.hparams.spec.num_layers == 2
+    built = BaseLVLMModule(processor, spec=TinyLlavaSpec(**{**BASE_SPEC, "num_layers": 2}))
+    assert module.hparams.spec == built.hparams.spec and isinstance(module.hparams.spec, TinyLlavaSpec)
+    assert module.model.config.to_dict() == built.model.config.to_dict()
+    assert all(torch.equal(value, built.model.state_dict()[name]) for name, value in module.model.state_dict().items())
 
 
 def test_the_seed_draws_the_weights_and_init_from_grows_the_llm_in_the_placement_asked(tiny_base_dir):

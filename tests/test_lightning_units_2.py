@@ -170,6 +170,12 @@ def test_a_checkpoint_without_a_state_dict_is_not_foreign(frozen_module):
     """DeepSpeed hands the module its client state, from which the weights were left out."""
     frozen_module.on_load_checkpoint({"global_step": 3})
     frozen_module.on_load_checkpoint({"state_dict": None})
+    own = next(iter(frozen_module.state_dict()))
+    frozen_module.on_load_checkpoint({"state_dict": {own: torch.zeros(1)}})  # its own modules: not foreign either
+    # what the check is for: modules of another class are named
+    with pytest.raises(ValueError, match=r"^this checkpoint holds modules \['compensation'\] that FrozenBaseModule "
+                                         r"does not have"):
+        frozen_module.on_load_checkpoint({"state_dict": {own: torch.zeros(1), "compensation.w": torch.zeros(1)}})
 
 
 # ---------------------------------------------------------------------------------------------------- strategies.py

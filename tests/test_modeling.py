@@ -94,7 +94,7 @@ def test_zero_residual_init_makes_every_block_the_identity(tiny_spec):
 def test_unknown_residual_init_is_named(tiny_spec):
     from dataclasses import replace
 
-    with pytest.raises(ValueError, match="residual_init"):
+    with pytest.raises(ValueError, match=r"^spec\.residual_init='xavier'; choose one of \('normal', 'zero'\)$"):
         replace(tiny_spec, residual_init="xavier")
 
 

@@ -19,8 +19,12 @@ from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
 def test_paths_starting_with_a_tilde_are_read_from_the_home_directory(tiny_base_dir, monkeypatch):
     monkeypatch.setenv("HOME", str(tiny_base_dir.parent))
     path = f"~/{tiny_base_dir.name}"
-    assert load_processor(path).tokenizer is not None
-    assert load_base_model(path).config.model_type == "llava"
+    processor, reference = load_processor(path), load_processor(tiny_base_dir)
+    assert processor.tokenizer.get_vocab() == reference.tokenizer.get_vocab()
+    assert processor.image_processor.to_dict() == reference.image_processor.to_dict()
+    model, stored = load_base_model(path), load_base_model(tiny_base_dir)
+    assert model.config.model_type == "llava"
+    assert all(torch.equal(value, stored.state_dict()[name]) for name, value in model.state_dict().items())
 
 
 def test_an_unknown_dtype_is_named_with_the_choices(tiny_base_dir):
@@ -31,6 +35,9 @@ def test_an_unknown_dtype_is_named_with_the_choices(tiny_base_dir):
 def test_the_base_loads_in_the_requested_dtype(tiny_base_dir):
     model = load_base_model(tiny_base_dir, dtype="bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    stored = load_base_model(tiny_base_dir).state_dict()  # the saved weights, cast: not another model
+    assert all(torch.equal(value, stored[name].to(torch.bfloat16)) for name, value in model.state_dict().items()
+               if value.is_floating_point())
 
 
 def test_a_damaged_pytorch_bin_checkpoint_is_named(tiny_base_dir, tmp_path):
@@ -162,7 +169,9 @@ def test_word_ids_are_contiguous_with_the_image_token_last_even_when_words_repea
 def test_the_tokenizer_pads_on_the_left_for_generation():
     tokenizer = build_word_tokenizer(["red", "blue"])
     ids = tokenizer(["red", "red blue red"], padding=True)["input_ids"]
-    assert ids[0][0] == tokenizer.pad_token_id and ids[0][-1] != tokenizer.pad_token_id
+    pad, bos = tokenizer.pad_token_id, tokenizer.bos_token_id
+    red, blue = tokenizer.convert_tokens_to_ids(["red", "blue"])
+    assert ids == [[pad, pad, bos, red], [bos, red, blue, red]]  # the short prompt's padding on its left
 
 
 def test_the_processor_keeps_the_edges_of_a_square_image_of_its_own_size():
@@ -171,9 +180,21 @@ def test_the_processor_keeps_the_edges_of_a_square_image_of_its_own_size():
     image.paste((255, 0, 0), (0, 0, 4, 32))  # a red band along the left edge
     pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
     assert pixels[0, :, 0].mean() > pixels[2, :, 0].mean()  # still red at the left edge
+    # neither resized nor cropped: every pixel is its own colour, CLIP-normalised, the band exactly 4 pixels wide
+    mean = torch.tensor(processor.image_processor.image_mean)[:, None, None]
+    std = torch.tensor(processor.image_processor.image_std)[:, None, None]
+    expected = torch.zeros(3, 32, 32)
+    expected[2] = 1.0
+    expected[:, :, :4] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+    torch.testing.assert_close(pixels, (expected - mean) / std)
 
 
 def test_a_grayscale_image_becomes_three_channels():
     processor = build_processor(build_word_tokenizer(["red"]), image_size=32, patch_size=8)
     pixels = processor.image_processor(images=[Image.new("L", (32, 32), 128)], return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 32, 32)
+    # each channel holds the grey value, as the same image in RGB gives it (normalised per channel)
+    rgb = processor.image_processor(images=[Image.new("RGB", (32, 32), (128, 128, 128))],
+                                    return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, rgb)
+    assert len(set(pixels[0, :, 0, 0].tolist())) == 3  # per-channel normalisation: the channels are not one copy

@@ -23,6 +23,10 @@ def test_muon_takes_the_block_and_projector_matrices_and_nothing_else(tiny_llava
     assert any("vision_tower" in n and "fc1" in n for n in names)
     assert any("multi_modal_projector.linear_1" in n for n in names)
     assert not any("embed" in n or "lm_head" in n or "norm" in n for n in names)
+    # exactly: every matrix of a transformer block (LLM: q, k, v, o, gate, up, down; vision: q, k, v, out, fc1, fc2)
+    # and of the projector
+    blocks = {n for n, p in shapes.items() if p.ndim == 2 and (".layers." in n or "multi_modal_projector" in n)}
+    assert names == blocks and len(names) == 4 * 7 + 2 * 6 + 2
 
 
 class TiedModel(torch.nn.Module):
@@ -134,7 +138,9 @@ def test_a_group_added_later_is_trained_by_adamw(tiny_llava):
     assert optimizer.param_groups[-1] is optimizer.adamw.param_groups[-1]
     extra.grad = torch.ones(3)
     optimizer.step()
-    assert (extra < 0).all() and extra in optimizer.state
+    # AdamW's first step moves each entry by the learning rate against its gradient's sign (bias-corrected moments)
+    torch.testing.assert_close(extra.detach(), torch.full((3,), -1e-2))
+    assert extra in optimizer.state and extra in optimizer.adamw.state and extra not in optimizer.muon.state
 
 
 def test_state_lookups_create_nothing_and_a_deep_copy_still_steps(tiny_llava):
@@ -197,8 +203,15 @@ def test_state_of_a_group_added_later_can_be_read_and_replaced(tiny_llava):
     optimizer.add_param_group({"params": [extra]})
     extra.grad = torch.ones(3)
     optimizer.step()
-    optimizer.state[extra] = dict(optimizer.state[extra])  # what Lightning does when it moves state to a device
-    assert "exp_avg" in optimizer.state[extra]
+    read = optimizer.state[extra]
+    assert read is optimizer.adamw.state[extra] and torch.equal(read["exp_avg"], torch.full((3,), 0.1))  # (1 - 0.9) g
+    replaced = {key: value.clone() if torch.is_tensor(value) else value for key, value in read.items()}
+    optimizer.state[extra] = replaced  # what Lightning does when it moves state to a device
+    assert optimizer.state[extra] is replaced and optimizer.adamw.state[extra] is replaced
+    assert extra not in optimizer.muon.state
+    optimizer.step()  # the next step updates the state that replaced the old one
+    torch.testing.assert_close(replaced["exp_avg"], torch.full((3,), 0.19))
+    assert torch.equal(read["exp_avg"], torch.full((3,), 0.1))
 
 
 def test_a_deep_copy_reads_and_writes_the_state_of_its_own_parameters(tiny_llava):
@@ -207,10 +220,18 @@ def test_a_deep_copy_reads_and_writes_the_state_of_its_own_parameters(tiny_llava
         for parameter in group["params"]:
             parameter.grad = torch.ones_like(parameter)
     copied.step()
+    written = {}
     for group in copied.param_groups:
         for parameter in group["params"]:
-            copied.state[parameter] = dict(copied.state[parameter])
+            copied.state[parameter] = written[parameter] = dict(copied.state[parameter])
     assert len(copied.state) == sum(len(group["params"]) for group in copied.param_groups)
+    # each write went to the inner optimizer that holds the parameter, and reads give it back
+    for inner in (copied.muon, copied.adamw):
+        for group in inner.param_groups:
+            for parameter in group["params"]:
+                assert inner.state[parameter] is written[parameter] and copied.state[parameter] is written[parameter]
+    assert set(map(id, copied.state)) == set(map(id, written)) and not set(map(id, written)) & {
+        id(p) for p in tiny_llava.parameters()}  # the copy's own parameters, not the model's
 
 
 def test_step_runs_the_closure_and_returns_its_loss(tiny_llava):
@@ -230,5 +251,18 @@ def test_muon_trains_a_model_whose_every_trainable_weight_is_a_muon_matrix():
     layer.weight.grad = torch.ones(4, 4)
     before = layer.weight.detach().clone()
     optimizer.step()
-    assert not torch.equal(layer.weight, before)
+    step = before - layer.weight.detach()
+    # an orthogonalised rank-one gradient: the same step down the gradient on every entry
+    assert (step > 0).all() and torch.allclose(step, step[0, 0].expand(4, 4))
+    # its state (with an empty AdamW half) survives a round trip, and training goes on from it as without one
+    twin_layer = copy.deepcopy(layer)
+    twin = build_optimizer(twin_layer, "muon", lr=1e-2, weight_decay=0.0)
+    twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    momentum = optimizer.state[layer.weight]["momentum_buffer"].clone()
     optimizer.load_state_dict(optimizer.state_dict())
+    assert momentum.abs().sum() > 0 and torch.equal(optimizer.state[layer.weight]["momentum_buffer"], momentum)
+    assert torch.equal(twin.state[twin_layer.weight]["momentum_buffer"], momentum)
+    layer.weight.grad, twin_layer.weight.grad = -3 * torch.ones(4, 4), -3 * torch.ones(4, 4)
+    optimizer.step()
+    twin.step()
+    assert torch.equal(layer.weight, twin_layer.weight)

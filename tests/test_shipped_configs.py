@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from callbacks.sweep import PruningSweep
@@ -70,6 +71,26 @@ def check_sweep(cli, tmp_path):
     assert all(r["status"] == "ok" for r in rows), [(r["method"], r["prune_ratio"], r["status"]) for r in rows]
 
 
+def check_settings_reached(plugin, settings):
+    """Every shipped plug-in setting is the one the plug-in was built with and (where it keeps one of that name) the
+    attribute it runs with, not a default or another layer's override."""
+    config = plugin.export_config()
+    assert {name: config[name] for name in settings} == settings
+    held = {name: getattr(plugin, name) for name in settings if hasattr(plugin, name)}
+    assert len(held) >= len(settings) - 1  # all but a template name kept as the template itself
+    assert {name: list(value) if isinstance(value, tuple) else value for name, value in held.items()} == {
+        name: settings[name] for name in held}
+
+
+def check_export(plugin, path):
+    """The exported file holds the trained plug-in's weights (all but a DPO reference, which is not exported)."""
+    from safetensors.torch import load_file
+
+    exported, state = load_file(str(path)), plugin.state_dict()
+    assert set(exported) == {name for name in state if not name.startswith("reference_")}
+    assert all(torch.equal(value, state[name].cpu()) for name, value in exported.items())
+
+
 def test_the_shipped_rcp_experiment_trains_exports_and_sweeps(demo_shaped_base, tmp_path):
     config = "configs/synthetic/rcp.yaml"
     cli = cli_main(shipped_run_args(config, demo_shaped_base, tmp_path))
@@ -78,7 +99,8 @@ def test_the_shipped_rcp_experiment_trains_exports_and_sweeps(demo_shaped_base, 
     # the shipped settings reached the plug-in, on the depth they were written for
     assert list(plugin.pruning_layers) == settings["pruning_layers"]
     assert plugin.target_prune_ratio == settings["target_prune_ratio"]
-    assert (tmp_path / "plugin.safetensors").exists()
+    check_settings_reached(plugin, settings)
+    check_export(plugin, tmp_path / "plugin.safetensors")
     check_sweep(cli, tmp_path)
 
 
@@ -88,7 +110,8 @@ def test_the_shipped_accm_experiment_trains_exports_and_sweeps(demo_shaped_base,
     assert cli.trainer.global_step == 2
     settings = shipped(config)["model"]["init_args"]["compensation"]["init_args"]
     assert cli.model.compensation.target_prune_ratio == settings["target_prune_ratio"]
-    assert (tmp_path / "plugin.safetensors").exists()
+    check_settings_reached(cli.model.compensation, settings)
+    check_export(cli.model.compensation, tmp_path / "plugin.safetensors")
     check_sweep(cli, tmp_path)
 
 

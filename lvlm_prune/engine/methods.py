@@ -250,6 +250,9 @@ def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor |
     """(B, T) bool: the k highest-scoring candidate positions per row (k may differ per row)."""
     masked = torch.where(candidates, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float))
     order = masked.argsort(dim=1, descending=True, stable=True)
+    # every candidate before every non-candidate: a candidate scored -inf ties with the masked ones otherwise, and a
+    # non-candidate before it in the row would take its rank (fewer than k kept)
+    order = order.gather(1, candidates.gather(1, order).int().argsort(dim=1, descending=True, stable=True))
     if isinstance(k, int):
         k = torch.full((scores.shape[0],), k, device=scores.device)
     k = torch.minimum(k, candidates.sum(1))

@@ -117,7 +117,10 @@ def test_token_prefix_mode_reads_every_discarded_token_with_its_grid_position(se
     plugin = make_plugin(engine, tokenizer, caption_prefix_mode="tokens", caption_position_init_std=1.0)
     selection = plugin.select_visual_tokens(engine, batch, RATIO)
     # positions start visible (std 1), not at zero
-    assert plugin.discarded_positions.weight.std().item() == pytest.approx(1.0, rel=0.3)
+    # (16 visual tokens x the hidden width: the sample std spreads by about 3 %; 15 % is five times that)
+    assert plugin.discarded_positions.weight.std().item() == pytest.approx(1.0, rel=0.15)
+    smaller = make_plugin(engine, tokenizer, caption_prefix_mode="tokens", caption_position_init_std=0.25)
+    assert smaller.discarded_positions.weight.std().item() == pytest.approx(0.25, rel=0.15)
     assert not torch.allclose(plugin.caption_visual(selection), selection.discarded)
     ids, mask = plugin.instructions(batch["questions"], selection.features.device)
     candidates = plugin.caption_candidates(batch, selection)

@@ -18,9 +18,10 @@ from test_accm_pretrained import save_tiny_gpt2
 
 
 def test_prumerge_refuses_a_text_fraction_outside_zero_one():
-    with pytest.raises(ValueError, match="text_fraction"):
-        PruMergePlusPruning(0.5, text_fraction=1.5)
-    PruMergePlusPruning(0.5, text_fraction=1.0)
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^prumerge: text_fraction={bad} must be in \[0, 1\]$"):
+            PruMergePlusPruning(0.5, text_fraction=bad)
+    assert [PruMergePlusPruning(0.5, text_fraction=edge).text_fraction for edge in (0.0, 1.0)] == [0.0, 1.0]
 
 
 @pytest.mark.parametrize("bad", [dict(max_caption_tokens=1), dict(max_instruction_tokens=0),

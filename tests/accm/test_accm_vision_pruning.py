@@ -47,9 +47,11 @@ def test_prumerge_caps_outliers_at_keep_and_covers_edge_budgets():
     assert kept[0].tolist() == [1, 3, 5]
     _check_rows(prumerge_plus_select(torch.rand(3, 16), torch.rand(3, 16), keep=16), 16, 16)
     _check_rows(prumerge_plus_select(torch.rand(3, 16), None, keep=1), 1, 16)
-    with pytest.raises(ValueError, match="keep"):
+    with pytest.raises(ValueError, match=r"^keep must be in \[1, 32\], got 33$"):
         prumerge_plus_select(attention, None, keep=33)
-    with pytest.raises(ValueError, match="grid_side"):
+    with pytest.raises(ValueError, match=r"^keep must be in \[1, 32\], got 0$"):
+        prumerge_plus_select(attention, None, keep=0)
+    with pytest.raises(ValueError, match=r"^grid_side=5 does not match N=32 visual tokens$"):
         prumerge_plus_select(attention, None, keep=4, grid_side=5)
 
 

@@ -683,11 +683,14 @@ def test_held_out_records_are_uncategorized_when_a_question_file_has_categories(
 
     data = instruction_data(exported, subset_size=16, val_size=8, test_question_file=str(exported.test / "questions.jsonl"),
                             test_image_root=str(exported.test / "images"))
-    assert "uncategorized" in data.categories and len(data.categories) > 1  # known at construction, for the model
+    # known at construction, for the model: the question file's categories and the held-out records'
+    assert data.categories == sorted(exported.synthetic.categories) + ["uncategorized"]
     batch = next(iter(data.val_dataloader()))
+    assert batch["categories"] == ["uncategorized"] * len(batch["question_ids"])
     metric = exact_match(data.categories)
     score(metric, batch["answers"], batch)  # a category the metric was not built with would raise here
-    assert metric.compute()["acc"] == 1.0 and "acc/uncategorized" in metric.compute()
+    result = metric.compute()
+    assert result["acc"] == 1.0 and result["acc/uncategorized"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------ records and loaders

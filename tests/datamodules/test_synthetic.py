@@ -109,6 +109,11 @@ def test_batch_layouts():
         assert answer == batch["answers"][i]
         prompt = tokenizer.decode(batch["prompt_input_ids"][i], skip_special_tokens=True)
         assert prompt.endswith("ASSISTANT :")
+        # the prompt is BOS, the image and the question in the template, nothing else (and no answer)
+        real = batch["prompt_input_ids"][i][batch["prompt_attention_mask"][i].bool()].tolist()
+        assert real[0] == tokenizer.bos_token_id and real.count(data.image_token_id) == n_visual
+        words = [t for t in real[1:] if t != data.image_token_id]
+        assert words == tokenizer(f"USER: {batch['questions'][i]} ASSISTANT:", add_special_tokens=False)["input_ids"]
 
 
 def test_text_only_evaluation_hides_every_visual_token():

@@ -362,6 +362,14 @@ def test_top_k_mask_never_returns_a_position_that_is_no_candidate():
     scores = torch.tensor([[0.0, float("-inf"), 1.0]])
     kept = top_k_mask(scores, torch.tensor([[False, True, False]]), 1)
     assert not (kept & torch.tensor([[True, False, True]])).any()
+    # the one candidate is kept, though it scores below the higher-scored positions that are no candidates
+    assert kept.tolist() == [[False, True, False]]
+    # -inf candidates still fill the budget, after the finite ones, by position
+    minus_inf = float("-inf")
+    scores = torch.tensor([[minus_inf, minus_inf, 2.0, minus_inf, 0.5], [minus_inf, 1.0, minus_inf, 3.0, minus_inf]])
+    candidates = torch.tensor([[False, True, False, True, True], [True, False, True, False, True]])
+    assert top_k_mask(scores, candidates, torch.tensor([2, 3])).tolist() == [[False, True, False, False, True],
+                                                                             [True, False, True, False, True]]
 
 
 def test_per_sample_evaluates_the_count_on_each_sample_s_own_number():

@@ -112,11 +112,22 @@ def test_plugin_weights_recording_the_older_path_dependent_fingerprint_load_with
     module = make_module(tiny_base_dir, data)
     legacy = fingerprints(module.base)[1]
     assert legacy != module.base_fingerprint
+    with torch.no_grad():  # trained weights, not the ones a fresh plug-in starts from
+        for parameter in module.compensation.parameters():
+            parameter.add_(0.5)
     path = export_plugin_weights(module.compensation, tmp_path / "plugin.safetensors",
                                  {"base_model_path": str(tiny_base_dir), "base_fingerprint": legacy})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        make_module(tiny_base_dir, data, plugin_weights_path=str(path))
+        loaded = make_module(tiny_base_dir, data, plugin_weights_path=str(path))
+    exported = module.compensation.state_dict()
+    assert loaded.compensation.state_dict().keys() == exported.keys()
+    assert all(torch.equal(value, exported[name]) for name, value in loaded.compensation.state_dict().items())
+    # the fingerprint that would make a warning: another base's (the current one, changed)
+    other = export_plugin_weights(module.compensation, tmp_path / "other.safetensors",
+                                  {"base_model_path": str(tiny_base_dir), "base_fingerprint": "0" * len(legacy)})
+    with pytest.warns(UserWarning, match=r"were trained on the base at"):
+        make_module(tiny_base_dir, data, plugin_weights_path=str(other))
 
 
 def test_the_fingerprint_covers_the_last_values_of_every_tensor(tiny_base_dir):

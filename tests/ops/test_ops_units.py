@@ -79,7 +79,8 @@ def test_atomic_save_killed_while_writing_leaves_a_whole_checkpoint(tmp_path):
         child.kill()
         child.stdin.close()
         child.stdout.close()
-    with pytest.raises(Exception):  # the interrupted staging file is a truncated archive ...
+    # the interrupted staging file is a truncated archive ...
+    with pytest.raises(RuntimeError, match="PytorchStreamReader failed reading zip archive"):
         torch.load(staging, weights_only=True)
     checkpoint = torch.load(path, weights_only=True)  # ... and the target is the previous save, whole
     assert checkpoint["step"] == 1 and torch.equal(checkpoint["w"], torch.full((200_000,), 1.0))
@@ -279,6 +280,8 @@ def test_precision_cast_leaves_metric_states_alone():
     _convert_module_keeping_metric_states("32-true")(module)
     assert module.linear.weight.dtype == torch.float32
     assert module.total.sum_value.dtype == torch.float64
+    module.total.update(torch.tensor(0.1, dtype=torch.float64))  # keeps accumulating in float64, not a float32 copy
+    assert module.total.compute().item() == 1.5 + 0.1 and module.total.compute().dtype == torch.float64
 
 
 def test_tokens_after_eos_become_padding():

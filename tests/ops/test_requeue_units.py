@@ -45,6 +45,14 @@ def test_rank_zero_saves_then_runs_scontrol_requeue(tmp_path, monkeypatch):
     callback._note(signal.SIGUSR1, None)
     callback.on_train_batch_end(trainer_for(tmp_path, saved), None, None, None, 0)
     assert commands == [(["scontrol", "requeue", "4242"], [str(tmp_path / "hpc_ckpt_1.ckpt")])]
+    callback.on_train_batch_end(trainer_for(tmp_path, saved), None, None, None, 1)  # requeued once only
+    assert len(commands) == 1 and saved == [str(tmp_path / "hpc_ckpt_1.ckpt")]
+    # another rank takes part in the save (a collective under sharding) but leaves the requeue to rank zero
+    other, other_saved = SlurmRequeue(), []
+    other._signal = signal.SIGUSR1
+    other._note(signal.SIGUSR1, None)
+    other.on_train_batch_end(trainer_for(tmp_path, other_saved, is_global_zero=False), None, None, None, 0)
+    assert other_saved == [str(tmp_path / "hpc_ckpt_1.ckpt")] and len(commands) == 1
 
 
 def test_a_real_signal_is_noted_and_the_callback_is_inert_outside_fit_or_without_auto_requeue(tmp_path):

@@ -56,7 +56,12 @@ def test_pruner_without_cross_attention_needs_no_head_divisible_bottleneck():
     """The heads constraint belongs to the cross-attention: without it, any bottleneck builds and runs."""
     pruner = make_pruner(use_cross_attention=False, bottleneck=10, num_heads=4)
     visual, q2v, _, _, keep = make_inputs()
-    assert pruner(visual, q2v, None, None, keep).shape == (B, N)
+    logits = pruner(visual, q2v, None, None, keep)
+    assert logits.shape == (B, N) and torch.isfinite(logits).all()
+    assert set(pruner.components(visual, q2v, None, None, keep)) == {"llm_baseline", "mlp", "bias"}
+    # the same widths with the cross-attention are refused, naming the heads
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        make_pruner(use_cross_attention=True, bottleneck=10, num_heads=4)
 
 
 def test_a_float_keep_mask_counts_tokens_above_one_half_as_kept():

@@ -113,5 +113,7 @@ def test_a_stage_output_of_an_earlier_demo_version_is_reused(tmp_path, monkeypat
     (tmp_path / "base_eval.json").write_text("{}")  # no made_from_base.json: made before the demo recorded it
     calls = fake_base_eval(monkeypatch, clock)
     runner = demo.Demo(tmp_path)
+    assert runner.base_eval() is False
     runner.timed("base_eval", runner.base_eval)
-    assert calls == []
+    assert calls == [] and runner.timings == {}  # reused: nothing run, no time recorded
+    assert (tmp_path / "base_eval.json").read_text() == "{}" and not (tmp_path / "timings.json").exists()

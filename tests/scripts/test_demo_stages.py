@@ -92,10 +92,14 @@ def test_the_sweep_is_recorded_and_an_unfinished_one_runs_again(tmp_path, monkey
     calls = fake_cli(monkeypatch, tmp_path)
     runner = demo.Demo(tmp_path)
     assert runner.sweep() is True and len(calls) == 1
-    assert "sweep" in json.loads((tmp_path / "made_from_base.json").read_text())
+    assert calls[0][:3] == ["test", "--config", "configs/synthetic/sweep.yaml"]
+    made = json.loads((tmp_path / "made_from_base.json").read_text())
+    assert made["sweep"] == demo.weights_digest(tmp_path / "base_model")
+    assert runner.sweep() is False and len(calls) == 1  # finished now: reused
     write_base(tmp_path, b"retrained")
-    with pytest.raises(demo.StaleOutput):
+    with pytest.raises(demo.StaleOutput, match=f"{tmp_path / 'sweep'} was made from another base model"):
         runner.sweep()
+    assert len(calls) == 1
 
 
 def test_an_exported_later_base_stage_makes_the_earlier_ones_unnecessary(tmp_path, monkeypatch):

@@ -52,3 +52,20 @@ def test_the_self_saliency_explains_the_bases_own_first_token_not_the_reference(
     reference = selection_oracles.saliency_selection(engine, batch, 3, True, *ids).scores(None)
     assert own.shape == reference.shape and torch.isfinite(own).all()
     assert not torch.allclose(own, reference)
+    # what it explains: the cross-entropy of the token the full-token base generates first, at the last prompt
+    # position; one token's keep weight lowered a little from 1 moves that loss by +step * score
+    from lvlm_prune.engine.methods import PruningMethod
+    from lvlm_prune.runner import generate_with_method
+
+    with torch.no_grad():
+        first = generate_with_method(engine, batch, PruningMethod(0.0), 1, *ids).tokens[:, 0]
+    step, token = 1e-2, int(own[0].argmax())
+    losses = []
+    for lowered in (False, True):
+        weights = torch.ones(own.shape)
+        weights[0, token] -= step if lowered else 0.0
+        with torch.no_grad():
+            output = engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
+                            batch["prompt_position_ids"], method=selection_oracles.FixedSoftKeep(weights), soft=True)
+        losses.append(torch.nn.functional.cross_entropy(output.logits[0, -1].float(), first[0]).item())
+    assert losses[1] - losses[0] == pytest.approx(step * own[0, token].item(), rel=0.05)
