@@ -199,3 +199,41 @@ def test_the_rcp_cost_section_names_its_layers_and_rounds():
     text = "\n".join(report.rcp_cost_section({**cost, "pruning_layers": [2, 3], "repeats": 7}))
     assert "RCP pruning layers [2, 3], CPU (2 threads), batch 4, measured in one run (median of 7 rounds, each " \
            "timing every row once)." in text
+
+
+def accm_report(run_dir, tmp_path, methods) -> str:
+    (run_dir / "accm_r0.969" / "run" / "sweep.csv").write_text(sweep_csv([row(m, 0.969, accuracy=0.42) for m in methods]))
+    return report_text(run_dir, tmp_path)
+
+
+def test_the_sweep_section_names_the_stage_of_the_rcp_at_0778_rows(run_dir, tmp_path):
+    text = accm_report(run_dir, tmp_path, ["accm"])
+    assert "| rcp@0.778 | 0.7780 |" in text
+    assert "## Accuracy vs FLOPs (`make demo`, stages sweep, rcp, rcp_r0.778, accm)" in text
+
+
+@pytest.mark.parametrize("with_oracle", [True, False])
+def test_the_sweep_caption_says_the_oracle_total_leaves_out_its_kl_passes(run_dir, tmp_path, with_oracle):
+    text = accm_report(run_dir, tmp_path, ["accm", "accm_oracle"] if with_oracle else ["accm"])
+    caption = text.split("## Accuracy vs FLOPs")[1].split("| method |")[0]
+    assert "up to about 3.1 % more" in caption
+    assert ("`accm_oracle`'s total also leaves out its pick's KL passes" in caption) is with_oracle
+    assert ("| accm_oracle | 0.9690 |" in text) is with_oracle
+
+
+def test_the_flops_plane_describes_the_oracle_passes_as_they_run(run_dir, tmp_path):
+    text = accm_report(run_dir, tmp_path, ["accm", "accm_oracle"])
+    plane = text.split("## ACCM on the accuracy-vs-total-FLOPs plane")[1]
+    # candidate_kl: one reference pass with all visual tokens; the candidates run on the kept tokens
+    assert "it runs the base with all visual tokens (the reference) and on every candidate" in plane
+    assert "every candidate with all visual tokens" not in plane
+    assert "| accm_oracle |" not in plane
+
+
+def test_the_flops_plane_does_not_say_the_random_pick_counts_a_selector(run_dir, tmp_path):
+    text = accm_report(run_dir, tmp_path, ["accm", "accm_random"])
+    plane = text.split("## ACCM on the accuracy-vs-total-FLOPs plane")[1]
+    # ACCMCompensation.generate counts 'selector' FLOPs only for the selector's pick; accm_random is on the plane too
+    assert "| accm_random | 0.9690 |" in plane
+    assert "caption model, selector and caption tokens included" not in plane
+    assert "the selector where it picks: the random pick runs none" in plane
