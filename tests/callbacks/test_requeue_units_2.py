@@ -62,23 +62,17 @@ def test_only_rank_zero_requeues_but_every_rank_checkpoints(tmp_path, scontrol):
 
 
 def test_a_failed_scontrol_is_reported_with_its_exit_code(tmp_path, scontrol, caplog):
-    scontrol.returncode = 3
-    callback = SlurmRequeue()
-    callback._signal = signal.SIGUSR1
-    callback._note(signal.SIGUSR1, None)
-    with caplog.at_level(logging.INFO, logger="callbacks.requeue"):
-        callback.on_train_batch_end(trainer_for(tmp_path, []), None, None, None, 0)
-    assert [r.levelno for r in caplog.records] == [logging.WARNING]
-    assert "`scontrol requeue 4242` failed with code 3" in caplog.records[0].getMessage()
-    caplog.clear()
-    scontrol.returncode = 0
-    callback = SlurmRequeue()
-    callback._signal = signal.SIGUSR1
-    callback._note(signal.SIGUSR1, None)
-    with caplog.at_level(logging.INFO, logger="callbacks.requeue"):
-        callback.on_train_batch_end(trainer_for(tmp_path, []), None, None, None, 0)
-    assert [r.levelno for r in caplog.records] == [logging.INFO]
-    assert "requeued SLURM job 4242" in caplog.records[0].getMessage()
+    for code, level, message in ((3, logging.WARNING, "`scontrol requeue 4242` failed with code 3"),
+                                 (0, logging.INFO, "requeued SLURM job 4242")):
+        scontrol.returncode = code
+        callback = SlurmRequeue()
+        callback._signal = signal.SIGUSR1
+        callback._note(signal.SIGUSR1, None)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="callbacks.requeue"):
+            callback.on_train_batch_end(trainer_for(tmp_path, []), None, None, None, 0)
+        assert [r.levelno for r in caplog.records] == [level]
+        assert message in caplog.records[0].getMessage()
 
 
 def test_teardown_restores_the_default_action_where_no_python_handler_was_installed(tmp_path, monkeypatch):
