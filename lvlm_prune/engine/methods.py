@@ -248,11 +248,12 @@ def per_sample(num_visual: torch.Tensor, count: Callable[[int], int]) -> torch.T
 
 def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """(B, T) bool: the k highest-scoring candidate positions per row (k may differ per row)."""
-    masked = torch.where(candidates, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float))
+    # a candidate scored -inf is raised to the lowest finite value: tied with the masked non-candidates, one of them
+    # before it in the row would take its rank (fewer than k kept)
+    lowest = torch.finfo(torch.float).min
+    masked = torch.where(candidates, scores.float().clamp_min(lowest),
+                         torch.full_like(scores, float("-inf"), dtype=torch.float))
     order = masked.argsort(dim=1, descending=True, stable=True)
-    # every candidate before every non-candidate: a candidate scored -inf ties with the masked ones otherwise, and a
-    # non-candidate before it in the row would take its rank (fewer than k kept)
-    order = order.gather(1, candidates.gather(1, order).int().argsort(dim=1, descending=True, stable=True))
     if isinstance(k, int):
         k = torch.full((scores.shape[0],), k, device=scores.device)
     k = torch.minimum(k, candidates.sum(1))
