@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lightning_modules.common import (
     EVALUATION_MEMORY_SETTINGS,
@@ -24,7 +24,7 @@ from lightning_modules.common import (
     under_every_name,
 )
 from lightning_modules.frozen_base import FrozenBaseModule
-from lvlm_prune.archives import with_default_permissions
+from lvlm_prune.archives import save_plugin_export
 from lvlm_prune.compensation import Compensation, is_training_only
 from lvlm_prune.rcp.schedules import warmup_cosine_lr_lambda
 from lvlm_prune.runner import GenerationResult
@@ -388,19 +388,11 @@ def export_plugin_weights(plugin: Compensation, path: str | Path, metadata: dict
     """The plug-in alone: `<path>` (safetensors) + `<path>.json` (its constructor arguments + the base it fits).
     `overrides` replace entries of its state dict (DeepSpeed's fp32 masters of bf16-cast weights), under every name
     a tied weight has."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in {**plugin.state_dict(), **under_every_name(plugin, overrides)}.items()
              if not is_training_only(plugin, k)}
     # clone: tied weights (e.g. a GPT-2 caption model's wte and lm_head) share memory, which safetensors refuses
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={"plugin": plugin.name})
-    with_default_permissions(tmp).replace(path)
-    info = {"plugin": plugin.name, "config": plugin.export_config(), **metadata,
-}
-    Path(str(path) + ".json").write_text(json.dumps(info, indent=2, default=str))
-    return path
+    return save_plugin_export(tensors, path, {"plugin": plugin.name, "config": plugin.export_config(), **metadata})
 
 
 def _without_load_paths(value: Any) -> Any:

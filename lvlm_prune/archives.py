@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
 
 
 def torch_archive_problem(path: str | Path) -> str | None:
@@ -63,6 +67,27 @@ def staged_export(target: str | Path, last: tuple[str, ...] = ("config.json",)) 
             os.replace(path, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_plugin_export(tensors: dict[str, Any], path: str | Path, record: dict[str, Any]) -> Path:
+    """Writes plug-in weights to `path` (safetensors, `record["plugin"]` in its metadata) and `record` to
+    `<path>.json`, so that the pair is either this export's or the weights come without a record: the old record
+    goes first, then each file moves in whole from a staged copy. A record beside weights it does not describe
+    would make the loader's base check compare against the wrong base; weights without one load unchecked."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record_path = Path(str(path) + ".json")
+    staged_weights, staged_record = Path(str(path) + ".tmp"), Path(str(record_path) + ".tmp")
+    try:
+        save_file(tensors, str(staged_weights), metadata={"plugin": str(record.get("plugin") or "unknown")})
+        staged_record.write_text(json.dumps(record, indent=2, default=str))
+        record_path.unlink(missing_ok=True)
+        os.replace(with_default_permissions(staged_weights), path)
+        os.replace(staged_record, record_path)
+    finally:
+        staged_weights.unlink(missing_ok=True)
+        staged_record.unlink(missing_ok=True)
+    return path
 
 
 def weights_digest(directory: str | Path) -> str:

@@ -12,16 +12,14 @@ constructor arguments when the run's `config.yaml` is found in the run directory
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
-from lvlm_prune.archives import torch_archive_problem, with_default_permissions
+from lvlm_prune.archives import save_plugin_export, torch_archive_problem
 from lvlm_prune.compensation import is_training_only
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,16 +80,11 @@ def export_plugin(checkpoint: str | Path, output: str | Path) -> Path:
                if k.startswith(PLUGIN_PREFIX) and not is_training_only(plugin_class, k[len(PLUGIN_PREFIX):])}
     if not tensors:
         raise ValueError(f"{str(checkpoint)!r} holds no '{PLUGIN_PREFIX}*' weights: not a CompensationModule checkpoint")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(output.name + ".tmp")
-    save_file(tensors, str(staging), metadata={"plugin": name or "unknown"})
-    with_default_permissions(staging).replace(output)
     base = entries.get("base_model") or {}
-    info = {"plugin": name, "config": (compensation or {}).get("init_args"), "base_model_path": base.get("path"),
-            "base_fingerprint": base.get("fingerprint"),
-            "source_checkpoint": str(checkpoint), "global_step": entries.get("global_step")}
-    Path(str(output) + ".json").write_text(json.dumps(info, indent=2, default=str))
-    return output
+    return save_plugin_export(tensors, output, {
+        "plugin": name, "config": (compensation or {}).get("init_args"), "base_model_path": base.get("path"),
+        "base_fingerprint": base.get("fingerprint"),
+        "source_checkpoint": str(checkpoint), "global_step": entries.get("global_step")})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -42,13 +43,13 @@ def test_an_export_interrupted_while_moving_in_has_no_config(tmp_path, monkeypat
     target = tmp_path / "base_model"
     target.mkdir()
     write_export(target, "old")
-    moved = []
+    moved, real_replace = [], os.replace  # archives.os is this os: the patch below replaces os.replace
 
     def replace_then_fail(source, destination):
         if moved:
             raise KeyboardInterrupt
         moved.append(destination)
-        os.replace(source, destination)
+        real_replace(source, destination)
 
     monkeypatch.setattr(archives.os, "replace", replace_then_fail)
     with pytest.raises(KeyboardInterrupt):
@@ -57,3 +58,58 @@ def test_an_export_interrupted_while_moving_in_has_no_config(tmp_path, monkeypat
     assert moved and moved[0].name != "config.json"  # the config moves last
     assert not (target / "config.json").exists()  # so nothing reads the half-replaced directory as finished
     assert sorted(path.name for path in tmp_path.iterdir()) == ["base_model"]
+
+
+def plugin_tensors(value):
+    import torch
+
+    return {"layer.weight": torch.full((2, 3), float(value))}
+
+
+def test_a_plugin_export_writes_weights_and_record_as_a_pair(tmp_path):
+    from safetensors import safe_open
+
+    path = archives.save_plugin_export(plugin_tensors(1), tmp_path / "sub" / "plugin.safetensors",
+                                       {"plugin": "rcp", "global_step": 7, "where": tmp_path})
+    with safe_open(str(path), "pt") as weights:
+        assert weights.metadata() == {"plugin": "rcp"}
+        assert weights.get_tensor("layer.weight").eq(1).all()
+    record = (tmp_path / "sub" / "plugin.safetensors.json").read_text()
+    assert '"global_step": 7' in record and str(tmp_path) in record  # default=str writes paths
+    assert sorted(p.name for p in path.parent.iterdir()) == ["plugin.safetensors", "plugin.safetensors.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_plugin_export_that_fails_before_moving_in_leaves_the_old_pair(tmp_path, monkeypatch):
+    path = archives.save_plugin_export(plugin_tensors(1), tmp_path / "plugin.safetensors", {"plugin": "old"})
+    old_weights, old_record = path.read_bytes(), (tmp_path / "plugin.safetensors.json").read_text()
+    monkeypatch.setattr(archives.json, "dumps", lambda *args, **kwargs: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        archives.save_plugin_export(plugin_tensors(2), path, {"plugin": "new"})
+    assert path.read_bytes() == old_weights
+    assert (tmp_path / "plugin.safetensors.json").read_text() == old_record
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plugin.safetensors", "plugin.safetensors.json"]
+
+
+def test_a_plugin_export_interrupted_while_moving_in_leaves_no_stale_record(tmp_path, monkeypatch):
+    """New weights beside the old record would make the loader check them against the old base."""
+    from safetensors.torch import load_file
+
+    path = archives.save_plugin_export(plugin_tensors(1), tmp_path / "plugin.safetensors",
+                                       {"plugin": "rcp", "base_fingerprint": "old base"})
+    moved, real_replace = [], os.replace  # archives.os is this os: the patch below replaces os.replace
+
+    def replace_then_fail(source, destination):
+        if moved:
+            raise KeyboardInterrupt
+        moved.append(Path(destination).name)
+        real_replace(source, destination)
+
+    monkeypatch.setattr(archives.os, "replace", replace_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        archives.save_plugin_export(plugin_tensors(2), path, {"plugin": "rcp", "base_fingerprint": "new base"})
+    assert moved == ["plugin.safetensors"]
+    assert load_file(str(path))["layer.weight"].eq(2).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plugin.safetensors"]  # no record, no staged files
