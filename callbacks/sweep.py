@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_modules.common import exact_match, score
+from lvlm_prune.archives import write_atomically
 from lvlm_prune.flops import CONVENTIONS
 from lvlm_prune.runner import per_sample_flops
 
@@ -446,9 +446,9 @@ class PruningSweep(L.Callback):
         directory = self.directory(trainer)
         self._write_rows(directory, "sweep")
         figure = accuracy_vs_flops_figure(self.rows)
-        temporary = directory / ".accuracy_vs_flops.png.tmp"
-        figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
-        os.replace(temporary, directory / "accuracy_vs_flops.png")
+        image = io.BytesIO()
+        figure.savefig(image, format="png", dpi=120, bbox_inches="tight")
+        write_atomically(directory / "accuracy_vs_flops.png", image.getvalue())
         experiment = getattr(trainer.logger, "experiment", None)
         step = trainer.global_step
         if experiment is not None and hasattr(experiment, "add_scalar"):
@@ -463,14 +463,6 @@ class PruningSweep(L.Callback):
         plt.close(figure)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """A reader (or a crash) sees the old file or the new one, never a half-written one."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def with_context(error: Exception, context: str) -> Exception:

@@ -1,5 +1,5 @@
 """Files on disk: integrity checks of `torch.save` archives (Lightning checkpoints) before they are loaded, the
-permissions of exported weights, exports that are complete or absent, and digests of exported weights."""
+permissions of exported weights, files and exports that are complete or absent, and digests of exported weights."""
 
 from __future__ import annotations
 
@@ -67,6 +67,21 @@ def staged_export(target: str | Path, last: tuple[str, ...] = ("config.json",)) 
             os.replace(path, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_atomically(path: str | Path, data: str | bytes) -> None:
+    """Writes `data` to `path` so that a reader (or a crash) sees the old file or the new one, never a half-written
+    one: a staged file beside it, flushed to disk, then renamed over it. On an error the old file stays."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(staging, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def save_plugin_export(tensors: dict[str, Any], path: str | Path, record: dict[str, Any]) -> Path:

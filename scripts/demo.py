@@ -15,18 +15,20 @@ the sum over the attempts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from callbacks.sweep import FinishedRunNotSwept  # noqa: E402
 from cli import cli_main  # noqa: E402
-from lvlm_prune.archives import weights_digest  # noqa: E402
+from lvlm_prune.archives import weights_digest, write_atomically  # noqa: E402
 
 STAGES = ("data", "base_describe", "base_stage1", "base", "base_eval", "sweep", "rcp", "rcp_r0.778", "accm")
 
@@ -58,15 +60,34 @@ def base_args(run_dir: Path) -> list[str]:
     return ["--model.init_args.base_model_path", path, "--data.init_args.processor_path", path]
 
 
-class StaleOutput(RuntimeError):
+class RunDirectoryProblem(RuntimeError):
+    """What the run directory holds stops the run: it ends with this message, and nothing made so far is touched."""
+
+
+class StaleOutput(RunDirectoryProblem):
     """An output of the run directory was made from another base model than the one there now."""
+
+
+class DamagedRecord(RunDirectoryProblem):
+    """One of the run directory's own records (stage times, which base made what) is not readable."""
+
+
+def read_json(path: Path, default: Any, meaning: str) -> Any:
+    """The JSON in `path` (`default` when there is none); a damaged file is named with what it holds and what
+    removing it costs, since the run's outputs themselves are intact."""
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedRecord(f"{path} ({meaning}) is not readable JSON ({error}); remove it to go on") from None
 
 
 def read_timings(path: Path) -> dict:
     """{"seconds": {stage: seconds}, "interrupted": [stages]}; also reads the flat {stage: seconds} of earlier runs."""
-    if not path.exists():
+    data = read_json(path, None, "the stage times so far; without it they start again from zero")
+    if data is None:
         return {"seconds": {}, "interrupted": []}
-    data = json.loads(path.read_text())
     if "seconds" not in data:
         return {"seconds": {k: v for k, v in data.items() if k != "total"}, "interrupted": []}
     return data
@@ -85,10 +106,11 @@ class Demo:
         start = time.perf_counter()
         try:
             worked = fn()
-        except StaleOutput:
+        except RunDirectoryProblem:
             raise
         except BaseException:
-            self._record_time(name, time.perf_counter() - start, interrupted=True)
+            with contextlib.suppress(DamagedRecord):  # the stage's own error is the one to show
+                self._record_time(name, time.perf_counter() - start, interrupted=True)
             raise
         if worked:
             self._record_time(name, time.perf_counter() - start, interrupted=False)
@@ -101,14 +123,20 @@ class Demo:
             timings["interrupted"].append(name)
         timings["total"] = sum(timings["seconds"].values())
         self.timings[name] = timings["seconds"][name]
-        self.timings_path.write_text(json.dumps(timings, indent=2))
+        write_atomically(self.timings_path, json.dumps(timings, indent=2))
+
+    def check_records(self) -> None:
+        """Reads the run directory's records before any stage works, so a damaged one stops the run at once."""
+        read_timings(self.timings_path)
+        self._made_from()
 
     def base_digest(self) -> str:
         """sha256 of the base's weights: what the outputs made from it record."""
         return weights_digest(self.run_dir / "base_model")
 
     def _made_from(self) -> dict[str, str]:
-        return json.loads(self.made_from_path.read_text()) if self.made_from_path.exists() else {}
+        return read_json(self.made_from_path, {}, "which base each output was made from; without it the outputs "
+                         "are reused unchecked")
 
     def _reuse(self, output: str, done: Path, made: Path) -> bool:
         """Whether the base-made `output` exists (`done`: its last file) and was made from the base there now; a
@@ -126,7 +154,7 @@ class Demo:
     def _made(self, output: str) -> None:
         made = self._made_from()
         made[output] = self.base_digest()
-        self.made_from_path.write_text(json.dumps(made, indent=2))
+        write_atomically(self.made_from_path, json.dumps(made, indent=2))
 
     def data(self) -> bool:
         from datamodules.synthetic import SyntheticVQADataModule
@@ -192,7 +220,7 @@ class Demo:
                                *logger_args(self.run_dir, "base_eval", name.split()[0]),
                                "--trainer.callbacks", "[]", *extra])
             results[name] = {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
-        path.write_text(json.dumps(results, indent=2))
+        write_atomically(path, json.dumps(results, indent=2))
         self._made("base_eval")
         return True
 
@@ -279,10 +307,10 @@ def record_machine_speed(path: Path, stages: list[str]) -> None:
 
     from benchmarks.timing import matmul_gflops
 
-    records = json.loads(path.read_text()) if path.exists() else []
+    records = read_json(path, [], "the machine speed of each invocation; without it the earlier ones are lost")
     records.append({"stages": list(stages), "threads": torch.get_num_threads(),
                     "fp32_matmul_gflops": round(matmul_gflops(), 1), "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-    path.write_text(json.dumps(records, indent=2))
+    write_atomically(path, json.dumps(records, indent=2))
 
 
 def main() -> None:
@@ -293,7 +321,6 @@ def main() -> None:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     demo = Demo(run_dir)
-    record_machine_speed(run_dir / "machine.json", args.stages)
     start = time.perf_counter()
     titles = {"data": "synthetic benchmark",
               "base_describe": "base LVLM, stage 0 (4 LLM layers from scratch, a description turn per image)",
@@ -303,10 +330,12 @@ def main() -> None:
               "rcp": "RCP (frozen base, r = 0.889)", "rcp_r0.778": "RCP trained for r = 0.778",
               "accm": "ACCM (frozen base, r = 0.969)"}
     try:
+        demo.check_records()
+        record_machine_speed(run_dir / "machine.json", args.stages)
         for index, stage in enumerate(args.stages, 1):
             banner(f"{index}/{len(args.stages)} {titles[stage]}")
             demo.timed(stage, getattr(demo, stage.replace(".", "")))
-    except StaleOutput as error:
+    except RunDirectoryProblem as error:
         sys.exit(f"demo.py: {error}")
     demo.summary()
     total = time.perf_counter() - start

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import csv
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lvlm_prune.archives import weights_digest  # noqa: E402
+from lvlm_prune.archives import weights_digest, write_atomically  # noqa: E402
 
 # What `make demo` (scripts/demo.py, all stages) leaves in its run directory.
 MAIN_OUTPUTS = ("timings.json", "base_eval.json", "sweep/run/sweep.csv", "rcp_r0.889/run/sweep.csv",
@@ -122,13 +121,6 @@ def sweep_rows(path: Path) -> list[dict]:
                     raise ReportInputError(f"{where}: {column}={row[column]!r} is not a number") from None
         rows.append(row)
     return rows
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """A reader (or a crash) sees the old file or the new one, never a half-written one."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:

@@ -113,3 +113,26 @@ def test_a_plugin_export_interrupted_while_moving_in_leaves_no_stale_record(tmp_
     assert moved == ["plugin.safetensors"]
     assert load_file(str(path))["layer.weight"].eq(2).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plugin.safetensors"]  # no record, no staged files
+
+
+@pytest.mark.parametrize("data", ["new text", b"new bytes\x00"])
+def test_write_atomically_replaces_the_file_whole_and_leaves_no_staging(tmp_path, data):
+    path = tmp_path / "results.md"
+    path.write_text("old")
+    archives.write_atomically(path, data)
+    assert path.read_bytes() == (data.encode() if isinstance(data, str) else data)
+    assert [p.name for p in tmp_path.iterdir()] == ["results.md"]
+
+
+def test_write_atomically_leaves_the_old_file_when_the_swap_fails(tmp_path, monkeypatch):
+    path = tmp_path / "results.md"
+    path.write_text("old")
+
+    def fail(source, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(archives.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        archives.write_atomically(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.md"]  # the staged copy is removed

@@ -151,3 +151,50 @@ def test_main_turns_a_stale_output_into_a_named_exit(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["demo.py", "--run-dir", str(tmp_path), "--stages", "base_eval"])
     with pytest.raises(SystemExit, match=r"demo.py: .*base_eval.json was made from another base model"):
         demo.main()
+
+
+@pytest.mark.parametrize("record", ["made_from_base.json", "timings.json", "machine.json"])
+def test_main_names_a_damaged_record_and_leaves_the_outputs(tmp_path, monkeypatch, record):
+    write_base(tmp_path, b"base")
+    (tmp_path / "base_eval.json").write_text("{}")
+    (tmp_path / record).write_text('{"base_eval": "trunc')  # a record cut short
+    calls = fake_cli(monkeypatch, tmp_path)
+    if record != "machine.json":
+        monkeypatch.setattr(demo, "record_machine_speed", lambda path, stages: None)
+    else:
+        import benchmarks.timing
+
+        monkeypatch.setattr(benchmarks.timing, "matmul_gflops", lambda: 1.0)
+    stages = ["base_eval"] if record == "made_from_base.json" else ["sweep"]
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--run-dir", str(tmp_path), "--stages", *stages])
+    with pytest.raises(SystemExit, match=rf"demo.py: {tmp_path / record} \(.+\) is not readable JSON .+ remove it"):
+        demo.main()
+    assert calls == [] and (tmp_path / "base_eval.json").read_text() == "{}"
+    assert (tmp_path / record).read_text() == '{"base_eval": "trunc'
+
+
+def test_a_failing_stage_shows_its_own_error_over_a_damaged_timings_file(tmp_path, monkeypatch):
+    (tmp_path / "timings.json").write_text("{")
+    runner = demo.Demo(tmp_path)
+
+    def stage():
+        raise ValueError("the stage's own error")
+
+    with pytest.raises(ValueError, match="the stage's own error"):
+        runner.timed("sweep", stage)
+
+
+def test_bookkeeping_files_are_written_whole(tmp_path, monkeypatch):
+    """timings.json, made_from_base.json and base_eval.json go through the atomic writer, so an interruption
+    while writing leaves the previous version."""
+    import benchmarks.timing
+
+    write_base(tmp_path, b"base")
+    written = []
+    monkeypatch.setattr(demo, "write_atomically", lambda path, text: written.append(path.name) or path.write_text(text))
+    monkeypatch.setattr(demo, "run_cli", lambda args: {"test/acc": 0.5})
+    monkeypatch.setattr(benchmarks.timing, "matmul_gflops", lambda: 1.0)
+    demo.record_machine_speed(tmp_path / "machine.json", ["base_eval"])
+    runner = demo.Demo(tmp_path)
+    runner.timed("base_eval", runner.base_eval)
+    assert sorted(set(written)) == ["base_eval.json", "machine.json", "made_from_base.json", "timings.json"]

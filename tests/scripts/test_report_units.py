@@ -39,19 +39,6 @@ def test_accm_rows_on_the_plane_follow_the_ratio():
     assert [line.split("|")[2].strip() for line in lines[2:]] == ["0.9375", "0.9690"]
 
 
-def test_write_atomically_leaves_the_old_file_when_the_swap_fails(tmp_path, monkeypatch):
-    path = tmp_path / "results.md"
-    path.write_text("old")
-
-    def fail(source, target):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(report.os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        report.write_atomically(path, b"new")
-    assert path.read_text() == "old"
-
-
 @pytest.mark.parametrize("column", ["status", "method"])
 def test_a_table_without_the_status_or_method_column_is_refused(run_dir, tmp_path, column):
     path = run_dir / "sweep" / "run" / "sweep.csv"
