@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=15, help="prompt tokens besides the image (results.md: 15)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.889, 0.5])
     args = parser.parse_args()
+    if args.text_tokens < 2:
+        parser.error(f"--text-tokens {args.text_tokens}: the prompt needs BOS and at least one text token after the image")
     torch.manual_seed(0)
     register_cpu_sdpa_flop_formulas()
     spec = TinyLlavaSpec()
