@@ -277,18 +277,15 @@ class Demo:
         if rows:
             print(f"\n{'method':>16s} {'r':>7s} {'realised':>8s} {'visual':>7s} {'GFLOPs(LLM)':>11s} "
                   f"{'GFLOPs(total)':>13s} {'acc':>6s}")
-            seen = set()
-            for r in rows:
-                key = (r["method"], r["prune_ratio"])
-                if key in seen:
-                    continue
-                seen.add(key)
+            unique: dict[tuple[str, str], dict] = {}
+            for r in rows:  # a pair two sweeps measured (full tokens, on the same base): the first one's row
+                unique.setdefault((r["method"], r["prune_ratio"]), r)
+            for r in unique.values():
                 print(f"{r['method']:>16s} {float(r['prune_ratio']):7.4f} {float(r['realised_prune_ratio']):8.3f} "
                       f"{float(r['avg_visual_tokens']):7.1f} {float(r['tflops']) * 1e3:11.3f} "
                       f"{float(r['tflops_total']) * 1e3:13.3f} {float(r['accuracy']):6.3f}")
             from callbacks.sweep import accuracy_vs_flops_figure
 
-            unique = {(r["method"], r["prune_ratio"]): r for r in rows}
             figure_rows = [{**r, "status": "ok", **{k: float(r[k]) for k in ("tflops_total", "accuracy")}}
                            for r in unique.values()]
             accuracy_vs_flops_figure(figure_rows).savefig(self.run_dir / "accuracy_vs_flops.png", dpi=120,

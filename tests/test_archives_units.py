@@ -1,0 +1,194 @@
+"""lvlm_prune/archives.py and scripts/export_plugin.py on tiny files: archives, exports, digests, plug-in weights."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import lvlm_prune.archives as archives
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_export_script():
+    spec = importlib.util.spec_from_file_location("export_plugin_under_test", ROOT / "scripts" / "export_plugin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_archive_with_a_broken_central_directory_is_named_not_raised(tmp_path):
+    path = tmp_path / "broken.ckpt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("data.pkl", b"payload")
+    raw = path.read_bytes()
+    central = raw.index(b"PK\x01\x02")  # the central directory entry; the end record that is_zipfile reads stays
+    path.write_bytes(raw[:central] + b"XXXX" + raw[central + 4:])
+    assert zipfile.is_zipfile(path)
+    assert archives.torch_archive_problem(path).startswith("an unreadable archive (")
+
+
+def test_default_permissions_leave_the_process_umask_as_it_was(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"w")
+    os.chmod(path, 0o600)
+    before = os.umask(0o027)
+    try:
+        archives.with_default_permissions(path)
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(before)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_staged_export_moves_files_of_subdirectories_in(tmp_path):
+    target = tmp_path / "base_model"
+    with archives.staged_export(target) as staging:
+        (staging / "tokenizer").mkdir()
+        (staging / "tokenizer" / "vocab.txt").write_text("a b c")
+        (staging / "config.json").write_text("{}")
+    assert (target / "tokenizer" / "vocab.txt").read_text() == "a b c"
+    assert (target / "config.json").read_text() == "{}"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["base_model"]
+
+
+def test_write_atomically_replaces_a_staged_file_left_by_a_crashed_write(tmp_path):
+    path = tmp_path / "timings.json"
+    path.write_text("old")
+    (tmp_path / ".timings.json.tmp").write_text("half-written by a crashed run")
+    archives.write_atomically(path, "new")
+    assert path.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["timings.json"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads file names through /proc")
+def test_write_atomically_syncs_the_staged_file_before_renaming_it(tmp_path, monkeypatch):
+    """Renamed before its data reached the disk (flushed from Python's buffer, then synced), a crash could leave an
+    empty file where the old one was."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(descriptor):
+        name = Path(os.readlink(f"/proc/self/fd/{descriptor}")).name
+        events.append(("fsync", name, os.fstat(descriptor).st_size))
+        real_fsync(descriptor)
+
+    def replace(source, destination):
+        events.append(("replace", Path(source).name))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(archives.os, "fsync", fsync)
+    monkeypatch.setattr(archives.os, "replace", replace)
+    archives.write_atomically(tmp_path / "made_from_base.json", '{"sweep": "digest"}')
+    assert events == [("fsync", ".made_from_base.json.tmp", 19), ("replace", ".made_from_base.json.tmp")]
+
+
+def test_a_plugin_export_without_a_plugin_name_is_marked_unknown(tmp_path):
+    path = archives.save_plugin_export({"w": torch.ones(2)}, tmp_path / "plugin.safetensors", {"plugin": None})
+    with safe_open(str(path), "pt") as weights:
+        assert weights.metadata() == {"plugin": "unknown"}
+    assert json.loads((tmp_path / "plugin.safetensors.json").read_text()) == {"plugin": None}
+
+
+def test_the_weights_digest_covers_the_safetensors_files_alone_in_name_order(tmp_path):
+    (tmp_path / "model-00002.safetensors").write_bytes(b"second")
+    (tmp_path / "model-00001.safetensors").write_bytes(b"first")
+    (tmp_path / "config.json").write_text("{}")
+    expected = hashlib.sha256(b"firstsecond").hexdigest()
+    assert archives.weights_digest(tmp_path) == expected
+    (tmp_path / "config.json").write_text('{"edited": true}')  # a settings file changes no weights
+    assert archives.weights_digest(tmp_path) == expected
+
+
+@pytest.fixture
+def accm_run(tmp_path):
+    """A run directory as LightningCLI leaves it: config.yaml naming an ACCM plug-in, checkpoints/last.ckpt."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    compensation = {"class_path": "lvlm_prune.accm.compensation.ACCMCompensation",
+                    "init_args": {"target_prune_ratio": 0.969}}
+    config = {"model": {"init_args": {"compensation": compensation}}}
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "run"
+
+
+def test_the_export_script_takes_the_plugins_inference_weights_in_full_precision(accm_run, tmp_path):
+    checkpoint = accm_run / "checkpoints" / "last.ckpt"
+    weight = torch.tensor([[1.5, -2.0]], dtype=torch.bfloat16)
+    torch.save({"state_dict": {"compensation.head.weight": weight,
+                               "compensation.reference_caption_model.w": torch.ones(1),
+                               "model.frozen_base.w": torch.ones(1)},
+                "global_step": 7, "base_model": {"path": "/bases/tiny", "fingerprint": "abc"}}, checkpoint)
+    output = load_export_script().export_plugin(checkpoint, tmp_path / "out" / "accm.safetensors")
+    assert output == tmp_path / "out" / "accm.safetensors"
+    tensors = load_file(output)
+    assert list(tensors) == ["head.weight"] and tensors["head.weight"].dtype == torch.float32
+    assert tensors["head.weight"].tolist() == [[1.5, -2.0]]
+    assert json.loads((tmp_path / "out" / "accm.safetensors.json").read_text()) == {
+        "plugin": "accm", "config": {"target_prune_ratio": 0.969}, "base_model_path": "/bases/tiny",
+        "base_fingerprint": "abc", "source_checkpoint": str(checkpoint), "global_step": 7}
+
+
+@pytest.mark.parametrize("config", ["", "model:\n  init_args: {}\n"])
+def test_a_run_config_without_a_plugin_entry_exports_an_unnamed_plugin(tmp_path, config):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.yaml").write_text(config)
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {"compensation.w": torch.ones(1)}}, checkpoint)
+    output = load_export_script().export_plugin(checkpoint, tmp_path / "plugin.safetensors")
+    record = json.loads((tmp_path / "plugin.safetensors.json").read_text())
+    assert list(load_file(output)) == ["w"] and record["plugin"] is None and record["config"] is None
+
+
+def test_the_export_script_refuses_a_checkpoint_without_plugin_weights(tmp_path):
+    checkpoint = tmp_path / "base.ckpt"
+    torch.save({"state_dict": {"model.w": torch.ones(1)}}, checkpoint)
+    with pytest.raises(ValueError, match=r"base.ckpt' holds no 'compensation.\*' weights"):
+        load_export_script().export_plugin(checkpoint, tmp_path / "plugin.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.ckpt"]
+
+
+def test_the_export_script_names_a_directory_that_is_no_deepspeed_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint file nor a DeepSpeed checkpoint directory"):
+        load_export_script().read_checkpoint(tmp_path)
+
+
+@pytest.fixture
+def zero_checkpoint(tmp_path, monkeypatch):
+    """A DeepSpeed checkpoint directory whose `latest` ends in a newline, as DeepSpeed writes it; the merge of its
+    shards is a stand-in that records what it was asked for."""
+    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
+
+    directory = tmp_path / "last.ckpt"
+    (directory / "checkpoint").mkdir(parents=True)
+    (directory / "latest").write_text("checkpoint\n")
+    asked = []
+
+    def merged(path, tag, exclude_frozen_parameters):
+        asked.append((path, tag, exclude_frozen_parameters))
+        return {"compensation.w": torch.ones(1)}
+
+    monkeypatch.setattr(zero_to_fp32, "get_fp32_state_dict_from_zero_checkpoint", merged)
+    return directory, asked
+
+
+def test_a_deepspeed_checkpoint_is_merged_from_the_tag_in_latest(zero_checkpoint):
+    directory, asked = zero_checkpoint
+    client_state = {"global_step": 4, "base_model": {"path": "/b"}}
+    torch.save(client_state, directory / "checkpoint" / "mp_rank_00_model_states.pt")
+    state, entries = load_export_script().read_checkpoint(directory)
+    assert asked == [(str(directory), "checkpoint", True)]
+    assert list(state) == ["compensation.w"] and entries == client_state
+
+
+def test_a_deepspeed_checkpoint_without_model_states_is_named(zero_checkpoint):
+    directory, asked = zero_checkpoint
+    with pytest.raises(FileNotFoundError, match=r"no \*model_states.pt in '.*last.ckpt/checkpoint'"):
+        load_export_script().read_checkpoint(directory)
+    assert asked == []
