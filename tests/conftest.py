@@ -57,22 +57,27 @@ def make_batch(spec, batch_size=2, text_len=6, left_pad=(0, 2), seed=0):
     return torch.stack(rows), torch.stack(masks), pixels
 
 
-def save_tiny_base(directory, seed: int = 0):
-    """Saves a random tiny LLaVA + processor on the synthetic benchmark's vocabulary (grid 4 x 8 px = 16 visual
-    tokens) to `directory`: what `base_model_path` / `processor_path` point at in module tests."""
+def save_tiny_base(directory, seed: int = 0, default_grid: bool = False):
+    """Saves a random tiny LLaVA + processor on the synthetic benchmark's vocabulary to `directory`: what
+    `base_model_path` / `processor_path` point at in module tests. A grid of 4 x 8 px cells (16 visual tokens) by
+    default; `default_grid`: the data's default 8 x 8 grid (64 visual tokens), which scripts and benchmarks build
+    without grid options."""
     from datamodules.synthetic_vqa import SyntheticVQAConfig, vocabulary
     from lvlm_prune.modeling import TinyLlavaSpec, build_tiny_llava
     from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
 
-    tokenizer = build_word_tokenizer(vocabulary(SyntheticVQAConfig(grid=4, cell_size=8, min_objects=4, max_objects=5)))
-    spec = TinyLlavaSpec(image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=2, vision_heads=2,
-                         hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
-                         max_position_embeddings=256)
+    config = SyntheticVQAConfig() if default_grid else SyntheticVQAConfig(grid=4, cell_size=8, min_objects=4,
+                                                                          max_objects=5)
+    image_size = config.grid * config.cell_size
+    tokenizer = build_word_tokenizer(vocabulary(config))
+    spec = TinyLlavaSpec(image_size=image_size, patch_size=config.cell_size, vision_hidden_size=32, vision_layers=2,
+                         vision_heads=2, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+                         num_kv_heads=2, max_position_embeddings=256)
     model = build_tiny_llava(spec, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, seed=seed)
     model.save_pretrained(directory)
-    build_processor(tokenizer, image_size=32, patch_size=8).save_pretrained(directory)
+    build_processor(tokenizer, image_size=image_size, patch_size=config.cell_size).save_pretrained(directory)
     return directory
 
 

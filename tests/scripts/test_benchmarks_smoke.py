@@ -14,27 +14,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks import optimizer_step, prefill_latency, rcp_cost, scoring_flops, synthetic_batching  # noqa: E402
+from conftest import save_tiny_base  # noqa: E402
 from lvlm_prune.flops import LLMShape, llm_prefill_flops  # noqa: E402
 from lvlm_prune.modeling.optimizers import OPTIMIZERS  # noqa: E402
 
 
 def save_default_grid_base(directory):
-    """A random tiny base + processor for the synthetic data's default 8 x 8 grid of 8 px cells (64 visual tokens):
-    the data the benchmarks and scripts build from `processor_path` without grid options."""
-    from datamodules.synthetic_vqa import SyntheticVQAConfig, vocabulary
-    from lvlm_prune.modeling import TinyLlavaSpec, build_tiny_llava
-    from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
-
-    tokenizer = build_word_tokenizer(vocabulary(SyntheticVQAConfig()))
-    spec = TinyLlavaSpec(image_size=64, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
-                         hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         max_position_embeddings=256)
-    model = build_tiny_llava(spec, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, seed=0)
-    model.save_pretrained(directory)
-    build_processor(tokenizer, image_size=64, patch_size=8).save_pretrained(directory)
-    return directory
+    return save_tiny_base(directory, default_grid=True)
 
 
 @pytest.fixture(scope="module")
