@@ -463,8 +463,6 @@ class PruningSweep(L.Callback):
         plt.close(figure)
 
 
-
-
 def with_context(error: Exception, context: str) -> Exception:
     """`error` rebuilt as the same type with `context` appended (its message, the out-of-memory advice included,
     stays first); `error` itself with `context` as a note when its type cannot be rebuilt from one message."""
