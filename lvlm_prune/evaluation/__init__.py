@@ -33,6 +33,12 @@ from lvlm_prune.evaluation.normalize import (
     parse_pope_answer,
     parse_scienceqa_choice,
 )
+from lvlm_prune.evaluation.paired import (
+    compare_answer_files,
+    compare_paired,
+    mcnemar_exact_p,
+    score_answers_exact_match,
+)
 from lvlm_prune.evaluation.readers import (
     AnswerRecord,
     QuestionRecord,
@@ -57,9 +63,12 @@ __all__ = [
     "answer_id_for",
     "build_answer_records",
     "cider_d",
+    "compare_answer_files",
+    "compare_paired",
     "gqa_prediction",
     "m4c_normalize_answer",
     "match_answers",
+    "mcnemar_exact_p",
     "normalize_answer",
     "normalize_vqa_answer",
     "parse_mme_answer",
@@ -68,6 +77,7 @@ __all__ = [
     "parse_scienceqa_choice",
     "read_answers",
     "read_questions",
+    "score_answers_exact_match",
     "score_answer_file",
     "write_answers_jsonl",
     "write_gqa_predictions",
