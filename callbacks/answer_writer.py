@@ -18,16 +18,43 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _answer_key(record: dict[str, Any]) -> tuple[str, str]:
+def answer_key(record: dict[str, Any]) -> tuple[str, str]:
     # str: a repeated id is the same question whatever its type; MME: one id, two questions
     return str(record["question_id"]), record.get("prompt", "")
 
 
-def _answer_line(record: dict[str, Any]) -> str:
+def answer_line(record: dict[str, Any]) -> str:
+    """One LLaVA answer-file line of an answer record (`prediction_records`' dicts)."""
     record = {key: value for key, value in record.items() if key != "dataset_index"}  # for ordering only
     record.setdefault("answer_id", answer_id_for(record["question_id"], record.get("prompt", "")))
     record.setdefault("metadata", {})  # LLaVA's model_vqa*.py write it (empty)
     return json.dumps(record) + "\n"
+
+
+def image_prompts(trainer: L.Trainer) -> bool:
+    """Whether answer records' prompts get LLaVA's "<image>\\n" prefix: ScienceQA's scorer counts the IMG problems by
+    it (the datamodule's `benchmark`; its text-only problems are left out)."""
+    hparams = getattr(trainer.datamodule, "hparams", None) or {}
+    return hparams.get("benchmark") == "scienceqa"
+
+
+def as_written(record: dict[str, Any], with_image_prompt: bool) -> dict[str, Any]:
+    return {**record, "prompt": f"<image>\n{record.get('prompt', '')}"} if with_image_prompt else record
+
+
+def merged_answer_lines(records: list[dict[str, Any]]) -> list[str]:
+    """All ranks' records as answer-file lines: in `dataset_index` order when every record has one (a distributed
+    sampler deals questions out rank by rank), each (question id, prompt) once (it also repeats samples to even
+    out the ranks)."""
+    if all("dataset_index" in record for record in records):
+        records = sorted(records, key=lambda record: record["dataset_index"])
+    seen: set[tuple[str, str]] = set()
+    lines = []
+    for record in records:
+        if answer_key(record) not in seen:
+            seen.add(answer_key(record))
+            lines.append(answer_line(record))
+    return lines
 
 
 class AnswerFileWriter(L.Callback):
@@ -87,8 +114,7 @@ class AnswerFileWriter(L.Callback):
         self._part.write_text("")
         self._written, self._seen, self._records = 0, set(), []
         self.last_path = path
-        hparams = getattr(trainer.datamodule, "hparams", None) or {}
-        self._image_prompts = hparams.get("benchmark") == "scienceqa"  # its text-only problems are left out
+        self._image_prompts = image_prompts(trainer)
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -102,11 +128,6 @@ class AnswerFileWriter(L.Callback):
                             "question_id, prompt and text)")
         self._append(outputs)
 
-    def _as_written(self, record: dict[str, Any]) -> dict[str, Any]:
-        if not self._image_prompts:
-            return record
-        return {**record, "prompt": f"<image>\n{record.get('prompt', '')}"}
-
     def _append_test_predictions(self, pl_module: L.LightningModule) -> None:
         records = getattr(pl_module, "test_predictions", [])
         new, self._written = records[self._written:], len(records)  # a slice: copying all every batch is quadratic
@@ -117,13 +138,13 @@ class AnswerFileWriter(L.Callback):
             return
         lines = []
         gather = _distributed()  # rank 0 merges every rank's records at the end; one process has its file already
-        for record in map(self._as_written, new):
+        for record in (as_written(record, self._image_prompts) for record in new):
             if gather:
                 self._records.append(record)
-            key = _answer_key(record)
+            key = answer_key(record)
             if key not in self._seen:
                 self._seen.add(key)
-                lines.append(_answer_line(record))
+                lines.append(answer_line(record))
         if lines:
             with open(self._part, "a") as handle:  # closed, so flushed, every batch
                 handle.writelines(lines)
@@ -143,16 +164,9 @@ class AnswerFileWriter(L.Callback):
         path = self.last_path
         assert path is not None and self._part is not None
         if trainer.is_global_zero:
-            records = [record for part in gathered for record in part]
-            if all("dataset_index" in record for record in records):
-                records.sort(key=lambda record: record["dataset_index"])
-            seen: set[tuple[str, str]] = set()
             tmp = path.with_name(path.name + ".tmp")
             with open(tmp, "w") as handle:
-                for record in records:
-                    if _answer_key(record) not in seen:
-                        seen.add(_answer_key(record))
-                        handle.write(_answer_line(record))
+                handle.writelines(merged_answer_lines([record for part in gathered for record in part]))
             os.replace(tmp, path)
         dist.barrier()  # the answer file is complete before any rank file goes
         self._part.unlink(missing_ok=True)

@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lightning_modules.common import exact_match, score
+from callbacks.answer_writer import as_written, image_prompts, merged_answer_lines
+from lightning_modules.common import exact_match, prediction_records, score
 from lvlm_prune.archives import write_atomically
 from lvlm_prune.flops import CONVENTIONS
 from lvlm_prune.runner import per_sample_flops
@@ -66,6 +69,12 @@ class PruningSweep(L.Callback):
     that raises is recorded there as 'failed: ...' and the error is re-raised naming it. A rerun starts the sweep
     over: rows from an earlier process may come from other weights or settings.
 
+    With `answers`, each pair's answers are also written as a LLaVA answer `.jsonl` (`<method>_r<ratio>.jsonl`, the
+    records `test` writes, reference answers included where the split has them) for the benchmark's official scorer
+    (`lvlm_prune.evaluation.score_answer_file`) and for paired comparisons (`scripts/compare_answers.py`). They go
+    to `answers.partial/` as each pair ends; a complete sweep then replaces `answers/` with that folder, so
+    `answers/` always holds one whole sweep's files, beside its `sweep.csv`.
+
     Args:
         methods: short names ('full', 'random', 'pool', 'fastv', 'pdrop', 'visionzip', 'dart', and the
             module's compensation plug-in, e.g. 'rcp' or 'accm').
@@ -84,6 +93,7 @@ class PruningSweep(L.Callback):
         kept_tolerance: largest accepted error in the visual tokens kept (layer-averaged), relative to the budget's
             count, beyond one whole token. At high r an absolute ratio tolerance is loose: 0.05 would pass 46 kept
             tokens of 576 for r = 0.969's 18; 0.25 passes 18 +- 5.5.
+        answers: write each pair's answer file (above).
     """
 
     def __init__(
@@ -98,6 +108,7 @@ class PruningSweep(L.Callback):
         dirpath: str | None = None,
         ratio_tolerance: float = 0.05,
         kept_tolerance: float = 0.25,
+        answers: bool = False,
     ):
         if split not in ("val", "test"):
             raise ValueError(f"sweep split={split!r}; choose 'val' or 'test'")
@@ -131,7 +142,11 @@ class PruningSweep(L.Callback):
         self.dirpath = dirpath
         self.ratio_tolerance = ratio_tolerance
         self.kept_tolerance = kept_tolerance
+        self.answers = answers
         self.rows: list[dict[str, Any]] = []
+        self._pair_records: list[dict[str, Any]] = []  # this rank's answer records of the running pair
+        self._answers_to: Path | None = None  # where rank 0 writes them (None: answers off, or another rank)
+        self._image_prompts = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """A misspelt method or a split without data fails here, before any training, not hours later."""
@@ -267,6 +282,12 @@ class PruningSweep(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         self.rows = []
+        self._answers_to = None
+        if self.answers and trainer.is_global_zero:
+            self._answers_to = self.directory(trainer) / "answers.partial"
+            shutil.rmtree(self._answers_to, ignore_errors=True)  # an earlier, unfinished sweep's
+            self._answers_to.mkdir(parents=True)
+        self._image_prompts = image_prompts(trainer)
         # the precision's autocast, as for validation and test (the sweep runs outside their loops)
         precision = getattr(trainer, "precision_plugin", None)
         with precision.forward_context() if precision is not None else contextlib.nullcontext():
@@ -275,6 +296,10 @@ class PruningSweep(L.Callback):
             self._write(trainer)
             for suffix in ("csv", "json"):
                 (self.directory(trainer) / f"sweep.partial.{suffix}").unlink(missing_ok=True)
+            if self._answers_to is not None:
+                final = self._answers_to.with_name("answers")
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(self._answers_to, final)
         return self.rows
 
     def _run_pairs(self, trainer, pl_module, loader, rank: int, world: int, was_training: bool) -> None:
@@ -329,6 +354,7 @@ class PruningSweep(L.Callback):
                        warm_up: bool = False) -> dict[str, Any]:
         metric = exact_match(pl_module.categories).to(pl_module.device)
         sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=pl_module.device)
+        self._pair_records = []
         try:
             if warm_up:  # inside the try: a rank that fails here must tell the others too
                 self._warm_up(pl_module, loader, name, ratio)
@@ -354,7 +380,21 @@ class PruningSweep(L.Callback):
             raise failure
         if world > 1:
             dist.all_reduce(sums)
-        return self._row(metric, sums, name, ratio)
+        row = self._row(metric, sums, name, ratio)
+        if self.answers:
+            self._write_answers(name, ratio, world)
+        return row
+
+    def _write_answers(self, name: str, ratio: float, world: int) -> None:
+        records = self._pair_records
+        if world > 1:
+            gathered: list[list[dict[str, Any]]] = [None] * world  # type: ignore[list-item]
+            dist.all_gather_object(gathered, records)
+            records = [record for part in gathered for record in part]
+        if self._answers_to is not None:
+            lines = merged_answer_lines([as_written(record, self._image_prompts) for record in records])
+            write_atomically(self._answers_to / f"{name}_r{ratio:g}.jsonl", "".join(lines))
+        self._pair_records = []
 
     def _evaluate_batches(self, pl_module, loader, name: str, ratio: float, rank: int, world: int, metric,
                           sums: torch.Tensor) -> tuple[int, Any]:
@@ -370,6 +410,8 @@ class PruningSweep(L.Callback):
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             predictions, result, seconds = pl_module.run_method(batch, name, ratio)
             score(metric, predictions, batch)
+            if self.answers:
+                self._pair_records.extend(prediction_records(batch, predictions, f"{name}@r={ratio}"))
             flops = per_sample_flops(pl_module.base.config, result, self.flops_convention)
             # the total in one unit: the exact LLM count (2 FLOPs per multiply-add, as the vision tower's and the
             # plug-ins'); the FastV number counts a multiply-add once and is for comparing with the papers

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import compare_answers  # noqa: E402
 
-from callbacks.answer_writer import _answer_line  # noqa: E402
+from callbacks.answer_writer import answer_line  # noqa: E402
 from lightning_modules.common import prediction_records  # noqa: E402
 
 ANSWERS = ["yes", "two", "red", "no", "three", "blue"]
@@ -24,7 +24,7 @@ def write_run(path: Path, predictions: list[str], model_id: str, ids: list[int] 
     batch = {"question_ids": ids, "questions": [f"question {i} ?" for i in ids], "answers": ANSWERS[: len(ids)],
              "categories": CATEGORIES[: len(ids)]}
     records = prediction_records(batch, predictions, model_id)
-    path.write_text("".join(_answer_line(record) for record in records))
+    path.write_text("".join(answer_line(record) for record in records))
     return path
 
 
