@@ -23,6 +23,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lvlm_prune.archives import weights_digest, write_atomically  # noqa: E402
+from lvlm_prune.evaluation.paired import compare_answer_files, score_answers_exact_match  # noqa: E402
 
 # What `make demo` (scripts/demo.py, all stages) leaves in its run directory.
 MAIN_OUTPUTS = ("timings.json", "base_eval.json", "sweep/run/sweep.csv", "rcp_r0.889/run/sweep.csv",
@@ -209,6 +210,53 @@ def same_questions(baselines: list[dict], accm: list[dict]) -> None:
                                + "); sweep both on the same split and batches")
 
 
+def answer_file(run: Path, sweep_dir: str, method: str, ratio: float) -> Path:
+    """Where a sweep with `answers` wrote one pair's answers."""
+    return run / sweep_dir / "run" / "answers" / f"{method}_r{ratio:g}.jsonl"
+
+
+def paired_comparisons(run: Path) -> list[list[str]]:
+    """Rows comparing, question by question, the pairs the issues' targets compare: RCP (each of its swept ratios,
+    and the r = 0.778 checkpoint) against the most accurate training-free method at the same ratio, and ACCM's
+    selector pick against a random candidate and against its vision-side pruning alone (and the oracle pick
+    against the selector's, the room a better selector has). Only pairs whose answer files both exist."""
+    baselines = [r for r in sweep_rows(run / "sweep" / "run" / "sweep.csv") if r["status"] == "ok"
+                 and r["method"] != "full"]
+    best: dict[float, dict] = {}
+    for r in baselines:
+        ratio = float(r["prune_ratio"])
+        if ratio not in best or float(r["accuracy"]) > float(best[ratio]["accuracy"]):
+            best[ratio] = r
+    wanted: list[tuple[str, float, Path, Path]] = []  # (what B is against A, r, A's file, B's file)
+    for sweep_dir, label in (("rcp_r0.889", "rcp"), ("rcp_r0.778", "rcp@0.778")):
+        for r in sweep_rows(run / sweep_dir / "run" / "sweep.csv"):
+            ratio = float(r["prune_ratio"])
+            if r["status"] == "ok" and ratio in best:
+                other = best[ratio]["method"]
+                wanted.append((f"{label} vs {other} (best training-free at r)", ratio,
+                               answer_file(run, "sweep", other, ratio), answer_file(run, sweep_dir, r["method"], ratio)))
+    accm_ratios = sorted({float(r["prune_ratio"]) for r in sweep_rows(run / "accm_r0.969" / "run" / "sweep.csv")
+                          if r["status"] == "ok"})
+    for ratio in accm_ratios:
+        for reference, other in (("accm_random", "accm"), ("accm_prune_only", "accm"), ("accm", "accm_oracle")):
+            wanted.append((f"{other} vs {reference}", ratio, answer_file(run, "accm_r0.969", reference, ratio),
+                           answer_file(run, "accm_r0.969", other, ratio)))
+    rows = []
+    for what, ratio, first, second in wanted:
+        if not (first.is_file() and second.is_file()):
+            continue
+        try:
+            result = compare_answer_files(score_answers_exact_match(first), score_answers_exact_match(second))
+        except (OSError, ValueError) as error:
+            raise ReportInputError(f"{error} (comparing {first} with {second})") from error
+        low, high = result.interval_95 or (float("nan"), float("nan"))
+        rows.append([what, f"{ratio:.4f}", str(result.num_questions), f"{result.accuracy_a:.3f}",
+                     f"{result.accuracy_b:.3f}", f"{100 * result.difference:+.1f}",
+                     f"[{100 * low:+.1f}, {100 * high:+.1f}]", str(result.only_a_correct), str(result.only_b_correct),
+                     f"{result.p_value:.2g}"])
+    return rows
+
+
 def build(args: argparse.Namespace) -> tuple[str, Path | None]:
     """The report's text and the figure it shows (None: none), from the files under `args`; a `ReportInputError`
     naming the file on a bad input."""
@@ -315,6 +363,19 @@ def build(args: argparse.Namespace) -> tuple[str, Path | None]:
                   "on this plane: it runs the base with all visual tokens (the reference) and on every candidate, "
                   "which its FLOPs do not count. Target: at r = 0.969, at least +10 points over the best.", "",
                   *accm_on_flops_plane(baselines, accm), ""]
+
+    paired = paired_comparisons(run)
+    if paired:
+        parts += ["## Paired comparisons on the same test questions (the sweeps' answer files)", "",
+                  "Two accuracies on one split share their questions, so the difference between them is measured "
+                  "far more precisely than either accuracy (one accuracy's standard error is about 1.5 points here): "
+                  "only the questions one of the two answers correctly and the other does not carry information. "
+                  "Per row: the second method's accuracy minus the first's, its 95 % interval (Wald, from the "
+                  "per-question differences), the questions only one of them gets right, and the exact two-sided "
+                  "McNemar p-value; one test per row, not corrected for the number of rows. Any two answer files "
+                  "compare the same way: `python scripts/compare_answers.py A.jsonl B.jsonl --by-category`.", "",
+                  table(["comparison (second vs first)", "r", "questions", "first", "second", "points",
+                         "95 % interval", "only first right", "only second right", "McNemar p"], paired), ""]
 
     ablations = run / "rcp_ablations.md"
     if ablations.exists():
