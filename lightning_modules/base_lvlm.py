@@ -313,18 +313,19 @@ def _initial_model(path: str, spec: TinyLlavaSpec, ids: dict, attn_implementatio
         )
     model = load_base_model(path, attn_implementation=attn_implementation, setting="model.init_args.init_from")
     depth = model.config.text_config.num_hidden_layers
-    expected = build_tiny_llava_config(TinyLlavaSpec(**{**spec.to_dict(), "num_layers": depth}), **ids).to_dict()
-    found = model.config.to_dict()
+    expected_config = build_tiny_llava_config(TinyLlavaSpec(**{**spec.to_dict(), "num_layers": depth}), **ids)
+    expected, found = expected_config.to_dict(), model.config.to_dict()
     mismatches = [
         f"{tower}.{key} is {found[tower].get(key)!r}, the spec gives {value!r}"
         for tower in ("text_config", "vision_config") for key, value in sorted(expected[tower].items())
         if key not in ("initializer_range", "dtype", "torch_dtype") and not key.startswith("_")
         and found[tower].get(key) != value
     ]
-    mismatches += [f"{key} is {found.get(key)!r}, the spec gives {expected[key]!r}"
+    # attributes, not to_dict() keys: the dict stores image_token_id under its legacy name, image_token_index
+    mismatches += [f"{key} is {getattr(model.config, key, None)!r}, the spec gives {getattr(expected_config, key)!r}"
                    for key in ("vision_feature_layer", "vision_feature_select_strategy", "image_token_id",
                                "image_seq_length", "projector_hidden_act", "multimodal_projector_bias")
-                   if key in expected and found.get(key) != expected[key]]
+                   if hasattr(expected_config, key) and getattr(model.config, key, None) != getattr(expected_config, key)]
     if mismatches:
         raise ValueError(
             f"model.init_args.init_from={path!r} does not match model.spec and the processor: {'; '.join(mismatches)}. "

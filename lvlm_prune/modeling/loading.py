@@ -29,6 +29,9 @@ def _named(setting: str | None) -> str:
     return f"{setting}: " if setting else ""
 
 
+DAMAGED_BIN_MARKS = ("PytorchStreamReader", "unexpected EOF")
+
+
 def load_processor(path: str | Path, setting: str | None = None) -> Any:
     """`AutoProcessor.from_pretrained` from a local directory, with a clear error (naming `setting`, the config key
     that gave the path, when known) when it has none."""
@@ -43,7 +46,8 @@ def load_processor(path: str | Path, setting: str | None = None) -> Any:
     advice = "it needs the tokenizer's files and the image processor's, as processor.save_pretrained(dir) writes them"
     try:
         processor = AutoProcessor.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, TypeError) as error:  # e.g. an image processor beside a model config
+    # e.g. an image processor beside a model config; AttributeError: a processor_config.json of the wrong shape
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{_named(setting)}{str(path)!r}: its processor does not load ({type(error).__name__}: "
                          f"{error}); {advice}") from error
     missing = [part for part in ("tokenizer", "image_processor") if getattr(processor, part, None) is None]
@@ -102,8 +106,9 @@ def load_base_model(
         raise ValueError(f"attn_implementation={attn_implementation!r} (model.init_args.attn_implementation): "
                          f"{error}") from error
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as error:
-        # safetensors past the header check, or a damaged pytorch_model*.bin (torch's zip reader or unpickler)
-        if isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error):
+        # safetensors past the header check, or a damaged pytorch_model*.bin (torch's zip reader, its unpickler, or
+        # the storage reader of the legacy non-zip format: "unexpected EOF, expected N more bytes")
+        if isinstance(error, RuntimeError) and not any(mark in str(error) for mark in DAMAGED_BIN_MARKS):
             raise
         raise ValueError(f"{_named(setting)}the weights in {str(path)!r} are corrupt or incomplete "
                          f"({type(error).__name__}: {error}); download or save the base model again") from error
