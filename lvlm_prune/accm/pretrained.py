@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from lvlm_prune.accm.selector import CLIPTextEncoder
 
@@ -36,6 +37,8 @@ def checkpoint_config(path: str | Path, setting: str, expected_types: tuple[str,
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{where}: config.json is not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: config.json holds a JSON {type(config).__name__}, not a model config object")
     model_type = config.get("model_type")
     if model_type not in expected_types:
         raise ValueError(f"{where} is not a {what} checkpoint: config.json has model_type={model_type!r}, "
@@ -73,7 +76,7 @@ def _load_weights(model_class: Any, path: str | Path, setting: str, **kwargs: An
         with _quiet_transformers():
             model, info = model_class.from_pretrained(str(Path(path).expanduser()), output_loading_info=True,
                                                       dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # SafetensorError: a damaged header
         raise ValueError(f"accm {setting}={str(path)!r}: the {model_class.__name__} weights do not load "
                          f"({error})") from error
     missing = sorted(info.get("missing_keys") or [])
