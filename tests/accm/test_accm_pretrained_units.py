@@ -102,13 +102,6 @@ def test_a_damaged_weights_header_is_named(dirs, tmp_path, name, loader):
         loader(directory)
 
 
-def test_a_config_json_that_is_not_an_object_is_named(dirs, tmp_path):
-    directory = copy(dirs, "gpt2", tmp_path)
-    (directory / "config.json").write_text("[]")
-    with pytest.raises(ValueError, match=r"caption_decoder_path=.*: config.json holds a JSON list, not a model config"):
-        check_caption_decoder(directory)
-
-
 # ---------------------------------------------------------------------------------------------------- CLIP encoder
 def test_a_whole_clip_loads_quietly_and_leaves_the_verbosity_as_it_was(dirs):
     """transformers reports every unused vision weight of a whole CLIP as a warning; the loader silences it for the
@@ -131,11 +124,14 @@ def test_a_whole_clip_loads_quietly_and_leaves_the_verbosity_as_it_was(dirs):
     assert [r.getMessage() for r in records] == ["after the load"]
 
 
-def test_an_invalid_config_json_is_named(dirs, tmp_path):
-    directory = copy(dirs, "clip", tmp_path)
-    (directory / "config.json").write_text("{")
-    with pytest.raises(ValueError, match=r"selector_encoder_path=.*clip': config.json is not valid JSON"):
-        load_clip_text_encoder(directory)
+@pytest.mark.parametrize("name, content, message", [
+    ("clip", "{", r"selector_encoder_path=.*clip': config.json is not valid JSON"),
+    ("gpt2", "[]", r"caption_decoder_path=.*gpt2': config.json holds a JSON list, not a model config")])
+def test_a_config_json_that_is_no_json_object_is_named(dirs, tmp_path, name, content, message):
+    directory = copy(dirs, name, tmp_path)
+    (directory / "config.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_clip_text_encoder(directory) if name == "clip" else check_caption_decoder(directory)
 
 
 def test_an_encoder_that_is_not_clip_is_refused_by_the_loader_itself(dirs):
