@@ -84,3 +84,23 @@ def test_under_two_ranks_rank_0_writes_every_question_once_in_question_file_orde
     assert [r["question_id"] for r in records] == ["q0", "q1", "q2", "q3", "q4"]
     assert all("dataset_index" not in r and r["answer_id"] and r["metadata"] == {} for r in records)
     assert sweep._pair_records == []
+
+
+def test_a_later_complete_sweep_replaces_the_earlier_ones_answer_files(tiny_base_dir, data, tmp_path):  # noqa: F811
+    module = frozen_base(tiny_base_dir, data)
+    trainer(tmp_path, PruningSweep(methods=["full", "random"], prune_ratios=[0.5], dirpath=str(tmp_path),
+                                   answers=True)).test(module, datamodule=data)
+    trainer(tmp_path, PruningSweep(methods=["random"], prune_ratios=[0.75], dirpath=str(tmp_path),
+                                   answers=True)).test(module, datamodule=data)
+    assert sorted(p.name for p in (tmp_path / "answers").iterdir()) == ["random_r0.75.jsonl"]
+
+
+def test_only_rank_0_writes_answer_files(tiny_base_dir, data, tmp_path):  # noqa: F811
+    from test_sweep import stub_trainer
+
+    data.setup("test")
+    other_rank = stub_trainer(data, tmp_path)
+    other_rank.is_global_zero = False
+    PruningSweep(methods=["full"], prune_ratios=[0.5], dirpath=str(tmp_path), answers=True).run(
+        other_rank, frozen_base(tiny_base_dir, data))
+    assert list(tmp_path.iterdir()) == []
