@@ -219,7 +219,8 @@ def paired_comparisons(run: Path) -> list[list[str]]:
     """Rows comparing, question by question, the pairs the issues' targets compare: RCP (each of its swept ratios,
     and the r = 0.778 checkpoint) against the most accurate training-free method at the same ratio, and ACCM's
     selector pick against a random candidate and against its vision-side pruning alone (and the oracle pick
-    against the selector's, the room a better selector has). Only pairs whose answer files both exist."""
+    against the selector's, the room a better selector has; the label-free picks, first beam and LVLM confidence,
+    against the selector's when swept). Only pairs whose answer files both exist."""
     baselines = [r for r in sweep_rows(run / "sweep" / "run" / "sweep.csv") if r["status"] == "ok"
                  and r["method"] != "full"]
     best: dict[float, dict] = {}
@@ -238,7 +239,8 @@ def paired_comparisons(run: Path) -> list[list[str]]:
     accm_ratios = sorted({float(r["prune_ratio"]) for r in sweep_rows(run / "accm_r0.969" / "run" / "sweep.csv")
                           if r["status"] == "ok"})
     for ratio in accm_ratios:
-        for reference, other in (("accm_random", "accm"), ("accm_prune_only", "accm"), ("accm", "accm_oracle")):
+        for reference, other in (("accm_random", "accm"), ("accm_prune_only", "accm"), ("accm", "accm_oracle"),
+                                 ("accm", "accm_top_beam"), ("accm", "accm_confidence")):
             wanted.append((f"{other} vs {reference}", ratio, answer_file(run, "accm_r0.969", reference, ratio),
                            answer_file(run, "accm_r0.969", other, ratio)))
     rows = []

@@ -60,8 +60,9 @@ from lvlm_prune.flops import LLMShape, llm_prefill_flops, module_flops
 from lvlm_prune.modeling.prompt import IMAGE_PLACEHOLDER, get_template
 from lvlm_prune.runner import GenerationResult, prompt_text_tokens
 
-VARIANT_MODES = {"accm": "selector", "accm_oracle": "oracle", "accm_random": "random", "accm_prune_only": "prune_only"}
-MODES = ("selector", "oracle", "random", "prune_only")
+VARIANT_MODES = {"accm": "selector", "accm_oracle": "oracle", "accm_random": "random", "accm_prune_only": "prune_only",
+                 "accm_top_beam": "top_beam", "accm_confidence": "confidence"}
+MODES = ("selector", "oracle", "random", "prune_only", "top_beam", "confidence")
 VISION_SELECTIONS = ("prumerge", "random", "pool", "visionzip")
 SELECTOR_ENCODERS = ("embeddings", "language_model", "clip_text")
 # settings a pretrained caption decoder fixes, with the key of its config.json
@@ -427,7 +428,10 @@ class ACCMCompensation(Compensation):
     def variants(self) -> list[str]:
         """Method names this plug-in answers in sweeps: 'accm' (selector pick), 'accm_oracle' (lowest KL against
         the full-token reference: needs the answer, analysis only), 'accm_random' (a seeded random candidate),
-        'accm_prune_only' (the vision-side pruning alone)."""
+        'accm_prune_only' (the vision-side pruning alone), and two label-free picks that need no training of the
+        selector: 'accm_top_beam' (the caption model's own first candidate) and 'accm_confidence' (the candidate
+        whose spliced prompt the frozen LVLM, on the kept tokens, answers most confidently; M extra prefills,
+        counted)."""
         return list(VARIANT_MODES)
 
     # ------------------------------------------------------------------ modules
@@ -479,7 +483,7 @@ class ACCMCompensation(Compensation):
             lm = engine.language_model
             self.text_encoder = MeanPooledTextEncoder(lm.embed_tokens if self.selector_encoder == "embeddings" else lm)
             self.text_dim = self.info.hidden_size
-        self.encoder_shape = LLMShape.from_config(engine.config.get_text_config())
+        self.llm_shape = LLMShape.from_config(engine.config.get_text_config())
         self.selector = CandidateSelector(self.text_dim, hidden=self.selector_hidden,
                                           num_layers=self.selector_layers, num_heads=self.selector_heads)
         question_prefix = self._token_ids(self.selector_question_prefix)
@@ -887,9 +891,10 @@ class ACCMCompensation(Compensation):
         pad_token_id: int,
         variant: str | None = None,
     ) -> GenerationResult:
-        """Prune -> M candidates -> pick (selector / oracle / random) -> splice into the left-padded prompt ->
-        greedy answer on the kept visual tokens. 'prune_only' skips the caption. `plugin_flops` holds
-        'caption_model' and, for the selector pick, 'selector' (the oracle's KL passes are analysis, not counted)."""
+        """Prune -> M candidates -> pick (selector / oracle / random / top beam / confidence) -> splice into the
+        left-padded prompt -> greedy answer on the kept visual tokens. 'prune_only' skips the caption.
+        `plugin_flops` holds 'caption_model', 'selector' for the selector's pick and 'confidence' for the M scoring
+        prefills of the confidence pick (the oracle's KL passes are analysis, not counted)."""
         mode = self.variant_mode(variant)
         selection = self.select_visual_tokens(engine, batch, prune_ratio)
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
@@ -904,6 +909,11 @@ class ACCMCompensation(Compensation):
             elif mode == "oracle":
                 self._check_teacher_forced(batch, "variant 'accm_oracle'")
                 pick = self.candidate_kl(engine, batch, selection, candidates, prune_ratio)["kl"].argmin(-1)
+            elif mode == "confidence":
+                pick, flops["confidence"] = self.confidence_pick(engine, batch, selection, candidates, prune_ratio,
+                                                                 pad_token_id)
+            elif mode == "top_beam":
+                pick = torch.zeros(candidates.lengths.shape[0], dtype=torch.long)
             else:
                 pick = self.random_pick(batch, candidates.lengths.shape[1])
             spliced = splice_context(ids, mask, None, self.image_token_id, self.caption_inserts(candidates, pick),
@@ -917,6 +927,28 @@ class ACCMCompensation(Compensation):
         )
         text = prompt_text_tokens(ids, mask, engine.image_token_id)
         return GenerationResult(tokens, counts, text, {k: v.to(text.device) for k, v in flops.items()})
+
+    @torch.no_grad()
+    def confidence_pick(self, engine: PrunedLlava, batch: dict[str, Any], selection: VisualSelection,
+                        candidates: CaptionCandidates, prune_ratio: float,
+                        pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) the candidate whose spliced generation prompt the frozen LVLM, on the kept visual tokens only, gives
+        the most probable first answer token (label-free: no full-token pass, no answer), and (B,) the FLOPs of
+        those M prefills per sample (exact, with the LM head on the last position). The generation after the pick
+        prefills the chosen prompt again and is counted as the LLM's own prefill, so the M passes are all extra."""
+        num = candidates.lengths.shape[1]
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        spliced = splice_context(ids.repeat_interleave(num, 0), mask.repeat_interleave(num, 0), None,
+                                 self.image_token_id, self.caption_inserts(candidates), pad_token_id, "left")
+        out = engine.forward(spliced.input_ids, spliced.attention_mask, None, spliced.position_ids, logits="last",
+                             method=KeptVisualTokens(selection.keep.repeat_interleave(num, 0), prune_ratio),
+                             visual_inputs=(selection.kept_features.repeat_interleave(num, 0), ()))
+        confidence = torch.log_softmax(out.logits.float(), -1).max(-1).values.reshape(-1, num)
+        text = prompt_text_tokens(spliced.input_ids, spliced.attention_mask, self.image_token_id).tolist()
+        flops = [llm_prefill_flops(self.llm_shape, float(n), visual, "exact", include_lm_head=True)
+                 for n, visual in zip(text, out.visual_tokens_per_layer.tolist())]
+        per_sample = torch.tensor(flops, dtype=torch.float64).reshape(-1, num).sum(1)
+        return confidence.argmax(-1), per_sample.float().to(ids.device)
 
     def frozen_weights_needed(self) -> list[str]:
         """The DPO reference, once copied at the stage-2 start: it cannot be copied again later."""
@@ -966,8 +998,8 @@ class ACCMCompensation(Compensation):
                                                                                        device=device))
         encoder = torch.zeros(input_lengths.shape, dtype=torch.float64)
         if self.selector_encoder == "language_model":
-            zeros = [0.0] * self.encoder_shape.num_layers
-            encoder = torch.tensor([[llm_prefill_flops(self.encoder_shape, float(n), zeros, "exact") for n in row]
+            zeros = [0.0] * self.llm_shape.num_layers
+            encoder = torch.tensor([[llm_prefill_flops(self.llm_shape, float(n), zeros, "exact") for n in row]
                                     for row in input_lengths.tolist()], dtype=torch.float64)
         elif self.selector_encoder == "clip_text":
             encoder = torch.tensor([[self.text_encoder.flops(n) for n in row] for row in input_lengths.tolist()],

@@ -212,8 +212,8 @@ def test_a_language_model_selector_encoder_costs_its_exact_prefill(setup):
     lengths = torch.tensor([[5, 9], [7, 7]])
     cheap = make_plugin(engine, tokenizer).selector_flops(lengths)
     plugin = make_plugin(engine, tokenizer, selector_encoder="language_model")
-    zeros = [0.0] * plugin.encoder_shape.num_layers
-    prefill = torch.tensor([[llm_prefill_flops(plugin.encoder_shape, float(n), zeros, "exact") for n in row]
+    zeros = [0.0] * plugin.llm_shape.num_layers
+    prefill = torch.tensor([[llm_prefill_flops(plugin.llm_shape, float(n), zeros, "exact") for n in row]
                             for row in lengths.tolist()], dtype=torch.float64).sum(1)
     torch.testing.assert_close(plugin.selector_flops(lengths).double(), cheap.double() + prefill)
 

@@ -91,3 +91,19 @@ def test_a_pair_is_left_out_without_both_answer_files_or_when_rcp_missed_its_bud
     out = tmp_path / "results.md"
     run_report(run, out)
     assert list(paired_rows(out.read_text())) == ["accm vs accm_random", "accm vs accm_prune_only"]
+
+
+def test_the_label_free_picks_are_compared_with_the_selectors_pick_when_swept(run_dir, tmp_path):  # noqa: F811
+    run = with_answers(run_dir)
+    accm = run / "accm_r0.969/run/answers"
+    write_answers(accm / "accm_top_beam_r0.969.jsonl", [0, 1, 2], "accm_top_beam@r=0.969")
+    write_answers(accm / "accm_confidence_r0.969.jsonl", [0, 1, 2, 3, 4, 5, 6, 7], "accm_confidence@r=0.969")
+    out = tmp_path / "results.md"
+    run_report(run, out)
+    rows = paired_rows(out.read_text())
+    assert list(rows)[-2:] == ["accm_top_beam vs accm", "accm_confidence vs accm"]
+    # the selector's pick is right on 0-3
+    assert rows["accm_top_beam vs accm"][2:5] == ["0.500", "0.375", "-12.5"]
+    assert rows["accm_top_beam vs accm"][6:8] == ["1", "0"]
+    assert rows["accm_confidence vs accm"][2:5] == ["0.500", "1.000", "+50.0"]
+    assert rows["accm_confidence vs accm"][6:8] == ["0", "4"]
