@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: 
 
 from callbacks.requeue import SlurmRequeue  # noqa: E402
 from callbacks.resume import ResumableDataOrder, resume_checkpoint  # noqa: E402
+from callbacks.training_monitor import TrainingMonitor  # noqa: E402
 from lightning_modules.strategies import AtomicCheckpointIO  # noqa: E402
 from lvlm_prune.archives import torch_archive_problem  # noqa: E402
 
@@ -42,6 +43,8 @@ class LVLMPruneCLI(LightningCLI):
       mid-epoch, checkpoint files are written atomically, and `fit --ckpt_path auto` resumes from the newest
       of the SLURM requeue checkpoint and `last.ckpt` (or starts fresh when there is none); `validate`, `test`
       and `predict` take `auto` too (and stop when there is none).
+    - `TrainingMonitor` (`--monitor.*`) logs the learning rates and the training speed (samples and tokens per
+      second, seconds per step) every `log_every_n_steps` steps.
     - Under SLURM, `SlurmRequeue` takes over Lightning's auto-requeue: it checkpoints at a batch boundary after the
       requeue signal, not inside the signal handler.
     """
@@ -57,6 +60,7 @@ class LVLMPruneCLI(LightningCLI):
         parser.add_lightning_class_args(TQDMProgressBar, "progress_bar")
         parser.set_defaults({"progress_bar.refresh_rate": 10})
         parser.add_lightning_class_args(ResumableDataOrder, "data_order")
+        parser.add_lightning_class_args(TrainingMonitor, "monitor")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the parsed model settings with the hyperparameters saved in a `--ckpt_path` file, so a

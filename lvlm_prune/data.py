@@ -55,7 +55,7 @@ class VQACollator:
     """Builds two layouts per batch from a `LlavaProcessor`:
 
     - teacher-forced (`input_ids`, `attention_mask`, `position_ids`, `labels`), right-padded, labels on the
-      answer tokens + EOS only;
+      answer tokens + EOS only; `num_tokens` counts its real positions (for throughput logs);
     - generation prompts (`prompt_input_ids`, `prompt_attention_mask`), left-padded, ending at `ASSISTANT:`.
 
     `attention_mask` of the teacher-forced layout also hides the visual tokens an example asks to hide;
@@ -127,8 +127,10 @@ class VQACollator:
         if input_ids.shape[1] > self.max_length:
             input_ids, attention_mask, labels = self._truncate(input_ids, attention_mask, labels, examples)
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        num_tokens = int(attention_mask.sum())  # hidden visual tokens are still computed: counted
         attention_mask = self._hide_visual(input_ids, attention_mask, examples)
-        batch.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
+        batch.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                     num_tokens=num_tokens)
         if any(e.evidence for e in examples):
             batch["grounding"] = self._grounding(input_ids, attention_mask, examples, answer_starts)
         if self.pack_length is not None:
@@ -264,6 +266,8 @@ def pack_teacher_forced(batch: dict[str, Any], row_length: int, pad_token_id: in
         allowed[r, 0, tail, tail] = True
     packed = {key: [batch[key][i] for i in order] for key in EXAMPLE_KEYS if key in batch}
     packed.update(input_ids=packed_ids, position_ids=positions, labels=labels, attention_mask=allowed, packed_rows=rows)
+    if "num_tokens" in batch:
+        packed["num_tokens"] = batch["num_tokens"]
     pixels = batch["pixel_values"]
     if "image_examples" in batch:  # some examples are text-only: the images follow the ones that have them
         image_of = {example: k for k, example in enumerate(batch["image_examples"])}

@@ -94,6 +94,18 @@ def test_a_batch_where_only_some_examples_have_answers_gets_the_generation_layou
     assert "labels" not in batch and "input_ids" not in batch
 
 
+def test_num_tokens_counts_every_real_position_hidden_visual_tokens_included():
+    make = collator(image_size=32, pack_length=None)
+    examples = [example("a", image_size=32, hidden_visual_fraction=0.5),
+                example("b", image_size=32, extra_turns=(("is it a circle ?", "no"),))]
+    batch = make(examples)
+    assert hidden_visual(batch, make.image_token_id)  # some visual tokens of 'a' are hidden ...
+    lengths = (batch["position_ids"].argmax(1) + 1).tolist()
+    assert batch["num_tokens"] == sum(lengths) > int(batch["attention_mask"].sum())  # ... and still counted
+    packed = collator(image_size=32, pack_length=256)(examples)
+    assert packed["num_tokens"] == sum(lengths)
+
+
 # --- pack_teacher_forced
 
 

@@ -1,8 +1,10 @@
 """DDP on CPU (gloo, 2 processes) against 1 process on the same data: validation accuracy and the sweep's
 accuracies are reduced over the processes (they equal the 1-process ones), the sweep writes its files once, and a
-non-finite loss on one rank skips the step on both without moving the (still identical) plug-in weights."""
+non-finite loss on one rank skips the step on both without moving the (still identical) plug-in weights; the logged
+training speed sums the ranks'."""
 
 import json
+import statistics
 
 import pytest
 import yaml
@@ -43,6 +45,13 @@ def validation_accuracy(run_dir):
     return [float(row["val/acc"]) for row in metric_rows(run_dir) if row.get("val/acc")]
 
 
+def samples_per_step(run_dir):
+    """TrainingMonitor's samples per second (summed over ranks) times its seconds per step (their mean): the global
+    batch when the ranks' steps take the same time, as DDP's gradient all-reduce makes them."""
+    rows = [row for row in metric_rows(run_dir) if row.get("train/samples_per_second")]
+    return statistics.median(float(r["train/samples_per_second"]) * float(r["train/seconds_per_step"]) for r in rows)
+
+
 def test_two_process_metrics_equal_one_process_metrics(tiny_base_dir, tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
     cli_main(["fit", "--config", str(oracle_experiment(single, tiny_base_dir))])
@@ -63,3 +72,6 @@ def test_two_process_metrics_equal_one_process_metrics(tiny_base_dir, tmp_path):
     checksums = {entry["step"]: entry["checksum"] for entry in ranks[0]}
     assert checksums[2] == checksums[1] != checksums[3]  # step 1 (NaN on rank 1 only) was skipped on both ranks
     assert "non-finite loss on another rank at step 1" in output and "non-finite loss at step 1" in output
+    # the training speed is the two ranks' together
+    assert samples_per_step(single) == pytest.approx(8)
+    assert samples_per_step(double) == pytest.approx(16, rel=0.25)

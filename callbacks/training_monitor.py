@@ -1,0 +1,113 @@
+"""Learning rate and training speed in the run's logs, beside the losses."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def batch_samples(batch: Any) -> int:
+    """Examples in a collated batch: its question ids (a packed batch holds several examples per row), else rows."""
+    if isinstance(batch, dict):
+        if isinstance(batch.get("question_ids"), (list, tuple)):
+            return len(batch["question_ids"])
+        if isinstance(batch.get("input_ids"), torch.Tensor):
+            return int(batch["input_ids"].shape[0])
+    return 0
+
+
+def batch_tokens(batch: Any) -> int:
+    """Real sequence positions the LLM computes in a batch (prompt, visual and answer tokens; padding left out):
+    the collator's count, else the 2-D attention mask's, else 0."""
+    if not isinstance(batch, dict):
+        return 0
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else 0
+
+
+class TrainingMonitor(L.Callback):
+    """Logs, every `trainer.log_every_n_steps` optimizer steps, the learning rate the last step used (`train/lr`;
+    per parameter group, `train/lr/<group name or group<i>>`, when the groups' rates differ) and the training speed
+    over the steps since the last log: `train/seconds_per_step` (mean over ranks), and `train/samples_per_second`
+    and `train/tokens_per_second` summed over ranks. The speed counts the data loader's time and leaves validation
+    out; an accumulation window is one step.
+
+    Args:
+        learning_rate: log the learning rates.
+        speed: log the training speed (three scalar all-reduces per log under DDP / DeepSpeed).
+    """
+
+    def __init__(self, learning_rate: bool = True, speed: bool = True):
+        self.learning_rate = learning_rate
+        self.speed = speed
+        self._reset_window()
+        self._paused_at: float | None = None
+        self._rates: dict[str, float] = {}
+        self._last_step = 0
+
+    def _reset_window(self) -> None:
+        self._started = time.perf_counter()
+        self._samples = 0
+        self._tokens = 0
+        self._steps = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset_window()
+        self._last_step = trainer.global_step
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._paused_at = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._paused_at is not None:
+            self._started += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.learning_rate:  # the rates this batch's step uses (a scheduler steps right after it)
+            self._rates = self.learning_rates(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._samples += batch_samples(batch)
+        self._tokens += batch_tokens(batch)
+        if trainer.global_step == self._last_step:  # inside an accumulation window (or a skipped step)
+            return
+        self._steps += trainer.global_step - self._last_step
+        self._last_step = trainer.global_step
+        if trainer.global_step % max(trainer.log_every_n_steps, 1):
+            return
+        if self.learning_rate:
+            for name, value in self._rates.items():
+                pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+        if self.speed:
+            seconds = max(time.perf_counter() - self._started, 1e-9)
+            pl_module.log("train/seconds_per_step", seconds / self._steps, on_step=True, on_epoch=False,
+                          batch_size=1, sync_dist=True)
+            for name, count in (("train/samples_per_second", self._samples), ("train/tokens_per_second", self._tokens)):
+                pl_module.log(name, count / seconds, on_step=True, on_epoch=False, batch_size=1, sync_dist=True,
+                              reduce_fx="sum")
+        self._reset_window()
+
+    @staticmethod
+    def learning_rates(trainer: L.Trainer) -> dict[str, float]:
+        """The current learning rates: one per optimizer whose groups share it (weight decay and no-decay groups
+        on one schedule), else one per group, named by the group's 'name' when it has one."""
+        rates: dict[str, float] = {}
+        optimizers = trainer.optimizers
+        for k, optimizer in enumerate(optimizers):
+            prefix = "train/lr" + (f"/optimizer{k}" if len(optimizers) > 1 else "")
+            groups = optimizer.param_groups
+            if len({float(group["lr"]) for group in groups}) <= 1:
+                if groups:
+                    rates[prefix] = float(groups[0]["lr"])
+                continue
+            for i, group in enumerate(groups):
+                rates[f"{prefix}/{group.get('name', f'group{i}')}"] = float(group["lr"])
+        return rates
