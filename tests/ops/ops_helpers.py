@@ -204,11 +204,16 @@ def run_cli(args: list[str], timeout: float = 120, env: dict[str, str] | None = 
     return output
 
 
-def metric_rows(run_dir: Path) -> list[dict[str, str]]:
+# TrainingMonitor's wall-clock measures: the only logged values two runs of the same steps do not share
+SPEED_COLUMNS = ("train/seconds_per_step", "train/samples_per_second", "train/tokens_per_second")
+
+
+def metric_rows(run_dir: Path, speed: bool = False) -> list[dict[str, str]]:
     """Rows of the CSV logger's metrics file, without Lightning's epoch column (a resumed run counts epochs
-    differently when it resumes from an epoch's last batch)."""
+    differently when it resumes from an epoch's last batch) and, unless `speed`, without the training speed."""
+    left_out = {"epoch"} | (set() if speed else set(SPEED_COLUMNS))
     with open(run_dir / "logs" / "run" / "metrics.csv") as handle:
-        return [{k: v for k, v in row.items() if k != "epoch"} for row in csv.DictReader(handle)]
+        return [{k: v for k, v in row.items() if k not in left_out} for row in csv.DictReader(handle)]
 
 
 @pytest.fixture(scope="session")

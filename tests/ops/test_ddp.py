@@ -48,7 +48,7 @@ def validation_accuracy(run_dir):
 def samples_per_step(run_dir):
     """TrainingMonitor's samples per second (summed over ranks) times its seconds per step (their mean): the global
     batch when the ranks' steps take the same time, as DDP's gradient all-reduce makes them."""
-    rows = [row for row in metric_rows(run_dir) if row.get("train/samples_per_second")]
+    rows = [row for row in metric_rows(run_dir, speed=True) if row.get("train/samples_per_second")]
     return statistics.median(float(r["train/samples_per_second"]) * float(r["train/seconds_per_step"]) for r in rows)
 
 
