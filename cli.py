@@ -43,8 +43,8 @@ class LVLMPruneCLI(LightningCLI):
       mid-epoch, checkpoint files are written atomically, and `fit --ckpt_path auto` resumes from the newest
       of the SLURM requeue checkpoint and `last.ckpt` (or starts fresh when there is none); `validate`, `test`
       and `predict` take `auto` too (and stop when there is none).
-    - `TrainingMonitor` (`--monitor.*`) logs the learning rates and the training speed (samples and tokens per
-      second, seconds per step) every `log_every_n_steps` steps.
+    - `TrainingMonitor` (`--monitor.*`) logs the learning rates, the gradient norm and the training speed (samples
+      and tokens per second, seconds per step) every `log_every_n_steps` steps.
     - Under SLURM, `SlurmRequeue` takes over Lightning's auto-requeue: it checkpoints at a batch boundary after the
       requeue signal, not inside the signal handler.
     """

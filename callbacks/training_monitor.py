@@ -35,16 +35,21 @@ class TrainingMonitor(L.Callback):
     per parameter group, `train/lr/<group name or group<i>>`, when the groups' rates differ) and the training speed
     over the steps since the last log: `train/seconds_per_step` (mean over ranks), and `train/samples_per_second`
     and `train/tokens_per_second` summed over ranks. The speed counts the data loader's time and leaves validation
-    out; an accumulation window is one step.
+    out; an accumulation window is one step. `train/grad_norm` is the L2 norm of all trainable gradients of the
+    logged step before clipping (after DDP's all-reduce; under DeepSpeed, which keeps gradients in its own
+    partitions, the engine's global norm).
 
     Args:
         learning_rate: log the learning rates.
         speed: log the training speed (three scalar all-reduces per log under DDP / DeepSpeed).
+        grad_norm: log the gradient norm.
     """
 
-    def __init__(self, learning_rate: bool = True, speed: bool = True):
+    def __init__(self, learning_rate: bool = True, speed: bool = True, grad_norm: bool = True):
         self.learning_rate = learning_rate
         self.speed = speed
+        self.grad_norm = grad_norm
+        self._grad_norm: torch.Tensor | None = None
         self._reset_window()
         self._paused_at: float | None = None
         self._rates: dict[str, float] = {}
@@ -73,6 +78,13 @@ class TrainingMonitor(L.Callback):
         if self.learning_rate:  # the rates this batch's step uses (a scheduler steps right after it)
             self._rates = self.learning_rates(trainer)
 
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if not self.grad_norm or (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1):
+            return  # computed on the steps that are logged only
+        norms = [torch.linalg.vector_norm(p.grad.detach().float()) for group in optimizer.param_groups
+                 for p in group["params"] if p.grad is not None]
+        self._grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._samples += batch_samples(batch)
@@ -86,6 +98,14 @@ class TrainingMonitor(L.Callback):
         if self.learning_rate:
             for name, value in self._rates.items():
                 pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+        if self.grad_norm:
+            norm = self._grad_norm
+            engine = getattr(trainer.strategy, "deepspeed_engine", None) if norm is None else None
+            if engine is not None and engine.get_global_grad_norm() is not None:
+                norm = torch.as_tensor(float(engine.get_global_grad_norm()))
+            if norm is not None:
+                pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+            self._grad_norm = None
         if self.speed:
             seconds = max(time.perf_counter() - self._started, 1e-9)
             pl_module.log("train/seconds_per_step", seconds / self._steps, on_step=True, on_epoch=False,

@@ -103,11 +103,11 @@ def test_an_accumulation_window_is_one_step(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("learning_rate", [True, False])
 def test_settings_turn_each_part_off(tmp_path, monkeypatch, learning_rate):
-    rows = logged_rows(tmp_path, monkeypatch, TrainingMonitor(learning_rate=learning_rate, speed=not learning_rate),
-                       max_steps=2, log_every_n_steps=1, limit_val_batches=0)
+    monitor = TrainingMonitor(learning_rate=learning_rate, speed=not learning_rate, grad_norm=not learning_rate)
+    rows = logged_rows(tmp_path, monkeypatch, monitor, max_steps=2, log_every_n_steps=1, limit_val_batches=0)
     columns = {k for row in rows for k in row}
     assert ("train/lr/group0" in columns) == learning_rate
-    assert ("train/samples_per_second" in columns) == (not learning_rate)
+    assert ("train/samples_per_second" in columns) == ("train/grad_norm" in columns) == (not learning_rate)
 
 
 def test_groups_sharing_a_rate_log_one_and_several_optimizers_are_named():
@@ -152,3 +152,36 @@ def test_the_cli_logs_them_for_the_bases_packed_batches(tmp_path):
     # more tokens per example than its 16 visual ones, fewer than a packed row holds
     per_example = [t / s for t, s in zip(scalars["train/tokens_per_second"], scalars["train/samples_per_second"])]
     assert all(16 < n < cli.datamodule.hparams.pack_length for n in per_example)
+
+
+class KnownGradient(Tiny):
+    """Loss (s + 1) ((3, 4) . w + 12 v) at step s: that step's gradient has norm 13 (s + 1), over two parameters."""
+
+    def __init__(self, clock):
+        super().__init__(clock)
+        self.weight = torch.nn.Parameter(torch.zeros(2))
+        self.other = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        self.clock.now += 1.0
+        linear = (self.weight * torch.tensor([3.0, 4.0])).sum() + 12.0 * self.other.sum()
+        return (self.global_step + 1) * linear + 0.0 * self.layer(batch["x"]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_gradient_norm_is_the_logged_steps_before_clipping(tmp_path, monkeypatch, accumulate):
+    clock = FakeClock()
+    monkeypatch.setattr(training_monitor.time, "perf_counter", clock)
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=CSVLogger(tmp_path, name="run", version=0),
+                        callbacks=[TrainingMonitor()], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, max_steps=4, log_every_n_steps=2, limit_val_batches=0,
+                        gradient_clip_val=0.5, accumulate_grad_batches=accumulate)
+    trainer.fit(KnownGradient(clock))
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        norms = [float(row["train/grad_norm"]) for row in csv.DictReader(f) if row.get("train/grad_norm")]
+    # logged after steps 2 and 4, which ran at s = 1 and 3; Lightning divides each micro-batch's loss by the
+    # window's length, so a window's gradient is one micro-batch's
+    assert norms == [pytest.approx(26.0), pytest.approx(52.0)]

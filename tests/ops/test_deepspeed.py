@@ -45,6 +45,16 @@ def test_zero2_one_process_checkpoint_export_resume_and_wrong_base(tiny_base_dir
     config = str(tiny_experiment(run_dir, tiny_base_dir, max_steps=4, limit_val_batches=1))
     run_cli(["fit", "--config", config, "--config", ZERO2, "--checkpoint.every_n_train_steps", "2"], timeout=180)
 
+    # DeepSpeed keeps the gradients in its own buffers: the logged norm is its engine's, one per step
+    norms = [float(r["train/grad_norm"]) for r in metric_rows(run_dir) if r.get("train/grad_norm")]
+    assert len(norms) == 4 and all(0 < norm < float("inf") for norm in norms), norms
+    # ... the same norm as the one computed from the gradients without DeepSpeed, at the same first step
+    plain_dir = tmp_path / "plain"
+    run_cli(["fit", "--config", str(tiny_experiment(plain_dir, tiny_base_dir, max_steps=1, limit_val_batches=0))],
+            timeout=180)
+    (plain,) = [float(r["train/grad_norm"]) for r in metric_rows(plain_dir) if r.get("train/grad_norm")]
+    assert norms[0] == pytest.approx(plain, rel=1e-4)
+
     checkpoint = run_dir / "logs" / "run" / "checkpoints" / "last.ckpt"
     assert checkpoint.is_dir()
     # written into a staging directory that then replaced the previous save; neither is left behind
