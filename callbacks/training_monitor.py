@@ -31,13 +31,18 @@ def batch_tokens(batch: Any) -> int:
 
 
 class TrainingMonitor(L.Callback):
-    """Logs, every `trainer.log_every_n_steps` optimizer steps, the learning rate the last step used (`train/lr`;
-    per parameter group, `train/lr/<group name or group<i>>`, when the groups' rates differ) and the training speed
-    over the steps since the last log: `train/seconds_per_step` (mean over ranks), and `train/samples_per_second`
-    and `train/tokens_per_second` summed over ranks. The speed counts the data loader's time and leaves validation
-    out; an accumulation window is one step. `train/grad_norm` is the L2 norm of all trainable gradients of the
-    logged step before clipping (after DDP's all-reduce; under DeepSpeed, which keeps gradients in its own
-    partitions, the engine's global norm).
+    """Logs, every `trainer.log_every_n_steps` optimizer steps (Lightning's count: with manual optimisation every
+    `optimizer.step()` call is one), the learning rate the last step used (`train/lr`; per parameter group,
+    `train/lr/<group name or group<i>>`, when the groups' rates differ), that step's gradient norm and the training
+    speed over the steps since the last log.
+
+    - `train/grad_norm`: the L2 norm of the trainable gradients the optimizer stepped with, before clipping (after
+      DDP's all-reduce; under DeepSpeed, which keeps gradients in its own partitions, the engine's global norm).
+      NaN for a step that was skipped (no optimizer step: a non-finite loss or gradient).
+    - `train/seconds_per_step` (mean over ranks), `train/samples_per_second` and `train/tokens_per_second` (summed
+      over ranks). Tokens are the data's: the real positions of the batches' sequences (`num_tokens`), not the
+      extra passes a plug-in's objective runs (RCP's teacher, ACCM's KL ranking). The data loader's and checkpoint
+      saving's time count, validation's does not; an accumulation window is one step.
 
     Args:
         learning_rate: log the learning rates.
@@ -54,6 +59,7 @@ class TrainingMonitor(L.Callback):
         self._paused_at: float | None = None
         self._rates: dict[str, float] = {}
         self._last_step = 0
+        self._engine_steps: int | None = None
 
     def _reset_window(self) -> None:
         self._started = time.perf_counter()
@@ -77,9 +83,11 @@ class TrainingMonitor(L.Callback):
                              batch_idx: int) -> None:
         if self.learning_rate:  # the rates this batch's step uses (a scheduler steps right after it)
             self._rates = self.learning_rates(trainer)
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        self._engine_steps = getattr(engine, "global_steps", None)  # did this batch's step run? (DeepSpeed)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        if not self.grad_norm or (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1):
+        if not self.grad_norm or not trainer.log_every_n_steps or (trainer.global_step + 1) % trainer.log_every_n_steps:
             return  # computed on the steps that are logged only
         norms = [torch.linalg.vector_norm(p.grad.detach().float()) for group in optimizer.param_groups
                  for p in group["params"] if p.grad is not None]
@@ -93,19 +101,14 @@ class TrainingMonitor(L.Callback):
             return
         self._steps += trainer.global_step - self._last_step
         self._last_step = trainer.global_step
-        if trainer.global_step % max(trainer.log_every_n_steps, 1):
+        if not trainer.log_every_n_steps or trainer.global_step % trainer.log_every_n_steps:
             return
         if self.learning_rate:
             for name, value in self._rates.items():
                 pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
         if self.grad_norm:
-            norm = self._grad_norm
-            engine = getattr(trainer.strategy, "deepspeed_engine", None) if norm is None else None
-            if engine is not None and engine.get_global_grad_norm() is not None:
-                norm = torch.as_tensor(float(engine.get_global_grad_norm()))
-            if norm is not None:
-                pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
-            self._grad_norm = None
+            pl_module.log("train/grad_norm", self._logged_step_grad_norm(trainer), on_step=True, on_epoch=False,
+                          batch_size=1)
         if self.speed:
             seconds = max(time.perf_counter() - self._started, 1e-9)
             pl_module.log("train/seconds_per_step", seconds / self._steps, on_step=True, on_epoch=False,
@@ -114,6 +117,15 @@ class TrainingMonitor(L.Callback):
                 pl_module.log(name, count / seconds, on_step=True, on_epoch=False, batch_size=1, sync_dist=True,
                               reduce_fx="sum")
         self._reset_window()
+
+    def _logged_step_grad_norm(self, trainer: L.Trainer) -> torch.Tensor:
+        norm, self._grad_norm = self._grad_norm, None
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        if norm is None and engine is not None and getattr(engine, "global_steps", None) != self._engine_steps:
+            engine_norm = engine.get_global_grad_norm()
+            norm = None if engine_norm is None else torch.as_tensor(float(engine_norm))
+        # a skipped step logs NaN: Lightning would otherwise repeat the last logged value in this step's row
+        return norm if norm is not None else torch.tensor(float("nan"))
 
     @staticmethod
     def learning_rates(trainer: L.Trainer) -> dict[str, float]:

@@ -36,7 +36,10 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     picks its CPU accelerator. On every device, torchmetrics states keep their dtype when the module is cast to
     the training precision, and 0-dim parameters (which DeepSpeed cannot broadcast) are refused by name.
     With `exclude_frozen_parameters=True` (the presets) checkpoints hold no frozen weights, and loading one checks
-    strictly that every trainable parameter is in it while the frozen ones come from the model as built.
+    strictly that every trainable parameter is in it while the frozen ones come from the model as built. With
+    gradient accumulation the loss is divided by the window's length once, as without DeepSpeed: Lightning's
+    closure divides it and the stock strategy lets DeepSpeed's backward divide it again, which leaves gradients,
+    their norm and the clipping threshold's effect 1/k of a DDP run's.
     Takes every argument of `DeepSpeedStrategy` (`stage`, `offload_optimizer`, `exclude_frozen_parameters`, ...).
     """
 
@@ -61,6 +64,11 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     def setup(self, trainer) -> None:
         self.precision_plugin.convert_module = _convert_module_keeping_metric_states(self.precision_plugin.precision)
         super().setup(trainer)
+
+    def backward(self, closure_loss: torch.Tensor, optimizer, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Lightning's closure has already divided the loss by accumulate_grad_batches (automatic optimisation)
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
         scalars = [name for name, p in model.named_parameters() if p.dim() == 0]

@@ -4,6 +4,7 @@ validation time left out, accumulation windows counted as one step."""
 from __future__ import annotations
 
 import csv
+import math
 
 import lightning as L
 import pytest
@@ -185,3 +186,26 @@ def test_the_gradient_norm_is_the_logged_steps_before_clipping(tmp_path, monkeyp
     # logged after steps 2 and 4, which ran at s = 1 and 3; Lightning divides each micro-batch's loss by the
     # window's length, so a window's gradient is one micro-batch's
     assert norms == [pytest.approx(26.0), pytest.approx(52.0)]
+
+
+class SkipsStepOne(KnownGradient):
+    """Runs the closure but no optimizer step at step 1, as the compensation module does for a non-finite loss."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        if self.global_step == 1:
+            optimizer_closure()
+            return
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+
+def test_a_skipped_step_logs_a_nan_gradient_norm_not_the_last_one(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(training_monitor.time, "perf_counter", clock)
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=CSVLogger(tmp_path, name="run", version=0),
+                        callbacks=[TrainingMonitor()], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, max_steps=3, log_every_n_steps=1, limit_val_batches=0)
+    trainer.fit(SkipsStepOne(clock))
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        norms = [float(row["train/grad_norm"]) for row in csv.DictReader(f) if row.get("train/grad_norm")]
+    assert len(norms) == 3 and math.isnan(norms[1])
+    assert norms[0] == pytest.approx(13.0) and norms[2] == pytest.approx(39.0)

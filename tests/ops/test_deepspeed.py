@@ -5,6 +5,7 @@ refuses a different base. The first DeepSpeed run on a machine JIT-compiles a co
 .torch_extensions/)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -89,6 +90,19 @@ def test_zero2_one_process_checkpoint_export_resume_and_wrong_base(tiny_base_dir
     assert "does not fit this model: missing ['compensation." in other and ".3." in other.split("missing", 1)[1]
 
 
+def test_zero2_gradient_accumulation_divides_the_loss_once(tiny_base_dir, tmp_path):
+    """Lightning's closure divides each micro-batch's loss by the window's length; the stock strategy lets
+    DeepSpeed's backward divide it again (gradients, their norm and clipping at 1/k of a DDP run's)."""
+    norms = {}
+    for name, extra in (("plain", []), ("zero2", ["--config", ZERO2])):
+        run_dir = tmp_path / name
+        config = str(tiny_experiment(run_dir, tiny_base_dir, max_steps=2, limit_val_batches=0))
+        run_cli(["fit", "--config", config, *extra, "--trainer.accumulate_grad_batches", "2"], timeout=180)
+        norms[name] = [float(r["train/grad_norm"]) for r in metric_rows(run_dir) if r.get("train/grad_norm")]
+    assert len(norms["plain"]) == 2
+    assert norms["zero2"][0] == pytest.approx(norms["plain"][0], rel=1e-4)
+
+
 def test_zero3_two_processes_partition_the_base_train_validate_skip_export_and_resume(tiny_base_dir, tmp_path):
     run_dir = tmp_path / "run"
     config = str(tiny_experiment(run_dir, tiny_base_dir, max_steps=4, limit_val_batches=1))
@@ -113,6 +127,10 @@ def test_zero3_two_processes_partition_the_base_train_validate_skip_export_and_r
               if r["train/repair"] and not r["train/skipped_steps"]}
     assert sorted(repair) == [0, 2, 3] and all(0 < value < float("inf") for value in repair.values()), repair
     assert [r for r in rows if r.get("val/avg_visual_tokens")], "no validation (generation under ZeRO-3) was logged"
+    # the engine's norm for every step it took, NaN for the skipped one (its norm is the step before's)
+    norms = {int(r["step"]): float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")}
+    assert sorted(norms) == [0, 1, 2, 3] and math.isnan(norms[1]), norms
+    assert all(0 < norms[step] < float("inf") for step in (0, 2, 3)), norms
     ranks = [[json.loads(line) for line in (run_dir / f"checksums.{rank}.jsonl").read_text().splitlines()]
              for rank in (0, 1)]
     checksums = {entry["step"]: entry["checksum"] for entry in ranks[0]}
