@@ -1,4 +1,4 @@
-"""Learning rate and training speed in the run's logs, beside the losses."""
+"""Learning rate, gradient norm and training speed in the run's logs, beside the losses."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def batch_samples(batch: Any) -> int:
 
 
 def batch_tokens(batch: Any) -> int:
-    """Real sequence positions the LLM computes in a batch (prompt, visual and answer tokens; padding left out):
-    the collator's count, else the 2-D attention mask's, else 0."""
+    """The data's real sequence positions in a batch (prompt, visual and answer tokens; padding left out): the
+    collator's count, else the 2-D attention mask's, else 0."""
     if not isinstance(batch, dict):
         return 0
     if "num_tokens" in batch:
@@ -87,7 +87,8 @@ class TrainingMonitor(L.Callback):
         self._engine_steps = getattr(engine, "global_steps", None)  # did this batch's step run? (DeepSpeed)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        if not self.grad_norm or not trainer.log_every_n_steps or (trainer.global_step + 1) % trainer.log_every_n_steps:
+        every = trainer.log_every_n_steps
+        if not self.grad_norm or not every or (trainer.global_step + 1) % every:
             return  # computed on the steps that are logged only
         norms = [torch.linalg.vector_norm(p.grad.detach().float()) for group in optimizer.param_groups
                  for p in group["params"] if p.grad is not None]
