@@ -30,16 +30,17 @@ def _remove(path: Path) -> None:
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeed strategy that also runs on CPU processes (gloo), for tests and CPU clusters.
 
-    On a CUDA accelerator it behaves as the stock `DeepSpeedStrategy`. On CPU three stock steps assume a CUDA
-    device and are replaced: the accelerator check, the device-index check (a CPU device has no index) and the
-    device rank passed to `deepspeed.initialize` (for training and for validate / test / predict). Set `DS_ACCELERATOR=cpu` before launching so DeepSpeed itself
-    picks its CPU accelerator. On every device, torchmetrics states keep their dtype when the module is cast to
-    the training precision, and 0-dim parameters (which DeepSpeed cannot broadcast) are refused by name.
-    With `exclude_frozen_parameters=True` (the presets) checkpoints hold no frozen weights, and loading one checks
-    strictly that every trainable parameter is in it while the frozen ones come from the model as built. With
-    gradient accumulation the loss is divided by the window's length once, as without DeepSpeed: Lightning's
-    closure divides it and the stock strategy lets DeepSpeed's backward divide it again, which leaves gradients,
-    their norm and the clipping threshold's effect 1/k of a DDP run's.
+    On a CUDA accelerator it behaves as the stock `DeepSpeedStrategy` but for gradient accumulation (below). On CPU
+    three stock steps assume a CUDA device and are replaced: the accelerator check, the device-index check (a CPU
+    device has no index) and the device rank passed to `deepspeed.initialize` (for training and for validate / test
+    / predict). Set `DS_ACCELERATOR=cpu` before launching so DeepSpeed itself picks its CPU accelerator. On every
+    device, torchmetrics states keep their dtype when the module is cast to the training precision, and 0-dim
+    parameters (which DeepSpeed cannot broadcast) are refused by name. With `exclude_frozen_parameters=True` (the
+    presets) checkpoints hold no frozen weights, and loading one checks strictly that every trainable parameter is
+    in it while the frozen ones come from the model as built. With gradient accumulation the loss is divided by the
+    window's length once, as without DeepSpeed: Lightning's closure divides it and the stock strategy lets
+    DeepSpeed's backward divide it again, which leaves gradients, their norm and the clipping threshold's effect at
+    1/k of a DDP run's.
     Takes every argument of `DeepSpeedStrategy` (`stage`, `offload_optimizer`, `exclude_frozen_parameters`, ...).
     """
 
