@@ -61,8 +61,9 @@ from lvlm_prune.modeling.prompt import IMAGE_PLACEHOLDER, get_template
 from lvlm_prune.runner import GenerationResult, prompt_text_tokens
 
 VARIANT_MODES = {"accm": "selector", "accm_oracle": "oracle", "accm_random": "random", "accm_prune_only": "prune_only",
-                 "accm_top_beam": "top_beam", "accm_confidence": "confidence"}
-MODES = ("selector", "oracle", "random", "prune_only", "top_beam", "confidence")
+                 "accm_top_beam": "top_beam", "accm_confidence": "confidence",
+                 "accm_confidence_gate": "confidence_gate"}
+MODES = ("selector", "oracle", "random", "prune_only", "top_beam", "confidence", "confidence_gate")
 VISION_SELECTIONS = ("prumerge", "random", "pool", "visionzip")
 SELECTOR_ENCODERS = ("embeddings", "language_model", "clip_text")
 # settings a pretrained caption decoder fixes, with the key of its config.json
@@ -431,7 +432,8 @@ class ACCMCompensation(Compensation):
         'accm_prune_only' (the vision-side pruning alone), and two label-free picks that need no training of the
         selector: 'accm_top_beam' (the caption model's own first candidate) and 'accm_confidence' (the candidate
         whose spliced prompt the frozen LVLM, on the kept tokens, answers most confidently; M extra prefills,
-        counted)."""
+        counted), and 'accm_confidence_gate', the same with the prompt without a caption as one more option (M + 1
+        prefills), so that a sample whose kept tokens answer more surely alone gets no caption."""
         return list(VARIANT_MODES)
 
     # ------------------------------------------------------------------ modules
@@ -892,9 +894,10 @@ class ACCMCompensation(Compensation):
         variant: str | None = None,
     ) -> GenerationResult:
         """Prune -> M candidates -> pick (selector / oracle / random / top beam / confidence) -> splice into the
-        left-padded prompt -> greedy answer on the kept visual tokens. 'prune_only' skips the caption.
-        `plugin_flops` holds 'caption_model', 'selector' for the selector's pick and 'confidence' for the M scoring
-        prefills of the confidence pick (the oracle's KL passes are analysis, not counted)."""
+        left-padded prompt -> greedy answer on the kept visual tokens. 'prune_only' skips the caption, and the
+        confidence gate may pick no caption. `plugin_flops` holds 'caption_model', 'selector' for the selector's
+        pick and 'confidence' for the scoring prefills of the confidence picks (the oracle's KL passes are
+        analysis, not counted)."""
         mode = self.variant_mode(variant)
         selection = self.select_visual_tokens(engine, batch, prune_ratio)
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
@@ -909,15 +912,18 @@ class ACCMCompensation(Compensation):
             elif mode == "oracle":
                 self._check_teacher_forced(batch, "variant 'accm_oracle'")
                 pick = self.candidate_kl(engine, batch, selection, candidates, prune_ratio)["kl"].argmin(-1)
-            elif mode == "confidence":
+            elif mode in ("confidence", "confidence_gate"):
                 pick, flops["confidence"] = self.confidence_pick(engine, batch, selection, candidates, prune_ratio,
-                                                                 pad_token_id)
+                                                                 pad_token_id, mode == "confidence_gate")
             elif mode == "top_beam":
                 pick = torch.zeros(candidates.lengths.shape[0], dtype=torch.long)
             else:
                 pick = self.random_pick(batch, candidates.lengths.shape[1])
-            spliced = splice_context(ids, mask, None, self.image_token_id, self.caption_inserts(candidates, pick),
-                                     pad_token_id, "left")
+            num = candidates.lengths.shape[1]
+            inserts = self.caption_inserts(candidates, pick.clamp(max=num - 1))
+            # pick == M: the gate chose the prompt without a caption
+            inserts = [insert if choice < num else insert[:0] for insert, choice in zip(inserts, pick.tolist())]
+            spliced = splice_context(ids, mask, None, self.image_token_id, inserts, pad_token_id, "left")
             ids, mask, position_ids = spliced.input_ids, spliced.attention_mask, spliced.position_ids
             flops["caption_model"] = self.caption_flops(candidates, selection)
         tokens, counts = engine.generate(
@@ -930,16 +936,21 @@ class ACCMCompensation(Compensation):
 
     @torch.no_grad()
     def confidence_pick(self, engine: PrunedLlava, batch: dict[str, Any], selection: VisualSelection,
-                        candidates: CaptionCandidates, prune_ratio: float,
-                        pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        candidates: CaptionCandidates, prune_ratio: float, pad_token_id: int,
+                        with_no_caption: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) the candidate whose spliced generation prompt the frozen LVLM, on the kept visual tokens only, gives
         the most probable first answer token (label-free: no full-token pass, no answer), and (B,) the FLOPs of
-        those M prefills per sample (exact, with the LM head on the last position). The generation after the pick
-        prefills the chosen prompt again and is counted as the LLM's own prefill, so the M passes are all extra."""
+        those M prefills per sample (exact, with the LM head on the last position). With `with_no_caption` the
+        prompt without a caption is option M (M + 1 prefills). The generation after the pick prefills the chosen
+        prompt again and is counted as the LLM's own prefill, so these passes are all extra."""
+        inserts = self.caption_inserts(candidates)
         num = candidates.lengths.shape[1]
+        if with_no_caption:
+            inserts = [row for b in range(0, len(inserts), num) for row in [*inserts[b:b + num], inserts[b][:0]]]
+            num += 1
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         spliced = splice_context(ids.repeat_interleave(num, 0), mask.repeat_interleave(num, 0), None,
-                                 self.image_token_id, self.caption_inserts(candidates), pad_token_id, "left")
+                                 self.image_token_id, inserts, pad_token_id, "left")
         out = engine.forward(spliced.input_ids, spliced.attention_mask, None, spliced.position_ids, logits="last",
                              method=KeptVisualTokens(selection.keep.repeat_interleave(num, 0), prune_ratio),
                              visual_inputs=(selection.kept_features.repeat_interleave(num, 0), ()))

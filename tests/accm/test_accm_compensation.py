@@ -344,7 +344,7 @@ def test_oracle_and_random_variants(setup):
     tokenizer, engine, batch = setup
     plugin = make_plugin(engine, tokenizer)
     assert plugin.variants() == ["accm", "accm_oracle", "accm_random", "accm_prune_only", "accm_top_beam",
-                                 "accm_confidence"]
+                                 "accm_confidence", "accm_confidence_gate"]
     args = (engine, batch, RATIO, 4, tokenizer.eos_token_id, tokenizer.pad_token_id)
     alone = plugin.generate(*args, variant="accm_prune_only")
     for variant in ("accm_oracle", "accm_random"):
