@@ -38,14 +38,26 @@ import torch
 from torch import nn
 
 from lvlm_prune.accm.caption_model import CaptionCandidates, CaptionModel
-from lvlm_prune.accm.ranking import answer_kl, caption_and_selector_losses, dpo_loss, preference_pairs, pseudo_labels
+from lvlm_prune.accm.ranking import (
+    answer_kl,
+    caption_and_selector_losses,
+    dpo_loss,
+    gate_loss,
+    preference_pairs,
+    pseudo_labels,
+)
 from lvlm_prune.accm.pretrained import (
     check_caption_decoder,
     check_clip_text_encoder,
     load_caption_decoder,
     load_clip_text_encoder,
 )
-from lvlm_prune.accm.selector import CandidateSelector, MeanPooledTextEncoder, build_selector_inputs
+from lvlm_prune.accm.selector import (
+    CandidateSelector,
+    GatedSelectorView,
+    MeanPooledTextEncoder,
+    build_selector_inputs,
+)
 from lvlm_prune.accm.splice import splice_after_image
 from lvlm_prune.accm.vision_pruning import (
     cls_attention_to_visual_tokens,
@@ -62,8 +74,8 @@ from lvlm_prune.runner import GenerationResult, prompt_text_tokens
 
 VARIANT_MODES = {"accm": "selector", "accm_oracle": "oracle", "accm_random": "random", "accm_prune_only": "prune_only",
                  "accm_top_beam": "top_beam", "accm_confidence": "confidence",
-                 "accm_confidence_gate": "confidence_gate"}
-MODES = ("selector", "oracle", "random", "prune_only", "top_beam", "confidence", "confidence_gate")
+                 "accm_confidence_gate": "confidence_gate", "accm_gated": "gated"}
+MODES = ("selector", "oracle", "random", "prune_only", "top_beam", "confidence", "confidence_gate", "gated")
 VISION_SELECTIONS = ("prumerge", "random", "pool", "visionzip")
 SELECTOR_ENCODERS = ("embeddings", "language_model", "clip_text")
 # settings a pretrained caption decoder fixes, with the key of its config.json
@@ -301,6 +313,11 @@ class ACCMCompensation(Compensation):
         dpo_beta: DPO inverse temperature.
         caption_weight: weight of the caption term (warm-start CE, stage-2 CE or DPO).
         selector_weight: weight of the selector CE.
+        caption_gate: also train a gate in the selector (its candidates as a whole -> one logit per sample) that
+            decides whether the selector's pick is spliced at all, from the same stage-2 KLs: target "the pick's KL
+            is below the pruned prompt's without a caption", weighted by the KL difference (`gate_loss`). The
+            'accm_gated' variant uses it; 'accm' always splices, as METHODS.md's ACCM.
+        gate_weight: weight of the gate loss.
         seed: seeds the 'accm_random' variant's choice (per question id) and caption sampling (per batch of questions).
     """
 
@@ -349,6 +366,8 @@ class ACCMCompensation(Compensation):
         dpo_beta: float = 0.1,
         caption_weight: float = 1.0,
         selector_weight: float = 1.0,
+        caption_gate: bool = False,
+        gate_weight: float = 1.0,
         seed: int = 0,
     ):
         super().__init__()
@@ -419,6 +438,7 @@ class ACCMCompensation(Compensation):
         self.warmup_fraction = warmup_fraction
         self.objective, self.dpo_beta = objective, dpo_beta
         self.caption_weight, self.selector_weight = caption_weight, selector_weight
+        self.caption_gate, self.gate_weight = caption_gate, gate_weight
         self.seed = seed
         self._describe_cache: dict[str, list[int]] = {}
         self._flops_cache: dict[tuple[str, int], float] = {}
@@ -433,8 +453,9 @@ class ACCMCompensation(Compensation):
         selector: 'accm_top_beam' (the caption model's own first candidate) and 'accm_confidence' (the candidate
         whose spliced prompt the frozen LVLM, on the kept tokens, answers most confidently; M extra prefills,
         counted), and 'accm_confidence_gate', the same with the prompt without a caption as one more option (M + 1
-        prefills), so that a sample whose kept tokens answer more surely alone gets no caption."""
-        return list(VARIANT_MODES)
+        prefills), so that a sample whose kept tokens answer more surely alone gets no caption. With `caption_gate`,
+        'accm_gated': the selector's pick, spliced only where the trained gate says so."""
+        return [name for name, mode in VARIANT_MODES.items() if mode != "gated" or self.caption_gate]
 
     # ------------------------------------------------------------------ modules
     def attach(self, engine: PrunedLlava, tokenizer: Any) -> None:
@@ -486,8 +507,8 @@ class ACCMCompensation(Compensation):
             self.text_encoder = MeanPooledTextEncoder(lm.embed_tokens if self.selector_encoder == "embeddings" else lm)
             self.text_dim = self.info.hidden_size
         self.llm_shape = LLMShape.from_config(engine.config.get_text_config())
-        self.selector = CandidateSelector(self.text_dim, hidden=self.selector_hidden,
-                                          num_layers=self.selector_layers, num_heads=self.selector_heads)
+        self.selector = CandidateSelector(self.text_dim, hidden=self.selector_hidden, num_layers=self.selector_layers,
+                                          num_heads=self.selector_heads, gate=self.caption_gate)
         question_prefix = self._token_ids(self.selector_question_prefix)
         if self.selector_encoder == "language_model" and tokenizer.bos_token_id is not None:
             question_prefix = [tokenizer.bos_token_id] + question_prefix
@@ -705,6 +726,20 @@ class ACCMCompensation(Compensation):
                         candidates: CaptionCandidates) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, M) selector scores and (B, M) token counts of the encoded selector inputs ('clip_text': in CLIP's
         tokens)."""
+        features, lengths = self.selector_features(batch, candidates)
+        return self.selector(features), lengths
+
+    def selector_scores_and_gate(self, batch: dict[str, Any], candidates: CaptionCandidates
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, M) selector scores, (B,) gate logits (> 0: splice the pick) and (B, M) selector input lengths."""
+        features, lengths = self.selector_features(batch, candidates)
+        scores, gate = self.selector.scores_and_gate(features)
+        return scores, gate, lengths
+
+    def selector_features(self, batch: dict[str, Any],
+                          candidates: CaptionCandidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, M, text_dim) the frozen text encoder's features of "question + candidate" and (B, M) their token
+        counts ('clip_text': in CLIP's tokens)."""
         batch_size, num = candidates.lengths.shape
         if self.selector_encoder == "clip_text":
             captions = [self.caption_text(self.candidate_tokens(candidates, b, m))
@@ -712,7 +747,7 @@ class ACCMCompensation(Compensation):
             texts = [self.selector_text_parts(batch["questions"][i // num], caption)
                      for i, caption in enumerate(captions)]
             features, lengths = self.text_encoder(texts, candidates.token_ids.device)
-            return self.selector(features.reshape(batch_size, num, -1)), lengths.reshape(batch_size, num)
+            return features.reshape(batch_size, num, -1), lengths.reshape(batch_size, num)
         questions = [torch.tensor(self._token_ids(self.question_text(q)), dtype=torch.long) for q in batch["questions"]]
         candidate_ids = candidates.token_ids
         if self.caption_decoder_path is not None:
@@ -722,8 +757,7 @@ class ACCMCompensation(Compensation):
             candidate_ids = candidate_ids.reshape(batch_size, num, -1)
         ids, mask = build_selector_inputs(questions, candidate_ids, self.question_prefix_ids,
                                           self.supplement_prefix_ids, self.pad_token_id, self.eos_token_id)
-        features = self.text_encoder(ids, mask).reshape(batch_size, num, -1)
-        return self.selector(features), mask.sum(1).reshape(batch_size, num)
+        return self.text_encoder(ids, mask).reshape(batch_size, num, -1), mask.sum(1).reshape(batch_size, num)
 
     def selector_text_parts(self, question: str, caption: str) -> tuple[str, str]:
         """The selector's input as text (for 'clip_text'), as (question prefix + question, supplement prefix +
@@ -826,7 +860,10 @@ class ACCMCompensation(Compensation):
         finally:
             self.caption_model.train(training)
         nll = -logprobs.sum(-1) / caption_mask.sum(-1).clamp_min(1)
-        scores, _ = self.selector_scores(batch, candidates)
+        if self.caption_gate:
+            scores, gate_logits, _ = self.selector_scores_and_gate(batch, candidates)
+        else:
+            scores, _ = self.selector_scores(batch, candidates)
         terms = caption_and_selector_losses(nll, scores, kl)
         best, margin = pseudo_labels(kl)
         if self.objective == "kl_ce":
@@ -836,6 +873,12 @@ class ACCMCompensation(Compensation):
                                                                instruction_mask, selection, candidates, caption_mask)
         losses = {"loss": self.caption_weight * caption_term + self.selector_weight * terms["selector"],
                   caption_name: caption_term.detach(), "selector": terms["selector"].detach()}
+        if self.caption_gate:  # the gate judges the caption the selector would splice now
+            kl_pick = kl.gather(1, scores.detach().argmax(-1, keepdim=True)).squeeze(1)
+            gate = gate_loss(gate_logits, kl_pick, ranking["kl_no_caption"])
+            losses["loss"] = losses["loss"] + self.gate_weight * gate
+            losses.update(gate=gate.detach(), gate_splice_rate=(gate_logits.detach() > 0).float().mean(),
+                          gate_target_rate=(kl_pick < ranking["kl_no_caption"]).float().mean())
         losses.update(
             kl_best=kl.min(-1).values.mean(), kl_mean=kl.mean(), kl_margin=margin.mean(),
             kl_no_caption=ranking["kl_no_caption"].mean(),
@@ -875,6 +918,9 @@ class ACCMCompensation(Compensation):
         mode = VARIANT_MODES.get(variant, variant)
         if mode not in MODES:
             raise ValueError(f"accm variant={variant!r}; choose one of {list(VARIANT_MODES)} (or a mode {MODES})")
+        if mode == "gated" and not self.caption_gate:
+            raise ValueError(f"accm variant={variant!r} needs a plug-in trained with caption_gate: true (this one has "
+                             "no gate)")
         return mode
 
     def random_pick(self, batch: dict[str, Any], num: int) -> torch.Tensor:
@@ -909,6 +955,10 @@ class ACCMCompensation(Compensation):
                 scores, selector_lengths = self.selector_scores(batch, candidates)
                 pick = scores.argmax(-1)
                 flops["selector"] = self.selector_flops(selector_lengths)
+            elif mode == "gated":  # pick == M: the gate says no caption
+                scores, gate_logits, selector_lengths = self.selector_scores_and_gate(batch, candidates)
+                pick = torch.where(gate_logits > 0, scores.argmax(-1), scores.shape[1])
+                flops["selector"] = self.selector_flops(selector_lengths, with_gate=True)
             elif mode == "oracle":
                 self._check_teacher_forced(batch, "variant 'accm_oracle'")
                 pick = self.candidate_kl(engine, batch, selection, candidates, prune_ratio)["kl"].argmin(-1)
@@ -921,7 +971,7 @@ class ACCMCompensation(Compensation):
                 pick = self.random_pick(batch, candidates.lengths.shape[1])
             num = candidates.lengths.shape[1]
             inserts = self.caption_inserts(candidates, pick.clamp(max=num - 1))
-            # pick == M: the gate chose the prompt without a caption
+            # pick == M: no caption (a gate's choice)
             inserts = [insert if choice < num else insert[:0] for insert, choice in zip(inserts, pick.tolist())]
             spliced = splice_context(ids, mask, None, self.image_token_id, inserts, pad_token_id, "left")
             ids, mask, position_ids = spliced.input_ids, spliced.attention_mask, spliced.position_ids
@@ -996,17 +1046,17 @@ class ACCMCompensation(Compensation):
             self._flops_cache[key] = _module_flops_unfused(self.caption_model.mapper, visual)
         return self._flops_cache[key]
 
-    def selector_flops(self, input_lengths: torch.Tensor) -> torch.Tensor:
+    def selector_flops(self, input_lengths: torch.Tensor, with_gate: bool = False) -> torch.Tensor:
         """(B,) selector FLOPs per sample: the frozen text encoder on every candidate's input (`input_lengths` (B, M)
         tokens of its own tokenizer; 0 matmul FLOPs for 'embeddings'; the base LM's exact prefill count without LM head
         for 'language_model'; the CLIP text encoder's exact count, `CLIPTextEncoder.flops`, for 'clip_text') + the
-        selector transformer on the M features (module_flops)."""
+        selector transformer on the M features (module_flops; with its gate head for `with_gate`)."""
         num = input_lengths.shape[1]
-        key = ("selector", num)
+        key = ("selector_gate" if with_gate else "selector", num)
         if key not in self._flops_cache:
             device = next(self.selector.parameters()).device
-            self._flops_cache[key] = _module_flops_unfused(self.selector, torch.zeros(1, num, self.text_dim,
-                                                                                       device=device))
+            module = GatedSelectorView(self.selector) if with_gate else self.selector
+            self._flops_cache[key] = _module_flops_unfused(module, torch.zeros(1, num, self.text_dim, device=device))
         encoder = torch.zeros(input_lengths.shape, dtype=torch.float64)
         if self.selector_encoder == "language_model":
             zeros = [0.0] * self.llm_shape.num_layers

@@ -118,6 +118,28 @@ def caption_and_selector_losses(
     }
 
 
+def gate_loss(gate_logits: torch.Tensor, kl_caption: torch.Tensor, kl_no_caption: torch.Tensor,
+              eps: float = 1e-8) -> torch.Tensor:
+    """Weighted logistic loss of the caption gate: target 1 where the caption that would be spliced restores the
+    reference better than no caption (lower KL), each sample weighted by |KL difference| and normalised by the weight
+    sum. The minimiser's decision (logit > 0) is then "splice where the caption lowers the KL in expectation", not
+    "where it lowers it more often than not"; a batch where nothing differs gives 0.
+
+    Args:
+        gate_logits: (B,) gate logits.
+        kl_caption: (B,) KL with the caption that would be spliced (no gradient is taken through it).
+        kl_no_caption: (B,) KL of the pruned prompt without a caption.
+        eps: floor of the weight sum.
+    """
+    if not gate_logits.shape == kl_caption.shape == kl_no_caption.shape or gate_logits.dim() != 1:
+        raise ValueError(f"gate_logits {tuple(gate_logits.shape)}, kl_caption {tuple(kl_caption.shape)} and "
+                         f"kl_no_caption {tuple(kl_no_caption.shape)} must have the same (B,) shape")
+    difference = (kl_no_caption - kl_caption).detach().float()
+    losses = F.binary_cross_entropy_with_logits(gate_logits.float(), (difference > 0).float(), reduction="none")
+    weights = difference.abs()
+    return (weights * losses).sum() / weights.sum().clamp_min(eps)
+
+
 def dpo_loss(
     policy_chosen_logp: torch.Tensor,
     policy_rejected_logp: torch.Tensor,

@@ -25,6 +25,9 @@ class CandidateSelector(nn.Module):
         num_layers: transformer layers over the candidates.
         num_heads: attention heads.
         dropout: dropout inside the transformer.
+        gate: also a gate head that reads the candidates as a whole (mean over the real ones after the transformer)
+            and gives one logit per sample: splice the picked caption (> 0) or none. It starts at +1 (splice, as
+            ACCM without a gate).
     """
 
     def __init__(
@@ -34,6 +37,7 @@ class CandidateSelector(nn.Module):
         num_layers: int = 1,
         num_heads: int = 4,
         dropout: float = 0.0,
+        gate: bool = False,
     ) -> None:
         super().__init__()
         if hidden % num_heads:
@@ -45,6 +49,11 @@ class CandidateSelector(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.score_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 1))
+        self.gate_head = None
+        if gate:
+            self.gate_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 1))
+            nn.init.zeros_(self.gate_head[1].weight)
+            nn.init.constant_(self.gate_head[1].bias, 1.0)
 
     def forward(self, features: torch.Tensor, candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Args:
@@ -55,6 +64,13 @@ class CandidateSelector(nn.Module):
             (B, M) scores; -inf for masked candidates (a row with no real candidate is all -inf,
             never NaN).
         """
+        return self.scores_and_gate(features, candidate_mask, with_gate=False)[0]
+
+    def scores_and_gate(self, features: torch.Tensor, candidate_mask: torch.Tensor | None = None,
+                        with_gate: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, M) scores as `forward`, and (B,) gate logits (None when `with_gate` is False)."""
+        if with_gate and self.gate_head is None:
+            raise ValueError("this selector has no gate head (build it with gate=True)")
         batch, num_candidates, _ = features.shape
         if candidate_mask is None:
             candidate_mask = torch.ones(batch, num_candidates, dtype=torch.bool, device=features.device)
@@ -68,8 +84,23 @@ class CandidateSelector(nn.Module):
         key_padding = ~candidate_mask & candidate_mask.any(1, keepdim=True)
         x = self.input_proj(features.to(self.input_proj[1].weight.dtype))
         x = self.encoder(x, src_key_padding_mask=key_padding)
-        scores = self.score_head(x).squeeze(-1)
-        return scores.masked_fill(~candidate_mask, float("-inf"))
+        scores = self.score_head(x).squeeze(-1).masked_fill(~candidate_mask, float("-inf"))
+        if not with_gate:
+            return scores, None
+        real = candidate_mask[..., None].to(x.dtype)
+        pooled = (x * real).sum(1) / real.sum(1).clamp_min(1)
+        return scores, self.gate_head(pooled).squeeze(-1)
+
+
+class GatedSelectorView(nn.Module):
+    """The selector's scores and gate as one forward (what FLOPs counting runs)."""
+
+    def __init__(self, selector: CandidateSelector) -> None:
+        super().__init__()
+        self.selector = selector
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.selector.scores_and_gate(features)
 
 
 class MeanPooledTextEncoder:
