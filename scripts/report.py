@@ -241,7 +241,8 @@ def paired_comparisons(run: Path) -> list[list[str]]:
     for ratio in accm_ratios:
         for reference, other in (("accm_random", "accm"), ("accm_prune_only", "accm"), ("accm", "accm_oracle"),
                                  ("accm", "accm_top_beam"), ("accm", "accm_confidence"),
-                                 ("accm", "accm_confidence_gate"), ("accm_prune_only", "accm_confidence_gate")):
+                                 ("accm", "accm_confidence_gate"), ("accm_prune_only", "accm_confidence_gate"),
+                                 ("accm", "accm_gated"), ("accm_prune_only", "accm_gated")):
             wanted.append((f"{other} vs {reference}", ratio, answer_file(run, "accm_r0.969", reference, ratio),
                            answer_file(run, "accm_r0.969", other, ratio)))
     rows = []

@@ -318,6 +318,8 @@ class ACCMCompensation(Compensation):
             is below the pruned prompt's without a caption", weighted by the KL difference (`gate_loss`). The
             'accm_gated' variant uses it; 'accm' always splices, as METHODS.md's ACCM.
         gate_weight: weight of the gate loss.
+        gate_scale: fixed factor on the gate's logit, in effect its learning rate relative to the selector's
+            (`CandidateSelector`).
         seed: seeds the 'accm_random' variant's choice (per question id) and caption sampling (per batch of questions).
     """
 
@@ -368,6 +370,7 @@ class ACCMCompensation(Compensation):
         selector_weight: float = 1.0,
         caption_gate: bool = False,
         gate_weight: float = 1.0,
+        gate_scale: float = 10.0,
         seed: int = 0,
     ):
         super().__init__()
@@ -438,7 +441,9 @@ class ACCMCompensation(Compensation):
         self.warmup_fraction = warmup_fraction
         self.objective, self.dpo_beta = objective, dpo_beta
         self.caption_weight, self.selector_weight = caption_weight, selector_weight
-        self.caption_gate, self.gate_weight = caption_gate, gate_weight
+        if gate_scale <= 0:
+            raise ValueError(f"accm gate_scale={gate_scale} must be > 0")
+        self.caption_gate, self.gate_weight, self.gate_scale = caption_gate, gate_weight, gate_scale
         self.seed = seed
         self._describe_cache: dict[str, list[int]] = {}
         self._flops_cache: dict[tuple[str, int], float] = {}
@@ -508,7 +513,8 @@ class ACCMCompensation(Compensation):
             self.text_dim = self.info.hidden_size
         self.llm_shape = LLMShape.from_config(engine.config.get_text_config())
         self.selector = CandidateSelector(self.text_dim, hidden=self.selector_hidden, num_layers=self.selector_layers,
-                                          num_heads=self.selector_heads, gate=self.caption_gate)
+                                          num_heads=self.selector_heads, gate=self.caption_gate,
+                                          gate_scale=self.gate_scale)
         question_prefix = self._token_ids(self.selector_question_prefix)
         if self.selector_encoder == "language_model" and tokenizer.bos_token_id is not None:
             question_prefix = [tokenizer.bos_token_id] + question_prefix

@@ -26,8 +26,10 @@ class CandidateSelector(nn.Module):
         num_heads: attention heads.
         dropout: dropout inside the transformer.
         gate: also a gate head that reads the candidates as a whole (mean over the real ones after the transformer)
-            and gives one logit per sample: splice the picked caption (> 0) or none. It starts at +1 (splice, as
-            ACCM without a gate).
+            and gives one logit per sample: splice the picked caption (> 0) or none. It starts at 0, undecided.
+        gate_scale: fixed factor on the gate's logit. Under Adam a weight moves about one learning rate per step
+            whatever its gradient, so the factor is the gate's learning rate relative to the selector's: the gate
+            learns one decision per sample from a few hundred steps of a decaying rate, which at 1 leaves it near 0.
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class CandidateSelector(nn.Module):
         num_heads: int = 4,
         dropout: float = 0.0,
         gate: bool = False,
+        gate_scale: float = 10.0,
     ) -> None:
         super().__init__()
         if hidden % num_heads:
@@ -49,11 +52,14 @@ class CandidateSelector(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.score_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 1))
+        if gate_scale <= 0:
+            raise ValueError(f"gate_scale={gate_scale} must be > 0")
+        self.gate_scale = gate_scale
         self.gate_head = None
         if gate:
             self.gate_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 1))
             nn.init.zeros_(self.gate_head[1].weight)
-            nn.init.constant_(self.gate_head[1].bias, 1.0)
+            nn.init.zeros_(self.gate_head[1].bias)
 
     def forward(self, features: torch.Tensor, candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Args:
@@ -89,7 +95,7 @@ class CandidateSelector(nn.Module):
             return scores, None
         real = candidate_mask[..., None].to(x.dtype)
         pooled = (x * real).sum(1) / real.sum(1).clamp_min(1)
-        return scores, self.gate_head(pooled).squeeze(-1)
+        return scores, self.gate_scale * self.gate_head(pooled).squeeze(-1)
 
 
 class GatedSelectorView(nn.Module):

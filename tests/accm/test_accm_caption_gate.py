@@ -12,7 +12,7 @@ from lvlm_prune.flops import module_flops
 from test_accm_compensation import RATIO, make_plugin, setup  # noqa: F401  (setup is a fixture)
 
 
-def test_the_gate_starts_at_splicing_and_leaves_the_scores_alone():
+def test_the_gate_starts_undecided_and_leaves_the_scores_alone():
     torch.manual_seed(0)
     plain = CandidateSelector(12, hidden=16, num_heads=2)
     torch.manual_seed(0)
@@ -20,10 +20,24 @@ def test_the_gate_starts_at_splicing_and_leaves_the_scores_alone():
     features = torch.randn(4, 3, 12)
     scores, logits = gated.scores_and_gate(features)
     assert torch.equal(scores, plain(features)) and torch.equal(gated(features), scores)
-    torch.testing.assert_close(logits, torch.ones(4))
+    assert torch.equal(logits, torch.zeros(4))
     with pytest.raises(ValueError, match="no gate head"):
         plain.scores_and_gate(features)
     assert plain.scores_and_gate(features, with_gate=False)[1] is None
+    with pytest.raises(ValueError, match="gate_scale"):
+        CandidateSelector(12, hidden=16, num_heads=2, gate=True, gate_scale=0.0)
+
+
+def test_the_gate_scale_multiplies_the_heads_logit():
+    features = torch.randn(4, 3, 12)
+    logits = []
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        selector = CandidateSelector(12, hidden=16, num_heads=2, gate=True, gate_scale=scale)
+        torch.nn.init.normal_(selector.gate_head[1].weight)
+        logits.append(selector.scores_and_gate(features)[1])
+    assert logits[0].abs().min() > 0
+    torch.testing.assert_close(logits[1], 10 * logits[0])
 
 
 def test_the_gate_pools_the_real_candidates_only():
@@ -70,9 +84,9 @@ def test_the_gated_variant_exists_only_with_a_gate(setup):
     assert plugin.selector.gate_head is None
     with pytest.raises(ValueError, match="caption_gate: true"):
         plugin.generate(engine, batch, RATIO, 4, tokenizer.eos_token_id, tokenizer.pad_token_id, variant="accm_gated")
-    gated = make_plugin(engine, tokenizer, caption_gate=True)
+    gated = make_plugin(engine, tokenizer, caption_gate=True, gate_scale=3.0)
     assert gated.variants()[-1] == "accm_gated"
-    assert gated.export_config()["caption_gate"] is True
+    assert gated.export_config()["caption_gate"] is True and gated.selector.gate_scale == 3.0
 
 
 def test_stage_2_trains_the_gate_on_the_selectors_pick(setup, monkeypatch):

@@ -78,7 +78,7 @@ def test_constructor_and_attach_reject_bad_settings(setup):
                 dict(selector_encoder="clip"), dict(describe_instruction="describe the image"),
                 dict(num_beams=2, num_candidates=3), dict(target_prune_ratio=1.0), dict(caption_prefix_mode="mean"),
                 dict(caption_position_init_std=-1.0), dict(num_candidates=1),
-                dict(sample_temperature=0.0, strategy="sample"), dict(sample_top_p=1.5)):
+                dict(sample_temperature=0.0, strategy="sample"), dict(sample_top_p=1.5), dict(gate_scale=0.0)):
         setting, value = next(iter(bad.items()))  # the error names the setting and the value given
         with pytest.raises(ValueError, match=rf"^accm {setting}={value!r}"):
             ACCMCompensation(**bad)

@@ -99,11 +99,13 @@ def test_the_label_free_picks_are_compared_with_the_selectors_pick_when_swept(ru
     write_answers(accm / "accm_top_beam_r0.969.jsonl", [0, 1, 2], "accm_top_beam@r=0.969")
     write_answers(accm / "accm_confidence_r0.969.jsonl", [0, 1, 2, 3, 4, 5, 6, 7], "accm_confidence@r=0.969")
     write_answers(accm / "accm_confidence_gate_r0.969.jsonl", [4, 5], "accm_confidence_gate@r=0.969")
+    write_answers(accm / "accm_gated_r0.969.jsonl", [0, 1, 4, 5, 6], "accm_gated@r=0.969")
     out = tmp_path / "results.md"
     run_report(run, out)
     rows = paired_rows(out.read_text())
-    assert list(rows)[-4:] == ["accm_top_beam vs accm", "accm_confidence vs accm", "accm_confidence_gate vs accm",
-                               "accm_confidence_gate vs accm_prune_only"]
+    assert list(rows)[-6:] == ["accm_top_beam vs accm", "accm_confidence vs accm", "accm_confidence_gate vs accm",
+                               "accm_confidence_gate vs accm_prune_only", "accm_gated vs accm",
+                               "accm_gated vs accm_prune_only"]
     # the selector's pick is right on 0-3
     assert rows["accm_top_beam vs accm"][2:5] == ["0.500", "0.375", "-12.5"]
     assert rows["accm_top_beam vs accm"][6:8] == ["1", "0"]
@@ -113,3 +115,5 @@ def test_the_label_free_picks_are_compared_with_the_selectors_pick_when_swept(ru
     assert rows["accm_confidence_gate vs accm"][6:8] == ["4", "2"]
     assert rows["accm_confidence_gate vs accm_prune_only"][2:5] == ["0.500", "0.250", "-25.0"]
     assert rows["accm_confidence_gate vs accm_prune_only"][6:8] == ["2", "0"]
+    assert rows["accm_gated vs accm"][2:5] == ["0.500", "0.625", "+12.5"] and rows["accm_gated vs accm"][6:8] == ["2", "3"]
+    assert rows["accm_gated vs accm_prune_only"][6:8] == ["1", "2"]
