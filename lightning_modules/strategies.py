@@ -30,7 +30,7 @@ def _remove(path: Path) -> None:
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeed strategy that also runs on CPU processes (gloo), for tests and CPU clusters.
 
-    On a CUDA accelerator it behaves as the stock `DeepSpeedStrategy` but for gradient accumulation (below). On CPU
+    On a CUDA accelerator it trains as the stock `DeepSpeedStrategy` but for gradient accumulation (below). On CPU
     three stock steps assume a CUDA device and are replaced: the accelerator check, the device-index check (a CPU
     device has no index) and the device rank passed to `deepspeed.initialize` (for training and for validate / test
     / predict). Set `DS_ACCELERATOR=cpu` before launching so DeepSpeed itself picks its CPU accelerator. On every
