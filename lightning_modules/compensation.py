@@ -155,6 +155,9 @@ class CompensationModule(FrozenBaseModule):
                              "training steps, which plain DDP (trainer.strategy: ddp) cannot reduce: use "
                              "--trainer.strategy ddp_find_unused_parameters_true")
         if self.hparams.plugin_export_path and self.trainer.is_global_zero:
+            if Path(self.hparams.plugin_export_path).is_dir():
+                raise ValueError(f"model.init_args.plugin_export_path {self.hparams.plugin_export_path!r} is a directory; "
+                                 "give the weights file to write, such as <run dir>/plugin.safetensors")
             check_writable_directory(Path(self.hparams.plugin_export_path).parent, "model.init_args.plugin_export_path")
         trainable = sum(_numel(p) for p in self.parameters() if p.requires_grad)
         frozen = sum(_numel(p) for p in self.parameters() if not p.requires_grad)
@@ -353,8 +356,10 @@ class CompensationModule(FrozenBaseModule):
                              f"{reshaped[:5]}; model.compensation's settings differ from the run that wrote it")
         nonfinite = _nonfinite(state, own)
         if nonfinite:
-            raise ValueError(f"this checkpoint's plug-in weights {nonfinite[:5]} hold NaN or infinite values: it is "
-                             "corrupt, or training diverged before it was written; resume from an earlier checkpoint")
+            where = f" {str(self.trainer.ckpt_path)!r}" if self._trainer is not None and self.trainer.ckpt_path else ""
+            raise ValueError(f"checkpoint{where}: its plug-in weights {nonfinite[:5]} hold NaN or infinite values: it "
+                             "is corrupt, or training diverged before it was written; resume from an earlier "
+                             "checkpoint")
 
 
 def _nonfinite(state: dict[str, torch.Tensor], names) -> list[str]:

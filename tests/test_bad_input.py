@@ -1,6 +1,7 @@
 """Bad input found by the bad-input audit: each is named, and found before the work it would spoil."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -70,6 +71,13 @@ def test_nan_plugin_weights_are_named_in_a_file_and_in_a_checkpoint(rcp_module, 
     checkpoint = {"state_dict": {f"compensation.{k}": v for k, v in state.items()}}
     with pytest.raises(ValueError, match=rf"plug-in weights \['compensation.{name}'\] hold NaN or infinite values"):
         rcp_module.on_load_checkpoint(checkpoint)
+    # restored by a trainer, the file is named
+    rcp_module._trainer = SimpleNamespace(ckpt_path=str(tmp_path / "last.ckpt"))
+    try:
+        with pytest.raises(ValueError, match=r"^checkpoint '.*last.ckpt': its plug-in weights"):
+            rcp_module.on_load_checkpoint(checkpoint)
+    finally:
+        rcp_module._trainer = None
 
 
 @pytest.mark.parametrize("setting", ["pruning_layers", "repair_layers"])
@@ -101,6 +109,12 @@ def test_an_unwritable_plugin_export_path_is_named_before_training(tiny_base_dir
     with pytest.raises(ValueError, match=r"model.init_args.plugin_export_path: cannot write to the directory"):
         cli_main(["fit", "--config", str(config), "--model.init_args.plugin_export_path",
                   str(blocker / "plugin.safetensors")])
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+    # a directory where the weights file should go
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"plugin_export_path '.*exports' is a directory"):
+        cli_main(["fit", "--config", str(config), "--model.init_args.plugin_export_path", str(folder)])
     assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
