@@ -14,8 +14,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
+from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn  # noqa: E402
 
 from callbacks.requeue import SlurmRequeue  # noqa: E402
@@ -28,6 +29,35 @@ from lvlm_prune.archives import torch_archive_problem  # noqa: E402
 # --ckpt_path values that name no file: Lightning's (and its `registry:<name>...`), and `auto` (the newest
 # checkpoint of the run)
 CHECKPOINT_KEYWORDS = ("auto", "last", "best", "hpc", "registry")
+# model settings a resumed fit takes from the checkpoint: Lightning restores the optimizer's parameter groups (rate,
+# weight decay) and the LR scheduler (base rates and the schedule's own plan) over what configure_optimizers built
+RESTORED_WITH_THE_OPTIMIZER = ("learning_rate", "weight_decay", "warmup_fraction", "final_lr_ratio", "warmup_steps",
+                               "optimizer")
+
+
+class RunConfigRecord(SaveConfigCallback):
+    """Lightning's config saving, except that a fit stopped before its first training batch (a refused resume: another
+    base, another plug-in shape, a damaged checkpoint) puts the run's earlier `config.yaml` back: the record describes
+    the checkpoints and exports on disk, which `scripts/export_plugin.py` reads it for."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._earlier: tuple[Path, bytes] | None = None
+        if stage == "fit" and self.save_to_log_dir and not self.already_saved:
+            path = Path(trainer.log_dir) / self.config_filename  # log_dir is a collective: every rank asks
+            if trainer.is_global_zero and path.is_file():
+                self._earlier = (path, path.read_bytes())
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._earlier = None  # from here on the run trains with the new settings
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        earlier, self._earlier = getattr(self, "_earlier", None), None
+        if earlier is not None:
+            path, content = earlier
+            staged = path.with_name(f".{path.name}.restore")
+            staged.write_bytes(content)
+            staged.replace(path)
 
 
 class LVLMPruneCLI(LightningCLI):
@@ -77,15 +107,20 @@ class LVLMPruneCLI(LightningCLI):
         if ckpt_path and Path(ckpt_path).is_dir() and not (Path(ckpt_path) / "latest").is_file():
             raise ValueError(f"--ckpt_path {ckpt_path!r} is a directory but not a DeepSpeed checkpoint (no 'latest' file "
                              "in it); give a checkpoint file such as last.ckpt, a DeepSpeed checkpoint directory, or auto")
-        if ckpt_path and Path(ckpt_path).is_file():
+        if ckpt_path and Path(ckpt_path).exists():
             self._name_settings_that_differ(ckpt_path)
 
     def _name_settings_that_differ(self, ckpt_path: str | Path) -> None:
-        problem = torch_archive_problem(ckpt_path)  # torch.load's own errors suggest unsafe loading, or load garbage
+        """Warns of model settings the config sets otherwise than the run that wrote the checkpoint: the config's
+        values are used, except those a resumed fit restores with the optimizer (RESTORED_WITH_THE_OPTIMIZER)."""
+        archive = _checkpoint_archive(Path(ckpt_path))
+        if archive is None:  # a DeepSpeed directory whose layout is not known here: the trainer loads it
+            return
+        problem = torch_archive_problem(archive)  # torch.load's own errors suggest unsafe loading, or load garbage
         if problem is not None:
             raise ValueError(f"--ckpt_path {str(ckpt_path)!r} is not a readable Lightning checkpoint ({problem})")
         try:
-            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            saved = torch.load(archive, weights_only=True, map_location="cpu").get("hyper_parameters", {})
         except pickle.UnpicklingError:  # objects the safe loader refuses: nothing to compare, the trainer loads it
             return
         model = self.config[self.config["subcommand"]].get("model")
@@ -94,9 +129,17 @@ class LVLMPruneCLI(LightningCLI):
         # a setting left at None is derived by the module (eval_method: the plug-in's name), which saves the result
         differing = [key for key, value in saved.items() if key in current and not key.startswith("_")
                      and key not in linked and current[key] is not None and _plain(current[key]) != _plain(value)]
-        if differing:
-            rank_zero_warn(f"--ckpt_path {ckpt_path}: the config sets model.init_args {differing} differently from the "
+        kept = [key for key in differing if key in RESTORED_WITH_THE_OPTIMIZER and self.config["subcommand"] == "fit"]
+        used = [key for key in differing if key not in kept]
+        if used:
+            rank_zero_warn(f"--ckpt_path {ckpt_path}: the config sets model.init_args {used} differently from the "
                            "run that wrote the checkpoint; the config's values are used")
+        if kept:
+            rank_zero_warn(f"--ckpt_path {ckpt_path}: the config sets model.init_args {kept} differently from the run "
+                           "that wrote the checkpoint, but a resumed fit restores the optimizer and its learning-rate "
+                           "schedule from the checkpoint, so the checkpoint's values stay in force; start a new run "
+                           "(without --ckpt_path, or with the plug-in's weights as plugin_weights_path) to train "
+                           "with these")
 
     def instantiate_classes(self) -> None:
         """A constructor's error reaches the user as itself: jsonargparse wraps it in a ValueError per subtype it tried,
@@ -138,10 +181,22 @@ class LVLMPruneCLI(LightningCLI):
     def before_predict(self) -> None:
         self._resolve_auto_checkpoint()
 
+    def _check_checkpoint_fits_the_strategy(self) -> None:
+        """A DeepSpeed checkpoint is a directory that only the DeepSpeed strategy reads (others fail in torch.load
+        with IsADirectoryError)."""
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_dir() and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            raise ValueError(f"--ckpt_path {str(ckpt_path)!r} is a DeepSpeed checkpoint, which only the DeepSpeed "
+                             f"strategy reads, but this run's is {type(self.trainer.strategy).__name__}: add the "
+                             "preset it was trained with (--config configs/trainer/deepspeed_zero2.yaml or your own), "
+                             "or export its plug-in (python scripts/export_plugin.py <checkpoint dir> <file>) and "
+                             "evaluate that with model.init_args.plugin_weights_path")
+
     def _resolve_auto_checkpoint(self) -> None:
         """`--ckpt_path auto`: the newest checkpoint of the run; fit starts fresh without one, an evaluation stops."""
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "auto":
+            self._check_checkpoint_fits_the_strategy()
             return
         config["ckpt_path"] = resume_checkpoint(self.trainer)
         if config["ckpt_path"] is None and self.subcommand != "fit":
@@ -154,8 +209,20 @@ class LVLMPruneCLI(LightningCLI):
         else:
             doing = "resuming from" if self.subcommand == "fit" else f"{self.subcommand} with"
             rank_zero_info(f"--ckpt_path auto: {doing} {config['ckpt_path']}")
-            if Path(config["ckpt_path"]).is_file():  # a DeepSpeed checkpoint is a directory: nothing to compare
-                self._name_settings_that_differ(config["ckpt_path"])
+            self._check_checkpoint_fits_the_strategy()
+            self._name_settings_that_differ(config["ckpt_path"])
+
+
+def _checkpoint_archive(path: Path) -> Path | None:
+    """The file holding a checkpoint's hyperparameters: the file itself, or in a DeepSpeed checkpoint directory the
+    model-states file of its 'latest' tag (rank 0's, where Lightning's client state goes); None when not found."""
+    if path.is_file():
+        return path
+    latest = path / "latest"
+    if not latest.is_file():
+        return None
+    states = sorted((path / latest.read_text().strip()).glob("*mp_rank_00_model_states.pt"))
+    return states[0] if states else None
 
 
 def _constructor_error(error: BaseException) -> BaseException | None:
@@ -200,6 +267,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LVLMPruneCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
+        save_config_callback=RunConfigRecord,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf"},
         trainer_defaults={

@@ -18,6 +18,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from callbacks.requeue import SlurmRequeue
 from callbacks.resume import ResumableDataOrder
@@ -103,20 +104,29 @@ def save_hyperparameters(path, **saved):
 
 def test_exactly_the_settings_that_differ_are_named(tmp_path):
     """Nested settings compare as plain data (a parsed Namespace and tuple equal the saved dict and list); linked
-    and private entries, a setting only the checkpoint has and one the config leaves to the module are skipped."""
+    and private entries, a setting only the checkpoint has and one the config leaves to the module are skipped. A
+    resumed fit keeps the optimizer's settings from the checkpoint and says so; an evaluation uses them all."""
     path = save_hyperparameters(
-        tmp_path / "last.ckpt", learning_rate=0.1, warmup_steps=5, _instantiator="a", processor="saved processor",
-        eval_method="rcp", only_saved=1, compensation={"class_path": "x.Plugin", "init_args": {"layers": [1, 2]}})
-    current = {"learning_rate": 0.2, "warmup_steps": 5, "_instantiator": "b", "processor": None,
+        tmp_path / "last.ckpt", learning_rate=0.1, max_new_tokens=4, warmup_steps=5, _instantiator="a",
+        processor="saved processor", eval_method="rcp", only_saved=1,
+        compensation={"class_path": "x.Plugin", "init_args": {"layers": [1, 2]}})
+    current = {"learning_rate": 0.2, "max_new_tokens": 8, "warmup_steps": 5, "_instantiator": "b", "processor": None,
                "categories": ["count"], "eval_method": None,
                "compensation": Namespace(class_path="x.Plugin", init_args=Namespace(layers=(1, 2)))}
-    cli = bare_cli("fit", ckpt_path=path, model={"class_path": "m", "init_args": current})
-    with pytest.warns(UserWarning) as caught:
-        cli._parse_ckpt_path()
-    (message,) = [str(w.message) for w in caught if "differently" in str(w.message)]
-    assert message == (f"--ckpt_path {path}: the config sets model.init_args ['learning_rate'] differently from the "
-                       "run that wrote the checkpoint; the config's values are used")
-    current.update(learning_rate=0.1, processor="another processor")
+    for subcommand, used, kept in (("fit", ["max_new_tokens"], ["learning_rate"]),
+                                   ("test", ["learning_rate", "max_new_tokens"], [])):
+        cli = bare_cli(subcommand, ckpt_path=path, model={"class_path": "m", "init_args": current})
+        with pytest.warns(UserWarning) as caught:
+            cli._parse_ckpt_path()
+        messages = [str(w.message) for w in caught if "differently" in str(w.message)]
+        assert messages[0] == (f"--ckpt_path {path}: the config sets model.init_args {used} differently from the "
+                               "run that wrote the checkpoint; the config's values are used")
+        assert messages[1:] == ([f"--ckpt_path {path}: the config sets model.init_args {kept} differently from the "
+                                 "run that wrote the checkpoint, but a resumed fit restores the optimizer and its "
+                                 "learning-rate schedule from the checkpoint, so the checkpoint's values stay in force; "
+                                 "start a new run (without --ckpt_path, or with the plug-in's weights as "
+                                 "plugin_weights_path) to train with these"] if kept else [])
+    current.update(learning_rate=0.1, max_new_tokens=4, processor="another processor")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cli._parse_ckpt_path()
@@ -152,10 +162,12 @@ def test_a_fit_with_auto_and_no_checkpoint_starts_from_scratch(tmp_path):
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
 def test_auto_finds_a_deepspeed_checkpoint_directory_of_the_run(subcommand, tmp_path):
-    """Every subcommand resolves `auto`, and a DeepSpeed directory is not checked as an archive."""
+    """Every subcommand resolves `auto`; a DeepSpeed directory (under the DeepSpeed strategy) without the model-states
+    file is left to the trainer."""
     (tmp_path / "ckpts" / "last.ckpt").mkdir(parents=True)
     (tmp_path / "ckpts" / "last.ckpt" / "latest").write_text("checkpoint")
     cli = auto_cli(subcommand, tmp_path, dirpath=str(tmp_path / "ckpts"))
+    cli.trainer.strategy = object.__new__(DeepSpeedStrategy)
     getattr(cli, f"before_{subcommand}")()
     assert cli.config_init[subcommand]["ckpt_path"] == str(tmp_path / "ckpts" / "last.ckpt")
 
