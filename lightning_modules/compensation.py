@@ -322,6 +322,11 @@ class CompensationModule(FrozenBaseModule):
         checkpoint["base_model"] = {"path": self.hparams.base_model_path, "fingerprint": self.base_fingerprint}
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["plugin"] = self.compensation.name
+        # the settings the weights were trained with, for scripts/export_plugin.py (a run's config.yaml may be another
+        # command's, or not beside the checkpoint: a SLURM requeue checkpoint sits in the run's root)
+        plugin_class = type(self.compensation)
+        checkpoint["plugin_class"] = f"{plugin_class.__module__}.{plugin_class.__qualname__}"
+        checkpoint["plugin_config"] = self.compensation.export_config()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         recorded = checkpoint.get("base_model")

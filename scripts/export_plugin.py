@@ -6,7 +6,8 @@ The checkpoint is either a Lightning file (`last.ckpt`) or a DeepSpeed ZeRO-2/3 
 `checkpoint/` and `latest` inside; its shards are merged on CPU, no GPU or process group needed). The output is
 what `CompensationModule(plugin_weights_path=...)` loads: `<output>` (safetensors, the plug-in's own parameter
 names) + `<output>.json` (base model path and fingerprint, the source checkpoint and its step, and the plug-in's
-constructor arguments when the run's `config.yaml` is found in the run directory, the parent of `checkpoints/`).
+constructor arguments: from the checkpoint, which records them, or for a checkpoint of an older version from the
+run's `config.yaml` in the run directory, the parent of `checkpoints/`).
 """
 
 from __future__ import annotations
@@ -52,10 +53,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, client_state
 
 
+def plugin_settings(checkpoint: Path, entries: dict[str, Any]) -> dict[str, Any] | None:
+    """{'class_path', 'init_args'} of the plug-in: as the checkpoint records them, else `run_config`'s."""
+    if entries.get("plugin_class") and isinstance(entries.get("plugin_config"), dict):
+        return {"class_path": entries["plugin_class"], "init_args": entries["plugin_config"]}
+    return run_config(checkpoint)
+
+
 def run_config(checkpoint: Path) -> dict[str, Any] | None:
     """The `model.init_args.compensation` entry of the run's `config.yaml` (LightningCLI writes it in the log
     directory, the parent of `checkpoints/`), or None."""
-    for directory in list(checkpoint.parents)[:3]:
+    for directory in list(checkpoint.resolve().parents)[:3]:
         config = directory / "config.yaml"
         if config.is_file():
             model = (yaml.safe_load(config.read_text()) or {}).get("model", {})
@@ -67,7 +75,7 @@ def export_plugin(checkpoint: str | Path, output: str | Path) -> Path:
     """Write the plug-in weights of `checkpoint` to `output` (+ `output.json`); returns `output`."""
     checkpoint, output = Path(checkpoint), Path(output)
     state, entries = read_checkpoint(checkpoint)
-    compensation = run_config(checkpoint)
+    compensation = plugin_settings(checkpoint, entries)
     name, plugin_class = None, None
     if compensation and "class_path" in compensation:
         module, _, cls = compensation["class_path"].rpartition(".")

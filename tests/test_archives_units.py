@@ -88,6 +88,22 @@ def test_the_export_script_takes_the_plugins_inference_weights_in_full_precision
         "base_fingerprint": "abc", "source_checkpoint": str(checkpoint), "global_step": 7}
 
 
+def test_the_export_script_takes_the_settings_the_checkpoint_records_over_a_config_file(accm_run, tmp_path, monkeypatch):
+    # the run's config.yaml names another ratio (a later command's); the checkpoint's own record wins
+    checkpoint = accm_run / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {"compensation.w": torch.ones(1)},
+                "plugin_class": "lvlm_prune.rcp.compensation.RCPCompensation",
+                "plugin_config": {"target_prune_ratio": 0.5, "pruning_layers": [1]}}, checkpoint)
+    load_export_script().export_plugin(checkpoint, tmp_path / "rcp.safetensors")
+    record = json.loads((tmp_path / "rcp.safetensors.json").read_text())
+    assert record["plugin"] == "rcp" and record["config"] == {"target_prune_ratio": 0.5, "pruning_layers": [1]}
+    # an older checkpoint without the record, given by a relative path, still finds the run's config.yaml
+    torch.save({"state_dict": {"compensation.w": torch.ones(1)}}, checkpoint)
+    monkeypatch.chdir(checkpoint.parent)
+    load_export_script().export_plugin(Path("last.ckpt"), tmp_path / "accm.safetensors")
+    assert json.loads((tmp_path / "accm.safetensors.json").read_text())["config"] == {"target_prune_ratio": 0.969}
+
+
 @pytest.mark.parametrize("config", ["", "model:\n  init_args: {}\n"])
 def test_a_run_config_without_a_plugin_entry_exports_an_unnamed_plugin(tmp_path, config):
     (tmp_path / "checkpoints").mkdir()

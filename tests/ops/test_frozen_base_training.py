@@ -261,6 +261,8 @@ def test_checkpoints_are_lean_and_refuse_another_base(tiny_base_dir, other_base_
     with pytest.raises(ValueError, match=rf"other shape \(checkpoint vs configured\) \['{first_key} \(3, 1\) vs"):
         same.on_load_checkpoint(reshaped)
     assert checkpoint["plugin"] == "rcp"
+    assert checkpoint["plugin_class"] == "lvlm_prune.rcp.compensation.RCPCompensation"
+    assert checkpoint["plugin_config"] == module.compensation.export_config()
     with pytest.raises(ValueError, match=r"holds the 'accm' plug-in, but the config builds 'rcp'"):
         same.on_load_checkpoint(dict(checkpoint, plugin="accm"))
 
