@@ -110,6 +110,9 @@ class ResumableDataOrder(L.Callback):
         self.batches_done = 0
         self._sampler: ResumableSampler | ResumableGroupedSampler | None = None
         self._continuing = False  # the next epoch start continues a resumed epoch
+        # per-process batch size and process count of the loader in use, and those a loaded checkpoint recorded
+        self._layout: dict[str, int] = {}
+        self._restored_layout: dict[str, int] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
@@ -145,6 +148,16 @@ class ResumableDataOrder(L.Callback):
         # a run resumed mid-epoch continues that epoch, even where Lightning's restart logic calls
         # on_train_epoch_start for it (it does after an earlier resume from an epoch's end)
         self._continuing = self.batches_done > 0
+        self._layout = {"batch_size": int(loader.batch_size), "num_replicas": int(replicas)}
+        changed = {key: (self._restored_layout[key], value) for key, value in self._layout.items()
+                   if key in self._restored_layout and self._restored_layout[key] != value}
+        if self._continuing and changed:
+            rank_zero_warn("ResumableDataOrder: resumed in the middle of a data epoch with another "
+                           + " and ".join(f"{key} ({new}; the checkpoint's run: {old})" for key, (old, new) in
+                                          changed.items())
+                           + f": the rest of epoch {self.epoch} skips {self.batches_done} batches of the new size "
+                           "and shards, so it does not see exactly the samples the interrupted run had left; "
+                           "later epochs are complete")
         sampler.set_data_epoch(self.epoch)
         sampler.start_index = self.batches_done * loader.batch_size
         self._sampler = sampler
@@ -183,10 +196,12 @@ class ResumableDataOrder(L.Callback):
         self._continuing = False
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+        return {"epoch": self.epoch, "batches_done": self.batches_done, **self._layout}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.epoch, self.batches_done = int(state_dict["epoch"]), int(state_dict["batches_done"])
+        self._restored_layout = {key: int(state_dict[key]) for key in ("batch_size", "num_replicas")
+                                 if key in state_dict}
 
 
 def _batches_per_epoch(trainer: L.Trainer, samples: int, loader: DataLoader) -> int:

@@ -143,7 +143,7 @@ def test_an_uninterrupted_run_reads_a_new_permutation_each_epoch():
         assert order_of(loader) == permutation(8, 2 + epoch)
         for _ in range(2):
             order.on_train_batch_end(trainer, None, None, None, 0)
-    assert order.state_dict() == {"epoch": 2, "batches_done": 2}
+    assert order.state_dict() == {"epoch": 2, "batches_done": 2, "batch_size": 4, "num_replicas": 1}
 
 
 def test_after_a_mid_epoch_resume_the_next_epoch_is_a_new_one():
@@ -157,6 +157,32 @@ def test_after_a_mid_epoch_resume_the_next_epoch_is_a_new_one():
     order.on_train_batch_end(trainer, None, None, None, 0)
     order.on_train_epoch_start(trainer, None)
     assert (order.epoch, order.batches_done) == (1, 0) and order_of(loader) == permutation(8, 3)
+
+
+@pytest.mark.parametrize("recorded, warned", [
+    ({}, False),  # a checkpoint of an older version records no layout
+    ({"batch_size": 4, "num_replicas": 1}, False),
+    ({"batch_size": 2, "num_replicas": 1}, True),
+    ({"batch_size": 4, "num_replicas": 2}, True),
+])
+def test_a_mid_epoch_resume_with_another_batch_size_or_process_count_is_named(recorded, warned):
+    order = ResumableDataOrder(seed=2)
+    order.load_state_dict({"epoch": 0, "batches_done": 1, **recorded})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        order.resumable(DataLoader(list(range(8)), batch_size=4, shuffle=True), data_order_trainer())
+    messages = [str(w.message) for w in caught if "middle of a data epoch" in str(w.message)]
+    assert len(messages) == warned
+    if warned:
+        key = "batch_size (4; the checkpoint's run: 2)" if recorded["batch_size"] == 2 else \
+            "num_replicas (1; the checkpoint's run: 2)"
+        assert key in messages[0] and "epoch 0 skips 1 batches" in messages[0]
+    # at an epoch boundary nothing is skipped, so nothing is said
+    order = ResumableDataOrder(seed=2)
+    order.load_state_dict({"epoch": 1, "batches_done": 0, "batch_size": 2, "num_replicas": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        order.resumable(DataLoader(list(range(8)), batch_size=4, shuffle=True), data_order_trainer())
 
 
 def test_an_integer_batch_limit_above_the_epoch_ends_the_epoch_with_the_data():
