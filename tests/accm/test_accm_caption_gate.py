@@ -87,6 +87,10 @@ def test_the_gated_variant_exists_only_with_a_gate(setup):
     gated = make_plugin(engine, tokenizer, caption_gate=True, gate_scale=3.0)
     assert gated.variants()[-1] == "accm_gated"
     assert gated.export_config()["caption_gate"] is True and gated.selector.gate_scale == 3.0
+    # an untrained gate (logit exactly 0) is not open: the gated variant answers as pruning alone
+    args = (engine, batch, RATIO, 4, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    alone, untrained = gated.generate(*args, variant="accm_prune_only"), gated.generate(*args, variant="accm_gated")
+    assert torch.equal(untrained.tokens, alone.tokens) and torch.equal(untrained.text_tokens, alone.text_tokens)
 
 
 def test_stage_2_trains_the_gate_on_the_selectors_pick(setup, monkeypatch):
