@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from lvlm_prune.modeling.compat import cache_argument, output_cache
+
 
 @torch.no_grad()
 def stock_greedy_generate(
@@ -27,7 +29,7 @@ def stock_greedy_generate(
     cache = DynamicCache(config=model.config.get_text_config())
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        pixel_values=pixel_values, past_key_values=cache, use_cache=True, logits_to_keep=1,
+        pixel_values=pixel_values, use_cache=True, logits_to_keep=1, **cache_argument(cache),
     )
     next_position = position_ids.max(1, keepdim=True).values + 1
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -43,7 +45,7 @@ def stock_greedy_generate(
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
         out = model(
             input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-            past_key_values=out.past_key_values, use_cache=True,
+            use_cache=True, **cache_argument(output_cache(out)),
         )
         next_position = next_position + 1
     return torch.stack(tokens, 1)

@@ -24,6 +24,7 @@ from lvlm_prune.flops import (
     vision_flops,
     vision_layers_for_feature_layer,
 )
+from lvlm_prune.modeling.compat import cache_argument
 
 LLAVA15_7B_TEXT = dict(
     vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -139,7 +140,7 @@ def test_tokens_dropped_mid_forward_match_schedule(tiny_spec, attn_implementatio
         pos = torch.arange(length)[None]
         att = torch.ones(1, length, dtype=torch.long)
         mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=att,
-                                  past_key_values=None, position_ids=pos)
+                                  position_ids=pos, **cache_argument(None))
         pe = lm.rotary_emb(h, position_ids=pos)
         for index, layer in enumerate(lm.layers):
             if index == drop_after:
@@ -147,7 +148,7 @@ def test_tokens_dropped_mid_forward_match_schedule(tiny_spec, attn_implementatio
                 pos = torch.gather(pos, 1, keep_idx)
                 att = torch.gather(att, 1, keep_idx)
                 mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=att,
-                                          past_key_values=None, position_ids=pos)
+                                          position_ids=pos, **cache_argument(None))
                 pe = lm.rotary_emb(h, position_ids=pos)
             h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
         return h

@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig
 
 from lvlm_prune.generation import stock_greedy_generate
+from lvlm_prune.modeling.compat import CACHE_ARGUMENT, cache_argument
 
 VOCAB = 10
 
@@ -22,7 +23,7 @@ class ScriptedModel:
         self.calls.append(inputs)
         tokens = torch.tensor(self.script[len(self.calls) - 1])
         logits = torch.nn.functional.one_hot(tokens, VOCAB).float()[:, None, :]
-        return SimpleNamespace(logits=logits, past_key_values=inputs["past_key_values"])
+        return SimpleNamespace(logits=logits, **cache_argument(inputs[CACHE_ARGUMENT]))
 
 
 def left_padded_prompt():

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from lvlm_prune.modeling.compat import cache_argument, output_cache
+
 
 def pack_padding(ids: torch.Tensor, mask: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Moves the padding of each row to one side, keeping the real tokens in order.
@@ -461,7 +463,7 @@ class CaptionModel(nn.Module):
                 position_ids=_position_ids(prefix_mask), use_cache=True, logits_to_keep=1,
             )
             run = _Decoding(
-                model=self, cache=out.past_key_values, attention_mask=prefix_mask,
+                model=self, cache=output_cache(out), attention_mask=prefix_mask,
                 first_logits=out.logits[:, -1], banned=sorted(banned),
                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, lockstep=lockstep,
             )
@@ -565,9 +567,9 @@ class _Decoding:
         embeds = self.model.decoder.transformer.wte(tokens[:, None])
         out = self.model.decoder(
             inputs_embeds=embeds, attention_mask=self.attention_mask, position_ids=position[:, None],
-            past_key_values=self.cache, use_cache=True,
+            use_cache=True, **cache_argument(self.cache),
         )
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         return torch.log_softmax(out.logits[:, -1].float(), -1)
 
     def beam_search(self, num_beams: int, length_penalty: float):

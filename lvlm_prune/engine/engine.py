@@ -21,6 +21,7 @@ from lvlm_prune.data import IGNORE_INDEX, answer_generation_mask
 from lvlm_prune.engine.families import visual_family
 from lvlm_prune.engine.methods import LayerContext, ModelInfo, PreLLMContext, PruningMethod
 from lvlm_prune.engine.state import SequenceState
+from lvlm_prune.modeling.compat import cache_argument
 
 _SOFT_EPS = 1e-6  # log(w + eps): exact post-softmax mask-and-renormalise up to 1e-6, finite gradient at w = 0
 
@@ -275,8 +276,8 @@ class PrunedLlava:
                 state.hidden,
                 attention_mask=bias,
                 position_ids=state.position_ids,
-                past_key_values=_decode.cache if _decode is not None else None,
                 use_cache=_decode is not None,
+                **cache_argument(_decode.cache if _decode is not None else None),
                 position_embeddings=position_embeddings,
             )
             hidden = method.after_layer(ctx, hidden)
@@ -373,8 +374,8 @@ class PrunedLlava:
             valid = decode.layer_key_valid[idx]
             bias = torch.zeros(batch, 1, 1, valid.shape[1], dtype=hidden.dtype, device=hidden.device)
             bias = bias.masked_fill(~valid[:, None, None, :], torch.finfo(hidden.dtype).min)
-            hidden = layer(hidden, attention_mask=bias, position_ids=position_ids, past_key_values=decode.cache,
-                           use_cache=True, position_embeddings=position_embeddings)
+            hidden = layer(hidden, attention_mask=bias, position_ids=position_ids, use_cache=True,
+                           position_embeddings=position_embeddings, **cache_argument(decode.cache))
             ctx = LayerContext(idx, layer, step_state, position_embeddings, bias, False, decode.num_visual)
             hidden = method.after_layer(ctx, hidden)
             step_state = step_state.with_hidden(hidden)

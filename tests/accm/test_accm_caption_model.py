@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lvlm_prune.accm import CaptionModel, PrefixMapper, pack_padding
+from lvlm_prune.modeling.compat import CACHE_ARGUMENT
 
 VOCAB, PAD, BOS, EOS, VISUAL_DIM = 64, 0, 1, 2, 16
 
@@ -276,7 +277,7 @@ def test_beam_search_decodes_one_token_per_step_with_the_cache():
     seen, fed_tokens, step_logits = [], [], []
     hooks = [
         model.decoder.transformer.register_forward_pre_hook(
-            lambda module, args, kwargs: seen.append((kwargs["inputs_embeds"].shape, kwargs.get("past_key_values"))),
+            lambda module, args, kwargs: seen.append((kwargs["inputs_embeds"].shape, kwargs.get(CACHE_ARGUMENT))),
             with_kwargs=True,
         ),
         model.decoder.transformer.wte.register_forward_hook(lambda m, args, out: fed_tokens.append(args[0])),

@@ -10,6 +10,7 @@ from lvlm_prune.data import IGNORE_INDEX, VQACollator, VQAExample, answer_genera
 from lvlm_prune.engine import PrunedLlava
 from lvlm_prune.flops import module_flops
 from lvlm_prune.modeling import TinyLlavaSpec, build_tiny_llava
+from lvlm_prune.modeling.compat import cache_argument, output_cache
 from lvlm_prune.modeling.loading import freeze
 from lvlm_prune.modeling.prompt import TINY_DEFAULT
 from lvlm_prune.modeling.tokenizer import build_processor, build_word_tokenizer
@@ -437,11 +438,11 @@ def test_caption_flops_match_the_flop_counter(setup):
     embed = decoder.config.n_embd
     mapper = module_flops(plugin.caption_model.mapper.train(), selection.discarded[:1])
     prefill = module_flops(decoder, inputs_embeds=torch.randn(1, prefix_length, embed), logits_to_keep=1)
-    cache = decoder(inputs_embeds=torch.randn(plugin.num_beams, prefix_length, embed), use_cache=True).past_key_values
+    cache = output_cache(decoder(inputs_embeds=torch.randn(plugin.num_beams, prefix_length, embed), use_cache=True))
     decode = 0
     for _ in range(steps):
-        decode += module_flops(decoder, inputs_embeds=torch.randn(plugin.num_beams, 1, embed), past_key_values=cache,
-                               use_cache=True)
+        decode += module_flops(decoder, inputs_embeds=torch.randn(plugin.num_beams, 1, embed), use_cache=True,
+                               **cache_argument(cache))
     candidates = CaptionCandidates(
         token_ids=torch.zeros(3, 3, 2, dtype=torch.long), lengths=torch.ones(3, 3, dtype=torch.long),
         logprobs=torch.zeros(3, 3), prefix_lengths=torch.full((3,), prefix_length),
