@@ -23,7 +23,7 @@ from callbacks.requeue import SlurmRequeue  # noqa: E402
 from callbacks.resume import ResumableDataOrder, resume_checkpoint  # noqa: E402
 from callbacks.training_monitor import TrainingMonitor  # noqa: E402
 from lightning_modules.strategies import AtomicCheckpointIO  # noqa: E402
-from lvlm_prune.archives import torch_archive_problem  # noqa: E402
+from lvlm_prune.archives import deepspeed_model_states, torch_archive_problem  # noqa: E402
 
 
 # --ckpt_path values that name no file: Lightning's (and its `registry:<name>...`), and `auto` (the newest
@@ -218,10 +218,7 @@ def _checkpoint_archive(path: Path) -> Path | None:
     model-states file of its 'latest' tag (rank 0's, where Lightning's client state goes); None when not found."""
     if path.is_file():
         return path
-    latest = path / "latest"
-    if not latest.is_file():
-        return None
-    states = sorted((path / latest.read_text().strip()).glob("*mp_rank_00_model_states.pt"))
+    states = deepspeed_model_states(path)
     return states[0] if states else None
 
 

@@ -31,6 +31,16 @@ def torch_archive_problem(path: str | Path) -> str | None:
     return None if damaged is None else f"corrupt: the archive member {damaged!r} fails its checksum"
 
 
+def deepspeed_model_states(directory: str | Path) -> list[Path]:
+    """The model-states files of a DeepSpeed checkpoint directory's 'latest' tag, rank 0's first: ZeRO-2 writes one
+    mp_rank_00_model_states.pt, ZeRO-3 one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank, and Lightning's
+    client state (hyperparameters, loops, base_model ...) is in each. [] without a readable 'latest' file."""
+    latest = Path(directory) / "latest"
+    if not latest.is_file():
+        return []
+    return sorted((Path(directory) / latest.read_text().strip()).glob("*mp_rank_00_model_states.pt"))
+
+
 def with_default_permissions(path: str | Path) -> Path:
     """Gives `path` the permissions a newly created file gets under the process's umask. safetensors writes its
     files readable by their owner only (0600), unlike the JSON and config files beside them, so on a shared

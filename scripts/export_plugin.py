@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from lvlm_prune.archives import save_plugin_export, torch_archive_problem
+from lvlm_prune.archives import deepspeed_model_states, save_plugin_export, torch_archive_problem
 from lvlm_prune.compensation import is_training_only
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +43,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag = (path / "latest").read_text().strip()
-    # ZeRO-2 writes mp_rank_00_model_states.pt, ZeRO-3 one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank;
-    # the client state (epoch, loops, base_model, ...) is the same in every one of them
-    model_states = sorted((path / tag).glob("*model_states.pt"))
+    model_states = deepspeed_model_states(path)
     if not model_states:
         raise FileNotFoundError(f"no *model_states.pt in {str(path / tag)!r}")
     client_state = torch.load(model_states[0], map_location="cpu", weights_only=False)

@@ -161,3 +161,17 @@ def test_a_deepspeed_checkpoint_without_model_states_is_named(zero_checkpoint):
     with pytest.raises(FileNotFoundError, match=r"no \*model_states.pt in '.*last.ckpt/checkpoint'"):
         load_export_script().read_checkpoint(directory)
     assert asked == []
+
+
+def test_deepspeed_model_states_lists_the_latest_tags_files_rank_0_first(tmp_path):
+    from lvlm_prune.archives import deepspeed_model_states
+
+    assert deepspeed_model_states(tmp_path) == []  # no 'latest': not a DeepSpeed checkpoint
+    for tag in ("step3", "step7"):
+        (tmp_path / tag).mkdir()
+        for rank in (1, 0):
+            (tmp_path / tag / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"")
+        (tmp_path / tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (tmp_path / "latest").write_text("step7\n")
+    assert [p.relative_to(tmp_path).as_posix() for p in deepspeed_model_states(tmp_path)] == [
+        "step7/zero_pp_rank_0_mp_rank_00_model_states.pt", "step7/zero_pp_rank_1_mp_rank_00_model_states.pt"]
