@@ -2,6 +2,10 @@
 inference at a ratio, each relative to one full-token forward of the same frozen base, measured in one run.
 
     python benchmarks/rcp_cost.py [--base runs/demo/base_model] [--plugin runs/demo/rcp_r0.889/plugin.safetensors]
+        [--saliency-weight 1.0]
+
+With --saliency-weight the same plug-in's training step with the saliency ranking loss (whose teacher pass runs with
+gradients to the keep weights) is timed too, interleaved with the others.
 
 Without --plugin the RCP modules are freshly initialised (cost does not depend on their values).
 """
@@ -35,6 +39,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=15,
                         help="rounds; each round times every measurement once (interleaved)")
+    parser.add_argument("--saliency-weight", type=float, default=0.0,
+                        help="also time the training step with this RCPCompensation.saliency_weight")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -55,7 +61,8 @@ def main() -> None:
         with torch.no_grad():
             engine(*inputs, logits="all")
 
-    def train_step():
+    def train_step(saliency_weight: float = 0.0):
+        plugin.saliency_weight = saliency_weight
         losses = plugin.training_losses(engine, batch, progress=0.5)
         optimizer.zero_grad()
         losses["loss"].backward()
@@ -72,8 +79,10 @@ def main() -> None:
         with torch.no_grad():
             engine.generate(*prompt, position_ids=test["prompt_position_ids"], method=method, max_new_tokens=4)
 
-    timed = interleaved_median_seconds({"forward": full_forward, "step": train_step, "full_gen": generate_full,
-                                        "rcp_gen": generate_rcp}, args.repeats)
+    measurements = {"forward": full_forward, "step": train_step, "full_gen": generate_full, "rcp_gen": generate_rcp}
+    if args.saliency_weight > 0:
+        measurements["saliency_step"] = lambda: train_step(args.saliency_weight)
+    timed = interleaved_median_seconds(measurements, args.repeats)
     forward, step, full_gen, rcp_gen = (timed[k] for k in ("forward", "step", "full_gen", "rcp_gen"))
     result = {"threads": torch.get_num_threads(), "batch": args.batch, "ratio": args.ratio, "repeats": args.repeats,
               "pruning_layers": list(plugin.pruning_layers),
@@ -84,6 +93,12 @@ def main() -> None:
     print(f"full-token forward (teacher-forced): {forward * 1e3:8.1f} ms")
     print(f"RCP training step (teacher + student + backward + AdamW): {step * 1e3:8.1f} ms "
           f"= {step / forward:.2f} x the full forward")
+    if args.saliency_weight > 0:
+        saliency_step = timed["saliency_step"]
+        result.update(saliency_weight=args.saliency_weight, rcp_train_step_saliency_ms=saliency_step * 1e3,
+                      saliency_train_step_over_forward=saliency_step / forward)
+        print(f"RCP training step with the saliency ranking loss: {saliency_step * 1e3:8.1f} ms "
+              f"= {saliency_step / forward:.2f} x the full forward")
     print(f"generation, 4 new tokens: full {full_gen * 1e3:.1f} ms, RCP at r={args.ratio} {rcp_gen * 1e3:.1f} ms "
           f"= {rcp_gen / full_gen:.2f} x")
     if args.out:

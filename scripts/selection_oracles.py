@@ -41,7 +41,7 @@ from lvlm_prune.baselines import build_method  # noqa: E402
 from lvlm_prune.engine import PrunedLlava  # noqa: E402
 from lvlm_prune.engine.methods import PruningMethod, top_k_mask  # noqa: E402
 from lvlm_prune.modeling.loading import load_base_model  # noqa: E402
-from lvlm_prune.rcp.compensation import RCPCompensation, visual_view  # noqa: E402
+from lvlm_prune.rcp.compensation import KeepWeightProbe, RCPCompensation, visual_view  # noqa: E402
 from lvlm_prune.rcp.losses import answer_ce  # noqa: E402
 from lvlm_prune.runner import generate_with_method  # noqa: E402
 
@@ -65,19 +65,6 @@ class QuestionAttentionByLayer(PruningMethod):
         self.attention[ctx.layer_idx] = visual_view(ctx.question_to_visual(), ctx.state.visual_index,
                                                     ctx.num_visual.max().item())[0]
         return None
-
-
-class FixedSoftKeep(PruningMethod):
-    """Soft keep weights (B, N) at the first decoder layer's input, a leaf tensor: its gradient is what RCP learns from."""
-
-    prune_layers = (0,)
-
-    def __init__(self, weights: torch.Tensor):
-        super().__init__(0.0)
-        self.weights = weights
-
-    def at_layer(self, ctx):
-        return self.weights.gather(1, ctx.state.visual_index.clamp(min=0))
 
 
 def gradient_signal(engine: PrunedLlava, base: str, num: int, keep: int, scenes: dict) -> None:
@@ -107,7 +94,7 @@ def gradient_signal(engine: PrunedLlava, base: str, num: int, keep: int, scenes:
         chosen = (torch.rand(needed.shape, generator=generator) + objects.float()).topk(keep, dim=1).indices
         weights = torch.zeros(needed.shape).scatter_(1, chosen, 1.0).requires_grad_(True)
         output = engine(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"],
-                        labels=batch["labels"], method=FixedSoftKeep(weights), soft=True)
+                        labels=batch["labels"], method=KeepWeightProbe(weights), soft=True)
         answer_ce(output.logits, batch["labels"]).backward()
         helps = -weights.grad
         for row in range(rows):
@@ -175,13 +162,13 @@ def saliency_selection(engine: PrunedLlava, batch: dict, keep: int, reference: b
     with torch.enable_grad():
         if reference:
             output = engine(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"],
-                            labels=batch["labels"], method=FixedSoftKeep(weights), soft=True)
+                            labels=batch["labels"], method=KeepWeightProbe(weights), soft=True)
             loss = answer_ce(output.logits, batch["labels"])
         else:
             with torch.no_grad():
                 first = generate_with_method(engine, batch, PruningMethod(0.0), 1, eos, pad).tokens[:, 0]
             output = engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
-                            batch["prompt_position_ids"], method=FixedSoftKeep(weights), soft=True)
+                            batch["prompt_position_ids"], method=KeepWeightProbe(weights), soft=True)
             loss = torch.nn.functional.cross_entropy(output.logits[:, -1].float(), first, reduction="sum")
         (gradient,) = torch.autograd.grad(loss, weights)
     return TopKBeforeLLM(keep, -gradient)

@@ -5,7 +5,13 @@ nothing here depends on a particular base model beyond its hidden size.
 """
 
 from lvlm_prune.rcp.adapter import DelayedRepairAdapter, PrunedContextEncoder
-from lvlm_prune.rcp.losses import REPAIR_STATISTICS, answer_ce, repair_loss, sparsity_loss
+from lvlm_prune.rcp.losses import (
+    REPAIR_STATISTICS,
+    answer_ce,
+    repair_loss,
+    saliency_ranking_loss,
+    sparsity_loss,
+)
 from lvlm_prune.rcp.pruner import (
     CrossAttentionPruner,
     gumbel_sigmoid,
@@ -37,6 +43,7 @@ __all__ = [
     "gumbel_temperature",
     "layer_averaged_keep_fraction",
     "repair_loss",
+    "saliency_ranking_loss",
     "sparsity_loss",
     "sparsity_target_keep",
     "threshold_keep",

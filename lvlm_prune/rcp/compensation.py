@@ -12,7 +12,7 @@ from lvlm_prune.data import answer_generation_mask
 from lvlm_prune.engine import LayerContext, ModelInfo, PrunedLlava, PruningMethod, gather_rows, top_k_mask
 from lvlm_prune.flops import module_flops
 from lvlm_prune.rcp.adapter import DelayedRepairAdapter, PrunedContextEncoder
-from lvlm_prune.rcp.losses import answer_ce, repair_loss, sparsity_loss
+from lvlm_prune.rcp.losses import answer_ce, repair_loss, saliency_ranking_loss, sparsity_loss
 from lvlm_prune.rcp.pruner import CrossAttentionPruner, gumbel_sigmoid, layer_averaged_keep_fraction, threshold_keep
 from lvlm_prune.rcp.schedules import RCPSchedule
 
@@ -66,12 +66,13 @@ class RCPPruning(PruningMethod):
         self._pending: torch.Tensor | None = None
         self.cumulative: list[torch.Tensor] = []
         self.contexts: list[tuple[int, torch.Tensor]] = []  # (pruning layer, context of the tokens it pruned)
+        self.scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # per pruning layer: (keep logits, present)
         self._start: torch.Tensor | None = None
 
     def bind(self, info: ModelInfo) -> None:
         # the engine binds once per forward: decisions and context of an earlier forward must not carry over
         super().bind(info)
-        self._pending, self.cumulative, self.contexts, self._start = None, [], [], None
+        self._pending, self.cumulative, self.contexts, self.scores, self._start = None, [], [], [], None
 
     def planned_visual_tokens(self) -> list[float]:
         """Every token before the first drop, then each pruning layer's count; under the trained threshold the
@@ -101,6 +102,7 @@ class RCPPruning(PruningMethod):
         q2v, _ = visual_view(ctx.question_to_visual(), state.visual_index, n)
         question, question_mask = gather_rows(ctx.normed, state.question_mask, min_width=1)
         logits = plugin.pruners[position](visual, q2v, question, question_mask, previous)
+        self.scores.append((logits, previous > 0.5))
         if self.training and self.keep_counts is not None:
             # straight-through top-k: forward keeps exactly the inference budget, backward is the soft relaxation's
             soft, _ = gumbel_sigmoid(logits, self.temperature, noise=False, hard=False)
@@ -151,6 +153,21 @@ class RCPPruning(PruningMethod):
         return self.plugin.flops_per_sample(text_tokens)
 
 
+class KeepWeightProbe(PruningMethod):
+    """Soft keep weights (B, N) of the visual tokens before the first decoder layer, a leaf tensor: the gradient of a
+    loss with respect to them is each token's saliency for that loss (at every weight 1 the pass is the full-token
+    one). RCP's saliency target, and the selection oracles' (`scripts/selection_oracles.py`)."""
+
+    name = "keep_weight_probe"
+
+    def __init__(self, weights: torch.Tensor):
+        super().__init__(0.0)
+        self.weights = weights
+
+    def before_llm(self, ctx) -> torch.Tensor:
+        return self.weights
+
+
 class RCPCompensation(Compensation):
     """Representation Consistency Pruner (METHODS.md section 3) as a plug-in of a frozen base.
 
@@ -180,6 +197,13 @@ class RCPCompensation(Compensation):
             tokens that inference with a ratio keeps for `target_prune_ratio`, straight-through). Without noise the
             threshold's keep fraction can fall far below the target (a pruner trained with noise keeps tokens whose
             logits sit below 0); 'budget' trains the last phase on the token counts it is evaluated at.
+        saliency_weight: weight of a ranking loss (an addition to METHODS.md; 0, the paper, turns it off) that
+            teaches every pruner to rank first the tokens whose keep weight most lowers the full-token teacher's
+            answer loss (-dCE/dw at every weight 1, computed in the teacher pass, which then runs with gradients
+            to its keep weights: about one more backward through the base per step, and its activations held).
+            Each layer's target is the top-k of the tokens present there, k its share of `target_prune_ratio`.
+            The straight-through answer gradient carries the same information but vanishes once the logits
+            saturate (docs/findings.md); this target stays dense.
         drop_after_pruning_layer: when the pruned tokens go. False (the engine's convention for every in-LLM
             method): at the pruning layer's input, right after the pruner scores them, so that layer already runs on
             the kept tokens. True (METHODS.md's wording): after the pruning layer, which still runs on every token;
@@ -211,6 +235,7 @@ class RCPCompensation(Compensation):
         use_learned_score: bool = True,
         noise_free_keep: str = "threshold",
         drop_after_pruning_layer: bool = False,
+        saliency_weight: float = 0.0,
     ):
         super().__init__()
         # the constructor's arguments and nothing else: read before any other local exists
@@ -220,6 +245,9 @@ class RCPCompensation(Compensation):
         if noise_free_keep not in ("threshold", "budget"):
             raise ValueError(f"rcp noise_free_keep={noise_free_keep!r}; choose 'threshold' or 'budget'")
         self.noise_free_keep = noise_free_keep
+        if not saliency_weight >= 0:
+            raise ValueError(f"rcp saliency_weight={saliency_weight} must be >= 0")
+        self.saliency_weight = saliency_weight
         self.drop_after_pruning_layer = drop_after_pruning_layer
         if repair_statistic not in ("mean_var", "mean_std"):
             raise ValueError(f"rcp repair_statistic={repair_statistic!r}; choose 'mean_var' or 'mean_std'")
@@ -294,9 +322,18 @@ class RCPCompensation(Compensation):
         capture = self.repair_layers if self.use_repair_loss else ()
         student = engine(*inputs, labels=batch["labels"], method=method, soft=True, capture_layers=capture)
         losses = {"ce": answer_ce(student.logits, batch["labels"])}
+        teacher = None
+        if self.saliency_weight > 0:
+            teacher, saliency = self.teacher_with_saliency(engine, inputs, batch["labels"], capture)
+            counts = self.keep_counts(self.target_prune_ratio)
+            losses["saliency"] = torch.stack([
+                saliency_ranking_loss(logits, present, saliency, keep)
+                for (logits, present), keep in zip(method.scores, counts)
+            ]).mean()
         if self.use_repair_loss:
-            with torch.no_grad():
-                teacher = engine(*inputs, labels=batch["labels"], capture_layers=capture, logits="none")
+            if teacher is None:
+                with torch.no_grad():
+                    teacher = engine(*inputs, labels=batch["labels"], capture_layers=capture, logits="none")
             mask = answer_generation_mask(batch["labels"])
             losses["repair"] = torch.stack([
                 repair_loss(student.captured[layer], teacher.captured[layer], mask, self.variance_weight,
@@ -308,11 +345,27 @@ class RCPCompensation(Compensation):
         total = self.ce_weight * losses["ce"] + self.sparsity_weight * losses["sparsity"]
         if self.use_repair_loss:
             total = total + self.repair_weight * losses["repair"]
+        if self.saliency_weight > 0:
+            total = total + self.saliency_weight * losses["saliency"]
         losses["loss"] = total
         losses["keep_fraction"] = keep.detach()
         losses["target_keep_fraction"] = torch.tensor(schedule.target_keep_fraction)
         losses["temperature"] = torch.tensor(schedule.temperature)
         return losses
+
+    def teacher_with_saliency(self, engine: PrunedLlava, inputs: tuple, labels: torch.Tensor,
+                              capture: tuple[int, ...]) -> tuple[Any, torch.Tensor]:
+        """The full-token teacher pass, run on the soft path with every keep weight 1 (log(1 + 1e-6) in the
+        attention: the full-token pass up to rounding) so that its answer loss's gradient with respect to the weights
+        is each visual token's saliency, (B, N) = -dCE/dw. Its captured states come back detached."""
+        n = self.info.num_visual_tokens
+        weights = torch.ones(labels.shape[0], n, device=labels.device, requires_grad=True)
+        with torch.enable_grad():
+            teacher = engine(*inputs, labels=labels, method=KeepWeightProbe(weights), soft=True,
+                             capture_layers=capture, logits="all")
+            (gradient,) = torch.autograd.grad(answer_ce(teacher.logits, labels), weights)
+        teacher.captured = {layer: states.detach() for layer, states in teacher.captured.items()}
+        return teacher, -gradient
 
     # ------------------------------------------------------------------ inference
     def inference_method(self, prune_ratio: float | None = None) -> RCPPruning:

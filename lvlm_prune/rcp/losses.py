@@ -107,3 +107,43 @@ def answer_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -1
     total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=ignore_index, reduction="sum")
     count = (shifted_labels != ignore_index).sum().clamp_min(1)
     return total / count
+
+
+def saliency_ranking_loss(logits: torch.Tensor, present: torch.Tensor, saliency: torch.Tensor,
+                          keep: int) -> torch.Tensor:
+    """Listwise ranking of a pruner's keep logits against the answer's saliency (an addition to METHODS.md).
+
+    Per sample, the target is uniform over the `keep` present tokens of highest saliency (fewer when fewer are
+    present), and the loss is the cross-entropy of the softmax of the logits over the present tokens against it,
+    minus its minimum log(k): 0 when the pruner's scores rank exactly those tokens first, by an unbounded margin.
+    Shift-invariant, so it leaves the level of the logits, and with it the kept fraction, to the sparsity loss.
+
+    Args:
+        logits: (B, N) keep logits of one pruning layer.
+        present: (B, N) bool, tokens still present at that layer (only they are ranked).
+        saliency: (B, N) how much keeping each token lowers the answer loss (e.g. -dCE/d(keep weight)); no
+            gradient flows into it.
+        keep: tokens the layer keeps at the training budget.
+
+    Returns:
+        0-d float32 tensor, the mean over samples with a present token; a graph-connected zero when there is none.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits has shape {tuple(logits.shape)}, expected (B, N)")
+    _check_shape("present", present, tuple(logits.shape))
+    _check_shape("saliency", saliency, tuple(logits.shape))
+    if keep < 1:
+        raise ValueError(f"keep={keep} must be >= 1")
+    present = present.bool()
+    counts = present.sum(1)
+    rows = counts > 0
+    if not rows.any():
+        return logits.float().sum() * 0.0
+    order = saliency.detach().float().masked_fill(~present, float("-inf")).argsort(dim=1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    k = counts.clamp(max=keep)
+    target = (rank < k[:, None]) & present
+    log_p = logits.float().masked_fill(~present, float("-inf")).log_softmax(dim=1)
+    chosen = torch.where(target, log_p, torch.zeros_like(log_p)).sum(1)
+    per_sample = -chosen / k.clamp_min(1) - k.clamp_min(1).float().log()
+    return per_sample[rows].mean()

@@ -177,6 +177,29 @@ def test_rcp_cost_reports_its_measured_times_and_their_ratios(default_grid_base,
                         f"{result['rcp_generate_ms']:.1f} ms = {result['rcp_over_full_generate']:.2f} x")
 
 
+def test_rcp_cost_times_the_saliency_step_when_asked_and_that_step_computes_the_saliency(
+        default_grid_base, monkeypatch, capsys, tmp_path, recorded_timings):
+    from lvlm_prune.rcp.compensation import RCPCompensation
+
+    calls = []
+    original = RCPCompensation.teacher_with_saliency
+    monkeypatch.setattr(RCPCompensation, "teacher_with_saliency",
+                        lambda self, *a: calls.append(self.saliency_weight) or original(self, *a))
+    timings = recorded_timings(rcp_cost)
+    out = tmp_path / "rcp_cost.json"
+    lines = run_script(rcp_cost, monkeypatch, capsys, "--base", default_grid_base, "--batch", 2, "--repeats", 1,
+                       "--ratio", 0.5, "--saliency-weight", 2.0, "--out", out)
+    result = json.loads(out.read_text())
+    (seconds,) = timings
+    assert set(seconds) == {"forward", "step", "full_gen", "rcp_gen", "saliency_step"}
+    assert calls == [2.0, 2.0]  # the saliency step's warm-up and timed call: the plain step never computes it
+    assert result["saliency_weight"] == 2.0
+    assert result["rcp_train_step_saliency_ms"] == pytest.approx(1e3 * seconds["saliency_step"])
+    assert result["saliency_train_step_over_forward"] == pytest.approx(seconds["saliency_step"] / seconds["forward"])
+    assert lines[3] == (f"RCP training step with the saliency ranking loss: {result['rcp_train_step_saliency_ms']:8.1f} "
+                        f"ms = {result['saliency_train_step_over_forward']:.2f} x the full forward")
+
+
 def test_rcp_cost_loads_the_plugin_it_is_given(default_grid_base, monkeypatch, capsys, tmp_path):
     from lightning_modules.compensation import export_plugin_weights
     from lvlm_prune.engine import PrunedLlava

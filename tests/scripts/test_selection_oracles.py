@@ -15,6 +15,7 @@ from conftest import TINY_DATA_ARGS  # noqa: E402
 from datamodules.synthetic import SyntheticVQADataModule  # noqa: E402
 from lvlm_prune.engine import PrunedLlava  # noqa: E402
 from lvlm_prune.modeling.loading import load_base_model  # noqa: E402
+from lvlm_prune.rcp.compensation import KeepWeightProbe  # noqa: E402
 from lvlm_prune.rcp.losses import answer_ce  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def test_the_reference_saliency_ranks_tokens_by_how_much_their_keep_weight_lower
         weights[0, token] -= step if lowered else 0.0
         with torch.no_grad():
             output = engine(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["position_ids"],
-                            labels=batch["labels"], method=selection_oracles.FixedSoftKeep(weights), soft=True)
+                            labels=batch["labels"], method=KeepWeightProbe(weights), soft=True)
         losses.append(answer_ce(output.logits, batch["labels"]).item())
     assert losses[1] - losses[0] == pytest.approx(step * method.scores(None)[0, token].item(), rel=0.05)
     assert all(p.grad is None for p in engine.model.parameters())
@@ -66,6 +67,6 @@ def test_the_self_saliency_explains_the_bases_own_first_token_not_the_reference(
         weights[0, token] -= step if lowered else 0.0
         with torch.no_grad():
             output = engine(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["pixel_values"],
-                            batch["prompt_position_ids"], method=selection_oracles.FixedSoftKeep(weights), soft=True)
+                            batch["prompt_position_ids"], method=KeepWeightProbe(weights), soft=True)
         losses.append(torch.nn.functional.cross_entropy(output.logits[0, -1].float(), first[0]).item())
     assert losses[1] - losses[0] == pytest.approx(step * own[0, token].item(), rel=0.05)
