@@ -69,6 +69,11 @@ def test_fewer_present_tokens_than_kept_ones_make_every_present_token_the_target
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     loss.backward()
     assert logits.grad[1].abs().sum() == 0  # the row with nothing present takes no part
+    logits, saliency_one = torch.randn(1, 4, generator=torch.Generator().manual_seed(2)), saliency[:1]
+    alone = saliency_ranking_loss(logits, torch.ones(1, 4, dtype=torch.bool), saliency_one, keep=2)
+    beside_an_empty_row = saliency_ranking_loss(torch.cat([logits, logits]), torch.tensor([[True] * 4, [False] * 4]),
+                                                torch.cat([saliency_one, saliency_one]), keep=2)
+    torch.testing.assert_close(beside_an_empty_row, alone)  # the mean is over rows with a present token
     nothing = torch.zeros(2, 4, dtype=torch.bool)
     fresh = torch.zeros(2, 4, requires_grad=True)
     empty = saliency_ranking_loss(fresh, nothing, saliency, keep=3)
