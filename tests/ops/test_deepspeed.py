@@ -109,8 +109,10 @@ def test_zero3_two_processes_partition_the_base_train_validate_skip_export_and_r
     # DeepSpeed keeps parameters under 1e5 values whole on every rank: with threshold 0 the tiny base is partitioned
     zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
              "zero_allow_untested_optimizer": True}
+    # the saliency ranking loss on: its teacher pass takes a gradient through the partitioned base
     common = ["fit", "--config", config, "--config", ZERO3, "--trainer.devices", "2",
-              f"--trainer.strategy.init_args.config={json.dumps(zero3)}", "--checkpoint.every_n_train_steps", "2"]
+              f"--trainer.strategy.init_args.config={json.dumps(zero3)}", "--checkpoint.every_n_train_steps", "2",
+              "--model.init_args.compensation.init_args.saliency_weight", "1.0"]
     run_cli(common + ["--trainer.callbacks+=ops_helpers.PartitionProbe",
                       f"--trainer.callbacks.init_args.record={run_dir / 'partition'}",
                       "--trainer.callbacks+=ops_helpers.NaNAt", "--trainer.callbacks.init_args.step=1",
@@ -126,6 +128,9 @@ def test_zero3_two_processes_partition_the_base_train_validate_skip_export_and_r
     repair = {int(r["step"]): float(r["train/repair"]) for r in rows
               if r["train/repair"] and not r["train/skipped_steps"]}
     assert sorted(repair) == [0, 2, 3] and all(0 < value < float("inf") for value in repair.values()), repair
+    saliency = {int(r["step"]): float(r["train/saliency"]) for r in rows
+                if r["train/saliency"] and not r["train/skipped_steps"]}
+    assert sorted(saliency) == [0, 2, 3] and all(0 < value < float("inf") for value in saliency.values()), saliency
     assert [r for r in rows if r.get("val/avg_visual_tokens")], "no validation (generation under ZeRO-3) was logged"
     # the engine's norm for every step it took, NaN for the skipped one (its norm is the step before's)
     norms = {int(r["step"]): float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")}
