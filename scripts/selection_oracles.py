@@ -38,10 +38,10 @@ sys.path.insert(0, str(ROOT))
 from datamodules.synthetic import SyntheticVQADataModule  # noqa: E402
 from lightning_modules.compensation import CompensationModule  # noqa: E402
 from lvlm_prune.baselines import build_method  # noqa: E402
-from lvlm_prune.engine import PrunedLlava  # noqa: E402
+from lvlm_prune.engine import KeepWeightProbe, PrunedLlava  # noqa: E402
 from lvlm_prune.engine.methods import PruningMethod, top_k_mask  # noqa: E402
 from lvlm_prune.modeling.loading import load_base_model  # noqa: E402
-from lvlm_prune.rcp.compensation import KeepWeightProbe, RCPCompensation, visual_view  # noqa: E402
+from lvlm_prune.rcp.compensation import RCPCompensation, visual_view  # noqa: E402
 from lvlm_prune.rcp.losses import answer_ce  # noqa: E402
 from lvlm_prune.runner import generate_with_method  # noqa: E402
 

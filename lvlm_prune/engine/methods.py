@@ -239,6 +239,21 @@ class PruningMethod:
         return {}
 
 
+class KeepWeightProbe(PruningMethod):
+    """Soft keep weights (B, N) of the visual tokens before the first decoder layer, a leaf tensor: the gradient of a
+    loss with respect to them is each token's saliency for that loss (at every weight 1 the pass is the full-token
+    one). RCP's saliency target (`lvlm_prune/rcp`) and the selection oracles' (`scripts/selection_oracles.py`)."""
+
+    name = "keep_weight_probe"
+
+    def __init__(self, weights: torch.Tensor):
+        super().__init__(0.0)
+        self.weights = weights
+
+    def before_llm(self, ctx: PreLLMContext) -> torch.Tensor:
+        return self.weights
+
+
 def per_sample(num_visual: torch.Tensor, count: Callable[[int], int]) -> torch.Tensor:
     """(B,) long: `count(n)` for each sample's visual-token count n. Evaluated on Python ints, so a sample gets
     exactly the integer the fixed-count plan gives for its n (on LLaVA-1.5 the same for every sample)."""

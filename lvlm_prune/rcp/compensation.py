@@ -9,7 +9,15 @@ from torch import nn
 
 from lvlm_prune.compensation import Compensation
 from lvlm_prune.data import answer_generation_mask
-from lvlm_prune.engine import LayerContext, ModelInfo, PrunedLlava, PruningMethod, gather_rows, top_k_mask
+from lvlm_prune.engine import (
+    KeepWeightProbe,
+    LayerContext,
+    ModelInfo,
+    PrunedLlava,
+    PruningMethod,
+    gather_rows,
+    top_k_mask,
+)
 from lvlm_prune.flops import module_flops
 from lvlm_prune.rcp.adapter import DelayedRepairAdapter, PrunedContextEncoder
 from lvlm_prune.rcp.losses import answer_ce, repair_loss, saliency_ranking_loss, sparsity_loss
@@ -151,21 +159,6 @@ class RCPPruning(PruningMethod):
 
     def plugin_flops(self, text_tokens: int) -> dict[str, float]:
         return self.plugin.flops_per_sample(text_tokens)
-
-
-class KeepWeightProbe(PruningMethod):
-    """Soft keep weights (B, N) of the visual tokens before the first decoder layer, a leaf tensor: the gradient of a
-    loss with respect to them is each token's saliency for that loss (at every weight 1 the pass is the full-token
-    one). RCP's saliency target, and the selection oracles' (`scripts/selection_oracles.py`)."""
-
-    name = "keep_weight_probe"
-
-    def __init__(self, weights: torch.Tensor):
-        super().__init__(0.0)
-        self.weights = weights
-
-    def before_llm(self, ctx) -> torch.Tensor:
-        return self.weights
 
 
 class RCPCompensation(Compensation):

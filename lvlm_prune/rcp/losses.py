@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lvlm_prune.engine.methods import top_k_mask
 from lvlm_prune.rcp.pruner import _check_shape
 
 REPAIR_STATISTICS = ("mean_var", "mean_std")
@@ -139,10 +140,8 @@ def saliency_ranking_loss(logits: torch.Tensor, present: torch.Tensor, saliency:
     rows = counts > 0
     if not rows.any():
         return logits.float().sum() * 0.0
-    order = saliency.detach().float().masked_fill(~present, float("-inf")).argsort(dim=1, descending=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     k = counts.clamp(max=keep)
-    target = (rank < k[:, None]) & present
+    target = top_k_mask(saliency.detach(), present, keep)
     log_p = logits.float().masked_fill(~present, float("-inf")).log_softmax(dim=1)
     chosen = torch.where(target, log_p, torch.zeros_like(log_p)).sum(1)
     per_sample = -chosen / k.clamp_min(1) - k.clamp_min(1).float().log()

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from datamodules.synthetic import SyntheticVQADataModule
-from lvlm_prune.engine import PrunedLlava
+from lvlm_prune.engine import KeepWeightProbe, PrunedLlava
 from lvlm_prune.modeling.loading import freeze, load_base_model
-from lvlm_prune.rcp.compensation import KeepWeightProbe, RCPCompensation
+from lvlm_prune.rcp.compensation import RCPCompensation
 from lvlm_prune.rcp.losses import saliency_ranking_loss
 
 PLUGIN_ARGS = dict(target_prune_ratio=0.75, pruning_layers=[0, 1, 2], repair_layers=[2, 3], bottleneck=16,

@@ -13,9 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import selection_oracles  # noqa: E402
 from conftest import TINY_DATA_ARGS  # noqa: E402
 from datamodules.synthetic import SyntheticVQADataModule  # noqa: E402
-from lvlm_prune.engine import PrunedLlava  # noqa: E402
+from lvlm_prune.engine import KeepWeightProbe, PrunedLlava  # noqa: E402
 from lvlm_prune.modeling.loading import load_base_model  # noqa: E402
-from lvlm_prune.rcp.compensation import KeepWeightProbe  # noqa: E402
 from lvlm_prune.rcp.losses import answer_ce  # noqa: E402
 
 
